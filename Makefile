@@ -1,0 +1,30 @@
+# jprobe: `make demo` and `make test` work on a fresh clone (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: all install demo test bench clean
+
+all: install
+
+$(STAMP): pyproject.toml setup.py $(wildcard jprobe/runtime_c/*.c jprobe/runtime_c/*.h)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(MAKE) -C examples PY=$(abspath $(PY))
+
+test: install
+	$(PY) -m pytest -q -n 2 tests
+
+bench: install
+	$(PY) -m pip install -q '.[bench]' || echo "frida not installed: its row is skipped"
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info jprobe/runtime_c/*.so examples/build benchmarks/build

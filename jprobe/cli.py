@@ -1,0 +1,117 @@
+"""The `jprobe` command line (SPEC §2). Bad input: one line on stderr, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from .errors import JprobeError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"jprobe: error: {message}; see `{self.prog} --help`\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from .patcher.static import patch_file
+    from .spec import check_supported, parse_probes
+
+    if not args.probe:
+        raise JprobeError("patch: no probe given; add at least one -p PROBE (e.g. -p main)")
+    specs = parse_probes(args.probe)
+    for spec in specs:
+        check_supported(spec)
+        if spec.module is not None:
+            raise JprobeError(f"'{spec.text}': `jprobe patch` rewrites one file; drop the '{spec.module}:' "
+                              f"prefix, or use `jprobe run` to probe a loaded library")
+    plan = patch_file(args.input, args.output, specs, strict=args.strict)
+    for p in plan.probes:
+        print(f"{p.spec:<32} {p.address:#10x}  {p.mechanism:<5}  {p.reason}")
+    traps = sum(p.mechanism == "trap" for p in plan.probes)
+    if traps:
+        sys.stderr.write(f"jprobe: {traps} probe(s) use the int3 fallback (trap); see the reasons above\n")
+    return 0
+
+
+def _cmd_sites(args: argparse.Namespace) -> int:
+    from .coverage import site_table
+
+    module, rows = site_table(args.input, args.symbol)
+    summary = Counter(r["mechanism"] for r in rows)
+    for mechanism in ("jump", "pun", "evict", "trap"):
+        summary.setdefault(mechanism, 0)
+    if args.json:
+        json.dump({"module": module, "instructions": rows, "summary": dict(summary)}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    for r in rows:
+        print(f"{r['address']:>12}  {r['mechanism']:<5}  {r['instruction']:<40}  {r['reason']}")
+    total = len(rows) or 1
+    print(f"{len(rows)} instructions: " + ", ".join(
+        f"{m} {summary[m]} ({100.0 * summary[m] / total:.2f}%)" for m in ("jump", "pun", "evict", "trap")))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import format_report, load_report
+
+    sys.stdout.write(format_report(load_report(args.file)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--strict", action="store_true", help="refuse any probe that would need a trap")
+    common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of internal errors")
+    parser = _Parser(prog="jprobe", description="User-space jump probes for x86-64 ELF programs.",
+                     parents=[common])
+    parser.add_argument("--cflags", action="store_true", help="print the compiler flag for <jprobe.h>")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("patch", parents=[common], help="rewrite an ELF file with probes")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-p", "--probe", action="append", default=[], metavar="PROBE")
+    p.set_defaults(func=_cmd_patch)
+
+    s = sub.add_parser("sites", parents=[common], help="the mechanism each instruction would get")
+    s.add_argument("input")
+    s.add_argument("symbol", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_sites)
+
+    r = sub.add_parser("report", parents=[common], help="pretty-print a JSON report")
+    r.add_argument("file")
+    r.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cflags:
+        from .runtime import include_dir
+        print(f"-I{include_dir()}")
+        return 0
+    if not args.command:
+        parser.error("no command given (patch, sites, report)")
+    try:
+        return args.func(args)
+    except JprobeError as e:
+        sys.stderr.write(f"jprobe: error: {e}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`jprobe sites`: the mechanism every instruction of a function, or of a whole module, would get."""
+from __future__ import annotations
+
+import os
+
+from .elf import ElfModule
+from .errors import JprobeError
+from .sites import SiteAnalyzer
+from .trampolines import x86_64 as arch
+
+
+def _row(analyzer: SiteAnalyzer, insn) -> dict:
+    try:
+        site = analyzer.analyse(insn.address)
+        mechanism, reason = site.mechanism, site.reason
+    except JprobeError as e:
+        mechanism, reason = "none", str(e)
+    return {"address": f"{insn.address:#x}", "mechanism": mechanism, "reason": reason,
+            "instruction": f"{insn.mnemonic} {insn.op_str}".strip()}
+
+
+def _loose_code(module: ElfModule, start: int, end: int):
+    """Instructions of code no function symbol covers, decoded linearly."""
+    address = start
+    while address < end:
+        insn = arch.decode_one(module.read(address, min(15, end - address)), address)
+        if insn is None:
+            address += 1
+            continue
+        yield insn
+        address += insn.size
+
+
+def site_table(path: str, symbol: str | None) -> tuple[str, list[dict]]:
+    """(module path, one row per instruction) for `symbol`, or for all executable code."""
+    module = ElfModule(path)
+    analyzer = SiteAnalyzer(module)
+    if symbol is not None:
+        facts = analyzer.facts(module.resolve(symbol))
+        return os.path.abspath(path), [_row(analyzer, i) for i in facts.insns]
+    rows = []
+    for _, start, end in module.code_sections():
+        address = start
+        for sym in (s for s in module.functions if start <= s.address < end):
+            if sym.address < address:
+                continue                       # nested or overlapping symbol: already covered
+            rows += [_row(analyzer, i) for i in _loose_code(module, address, sym.address)]
+            rows += [_row(analyzer, i) for i in analyzer.facts(sym).insns]
+            address = max(address, sym.end)
+        rows += [_row(analyzer, i) for i in _loose_code(module, address, end)]
+    return os.path.abspath(path), rows

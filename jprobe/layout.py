@@ -1,0 +1,47 @@
+"""The C structures shared with the runtime, read from its headers with cffi.
+
+The headers in runtime_c/ are the single source of truth: trampoline offsets and
+the probe table bytes come from cffi's view of the same declarations the C
+runtime compiles, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cffi
+
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime_c"
+_BLOCK = re.compile(r"/\* JPROBE_LAYOUT_BEGIN.*?\*/(.*?)/\* JPROBE_LAYOUT_END \*/", re.S)
+_COMMENT = re.compile(r"/\*.*?\*/", re.S)
+
+
+def _declarations(header: str) -> str:
+    text = (RUNTIME_DIR / header).read_text()
+    return "".join(_COMMENT.sub("", block) for block in _BLOCK.findall(text))
+
+
+def _enums(header: str) -> dict[str, int]:
+    text = (RUNTIME_DIR / header).read_text()
+    found = {m[0]: int(m[1], 0) for m in re.findall(r"\b(JP_\w+)\s*=\s*(\w+)", text)}
+    found.update({m[0]: int(m[1], 0) for m in re.findall(r"#define\s+(JP_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text)})
+    return found
+
+
+ffi = cffi.FFI()
+ffi.cdef(_declarations("jprobe.h") + _declarations("jprobe_table.h"))
+CONST = _enums("jprobe_table.h")
+
+MAGIC = b"JPROBE\0\1"
+TABLE_VERSION = CONST["JP_TABLE_VERSION"]
+MECHANISMS = {"jump": CONST["JP_MECH_JUMP"], "pun": CONST["JP_MECH_PUN"],
+              "evict": CONST["JP_MECH_EVICT"], "trap": CONST["JP_MECH_TRAP"]}
+HANDLERS = {"count": CONST["JP_HANDLER_COUNT"], "callback": CONST["JP_HANDLER_CALLBACK"]}
+
+
+def offsetof(struct: str, field: str) -> int:
+    return ffi.offsetof(f"struct {struct}", field)
+
+
+def sizeof(struct: str) -> int:
+    return ffi.sizeof(f"struct {struct}")

@@ -1,0 +1,141 @@
+"""The file applier: writes a plan into a copy of an ELF file with LIEF.
+
+Two PT_LOAD segments are added after the image (trampolines R+X, probe table
+R+W), the probe sites are overwritten, and the runtime library is added as the
+first DT_NEEDED. Every original section keeps its address; only the dynamic
+linking tables that DT_NEEDED touches are rebuilt by LIEF.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import lief
+
+from .. import layout
+from ..elf import ElfModule
+from ..errors import JprobeError, OutputError
+from ..plan import ModulePlan
+from ..planner import build_plan, resolve_probes
+from ..runtime import runtime_library
+from ..spec import ProbeSpec
+
+PAGE = 0x1000
+# Dynamic-linking tables LIEF rebuilds to add DT_NEEDED; all other sections keep their place.
+_REBUILT = {".dynamic", ".dynstr", ".dynsym", ".gnu.hash", ".hash", ".gnu.version", ".gnu.version_r",
+            ".gnu.version_d"}
+_PROVISIONAL = (0x7000_0000, 0x7800_0000)
+
+
+def _segment(size: int, flags: lief.ELF.Segment.FLAGS) -> lief.ELF.Segment:
+    seg = lief.ELF.Segment()
+    seg.type = lief.ELF.Segment.TYPE.LOAD
+    seg.flags = flags
+    seg.alignment = PAGE
+    seg.content = list(bytes(size))
+    return seg
+
+
+def _make_room_for_segments(binary: lief.ELF.Binary, path: str) -> None:
+    """Move the program header table where it can grow without shifting any section.
+
+    LIEF's default for PIE files shifts the whole image by a page; the gap after a
+    segment, or the end of .bss, keeps every original address.
+    """
+    for how in (lief.ELF.Binary.PHDR_RELOC.SEGMENT_GAP, lief.ELF.Binary.PHDR_RELOC.BSS_END):
+        if binary.relocate_phdr_table(how):
+            return
+    raise JprobeError(f"{path}: no room for new program headers without moving code; cannot patch it")
+
+
+def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -> tuple[ModulePlan, lief.ELF.Binary]:
+    """The plan for `module`, and a LIEF binary with room made for it."""
+    probes = resolve_probes(module, specs, strict)
+    draft = build_plan(module, probes, *_PROVISIONAL)
+    binary = lief.ELF.parse(module.path)
+    _make_room_for_segments(binary, module.path)
+    R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
+    text = binary.add(_segment(len(draft.text), R | X))
+    data = binary.add(_segment(len(draft.data), R | W))
+    plan = build_plan(module, probes, text.virtual_address, data.virtual_address)
+    if (len(plan.text), len(plan.data)) != (len(draft.text), len(draft.data)):
+        raise JprobeError(f"{module.path}: internal error: trampoline size depends on its address")
+    text.content = list(plan.text)
+    data.content = list(plan.data)
+    return plan, binary
+
+
+def apply_plan(plan: ModulePlan, binary: lief.ELF.Binary) -> None:
+    """Site patches and the runtime dependency."""
+    for probe in plan.probes:
+        binary.patch_address(probe.address, list(probe.patched))
+    binary.add_library(runtime_library())
+
+
+def write_atomically(binary: lief.ELF.Binary, plan: ModulePlan, input_path: str, output: str) -> None:
+    """Write next to `output`, check the result, then rename: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(output)) or "."
+    if not os.path.isdir(directory):
+        raise OutputError(f"{output}: directory {directory} does not exist; create it or choose another -o")
+    if not os.access(directory, os.W_OK):
+        raise OutputError(f"{output}: directory {directory} is not writable; choose another -o")
+    if os.path.abspath(output) == os.path.abspath(input_path):
+        raise OutputError(f"{output}: refusing to overwrite the input; choose another -o")
+    fd, tmp = tempfile.mkstemp(prefix=".jprobe-", dir=directory)
+    os.close(fd)
+    try:
+        binary.write(tmp)
+        original = lief.ELF.parse(input_path)
+        _restore_nobits_headers(tmp, original)
+        _verify(tmp, plan, original)
+        os.chmod(tmp, os.stat(input_path).st_mode & 0o7777)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _restore_nobits_headers(path: str, original: lief.ELF.Binary) -> None:
+    """Put .bss-like section headers back where they were.
+
+    When LIEF lays out the sections it adds, it moves NOBITS section headers after
+    them, although their memory (and every reference to it) stays in place.
+    """
+    out = lief.ELF.parse(path)
+    fixed = False
+    for old in original.sections:
+        if old.type != lief.ELF.Section.TYPE.NOBITS or not old.virtual_address:
+            continue
+        new = out.get_section(old.name)
+        if new is not None and new.virtual_address != old.virtual_address:
+            new.virtual_address, new.offset = old.virtual_address, old.offset
+            fixed = True
+    if fixed:
+        out.write(path)
+
+
+def _verify(path: str, plan: ModulePlan, original: lief.ELF.Binary) -> None:
+    """The written file holds the table and trampolines where the code expects them,
+    and every original section is where it was."""
+    out = lief.ELF.parse(path)
+    where = {(s.name, s.virtual_address, s.size) for s in original.sections if s.virtual_address}
+    moved = where - {(s.name, s.virtual_address, s.size) for s in out.sections} if out is not None else where
+    moved = {m for m in moved if m[0] not in _REBUILT}
+    if moved:
+        raise JprobeError(f"{plan.module}: internal error: LIEF moved section(s) "
+                          f"{', '.join(sorted(m[0] for m in moved))}; please report it")
+    ok = (out is not None
+          and bytes(out.get_content_from_virtual_address(plan.data_vaddr, len(layout.MAGIC))) == layout.MAGIC
+          and bytes(out.get_content_from_virtual_address(plan.text_vaddr, len(plan.text))) == plan.text)
+    if not ok:
+        raise JprobeError(f"{plan.module}: internal error: LIEF moved the added segments; please report it")
+
+
+def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: bool = False) -> ModulePlan:
+    """Rewrite `input_path` into `output` with the probes of `specs`."""
+    module = ElfModule(input_path)
+    plan, binary = plan_file(module, specs, strict)
+    apply_plan(plan, binary)
+    write_atomically(binary, plan, input_path, output)
+    return plan

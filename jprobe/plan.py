@@ -1,0 +1,53 @@
+"""The patch plan: a plain, serialisable description of everything an applier writes.
+
+A plan says, for one module, which bytes change at which probe sites, and the
+contents and link-time addresses of the two added regions (trampoline code and
+probe data). Appliers (a file with LIEF, a process with the C runtime or with
+ptrace) apply it without knowing any x86.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ProbePlan:
+    spec: str
+    address: int
+    mechanism: str
+    reason: str
+    handler: str
+    original: bytes
+    patched: bytes
+    trampoline: int | None = None
+    resume: int | None = None
+
+
+@dataclass
+class ModulePlan:
+    module: str
+    build_id: str | None
+    text_vaddr: int
+    text: bytes
+    data_vaddr: int
+    data: bytes
+    probes: list[ProbePlan] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        def encode(value):
+            if isinstance(value, bytes):
+                return value.hex()
+            if isinstance(value, dict):
+                return {k: encode(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [encode(v) for v in value]
+            return value
+        return json.dumps(encode(asdict(self)), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModulePlan":
+        raw = json.loads(text)
+        probes = [ProbePlan(**{**p, "original": bytes.fromhex(p["original"]), "patched": bytes.fromhex(p["patched"])})
+                  for p in raw.pop("probes")]
+        return cls(**{**raw, "text": bytes.fromhex(raw["text"]), "data": bytes.fromhex(raw["data"])}, probes=probes)

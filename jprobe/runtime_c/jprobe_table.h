@@ -1,0 +1,58 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * jprobe_table.h - the probe table a patched module carries.
+ *
+ * This is the seam between the Python planner and the C runtime: Python
+ * writes the table (and the trampolines that use it) into the module, the
+ * runtime finds it at start-up and fills in what only the running process
+ * knows.  All addresses are link-time virtual addresses of the module; add
+ * the module's load bias to use them.
+ *
+ * The table starts a PT_LOAD segment (RW) of its own, so the runtime finds
+ * it by looking for JP_MAGIC at the start of each PT_LOAD segment.
+ */
+#ifndef JPROBE_TABLE_H
+#define JPROBE_TABLE_H
+
+#include <stdint.h>
+
+#define JP_MAGIC	"JPROBE\0\1"
+#define JP_MAGIC_LEN	8
+#define JP_TABLE_VERSION 1
+
+/* JPROBE_LAYOUT_BEGIN: read by jprobe's planner (via cffi). */
+struct jp_table {
+	char magic[8];
+	uint32_t version;
+	uint32_t nprobes;
+	uint64_t vec_mode;	/* runtime: JP_VEC_* the trampolines save */
+	uint64_t probes;	/* vaddr of struct jp_probe[nprobes] */
+	uint64_t strings;	/* vaddr of the string pool (NUL-terminated) */
+	uint64_t module;	/* string offset: module path at patch time */
+	uint64_t ready;		/* runtime: 1 once callbacks are resolved */
+	uint64_t reserved;
+};
+
+struct jp_probe {
+	uint64_t hits;		/* bumped by the trampolines and the trap handler */
+	uint64_t callback;	/* runtime: run-time address of the C callback */
+	uint64_t address;	/* vaddr of the probe site */
+	uint64_t resume;	/* trap: vaddr of the out-of-line copy to resume at */
+	uint32_t spec;		/* string offset: the probe as the user wrote it */
+	uint32_t lib;		/* string offset: callback library, 0 = none */
+	uint32_t func;		/* string offset: callback function, 0 = none */
+	uint16_t handler;	/* JP_HANDLER_* */
+	uint16_t mechanism;	/* JP_MECH_* */
+	uint32_t id;		/* index of this probe in the table */
+	uint32_t flags;		/* JP_PROBE_* */
+	uint64_t pad;
+};
+/* JPROBE_LAYOUT_END */
+
+enum { JP_HANDLER_COUNT = 0, JP_HANDLER_CALLBACK = 1 };
+enum { JP_MECH_JUMP = 0, JP_MECH_PUN = 1, JP_MECH_EVICT = 2, JP_MECH_TRAP = 3 };
+enum { JP_VEC_NONE = 0, JP_VEC_SSE = 1, JP_VEC_AVX = 2, JP_VEC_AVX512 = 3 };
+/* The trap handler must preserve x87 state around the callback. */
+#define JP_PROBE_X87	0x1
+
+#endif /* JPROBE_TABLE_H */

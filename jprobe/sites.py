@@ -1,0 +1,178 @@
+"""Site analysis: which instructions a probe displaces, whether that is safe, which mechanism.
+
+The rules, in order:
+1. A 5-byte `call rel32` or 6-byte `call [rip+x]` is retargeted: it keeps its place and
+   return address and calls the trampoline instead (`jump`).
+2. Otherwise whole instructions are displaced from the site until they cover 5 bytes.
+   An instruction other than the first may be displaced only when nothing can jump to
+   it: it is not the direct target of any branch in the function (or in its split-off
+   `.cold`/`.part` pieces), it does not follow a `call` (a return lands there), the
+   function has no indirect jump (a switch table or computed goto could land anywhere),
+   and it lies inside the function's symbol bounds. Without a function symbol only the
+   site's own instruction may be displaced.
+3. A site that cannot get a jump this way gets the `trap` fallback: int3 on its first byte
+   and an out-of-line copy of the instruction to resume at.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+
+from capstone import CsInsn
+
+from .elf import ElfModule, Symbol
+from .errors import SiteError
+from .trampolines import x86_64 as arch
+from .trampolines.relocate import can_relocate
+
+MAX_INSN = 15
+FLAGS_SCAN = 64          # instructions followed when proving the flags dead
+
+
+@dataclass
+class FunctionFacts:
+    """What the analysis needs to know about one function, decoded once."""
+
+    symbol: Symbol
+    insns: list[CsInsn]
+    starts: set[int]
+    targets: set[int]
+    after_calls: set[int]
+    indirect_jump: int | None
+    x87: bool
+
+    @cached_property
+    def _index(self) -> dict[int, int]:
+        return {insn.address: i for i, insn in enumerate(self.insns)}
+
+    def index_of(self, address: int) -> int:
+        return self._index[address]
+
+
+@dataclass
+class Site:
+    """The decision for one probe address."""
+
+    address: int
+    mechanism: str                     # "jump" | "trap"
+    reason: str
+    displaced: list[CsInsn] = field(default_factory=list)
+    call_retarget: bool = False
+    flags_live: bool = True
+    x87: bool = True
+    function: Symbol | None = None
+
+    @property
+    def length(self) -> int:
+        return sum(i.size for i in self.displaced)
+
+
+class SiteAnalyzer:
+    """Decides sites for one module; caches per-function facts."""
+
+    def __init__(self, module: ElfModule):
+        self.module = module
+        self.reserved: set[int] = set()       # other probes' sites: never displaced by this one
+        self._facts = lru_cache(maxsize=4096)(self._decode_function)
+
+    def _decode_function(self, sym: Symbol) -> FunctionFacts:
+        insns: list[CsInsn] = []
+        if sym.size and self.module.is_code(sym.address, sym.size):
+            insns = arch.decode(self.module.read(sym.address, sym.size), sym.address)
+        targets: set[int] = set()
+        after_calls: set[int] = set()
+        indirect = None
+        x87 = False
+        pieces = [insns] + [self._decode_piece(p) for p in self.module.related_functions(sym)]
+        for piece in pieces:
+            for insn in piece:
+                target = arch.branch_target(insn)
+                if target is not None:
+                    targets.add(target)
+                if arch.is_call(insn):
+                    after_calls.add(insn.address + insn.size)
+                if indirect is None and arch.is_indirect_jump(insn) and piece is insns:
+                    indirect = insn.address
+                x87 = x87 or arch.uses_x87(insn)
+        return FunctionFacts(sym, insns, {i.address for i in insns}, targets, after_calls, indirect, x87)
+
+    def _decode_piece(self, sym: Symbol) -> list[CsInsn]:
+        if not sym.size or not self.module.is_code(sym.address, sym.size):
+            return []
+        return arch.decode(self.module.read(sym.address, sym.size), sym.address)
+
+    def facts(self, sym: Symbol) -> FunctionFacts:
+        return self._facts(sym)
+
+    def instruction_at(self, address: int) -> CsInsn:
+        """The instruction starting at `address`, checked against its function's boundaries."""
+        sym = self.module.function_at(address)
+        if sym is not None:
+            facts = self.facts(sym)
+            if facts.insns and address not in facts.starts:
+                raise SiteError(f"{address:#x} is not on an instruction boundary of {sym.name}; "
+                                f"list the boundaries with `jprobe sites {self.module.path} {sym.name}`")
+            if facts.insns:
+                return facts.insns[facts.index_of(address)]
+        if not self.module.is_code(address):
+            raise SiteError(f"{address:#x} is not in an executable section of {self.module.path}")
+        insn = arch.decode_one(self.module.read(address, MAX_INSN), address)
+        if insn is None:
+            raise SiteError(f"{address:#x}: no valid instruction there")
+        return insn
+
+    def analyse(self, address: int) -> Site:
+        """The mechanism a probe at `address` gets, with its one-line reason."""
+        first = self.instruction_at(address)
+        sym = self.module.function_at(address)
+        facts = self.facts(sym) if sym is not None else None
+        x87 = facts.x87 if facts and facts.insns else True
+        why_not = can_relocate(first)
+        if why_not:
+            raise SiteError(f"{address:#x}: cannot probe `{first.mnemonic} {first.op_str}`: {why_not}")
+        if arch.is_rel32_call(first) or arch.is_rip_indirect_call(first):
+            return Site(address, "jump", "call retargeted to the trampoline (return address kept)",
+                        [first], call_retarget=True, flags_live=False, x87=x87, function=sym)
+        displaced, blocker = self._displace(first, facts)
+        following = (facts.insns[facts.index_of(address):][:FLAGS_SCAN] if facts and facts.insns
+                     else displaced)
+        flags_live = not (sym is not None and address == sym.address) and not arch.flags_dead_after(following)
+        if blocker is None:
+            n = len(displaced)
+            what = "1 instruction" if n == 1 else f"{n} instructions"
+            return Site(address, "jump", f"displaces {what} ({sum(i.size for i in displaced)} bytes)",
+                        displaced, flags_live=flags_live, x87=x87, function=sym)
+        return Site(address, "trap", blocker, [first], flags_live=flags_live, x87=x87, function=sym)
+
+    def _displace(self, first: CsInsn, facts: FunctionFacts | None) -> tuple[list[CsInsn], str | None]:
+        """Instructions to displace from `first`, or the reason no safe jump fits."""
+        displaced = [first]
+        size = first.size
+        if size >= arch.JUMP_SIZE:
+            return displaced, None
+        if facts is None or not facts.insns:
+            return displaced, f"{size}-byte instruction outside any known function: no room for a jump"
+        if facts.indirect_jump is not None:
+            return displaced, (f"{size}-byte instruction in a function with an indirect jump at "
+                               f"{facts.indirect_jump:#x} (a switch table may land anywhere)")
+        i = facts.index_of(first.address)
+        while size < arch.JUMP_SIZE:
+            prev = displaced[-1]
+            if arch.ends_flow(prev) or arch.is_call(prev):
+                return displaced, f"only {size} bytes before `{prev.mnemonic}` ends the straight-line code"
+            i += 1
+            if i >= len(facts.insns):
+                return displaced, f"only {size} bytes before the end of {facts.symbol.name}"
+            insn = facts.insns[i]
+            if insn.address in facts.targets:
+                return displaced, f"only {size} bytes before a branch target at {insn.address:#x}"
+            if insn.address in self.reserved:
+                return displaced, f"only {size} bytes before another probe at {insn.address:#x}"
+            if insn.address in facts.after_calls:
+                return displaced, f"only {size} bytes before a return address at {insn.address:#x}"
+            why_not = can_relocate(insn)
+            if why_not:
+                return displaced, f"cannot move `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: {why_not}"
+            displaced.append(insn)
+            size += insn.size
+        return displaced, None

@@ -1,0 +1,100 @@
+"""A small code buffer over keystone that knows absolute targets.
+
+Keystone reads `[rip + N]` as a raw displacement, and picks short branch forms
+by itself.  Trampolines need references to absolute link-time addresses with a
+size that does not depend on where the code lands (so a layout can be computed
+once), so RIP-relative operands and branches get their displacement patched
+here after keystone has encoded the instruction with a placeholder.
+"""
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+
+import capstone
+import keystone
+
+_ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
+_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_cs.detail = True
+
+
+@lru_cache(maxsize=None)
+def assemble(text: str) -> bytes:
+    """Position-independent instructions (no branches to absolute addresses)."""
+    encoding, _ = _ks.asm(text, 0)
+    return bytes(encoding or b"")
+
+
+@lru_cache(maxsize=None)
+def _rip_template(text: str) -> tuple[bytes, int]:
+    """Encoding of one instruction with `[rip]` and the offset of its disp32."""
+    code = assemble(text.replace("[rip]", "[rip + 0x7fffffff]"))
+    insn = next(_cs.disasm(code, 0))
+    if insn.size != len(code) or insn.disp_size != 4:
+        raise ValueError(f"not one RIP-relative instruction with a disp32: {text}")
+    return code, insn.disp_offset
+
+
+class CodeBuffer:
+    """Machine code being laid out at a known link-time address."""
+
+    def __init__(self, address: int):
+        self.address = address
+        self.code = bytearray()
+        self.labels: dict[str, int] = {}
+        self._fixups: list[tuple[int, int, str]] = []   # (disp offset, end of insn, label)
+
+    @property
+    def here(self) -> int:
+        return self.address + len(self.code)
+
+    def emit(self, text: str) -> None:
+        """Instructions with no absolute reference."""
+        self.code += assemble(text)
+
+    def raw(self, data: bytes) -> None:
+        self.code += data
+
+    def label(self, name: str) -> None:
+        self.labels[name] = self.here
+
+    def rip(self, text: str, target: int | str) -> None:
+        """One instruction whose `[rip]` operand must address `target` (an address or a label)."""
+        code, disp_at = _rip_template(text)
+        start = len(self.code)
+        self.code += code
+        self._refer(start + disp_at, start + len(code), target)
+
+    def jmp(self, target: int | str) -> None:
+        self._branch(b"\xe9", target)
+
+    def call(self, target: int | str) -> None:
+        self._branch(b"\xe8", target)
+
+    def jcc(self, cc: int, target: int | str) -> None:
+        """`j<cc> rel32` where cc is the low nibble of the 0F 8x opcode."""
+        self._branch(bytes([0x0F, 0x80 | cc]), target)
+
+    def _branch(self, opcode: bytes, target: int | str) -> None:
+        self.code += opcode + b"\0\0\0\0"
+        self._refer(len(self.code) - 4, len(self.code), target)
+
+    def _refer(self, disp_at: int, end: int, target: int | str) -> None:
+        if isinstance(target, str):
+            self._fixups.append((disp_at, end, target))
+        else:
+            self._put(disp_at, end, target)
+
+    def _put(self, disp_at: int, end: int, target: int) -> None:
+        disp = target - (self.address + end)
+        if not -2**31 <= disp < 2**31:
+            raise ValueError(f"target {target:#x} is out of rel32 reach from {self.address + end:#x}")
+        self.code[disp_at:disp_at + 4] = struct.pack("<i", disp)
+
+    def finish(self) -> bytes:
+        """The code with every label reference resolved."""
+        for disp_at, end, name in self._fixups:
+            self._put(disp_at, end, self.labels[name])
+        self._fixups.clear()
+        return bytes(self.code)

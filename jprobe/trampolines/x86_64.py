@@ -1,0 +1,280 @@
+"""The x86-64 back end: decoding, instruction facts, and trampoline templates.
+
+Everything that knows the instruction set lives here and in relocate.py; the
+site analysis and the planner ask through the names exported by
+jprobe.trampolines, so an aarch64 back end can sit beside this one.
+
+Trampoline shapes (all emitted at link-time addresses, sizes independent of
+where they land):
+
+count, flags dead     lock inc [hits]; <displaced>; jmp back
+count, flags live     skip red zone; save rax; lahf/seto; lock inc [hits];
+                      restore OF (add al,0x7f) and SF/ZF/AF/PF/CF (sahf); ...
+callback              skip red zone; push a struct jprobe_ctx; call the
+                      module's shared stub, which counts, saves vector state
+                      (by the runtime's vec_mode), aligns the stack, clears
+                      DF and calls the C function; pop the (maybe edited)
+                      registers; <displaced>; jmp back
+call retarget         the probed `call` stays in place but calls the
+                      trampoline, which does the work above and jumps on to
+                      the callee: the return address and the return
+                      prediction stay exactly as they were.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import capstone
+from capstone import CsInsn
+from capstone import x86_const as X
+
+from .. import layout
+from .asm import CodeBuffer
+from .relocate import relocate
+
+JUMP_SIZE = 5
+RED_ZONE = 128
+INT3 = 0xCC
+
+_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_cs.detail = True
+_cs.skipdata = False
+
+_STATUS = ("CF", "PF", "AF", "ZF", "SF", "OF")
+_WRITE_KINDS = ("MODIFY", "RESET", "SET", "UNDEFINED")
+_FLAGS_READ = 0
+_FLAGS_WRITTEN = {}
+for _f in _STATUS:
+    _FLAGS_READ |= getattr(X, f"X86_EFLAGS_TEST_{_f}")
+    _FLAGS_WRITTEN[_f] = 0
+    for _k in _WRITE_KINDS:
+        _FLAGS_WRITTEN[_f] |= getattr(X, f"X86_EFLAGS_{_k}_{_f}", 0)
+# Instructions capstone gives no flag facts for, but which read every flag.
+_READS_ALL_FLAGS = {"pushfq", "pushf", "lahf", "syscall", "int", "int3", "into", "int1", "ud2", "hlt"}
+
+_CTX = {name: layout.offsetof("jprobe_ctx", name) for name in ("probe_id", "address")}
+_REG = {name: layout.offsetof("jprobe_regs", name) for name in ("rsp", "rip", "rflags")}
+_CTX_SIZE = layout.sizeof("jprobe_ctx")
+_PROBE_HITS = layout.offsetof("jp_probe", "hits")
+_PROBE_CALLBACK = layout.offsetof("jp_probe", "callback")
+# Push order building struct jprobe_ctx from its top (address) down to rax.
+_PUSHED_GPRS_HIGH = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8")
+_PUSHED_GPRS_LOW = ("rbp", "rdi", "rsi", "rdx", "rcx", "rbx", "rax")
+
+
+def decode(code: bytes, address: int) -> list[CsInsn]:
+    """Instructions from the start of `code` until it ends or stops decoding."""
+    return list(_cs.disasm(code, address))
+
+
+def decode_one(code: bytes, address: int) -> CsInsn | None:
+    return next(_cs.disasm(code, address, 1), None)
+
+
+def branch_target(insn: CsInsn) -> int | None:
+    """Target of a direct jmp/jcc/call/loop, else None."""
+    if insn.group(X.X86_GRP_BRANCH_RELATIVE) and insn.operands and insn.operands[0].type == X.X86_OP_IMM:
+        return insn.operands[0].imm
+    return None
+
+
+def is_call(insn: CsInsn) -> bool:
+    return insn.group(X.X86_GRP_CALL)
+
+
+def ends_flow(insn: CsInsn) -> bool:
+    """No fall-through: the next instruction is reached only by a jump."""
+    return (insn.group(X.X86_GRP_RET) or insn.group(X.X86_GRP_IRET) or insn.id in (X.X86_INS_JMP, X.X86_INS_UD2,
+            X.X86_INS_HLT) or (insn.id == X.X86_INS_INT3))
+
+
+def is_indirect_jump(insn: CsInsn) -> bool:
+    """A `jmp reg/mem` that may land anywhere in the function (switch tables, computed goto).
+
+    `jmp [rip+x]` is a tail call through the GOT or a PLT slot, not an intra-function jump.
+    """
+    if insn.id != X.X86_INS_JMP or branch_target(insn) is not None:
+        return False
+    op = insn.operands[0]
+    return not (op.type == X.X86_OP_MEM and op.mem.base == X.X86_REG_RIP)
+
+
+def uses_x87(insn: CsInsn) -> bool:
+    return insn.group(X.X86_GRP_FPU)
+
+
+def is_rel32_call(insn: CsInsn) -> bool:
+    return insn.id == X.X86_INS_CALL and insn.size == 5 and insn.bytes[0] == 0xE8
+
+
+def is_rip_indirect_call(insn: CsInsn) -> bool:
+    """`call qword ptr [rip + x]` (6 bytes): a call through the GOT (-fno-plt)."""
+    return (insn.id == X.X86_INS_CALL and insn.size == 6 and insn.bytes[0] == 0xFF and
+            insn.operands[0].type == X.X86_OP_MEM and insn.operands[0].mem.base == X.X86_REG_RIP)
+
+
+def flags_dead_after(insns: Sequence[CsInsn]) -> bool:
+    """True when no status flag is read before being written, along `insns` from the first.
+
+    The scan follows straight-line code only. A `call` or `ret` ends it with the flags
+    dead: the SysV ABI neither passes status flags into a function nor preserves them
+    across a call, so no conforming code reads them there. Any other branch ends it
+    with the flags (conservatively) live.
+    """
+    pending = set(_STATUS)
+    for insn in insns:
+        if insn.mnemonic in _READS_ALL_FLAGS or insn.eflags & _FLAGS_READ and any(
+                insn.eflags & getattr(X, f"X86_EFLAGS_TEST_{f}") for f in pending):
+            return False
+        if is_call(insn) or insn.group(X.X86_GRP_RET):
+            return True
+        pending -= {f for f in _STATUS if insn.eflags & _FLAGS_WRITTEN[f]}
+        if not pending:
+            return True
+        if insn.group(X.X86_GRP_JUMP) or ends_flow(insn):
+            return False
+    return False
+
+
+def jump_bytes(source: int, target: int, length: int) -> bytes:
+    """`jmp rel32` at `source`, padded with int3 up to `length` bytes."""
+    return b"\xe9" + struct.pack("<i", target - (source + JUMP_SIZE)) + bytes([INT3]) * (length - JUMP_SIZE)
+
+
+def call_bytes(source: int, target: int, length: int) -> bytes:
+    """A call to `target` that returns to `source + length`, as the original call did.
+
+    A 6-byte `call [rip+x]` becomes `nop; call rel32`: the return address is unchanged.
+    """
+    pad = length - JUMP_SIZE
+    return b"\x90" * pad + b"\xe8" + struct.pack("<i", target - (source + length))
+
+
+def trap_bytes(length: int, original: bytes) -> bytes:
+    """int3 over the first byte; the rest of the instruction is never executed."""
+    return bytes([INT3]) + original[1:length]
+
+
+class ModuleStubs:
+    """Code shared by every callback probe of a module, emitted once at the start of its text."""
+
+    VSAVE = 2048 + 64 + 64       # zmm0-31, k0-7, mxcsr + saved mode (a 64-byte multiple)
+
+    def __init__(self, buf: CodeBuffer, vec_mode_address: int):
+        self.common = buf.here
+        self._emit_common(buf, vec_mode_address)
+        self.common_x87 = buf.here
+        self._emit_common_x87(buf)
+
+    @staticmethod
+    def _emit_common(buf: CodeBuffer, vec_mode_address: int) -> None:
+        """rdi = ctx, rsi = &jp_probe: count, then call the callback with all vector state kept."""
+        buf.emit(f"lock inc qword ptr [rsi + {_PROBE_HITS}]")
+        buf.emit(f"mov rax, qword ptr [rsi + {_PROBE_CALLBACK}]; test rax, rax")
+        buf.jcc(0x4, "common_out")                                   # jz
+        buf.emit(f"push rbp; mov rbp, rsp; and rsp, -64; sub rsp, {ModuleStubs.VSAVE}; cld")
+        buf.rip("mov ecx, dword ptr [rip]", vec_mode_address)
+        buf.emit("mov dword ptr [rsp + 2120], ecx; stmxcsr dword ptr [rsp + 2112]")
+        _vector_switch(buf, "save")
+        buf.emit("call rax")
+        buf.emit("ldmxcsr dword ptr [rsp + 2112]; mov ecx, dword ptr [rsp + 2120]")
+        _vector_switch(buf, "restore")
+        buf.emit("mov rsp, rbp; pop rbp")
+        buf.label("common_out")
+        buf.emit("ret")
+
+    def _emit_common_x87(self, buf: CodeBuffer) -> None:
+        """The same for code that keeps values on the x87 stack: fxsave around the call."""
+        buf.emit("push rbp; mov rbp, rsp; and rsp, -64; sub rsp, 512; fxsave64 [rsp]")
+        buf.call(self.common)
+        buf.emit("fxrstor64 [rsp]; mov rsp, rbp; pop rbp; ret")
+
+
+def _kmov(store: bool, k: int, disp: int) -> bytes:
+    """kmovq [rsp+disp32], k / kmovq k, [rsp+disp32] (keystone lacks AVX512BW)."""
+    modrm = 0x84 | (k << 3)
+    return bytes([0xC4, 0xE1, 0xF8, 0x91 if store else 0x90, modrm, 0x24]) + struct.pack("<i", disp)
+
+
+def _vector_switch(buf: CodeBuffer, what: str) -> None:
+    """Save or restore every vector register the running CPU has, by vec_mode in ecx."""
+    avx512 = layout.CONST["JP_VEC_AVX512"]
+    avx = layout.CONST["JP_VEC_AVX"]
+    done = f"{what}_done"
+    buf.emit(f"cmp ecx, {avx512}")
+    buf.jcc(0x4, f"{what}_512")
+    buf.emit(f"cmp ecx, {avx}")
+    buf.jcc(0x4, f"{what}_256")
+    for i in range(16):
+        buf.emit(f"movups xmmword ptr [rsp + {16 * i}], xmm{i}" if what == "save"
+                 else f"movups xmm{i}, xmmword ptr [rsp + {16 * i}]")
+    buf.jmp(done)
+    buf.label(f"{what}_256")
+    for i in range(16):
+        buf.emit(f"vmovdqu ymmword ptr [rsp + {32 * i}], ymm{i}" if what == "save"
+                 else f"vmovdqu ymm{i}, ymmword ptr [rsp + {32 * i}]")
+    buf.jmp(done)
+    buf.label(f"{what}_512")
+    for i in range(32):
+        buf.emit(f"vmovdqu64 zmmword ptr [rsp + {64 * i}], zmm{i}" if what == "save"
+                 else f"vmovdqu64 zmm{i}, zmmword ptr [rsp + {64 * i}]")
+    for k in range(8):
+        buf.raw(_kmov(what == "save", k, 2048 + 8 * k))
+    buf.label(done)
+
+
+def emit_count(buf: CodeBuffer, hits: int, flags_live: bool, red_zone: bool = True) -> None:
+    """An exact, thread-safe counter that leaves every register (and live flags) as it was."""
+    if not flags_live:
+        buf.rip("lock inc qword ptr [rip]", hits)
+        return
+    skip = RED_ZONE if red_zone else 0
+    buf.emit(f"lea rsp, [rsp - {skip}]; push rax; lahf; seto al")
+    buf.rip("lock inc qword ptr [rip]", hits)
+    buf.emit(f"add al, 0x7f; sahf; pop rax; lea rsp, [rsp + {skip}]")
+
+
+def emit_callback(buf: CodeBuffer, stub: int, probe_desc: int, probe_id: int, site: int,
+                  red_zone: bool = True) -> None:
+    """Build a struct jprobe_ctx on the stack, call the module stub, take back edited registers.
+
+    With `red_zone` False (a retargeted call: the callee's frame starts here, and the
+    caller's red zone died with the call) the return address sits on top of the stack,
+    so the program's rsp at the probe is 8 bytes higher than the trampoline's.
+    """
+    skip = RED_ZONE if red_zone else 0
+    rsp_above = _CTX_SIZE + (skip if red_zone else -8)
+    buf.emit(f"lea rsp, [rsp - {skip}]; push 0; push {probe_id}; pushfq; push 0")
+    for reg in _PUSHED_GPRS_HIGH:
+        buf.emit(f"push {reg}")
+    buf.emit("push 0")
+    for reg in _PUSHED_GPRS_LOW:
+        buf.emit(f"push {reg}")
+    buf.rip("lea rax, [rip]", site)
+    buf.emit(f"mov qword ptr [rsp + {_REG['rip']}], rax; mov qword ptr [rsp + {_CTX['address']}], rax")
+    buf.emit(f"lea rax, [rsp + {rsp_above}]; mov qword ptr [rsp + {_REG['rsp']}], rax; mov rdi, rsp")
+    buf.rip("lea rsi, [rip]", probe_desc)
+    buf.call(stub)
+    for reg in reversed(_PUSHED_GPRS_LOW):
+        buf.emit(f"pop {reg}")
+    buf.emit("lea rsp, [rsp + 8]")
+    for reg in reversed(_PUSHED_GPRS_HIGH):
+        buf.emit(f"pop {reg}")
+    buf.emit(f"lea rsp, [rsp + 8]; popfq; lea rsp, [rsp + {16 + skip}]")
+
+
+def emit_displaced(buf: CodeBuffer, insns: Sequence[CsInsn]) -> None:
+    """The displaced instructions, relocated, then a jump back after them when they fall through."""
+    buf.raw(relocate(insns, buf.here))
+    if not ends_flow(insns[-1]):
+        last = insns[-1]
+        buf.jmp(last.address + last.size)
+
+
+def emit_call_continuation(buf: CodeBuffer, call: CsInsn) -> None:
+    """After a retargeted call's probe work: go on to the original callee (stack untouched)."""
+    if is_rel32_call(call):
+        buf.jmp(call.operands[0].imm)
+    else:
+        buf.rip("jmp qword ptr [rip]", call.address + call.size + call.disp)
