@@ -12,9 +12,6 @@ __all__ = ["JprobeError", "patch_file"]
 def patch_file(input_path: str, output_path: str, probes: Iterable[str], strict: bool = False) -> ModulePlan:
     """Rewrite `input_path` into `output_path` with `probes` (SPEC §1 specs); returns the plan applied."""
     from .patcher.static import patch_file as _patch
-    from .spec import check_supported, parse_probes
+    from .spec import parse_probes
 
-    specs = parse_probes(list(probes))
-    for spec in specs:
-        check_supported(spec)
-    return _patch(input_path, output_path, specs, strict=strict)
+    return _patch(input_path, output_path, parse_probes(list(probes)), strict=strict)

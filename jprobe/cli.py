@@ -21,17 +21,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_patch(args: argparse.Namespace) -> int:
     from .patcher.static import patch_file
-    from .spec import check_supported, parse_probes
+    from .spec import parse_probes
 
-    if not args.probe:
-        raise JprobeError("patch: no probe given; add at least one -p PROBE (e.g. -p main)")
-    specs = parse_probes(args.probe)
-    for spec in specs:
-        check_supported(spec)
-        if spec.module is not None:
-            raise JprobeError(f"'{spec.text}': `jprobe patch` rewrites one file; drop the '{spec.module}:' "
-                              f"prefix, or use `jprobe run` to probe a loaded library")
-    plan = patch_file(args.input, args.output, specs, strict=args.strict)
+    plan = patch_file(args.input, args.output, parse_probes(args.probe), strict=args.strict)
     for p in plan.probes:
         print(f"{p.spec:<32} {p.address:#10x}  {p.mechanism:<5}  {p.reason}")
     traps = sum(p.mechanism == "trap" for p in plan.probes)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from . import layout
 from .elf import ElfModule
-from .errors import HandlerError, SiteError, SymbolError
+from .callbacks import Callback, resolve_callback
+from .errors import SiteError, SymbolError
 from .plan import ModulePlan, ProbePlan
 from .sites import Site, SiteAnalyzer
 from .spec import ProbeSpec
@@ -22,7 +23,7 @@ class ResolvedProbe:
     spec: ProbeSpec
     address: int
     site: Site
-    library: str | None = None
+    callback: Callback | None = None
 
 
 def resolve_address(module: ElfModule, spec: ProbeSpec) -> int:
@@ -37,29 +38,6 @@ def resolve_address(module: ElfModule, spec: ProbeSpec) -> int:
         raise SymbolError(f"'{spec.text}': offset {spec.offset:#x} is outside {sym.name} "
                           f"({sym.size} bytes); give an offset below {sym.size:#x}")
     return sym.address + spec.offset
-
-
-def resolve_library(spec: ProbeSpec) -> str | None:
-    """The callback library as the runtime will dlopen it, checked now when it is a path."""
-    handler = spec.handler
-    if handler.kind != "callback":
-        return None
-    lib = handler.library
-    if "/" not in lib:
-        return lib                        # a soname: the dynamic loader's search finds it at run time
-    path = os.path.abspath(lib)
-    if not os.path.isfile(path):
-        raise HandlerError(f"'{spec.text}': callback library {lib} not found; build it first "
-                           f"(gcc -shared -fPIC $(jprobe --cflags) ...)")
-    try:
-        callback_lib = ElfModule(path)
-    except Exception as e:
-        raise HandlerError(f"'{spec.text}': callback library {lib}: {e}") from None
-    names = {s.name for s in callback_lib.binary.exported_functions}
-    if handler.function not in names:
-        raise HandlerError(f"'{spec.text}': function {handler.function} not found in {lib}; "
-                           f"export it (not static) and check its name with `nm -D {lib}`")
-    return path
 
 
 def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> list[ResolvedProbe]:
@@ -78,7 +56,7 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
         if strict and site.mechanism == "trap":
             raise SiteError(f"'{spec.text}': needs a trap at {address:#x} ({site.reason}); "
                             f"drop --strict to accept the int3 fallback, or probe another instruction")
-        resolved.append(ResolvedProbe(spec, address, site, resolve_library(spec)))
+        resolved.append(ResolvedProbe(spec, address, site, resolve_callback(spec)))
     return resolved
 
 
@@ -124,9 +102,12 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
         d.mechanism = layout.MECHANISMS[plan.mechanism]
         d.id = i
         d.flags = layout.CONST["JP_PROBE_X87"] if probe.site.x87 else 0
-        if probe.library:
-            d.lib = strings.add(probe.library)
-            d.func = strings.add(probe.spec.handler.function)
+        if probe.callback:
+            d.lib = strings.add(probe.callback.library)
+            d.func = strings.add(probe.callback.function)
+            if probe.callback.novec:
+                d.flags |= layout.CONST["JP_PROBE_NOVEC"]
+                d.cb_build_id = probe.callback.build_id
     table.magic = layout.MAGIC
     table.version = layout.TABLE_VERSION
     table.nprobes = len(probes)

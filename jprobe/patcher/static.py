@@ -18,7 +18,7 @@ from ..errors import JprobeError, OutputError
 from ..plan import ModulePlan
 from ..planner import build_plan, resolve_probes
 from ..runtime import runtime_library
-from ..spec import ProbeSpec
+from ..spec import ProbeSpec, check_supported
 
 PAGE = 0x1000
 # Dynamic-linking tables LIEF rebuilds to add DT_NEEDED; all other sections keep their place.
@@ -134,6 +134,13 @@ def _verify(path: str, plan: ModulePlan, original: lief.ELF.Binary) -> None:
 
 def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: bool = False) -> ModulePlan:
     """Rewrite `input_path` into `output` with the probes of `specs`."""
+    if not specs:
+        raise JprobeError("patch: no probe given; add at least one probe (e.g. -p main)")
+    for spec in specs:
+        check_supported(spec)
+        if spec.module is not None:
+            raise JprobeError(f"'{spec.text}': `jprobe patch` rewrites one file; drop the '{spec.module}:' "
+                              f"prefix, or use `jprobe run` to probe a loaded library")
     module = ElfModule(input_path)
     plan, binary = plan_file(module, specs, strict)
     apply_plan(plan, binary)

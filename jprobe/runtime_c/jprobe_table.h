@@ -45,14 +45,21 @@ struct jp_probe {
 	uint16_t mechanism;	/* JP_MECH_* */
 	uint32_t id;		/* index of this probe in the table */
 	uint32_t flags;		/* JP_PROBE_* */
-	uint64_t pad;
+	uint64_t cb_build_id;	/* JP_PROBE_NOVEC: first 8 bytes of the analysed library's build-id */
 };
 /* JPROBE_LAYOUT_END */
 
 enum { JP_HANDLER_COUNT = 0, JP_HANDLER_CALLBACK = 1 };
 enum { JP_MECH_JUMP = 0, JP_MECH_PUN = 1, JP_MECH_EVICT = 2, JP_MECH_TRAP = 3 };
 enum { JP_VEC_NONE = 0, JP_VEC_SSE = 1, JP_VEC_AVX = 2, JP_VEC_AVX512 = 3 };
-/* The trap handler must preserve x87 state around the callback. */
+/* The probed function uses x87: the callback stub saves x87 state too. */
 #define JP_PROBE_X87	0x1
+/*
+ * The planner proved that the callback touches no vector, mask, x87 or MXCSR
+ * state (it and everything it calls directly, in the library whose build-id
+ * starts with cb_build_id), so the stub skips saving that state.  The runtime
+ * clears the flag when the library it loads has another build-id.
+ */
+#define JP_PROBE_NOVEC	0x2
 
 #endif /* JPROBE_TABLE_H */

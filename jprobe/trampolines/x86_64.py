@@ -58,6 +58,8 @@ _REG = {name: layout.offsetof("jprobe_regs", name) for name in ("rsp", "rip", "r
 _CTX_SIZE = layout.sizeof("jprobe_ctx")
 _PROBE_HITS = layout.offsetof("jp_probe", "hits")
 _PROBE_CALLBACK = layout.offsetof("jp_probe", "callback")
+_PROBE_FLAGS = layout.offsetof("jp_probe", "flags")
+_NOVEC = layout.CONST["JP_PROBE_NOVEC"]
 # Push order building struct jprobe_ctx from its top (address) down to rax.
 _PUSHED_GPRS_HIGH = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8")
 _PUSHED_GPRS_LOW = ("rbp", "rdi", "rsi", "rdx", "rcx", "rbx", "rax")
@@ -87,6 +89,11 @@ def ends_flow(insn: CsInsn) -> bool:
     """No fall-through: the next instruction is reached only by a jump."""
     return (insn.group(X.X86_GRP_RET) or insn.group(X.X86_GRP_IRET) or insn.id in (X.X86_INS_JMP, X.X86_INS_UD2,
             X.X86_INS_HLT) or (insn.id == X.X86_INS_INT3))
+
+
+def is_transfer(insn: CsInsn) -> bool:
+    """Any jump or call, direct or not."""
+    return insn.group(X.X86_GRP_JUMP) or insn.group(X.X86_GRP_CALL)
 
 
 def is_indirect_jump(insn: CsInsn) -> bool:
@@ -137,6 +144,22 @@ def flags_dead_after(insns: Sequence[CsInsn]) -> bool:
     return False
 
 
+_VECTOR_GROUPS = {getattr(X, f"X86_GRP_{g}") for g in (
+    "FPU", "MMX", "3DNOW", "SSE1", "SSE2", "SSE3", "SSSE3", "SSE41", "SSE42", "SSE4A", "AVX", "AVX2",
+    "AVX512", "FMA", "FMA4", "F16C", "XOP", "AES", "PCLMUL", "SHA", "CDI", "ERI", "PFI", "VLX", "BWI",
+    "DQI")}
+_VECTOR_REG_PREFIXES = ("xmm", "ymm", "zmm", "k", "st", "mm", "fp", "mxcsr")
+_VECTOR_MNEMONIC_PREFIXES = ("xsave", "xrstor", "fxsave", "fxrstor", "vzero", "emms", "ldmxcsr", "stmxcsr")
+
+
+def vector_state_use(insn: CsInsn) -> bool:
+    """True when `insn` may read or write vector, mask, x87 or MXCSR state."""
+    if any(insn.group(g) for g in _VECTOR_GROUPS) or insn.mnemonic.startswith(_VECTOR_MNEMONIC_PREFIXES):
+        return True
+    read, written = insn.regs_access()
+    return any((insn.reg_name(r) or "").startswith(_VECTOR_REG_PREFIXES) for r in (*read, *written))
+
+
 def jump_bytes(source: int, target: int, length: int) -> bytes:
     """`jmp rel32` at `source`, padded with int3 up to `length` bytes."""
     return b"\xe9" + struct.pack("<i", target - (source + JUMP_SIZE)) + bytes([INT3]) * (length - JUMP_SIZE)
@@ -173,6 +196,8 @@ class ModuleStubs:
         buf.emit(f"lock inc qword ptr [rsi + {_PROBE_HITS}]")
         buf.emit(f"mov rax, qword ptr [rsi + {_PROBE_CALLBACK}]; test rax, rax")
         buf.jcc(0x4, "common_out")                                   # jz
+        buf.emit(f"test dword ptr [rsi + {_PROBE_FLAGS}], {_NOVEC}")
+        buf.jcc(0x5, "common_novec")                                 # jnz
         buf.emit(f"push rbp; mov rbp, rsp; and rsp, -64; sub rsp, {ModuleStubs.VSAVE}; cld")
         buf.rip("mov ecx, dword ptr [rip]", vec_mode_address)
         buf.emit("mov dword ptr [rsp + 2120], ecx; stmxcsr dword ptr [rsp + 2112]")
@@ -183,9 +208,14 @@ class ModuleStubs:
         buf.emit("mov rsp, rbp; pop rbp")
         buf.label("common_out")
         buf.emit("ret")
+        # The callback provably leaves vector, x87 and MXCSR state alone.
+        buf.label("common_novec")
+        buf.emit("push rbp; mov rbp, rsp; and rsp, -16; cld; call rax; mov rsp, rbp; pop rbp; ret")
 
     def _emit_common_x87(self, buf: CodeBuffer) -> None:
         """The same for code that keeps values on the x87 stack: fxsave around the call."""
+        buf.emit(f"test dword ptr [rsi + {_PROBE_FLAGS}], {_NOVEC}")
+        buf.jcc(0x5, self.common)                                    # jnz: nothing to save
         buf.emit("push rbp; mov rbp, rsp; and rsp, -64; sub rsp, 512; fxsave64 [rsp]")
         buf.call(self.common)
         buf.emit("fxrstor64 [rsp]; mov rsp, rbp; pop rbp; ret")
