@@ -6,8 +6,7 @@ The rules, in order:
 2. Otherwise whole instructions are displaced from the site until they cover 5 bytes.
    An instruction other than the first may be displaced only when nothing can jump to
    it: it is not the direct target of any branch in the function (or in its split-off
-   `.cold`/`.part` pieces), it does not follow a `call` (a return lands there), the
-   function has no indirect jump (a switch table or computed goto could land anywhere),
+   `.cold`/`.part` pieces), no other probe is there, the function has no indirect jump (a switch table or computed goto could land anywhere),
    and it lies inside the function's symbol bounds. Without a function symbol only the
    site's own instruction may be displaced.
 3. A site that cannot get a jump this way gets the `trap` fallback: int3 on its first byte
@@ -37,7 +36,6 @@ class FunctionFacts:
     insns: list[CsInsn]
     starts: set[int]
     targets: set[int]
-    after_calls: set[int]
     indirect_jump: int | None
     x87: bool
 
@@ -80,7 +78,6 @@ class SiteAnalyzer:
         if sym.size and self.module.is_code(sym.address, sym.size):
             insns = arch.decode(self.module.read(sym.address, sym.size), sym.address)
         targets: set[int] = set()
-        after_calls: set[int] = set()
         indirect = None
         x87 = False
         pieces = [insns] + [self._decode_piece(p) for p in self.module.related_functions(sym)]
@@ -89,12 +86,10 @@ class SiteAnalyzer:
                 target = arch.branch_target(insn)
                 if target is not None:
                     targets.add(target)
-                if arch.is_call(insn):
-                    after_calls.add(insn.address + insn.size)
                 if indirect is None and arch.is_indirect_jump(insn) and piece is insns:
                     indirect = insn.address
                 x87 = x87 or arch.uses_x87(insn)
-        return FunctionFacts(sym, insns, {i.address for i in insns}, targets, after_calls, indirect, x87)
+        return FunctionFacts(sym, insns, {i.address for i in insns}, targets, indirect, x87)
 
     def _decode_piece(self, sym: Symbol) -> list[CsInsn]:
         if not sym.size or not self.module.is_code(sym.address, sym.size):
@@ -159,7 +154,7 @@ class SiteAnalyzer:
         while size < arch.JUMP_SIZE:
             prev = displaced[-1]
             if arch.ends_flow(prev) or arch.is_call(prev):
-                return displaced, f"only {size} bytes before `{prev.mnemonic}` ends the straight-line code"
+                return displaced, f"only {size} bytes up to `{prev.mnemonic}`, which ends the straight-line code"
             i += 1
             if i >= len(facts.insns):
                 return displaced, f"only {size} bytes before the end of {facts.symbol.name}"
@@ -168,8 +163,6 @@ class SiteAnalyzer:
                 return displaced, f"only {size} bytes before a branch target at {insn.address:#x}"
             if insn.address in self.reserved:
                 return displaced, f"only {size} bytes before another probe at {insn.address:#x}"
-            if insn.address in facts.after_calls:
-                return displaced, f"only {size} bytes before a return address at {insn.address:#x}"
             why_not = can_relocate(insn)
             if why_not:
                 return displaced, f"cannot move `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: {why_not}"

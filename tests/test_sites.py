@@ -1,0 +1,70 @@
+"""Site analysis decisions on functions of known shapes (tests/fixtures/shapes.S)."""
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from jprobe.elf import ElfModule
+from jprobe.errors import SiteError
+from jprobe.sites import SiteAnalyzer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "shapes.S"
+
+
+@pytest.fixture(scope="module")
+def analyzer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    subprocess.run(["gcc", "-no-pie", "-o", str(out), str(FIXTURE)], check=True)
+    return SiteAnalyzer(ElfModule(str(out)))
+
+
+def site(analyzer, name, offset=0):
+    return analyzer.analyse(analyzer.module.resolve(name).address + offset)
+
+
+def test_short_function_falls_back_to_trap_with_reason(analyzer):
+    s = site(analyzer, "tiny")
+    assert s.mechanism == "trap"
+    assert s.reason == "only 4 bytes up to `ret`, which ends the straight-line code"
+
+
+def test_branch_target_is_never_displaced(analyzer):
+    s = site(analyzer, "looped")
+    assert s.mechanism == "trap" and "branch target" in s.reason
+    # from the target itself, the loop body (3+3 bytes, no other target) can move
+    s = site(analyzer, "looped", 2)
+    assert s.mechanism == "jump" and len(s.displaced) == 2
+
+
+def test_call_is_retargeted_not_displaced(analyzer):
+    s = site(analyzer, "caller", 1)
+    assert s.mechanism == "jump" and s.call_retarget and "call" in s.reason
+
+
+def test_a_call_may_be_displaced_last_only(analyzer):
+    s = site(analyzer, "caller")
+    assert s.mechanism == "jump" and [i.mnemonic for i in s.displaced] == ["push", "call"]
+    s = site(analyzer, "shortcall")
+    assert s.mechanism == "trap" and "up to `call`" in s.reason
+
+
+def test_indirect_jump_allows_one_instruction_only(analyzer):
+    s = site(analyzer, "switcher")
+    assert s.mechanism == "trap" and "indirect jump" in s.reason
+    assert site(analyzer, "switcher", 5).mechanism == "jump"          # lea rdx,[rip+x]: 7 bytes
+
+
+def test_long_instruction_gets_a_plain_jump(analyzer):
+    s = site(analyzer, "longfirst")
+    assert s.mechanism == "jump" and len(s.displaced) == 1 and s.length == 10
+
+
+def test_flags_liveness(analyzer):
+    assert not site(analyzer, "longfirst").flags_live                  # a function entry
+    s = site(analyzer, "flagsuser", 4)                                  # between cmp and ja
+    assert s.flags_live
+
+
+def test_not_on_an_instruction_boundary(analyzer):
+    with pytest.raises(SiteError, match="not on an instruction boundary of longfirst"):
+        site(analyzer, "longfirst", 1)

@@ -1,0 +1,115 @@
+"""The trampoline templates, executed under unicorn from random machine states.
+
+Each case checks the contract of SPEC §4 on the raw code: the counter moves by
+exactly one, and every register, flag and byte of the red zone is as it was, or,
+for callbacks, the ctx the stub receives mirrors the registers and edits to it
+come back.
+"""
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+unicorn = pytest.importorskip("unicorn")
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_64  # noqa: E402
+from unicorn import x86_const as U  # noqa: E402
+
+from jprobe import layout  # noqa: E402
+from jprobe.trampolines import x86_64 as arch  # noqa: E402
+from jprobe.trampolines.asm import CodeBuffer  # noqa: E402
+
+CODE, DATA, STACK = 0x400000, 0x600000, 0x800000
+STACK_TOP = STACK + 0x10000
+GPRS = ["RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"]
+STATUS_MASK = 0x8D5                                   # CF PF AF ZF SF OF
+END = CODE + 0x8000
+
+
+def machine(code: bytes, rsp: int, seed: int) -> Uc:
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    for base in (CODE, DATA, STACK):
+        uc.mem_map(base, 0x10000)
+    uc.mem_write(CODE, code)
+    uc.mem_write(END, b"\xf4")
+    rnd = random.Random(seed)
+    uc.mem_write(STACK, bytes(rnd.getrandbits(8) for _ in range(0x10000)))
+    for reg in GPRS:
+        uc.reg_write(getattr(U, f"UC_X86_REG_{reg}"), rnd.getrandbits(64))
+    uc.reg_write(U.UC_X86_REG_RSP, rsp)
+    uc.reg_write(U.UC_X86_REG_EFLAGS, 0x202 | (rnd.getrandbits(12) & STATUS_MASK))
+    return uc
+
+
+def state(uc: Uc) -> dict:
+    regs = {r: uc.reg_read(getattr(U, f"UC_X86_REG_{r}")) for r in GPRS + ["RSP"]}
+    regs["FLAGS"] = uc.reg_read(U.UC_X86_REG_EFLAGS) & STATUS_MASK
+    return regs
+
+
+def run(uc: Uc) -> None:
+    uc.emu_start(CODE, END, count=10_000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32), flags_live=st.booleans(), misalign=st.integers(0, 15))
+def test_count_moves_the_counter_and_nothing_else(seed, flags_live, misalign):
+    hits = DATA + 0x100
+    buf = CodeBuffer(CODE)
+    arch.emit_count(buf, hits, flags_live)
+    buf.jmp(END)
+    rsp = STACK_TOP - 0x1000 - misalign * 8
+    uc = machine(buf.finish(), rsp, seed)
+    uc.mem_write(hits, struct.pack("<Q", 41))
+    before, stack_before = state(uc), bytes(uc.mem_read(STACK, 0x10000))
+    run(uc)
+    after = state(uc)
+    if not flags_live:
+        before.pop("FLAGS"), after.pop("FLAGS")
+    assert after == before
+    assert struct.unpack("<Q", uc.mem_read(hits, 8))[0] == 42
+    red_zone = slice(rsp - STACK - 128, rsp - STACK)
+    assert bytes(uc.mem_read(STACK, 0x10000))[red_zone] == stack_before[red_zone]
+
+
+def _fake_stub(buf: CodeBuffer, dump: int) -> int:
+    """A stand-in for the module stub: copies the ctx out, then edits rdi and rflags.CF."""
+    start = buf.here
+    size = layout.sizeof("jprobe_ctx")
+    buf.emit("push rcx; push rsi; push rdi")
+    buf.emit("mov rsi, rdi")
+    buf.rip("lea rdi, [rip]", dump)
+    buf.emit(f"mov ecx, {size}; rep movsb")
+    buf.emit("pop rdi; pop rsi; pop rcx")
+    buf.emit(f"mov qword ptr [rdi + {layout.offsetof('jprobe_regs', 'rdi')}], 0x1234")
+    buf.emit(f"xor qword ptr [rdi + {layout.offsetof('jprobe_regs', 'rflags')}], 1")
+    buf.emit("ret")
+    return start
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32), red_zone=st.booleans())
+def test_callback_ctx_mirrors_registers_and_edits_come_back(seed, red_zone):
+    dump, desc, site = DATA + 0x1000, DATA + 0x100, 0x4242_4242
+    buf = CodeBuffer(CODE)
+    buf.jmp("body")
+    stub = _fake_stub(buf, dump)
+    buf.label("body")
+    arch.emit_callback(buf, stub, desc, 7, site, red_zone=red_zone)
+    buf.jmp(END)
+    rsp = STACK_TOP - 0x1000
+    uc = machine(buf.finish(), rsp, seed)
+    before = state(uc)
+    run(uc)
+    after = state(uc)
+    ctx = uc.mem_read(dump, layout.sizeof("jprobe_ctx"))
+    field = lambda name, struct_="jprobe_regs": struct.unpack_from(  # noqa: E731
+        "<Q", ctx, layout.offsetof(struct_, name))[0]
+    for reg in GPRS:
+        assert field(reg.lower()) == before[reg], reg
+    assert field("rsp") == rsp + (0 if red_zone else 8)
+    assert field("rip") == site and field("address", "jprobe_ctx") == site
+    assert field("probe_id", "jprobe_ctx") == 7
+    assert field("rflags") & STATUS_MASK == before["FLAGS"]
+    expected = dict(before, RDI=0x1234, FLAGS=before["FLAGS"] ^ 1)
+    assert after == expected
