@@ -84,10 +84,10 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     buf = CodeBuffer(text_vaddr)
     stubs = None
     if any(p.spec.handler.kind == "callback" for p in probes):
-        stubs = arch.ModuleStubs(buf, data_vaddr + layout.offsetof("jp_table", "vec_mode"))
+        stubs = arch.ModuleStubs(buf, data_vaddr)
     plans: list[ProbePlan] = []
     for i, probe in enumerate(probes):
-        plans.append(_emit_probe(module, buf, probe, i, desc_addr[i], stubs))
+        plans.append(_emit_probe(module, buf, probe, i, desc_addr[i], data_vaddr, stubs))
     text = buf.finish()
 
     strings = _Strings()
@@ -119,19 +119,22 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
 
 
 def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index: int, desc: int,
-                stubs: arch.ModuleStubs | None) -> ProbePlan:
+                table: int, stubs: arch.ModuleStubs | None) -> ProbePlan:
     site = probe.site
     hits = desc + layout.offsetof("jp_probe", "hits")
     start = buf.here
     callback = probe.spec.handler.kind == "callback"
-    red_zone = not site.call_retarget
+    # The red zone is dead at a function's entry (the caller's call wrote over it) and
+    # inside a retargeted call, so the trampoline need not step over it there.
+    red_zone = not (site.call_retarget or (site.function is not None and probe.address == site.function.address))
 
     def probe_work() -> None:
         if callback:
             stub = stubs.common_x87 if site.x87 else stubs.common
             arch.emit_callback(buf, stub, desc, index, probe.address, red_zone=red_zone)
         else:
-            arch.emit_count(buf, hits, site.flags_live, red_zone=red_zone)
+            arch.emit_count(buf, hits, index, table + layout.offsetof("jp_table", "tls_off"), site.flags_live,
+                            red_zone=red_zone)
 
     original = module.read(probe.address, site.length)
     if site.mechanism == "trap":

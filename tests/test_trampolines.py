@@ -51,23 +51,34 @@ def run(uc: Uc) -> None:
     uc.emu_start(CODE, END, count=10_000)
 
 
-@settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**32), flags_live=st.booleans(), misalign=st.integers(0, 15))
-def test_count_moves_the_counter_and_nothing_else(seed, flags_live, misalign):
-    hits = DATA + 0x100
+FS_BASE, TLS_OFF, BLOCK = DATA + 0x8000, -0x40, DATA + 0x2000
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32), flags_live=st.booleans(), misalign=st.integers(0, 15),
+       path=st.sampled_from(["no runtime", "no block", "thread block"]), probe_id=st.integers(0, 300))
+def test_count_moves_one_counter_by_one_and_nothing_else(seed, flags_live, misalign, path, probe_id):
+    hits, tls_off = DATA + 0x100, DATA + 0x108
     buf = CodeBuffer(CODE)
-    arch.emit_count(buf, hits, flags_live)
+    arch.emit_count(buf, hits, probe_id, tls_off, flags_live)
     buf.jmp(END)
     rsp = STACK_TOP - 0x1000 - misalign * 8
     uc = machine(buf.finish(), rsp, seed)
+    uc.reg_write(U.UC_X86_REG_FS_BASE, FS_BASE)
     uc.mem_write(hits, struct.pack("<Q", 41))
+    if path != "no runtime":
+        uc.mem_write(tls_off, struct.pack("<q", TLS_OFF))
+        uc.mem_write(FS_BASE + TLS_OFF, struct.pack("<Q", BLOCK if path == "thread block" else 0))
+    uc.mem_write(BLOCK + 8 * probe_id, struct.pack("<Q", 6))
     before, stack_before = state(uc), bytes(uc.mem_read(STACK, 0x10000))
     run(uc)
     after = state(uc)
     if not flags_live:
         before.pop("FLAGS"), after.pop("FLAGS")
     assert after == before
-    assert struct.unpack("<Q", uc.mem_read(hits, 8))[0] == 42
+    private = struct.unpack("<Q", uc.mem_read(BLOCK + 8 * probe_id, 8))[0]
+    shared = struct.unpack("<Q", uc.mem_read(hits, 8))[0]
+    assert (shared, private) == ((41, 7) if path == "thread block" else (42, 6))
     red_zone = slice(rsp - STACK - 128, rsp - STACK)
     assert bytes(uc.mem_read(STACK, 0x10000))[red_zone] == stack_before[red_zone]
 

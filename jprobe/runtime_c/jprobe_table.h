@@ -30,7 +30,7 @@ struct jp_table {
 	uint64_t strings;	/* vaddr of the string pool (NUL-terminated) */
 	uint64_t module;	/* string offset: module path at patch time */
 	uint64_t ready;		/* runtime: 1 once callbacks are resolved */
-	uint64_t reserved;
+	int64_t tls_off;	/* runtime: see "Per-thread counters" below; 0 = none */
 };
 
 struct jp_probe {
@@ -48,6 +48,16 @@ struct jp_probe {
 	uint64_t cb_build_id;	/* JP_PROBE_NOVEC: first 8 bytes of the analysed library's build-id */
 };
 /* JPROBE_LAYOUT_END */
+
+/*
+ * Per-thread counters.  A locked increment of one shared counter costs more
+ * than the whole probe budget, so hits are counted in per-thread blocks: when
+ * tls_off is non-zero, the word at %fs:tls_off is this thread's block for this
+ * module (uint64_t[nprobes], indexed by probe id) or 0.  The trampolines add to
+ * that block when there is one, and to jp_probe.hits with a locked increment
+ * otherwise, so a hit is counted exactly once either way.  The runtime adds
+ * the blocks into the totals when a thread exits and when it reports.
+ */
 
 enum { JP_HANDLER_COUNT = 0, JP_HANDLER_CALLBACK = 1 };
 enum { JP_MECH_JUMP = 0, JP_MECH_PUN = 1, JP_MECH_EVICT = 2, JP_MECH_TRAP = 3 };

@@ -8,7 +8,6 @@ here after keystone has encoded the instruction with a placeholder.
 """
 from __future__ import annotations
 
-import struct
 from functools import lru_cache
 
 import capstone
@@ -43,7 +42,7 @@ class CodeBuffer:
         self.address = address
         self.code = bytearray()
         self.labels: dict[str, int] = {}
-        self._fixups: list[tuple[int, int, str]] = []   # (disp offset, end of insn, label)
+        self._fixups: list[tuple[int, int, str, int]] = []   # (disp offset, end of insn, label, size)
 
     @property
     def here(self) -> int:
@@ -58,6 +57,10 @@ class CodeBuffer:
 
     def label(self, name: str) -> None:
         self.labels[name] = self.here
+
+    def fresh(self, name: str) -> str:
+        """A label name not used yet in this buffer."""
+        return f"{name}_{len(self.code)}_{len(self.labels)}_{len(self._fixups)}"
 
     def rip(self, text: str, target: int | str) -> None:
         """One instruction whose `[rip]` operand must address `target` (an address or a label)."""
@@ -76,25 +79,31 @@ class CodeBuffer:
         """`j<cc> rel32` where cc is the low nibble of the 0F 8x opcode."""
         self._branch(bytes([0x0F, 0x80 | cc]), target)
 
+    def jrcxz(self, label: str) -> None:
+        """`jrcxz rel8` to a nearby label: a test and branch that leaves the flags alone."""
+        self.code += b"\xe3\0"
+        self._refer(len(self.code) - 1, len(self.code), label, 1)
+
     def _branch(self, opcode: bytes, target: int | str) -> None:
         self.code += opcode + b"\0\0\0\0"
         self._refer(len(self.code) - 4, len(self.code), target)
 
-    def _refer(self, disp_at: int, end: int, target: int | str) -> None:
+    def _refer(self, disp_at: int, end: int, target: int | str, size: int = 4) -> None:
         if isinstance(target, str):
-            self._fixups.append((disp_at, end, target))
+            self._fixups.append((disp_at, end, target, size))
         else:
-            self._put(disp_at, end, target)
+            self._put(disp_at, end, target, size)
 
-    def _put(self, disp_at: int, end: int, target: int) -> None:
+    def _put(self, disp_at: int, end: int, target: int, size: int = 4) -> None:
         disp = target - (self.address + end)
-        if not -2**31 <= disp < 2**31:
-            raise ValueError(f"target {target:#x} is out of rel32 reach from {self.address + end:#x}")
-        self.code[disp_at:disp_at + 4] = struct.pack("<i", disp)
+        bits = 8 * size - 1
+        if not -2**bits <= disp < 2**bits:
+            raise ValueError(f"target {target:#x} is out of rel{8 * size} reach from {self.address + end:#x}")
+        self.code[disp_at:disp_at + size] = disp.to_bytes(size, "little", signed=True)
 
     def finish(self) -> bytes:
         """The code with every label reference resolved."""
-        for disp_at, end, name in self._fixups:
-            self._put(disp_at, end, self.labels[name])
+        for disp_at, end, name, size in self._fixups:
+            self._put(disp_at, end, self.labels[name], size)
         self._fixups.clear()
         return bytes(self.code)

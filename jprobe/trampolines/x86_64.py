@@ -59,6 +59,7 @@ _CTX_SIZE = layout.sizeof("jprobe_ctx")
 _PROBE_HITS = layout.offsetof("jp_probe", "hits")
 _PROBE_CALLBACK = layout.offsetof("jp_probe", "callback")
 _PROBE_FLAGS = layout.offsetof("jp_probe", "flags")
+_PROBE_ID = layout.offsetof("jp_probe", "id")
 _NOVEC = layout.CONST["JP_PROBE_NOVEC"]
 # Push order building struct jprobe_ctx from its top (address) down to rax.
 _PUSHED_GPRS_HIGH = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8")
@@ -184,16 +185,25 @@ class ModuleStubs:
 
     VSAVE = 2048 + 64 + 64       # zmm0-31, k0-7, mxcsr + saved mode (a 64-byte multiple)
 
-    def __init__(self, buf: CodeBuffer, vec_mode_address: int):
+    def __init__(self, buf: CodeBuffer, table: int):
         self.common = buf.here
-        self._emit_common(buf, vec_mode_address)
+        self._emit_common(buf, table + layout.offsetof("jp_table", "vec_mode"),
+                          table + layout.offsetof("jp_table", "tls_off"))
         self.common_x87 = buf.here
         self._emit_common_x87(buf)
 
     @staticmethod
-    def _emit_common(buf: CodeBuffer, vec_mode_address: int) -> None:
+    def _emit_common(buf: CodeBuffer, vec_mode_address: int, tls_off: int) -> None:
         """rdi = ctx, rsi = &jp_probe: count, then call the callback with all vector state kept."""
+        buf.rip("mov rcx, qword ptr [rip]", tls_off)                  # counted as in emit_count
+        buf.jrcxz("common_shared")
+        buf.emit("mov rcx, qword ptr fs:[rcx]")
+        buf.jrcxz("common_shared")
+        buf.emit(f"mov eax, dword ptr [rsi + {_PROBE_ID}]; inc qword ptr [rcx + rax*8]")
+        buf.jmp("common_counted")
+        buf.label("common_shared")
         buf.emit(f"lock inc qword ptr [rsi + {_PROBE_HITS}]")
+        buf.label("common_counted")
         buf.emit(f"mov rax, qword ptr [rsi + {_PROBE_CALLBACK}]; test rax, rax")
         buf.jcc(0x4, "common_out")                                   # jz
         buf.emit(f"test dword ptr [rsi + {_PROBE_FLAGS}], {_NOVEC}")
@@ -254,15 +264,39 @@ def _vector_switch(buf: CodeBuffer, what: str) -> None:
     buf.label(done)
 
 
-def emit_count(buf: CodeBuffer, hits: int, flags_live: bool, red_zone: bool = True) -> None:
-    """An exact, thread-safe counter that leaves every register (and live flags) as it was."""
-    if not flags_live:
-        buf.rip("lock inc qword ptr [rip]", hits)
-        return
+def emit_count(buf: CodeBuffer, hits: int, probe_id: int, tls_off: int, flags_live: bool,
+               red_zone: bool = True) -> None:
+    """An exact, thread-safe counter that leaves every register (and live flags) as it was.
+
+    The thread's own block takes the hit with a plain increment (no bus lock); with
+    no block yet (runtime not started, thread it did not see) a locked increment of
+    the shared counter does. `jrcxz` tests without touching the flags; with live
+    flags the private increment goes through a register (`lea` keeps the flags).
+    """
     skip = RED_ZONE if red_zone else 0
-    buf.emit(f"lea rsp, [rsp - {skip}]; push rax; lahf; seto al")
-    buf.rip("lock inc qword ptr [rip]", hits)
-    buf.emit(f"add al, 0x7f; sahf; pop rax; lea rsp, [rsp + {skip}]")
+    shared, done = buf.fresh("shared"), buf.fresh("counted")
+    slot = f"qword ptr [rcx + {8 * probe_id}]"
+    buf.emit(f"lea rsp, [rsp - {skip}]; push rcx")
+    buf.rip("mov rcx, qword ptr [rip]", tls_off)
+    buf.jrcxz(shared)
+    buf.emit("mov rcx, qword ptr fs:[rcx]")
+    buf.jrcxz(shared)
+    if flags_live:
+        buf.emit(f"push rax; mov rax, {slot}; lea rax, [rax + 1]; mov {slot}, rax; pop rax")
+    else:
+        buf.emit(f"inc {slot}")
+    buf.emit(f"pop rcx; lea rsp, [rsp + {skip}]")
+    buf.jmp(done)
+    buf.label(shared)
+    buf.emit("pop rcx")
+    if flags_live:
+        buf.emit("push rax; lahf; seto al")
+        buf.rip("lock inc qword ptr [rip]", hits)
+        buf.emit("add al, 0x7f; sahf; pop rax")
+    else:
+        buf.rip("lock inc qword ptr [rip]", hits)
+    buf.emit(f"lea rsp, [rsp + {skip}]")
+    buf.label(done)
 
 
 def emit_callback(buf: CodeBuffer, stub: int, probe_desc: int, probe_id: int, site: int,
@@ -274,7 +308,7 @@ def emit_callback(buf: CodeBuffer, stub: int, probe_desc: int, probe_id: int, si
     so the program's rsp at the probe is 8 bytes higher than the trampoline's.
     """
     skip = RED_ZONE if red_zone else 0
-    rsp_above = _CTX_SIZE + (skip if red_zone else -8)
+    rsp_above = _CTX_SIZE + (skip if red_zone else 8)
     buf.emit(f"lea rsp, [rsp - {skip}]; push 0; push {probe_id}; pushfq; push 0")
     for reg in _PUSHED_GPRS_HIGH:
         buf.emit(f"push {reg}")
