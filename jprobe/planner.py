@@ -97,7 +97,7 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
         d = descs[i]
         d.address = probe.address
         d.resume = plan.resume or 0
-        d.spec = strings.add(probe.spec.text)
+        d.spec = strings.add(probe.spec.target())
         d.handler = layout.HANDLERS["callback" if probe.spec.handler.kind == "callback" else "count"]
         d.mechanism = layout.MECHANISMS[plan.mechanism]
         d.id = i
