@@ -124,3 +124,16 @@ def test_callback_ctx_mirrors_registers_and_edits_come_back(seed, red_zone):
     assert field("rflags") & STATUS_MASK == before["FLAGS"]
     expected = dict(before, RDI=0x1234, FLAGS=before["FLAGS"] ^ 1)
     assert after == expected
+
+
+@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("reg", range(32))
+def test_hand_encoded_vector_moves_mean_what_they_say(store, reg):
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    insn = next(Cs(CS_ARCH_X86, CS_MODE_64).disasm(arch._zmov(store, reg, 64 * reg), 0))
+    operands = (f"zmmword ptr [rsp + {hex(64 * reg)}], zmm{reg}" if store
+                else f"zmm{reg}, zmmword ptr [rsp + {hex(64 * reg)}]")
+    assert (insn.mnemonic, insn.op_str.replace("[rsp]", "[rsp + 0x0]")) == ("vmovdqu64", operands)
+    k = reg % 8
+    insn = next(Cs(CS_ARCH_X86, CS_MODE_64).disasm(arch._kmov(store, k, 2048 + 8 * k), 0))
+    assert insn.mnemonic == "kmovq" and f"k{k}" in insn.op_str and hex(2048 + 8 * k) in insn.op_str

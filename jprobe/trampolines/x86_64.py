@@ -231,6 +231,17 @@ class ModuleStubs:
         buf.emit("fxrstor64 [rsp]; mov rsp, rbp; pop rbp; ret")
 
 
+def _zmov(store: bool, zmm: int, disp: int) -> bytes:
+    """vmovdqu64 [rsp+disp32], zmm / vmovdqu64 zmm, [rsp+disp32], encoded here.
+
+    keystone gets EVEX's compressed disp8*N wrong (it writes [rsp+64] as [rsp+0x1000]);
+    a disp32 is never scaled, so this encoding means what it says.
+    """
+    p0 = ((~zmm >> 3 & 1) << 7) | (1 << 6) | (1 << 5) | ((~zmm >> 4 & 1) << 4) | 0x1
+    modrm = 0x84 | ((zmm & 7) << 3)
+    return bytes([0x62, p0, 0xFE, 0x48, 0x7F if store else 0x6F, modrm, 0x24]) + struct.pack("<i", disp)
+
+
 def _kmov(store: bool, k: int, disp: int) -> bytes:
     """kmovq [rsp+disp32], k / kmovq k, [rsp+disp32] (keystone lacks AVX512BW)."""
     modrm = 0x84 | (k << 3)
@@ -257,8 +268,7 @@ def _vector_switch(buf: CodeBuffer, what: str) -> None:
     buf.jmp(done)
     buf.label(f"{what}_512")
     for i in range(32):
-        buf.emit(f"vmovdqu64 zmmword ptr [rsp + {64 * i}], zmm{i}" if what == "save"
-                 else f"vmovdqu64 zmm{i}, zmmword ptr [rsp + {64 * i}]")
+        buf.raw(_zmov(what == "save", i, 64 * i))
     for k in range(8):
         buf.raw(_kmov(what == "save", k, 2048 + 8 * k))
     buf.label(done)
