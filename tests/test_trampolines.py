@@ -22,7 +22,7 @@ from jprobe.trampolines.asm import CodeBuffer  # noqa: E402
 CODE, DATA, STACK = 0x400000, 0x600000, 0x800000
 STACK_TOP = STACK + 0x10000
 GPRS = ["RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"]
-STATUS_MASK = 0x8D5                                   # CF PF AF ZF SF OF
+STATUS_MASK = 0xCD5                                   # CF PF AF ZF SF DF OF
 END = CODE + 0x8000
 
 
