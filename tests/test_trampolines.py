@@ -84,10 +84,10 @@ def test_count_moves_one_counter_by_one_and_nothing_else(seed, flags_live, misal
 
 
 def _fake_stub(buf: CodeBuffer, dump: int) -> int:
-    """A stand-in for the module stub: copies the ctx out, then edits rdi and rflags.CF."""
+    """A stand-in for the module stub: clears DF, copies the ctx out, then edits rdi and rflags.CF."""
     start = buf.here
     size = layout.sizeof("jprobe_ctx")
-    buf.emit("push rcx; push rsi; push rdi")
+    buf.emit("cld; push rcx; push rsi; push rdi")           # as the real stub: DF clear for C
     buf.emit("mov rsi, rdi")
     buf.rip("lea rdi, [rip]", dump)
     buf.emit(f"mov ecx, {size}; rep movsb")
