@@ -26,9 +26,9 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     plan = patch_file(args.input, args.output, parse_probes(args.probe), strict=args.strict)
     for p in plan.probes:
         print(f"{p.spec:<32} {p.address:#10x}  {p.mechanism:<5}  {p.reason}")
-    traps = sum(p.mechanism == "trap" for p in plan.probes)
+    traps = [p.spec for p in plan.probes if p.mechanism == "trap"]
     if traps:
-        sys.stderr.write(f"jprobe: {traps} probe(s) use the int3 fallback (trap); see the reasons above\n")
+        sys.stderr.write(f"jprobe: {len(traps)} probe(s) use the int3 fallback (trap): {', '.join(traps)}\n")
     return 0
 
 

@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""jprobe benchmark: the cost of one probe hit, against no probe, a kernel uprobe,
+Frida's Interceptor and E9Patch.
+
+Run from the repository root:  python benchmarks/bench.py  [--runs 5] [--quick]
+Prints a Markdown table and writes it to benchmarks/RESULTS.md.
+
+Workload: benchmarks/loop.c calls a noinline `target(i)` N times and prints the
+loop's ns/iteration (clock_gettime around the loop only, so patch-time,
+start-up and report-writing costs are excluded).  Every row reports the median
+of --runs runs.  Overhead is ns/iteration minus row (1)'s; the ratio compares a
+row's overhead with that of a jprobe `count` probe at `target`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+BUILD = BENCH / "build"
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+class Skip(Exception):
+    """A row that cannot run here; the message says why."""
+
+
+def env_with(extra=None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("JPROBE_REPORT", None)
+    env.update(extra or {})
+    return env
+
+
+def sh(cmd, env=None, check=True, timeout=900):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env_with(env), timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+    return r
+
+
+def jprobe(*args):
+    r = sh([sys.executable, "-m", "jprobe", *args], check=False)
+    if r.returncode != 0:
+        raise Skip(f"jprobe {args[0]} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return r
+
+
+# ---------------------------------------------------------------------------
+# building
+# ---------------------------------------------------------------------------
+
+def build():
+    BUILD.mkdir(exist_ok=True)
+    loop = BUILD / "loop"
+    sh(["gcc", "-O2", "-g", "-fPIE", "-pie", "-o", loop, BENCH / "loop.c"])
+    cb = BUILD / "callback.so"
+    sh(["gcc", "-O2", "-shared", "-fPIC", "-I", REPO / "jprobe" / "runtime_c", "-o", cb, BENCH / "callback.c"])
+    return loop, cb
+
+
+def symbol_address(binary, name):
+    out = sh(["nm", binary]).stdout
+    m = re.search(rf"^([0-9a-f]+) [Tt] {re.escape(name)}$", out, re.M)
+    if not m:
+        raise RuntimeError(f"no symbol {name} in {binary}")
+    return int(m.group(1), 16)
+
+
+def call_site_in_main(binary):
+    """Link-time address of the `call target` instruction in main's loop (objdump)."""
+    out = sh(["objdump", "-d", "--no-show-raw-insn", f"--disassemble=main", binary]).stdout
+    sites = [int(m.group(1), 16) for m in re.finditer(r"^\s*([0-9a-f]+):\s+call\s+[0-9a-f]+ <target>", out, re.M)]
+    if len(sites) != 1:
+        raise RuntimeError(f"expected one `call target` in main, found {len(sites)}")
+    return sites[0]
+
+
+def vaddr_to_offset(binary, vaddr):
+    out = sh(["readelf", "-lW", binary]).stdout
+    for m in re.finditer(r"^\s*LOAD\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+0x[0-9a-f]+\s+(0x[0-9a-f]+)", out, re.M):
+        off, va, filesz = (int(x, 16) for x in m.groups())
+        if va <= vaddr < va + filesz:
+            return vaddr - va + off
+    raise RuntimeError(f"{vaddr:#x} not in a PT_LOAD segment of {binary}")
+
+
+# ---------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------
+
+def parse_ns(text):
+    m = re.search(r"ns_per_iter=([0-9.]+)", text)
+    if not m:
+        raise RuntimeError(f"no ns_per_iter in output: {text!r}")
+    return float(m.group(1))
+
+
+def run_loop(binary, n, env=None, expect_hits=None):
+    """One run; returns ns/iteration.  With expect_hits, checks the jprobe report's hits."""
+    extra = dict(env or {})
+    report = None
+    if expect_hits is not None:
+        report = Path(tempfile.mkdtemp(prefix="jpbench-")) / "report.json"
+        extra["JPROBE_REPORT"] = str(report)
+    r = sh([binary, n], env=extra)
+    ns = parse_ns(r.stdout)
+    if report is not None:
+        if not report.exists():
+            raise RuntimeError("the patched loop wrote no JPROBE_REPORT")
+        hits = sum(p["hits"] for p in json.loads(report.read_text())["probes"])
+        shutil.rmtree(report.parent, ignore_errors=True)
+        if hits != expect_hits:
+            raise RuntimeError(f"report says {hits} hits, expected {expect_hits}")
+    return ns
+
+
+def median_runs(fn, runs):
+    vals = [fn() for _ in range(runs)]
+    return statistics.median(vals), vals
+
+
+# ---------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------
+
+def row_jprobe(loop, spec, n, runs, name):
+    out = BUILD / name
+    if out.exists():
+        out.unlink()
+    jprobe("patch", loop, "-o", out, "-p", spec)
+    return median_runs(lambda: run_loop(out, n, expect_hits=n), runs)
+
+
+def tracefs_reason():
+    ev = TRACEFS / "uprobe_events"
+    if not ev.exists() and os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], capture_output=True)
+    if not ev.exists():
+        return "no tracefs uprobe_events (needs root and CONFIG_UPROBE_EVENTS)"
+    if not os.access(ev, os.W_OK):
+        return "uprobe_events not writable (needs root)"
+    return None
+
+
+def append_line(path, line):
+    # O_APPEND without truncation (other probes stay); Python's "a" mode seeks, which tracefs refuses
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def row_kernel_uprobe(loop, target, n, runs):
+    reason = tracefs_reason()
+    if reason:
+        raise Skip(reason)
+    d = Path(tempfile.mkdtemp(prefix="jpbench-uprobe-"))
+    copy = d / "loop"
+    shutil.copy2(loop, copy)  # a private inode: nothing else runs it while probed
+    name = f"jpbench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    ev = TRACEFS / "uprobe_events"
+    enable = TRACEFS / "events" / name / name / "enable"
+    added = False
+    try:
+        append_line(ev, f"p:{name}/{name} {copy}:{vaddr_to_offset(loop, target):#x}")
+        added = True
+        enable.write_text("1\n")
+        res = median_runs(lambda: run_loop(copy, n), runs)
+        hits = 0
+        fd = os.open(TRACEFS / "uprobe_profile", os.O_RDONLY)
+        try:  # one large read: a multi-call read can skip lines while others edit the list
+            profile = os.read(fd, 1 << 22).decode(errors="replace")
+        finally:
+            os.close(fd)
+        for line in profile.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[-2] == name:
+                hits = int(parts[-1])
+        if hits != n * runs:
+            raise RuntimeError(f"kernel uprobe counted {hits}, expected {n * runs}")
+        return res
+    finally:
+        if added:
+            try:
+                enable.write_text("0\n")
+            except OSError:
+                pass
+            append_line(ev, f"-:{name}/{name}")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+FRIDA_SCRIPT = """
+const counter = Memory.alloc(8);
+const cm = new CModule(`
+#include <gum/guminterceptor.h>
+extern volatile long hits;
+void onEnter(GumInvocationContext *ic) { hits++; }
+`, { hits: counter });
+Interceptor.attach(Process.mainModule.base.add(%d), cm);
+send("attached");
+"""
+
+
+def frida_run(loop, target, n):
+    import frida
+    dev = frida.get_local_device()
+    d = Path(tempfile.mkdtemp(prefix="jpbench-frida-"))
+    result = d / "result.txt"
+    done = threading.Event()
+    pid = dev.spawn([str(loop), str(n)], env={"LOOP_RESULT": str(result)}, stdio="pipe")
+    try:
+        session = dev.attach(pid)
+        session.on("detached", lambda *a: done.set())
+        script = session.create_script(FRIDA_SCRIPT % target)  # a PIE: link-time address = offset
+        script.load()
+        dev.resume(pid)
+        if not done.wait(600):
+            raise RuntimeError("the Frida-instrumented loop did not finish")
+        if not result.exists():
+            raise RuntimeError("the Frida-instrumented loop wrote no result (crashed?)")
+        return parse_ns(result.read_text())
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def row_frida(loop, target, n, runs):
+    try:
+        import frida  # noqa: F401
+    except ImportError:
+        raise Skip("the frida Python package is not installed (pip install '.[bench]')")
+    return median_runs(lambda: frida_run(loop, target, n), runs)
+
+
+def row_e9patch(loop, target, n, runs):
+    e9tool = shutil.which("e9tool")
+    if e9tool is None:
+        raise Skip("no e9tool on PATH")
+    out = BUILD / "loop.e9"
+    # an empty ("passthru") trampoline at target's entry: E9Patch's floor cost per hit
+    sh([e9tool, "-M", f"addr == {target:#x}", "-P", "passthru", "-o", out, loop])
+    return median_runs(lambda: run_loop(out, n), runs)
+
+
+# ---------------------------------------------------------------------------
+# syscall / SIGTRAP proof
+# ---------------------------------------------------------------------------
+
+def strace_total(argv, env):
+    d = Path(tempfile.mkdtemp(prefix="jpbench-strace-"))
+    try:
+        log = d / "strace.txt"
+        sh(["strace", "-f", "-c", "-o", log, *argv], env=env)
+        m = re.search(r"^\s*100\.00\s+\S+\s+\S+\s+(\d+)\s+(?:\d+\s+)?total\s*$", log.read_text(), re.M)
+        return int(m.group(1)) if m else None
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def syscall_proof(loop):
+    if shutil.which("strace") is None:
+        return "syscall proof skipped: strace is not installed"
+    out = BUILD / "loop.count"
+    if not out.exists():
+        return "syscall proof skipped: the count-probed loop could not be built"
+    d = Path(tempfile.mkdtemp(prefix="jpbench-sig-"))
+    # a fresh report path per run: an existing report makes the runtime write PATH.PID instead
+    totals = {n: strace_total([out, n], {"JPROBE_REPORT": str(d / f"r{n}.json")}) for n in (10**3, 10**6)}
+    log = d / "signals.txt"
+    sh(["strace", "-f", "-e", "trace=none", "-e", "signal=all", "-o", log, out, 10**6],
+       env={"JPROBE_REPORT": str(d / "sig.json")})
+    traps = log.read_text().count("SIGTRAP")
+    shutil.rmtree(d, ignore_errors=True)
+    return (f"Zero-syscall proof (`strace -f -c`, count probe at `target`): "
+            f"{totals[10**3]} syscalls at 10^3 hits, {totals[10**6]} at 10^6 hits; "
+            f"SIGTRAPs delivered during 10^6 hits: {traps}.")
+
+
+# ---------------------------------------------------------------------------
+
+RESULTS_HEADER = """## Benchmark: the cost of a probe hit
+
+Produced by `python benchmarks/bench.py` (or `make bench`) from the repository root.
+`benchmarks/loop.c` calls a noinline `target(i)` N times and times the loop alone with
+`clock_gettime`, so patching, start-up and report writing are not counted.  Each row is the
+median of 5 runs; "overhead" subtracts row (1), and the ratio divides a row's overhead by
+that of row (2).  jprobe rows check that the report counts exactly N hits.  Row (3) puts the
+probe on the `call target` instruction of the loop, so it measures a relocated call that
+pushes the original return address.  Row (5) enables the uprobe as a tracefs event (each hit
+is a trap into the kernel plus a ring-buffer record); Row (6) spawns the loop under Frida and
+attaches a CModule `onEnter` to `target` before resuming it.  Rows whose tool is missing say
+why they were skipped.
+
+"""
+
+
+def fmt_n(n):
+    """10^8, 2x10^6, ..."""
+    e = len(str(n)) - 1
+    m = n // 10**e
+    return (f"{m}x" if m != 1 else "") + f"10^{e}" if n == m * 10**e else str(n)
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="10x smaller N everywhere (a smoke test)")
+    ap.add_argument("--out", default=str(BENCH / "RESULTS.md"))
+    a = ap.parse_args()
+    scale = 10 if a.quick else 1
+    N_FAST, N_CB, N_FRIDA, N_KERNEL = 10**8 // scale, 10**7 // scale, 2 * 10**6 // scale, 10**6 // scale
+
+    loop, cb = build()
+    target = symbol_address(loop, "target")
+    main_a = symbol_address(loop, "main")
+    call_site = call_site_in_main(loop)
+
+    rows = [
+        ("1", "no probe", N_FAST, lambda: median_runs(lambda: run_loop(loop, N_FAST), a.runs)),
+        ("2", "jprobe static `count` at `target` entry", N_FAST,
+         lambda: row_jprobe(loop, "target", N_FAST, a.runs, "loop.count")),
+        ("3", "jprobe static `count` on the `call target` site", N_FAST,
+         lambda: row_jprobe(loop, f"main+{call_site - main_a:#x}", N_FAST, a.runs, "loop.callsite")),
+        ("4", "jprobe static C callback (full context) at `target`", N_CB,
+         lambda: row_jprobe(loop, f"target={cb}:on_hit", N_CB, a.runs, "loop.callback")),
+        ("5", "kernel uprobe at `target` (tracefs event)", N_KERNEL,
+         lambda: row_kernel_uprobe(loop, target, N_KERNEL, a.runs)),
+        ("6", "Frida Interceptor, CModule onEnter at `target`", N_FRIDA,
+         lambda: row_frida(loop, target, N_FRIDA, a.runs)),
+        ("7", "E9Patch (e9tool, empty trampoline) at `target`", N_FAST,
+         lambda: row_e9patch(loop, target, N_FAST, a.runs)),
+    ]
+    results = {}
+    for rid, label, n, fn in rows:
+        print(f"running ({rid}) {label} ...", file=sys.stderr, flush=True)
+        try:
+            med, vals = fn()
+            results[rid] = (label, n, med, None)
+        except Skip as e:
+            results[rid] = (label, n, None, f"skipped: {e}")
+        except Exception as e:  # a row that fails must not hide the others
+            results[rid] = (label, n, None, f"failed: {e}")
+
+    base = results["1"][2]
+    count = results["2"][2]
+    count_over = (count - base) if (count is not None and base is not None) else None
+    lines = []
+    lines.append(f"CPU: {cpu_model()}; kernel: {platform.release()}; "
+                 f"{datetime.date.today().isoformat()}; median of {a.runs} runs per row.")
+    lines.append("")
+    lines.append("| # | configuration | N | ns/hit (ns per loop iteration) | overhead ns vs (1) | ratio vs jprobe count |")
+    lines.append("|---|---|---:|---:|---:|---:|")
+    for rid, _, _, _ in rows:
+        label, n, med, note = results[rid]
+        if med is None:
+            lines.append(f"| {rid} | {label} | {fmt_n(n)} | {note} | | |")
+            continue
+        over = med - base if base is not None and rid != "1" else None
+        ratio = (over / count_over) if (over is not None and count_over and count_over > 0) else None
+        lines.append(f"| {rid} | {label} | {fmt_n(n)} | {med:.2f} | "
+                     f"{'' if over is None else f'{over:.2f}'} | {'' if ratio is None else f'{ratio:.1f}x'} |")
+    lines.append("")
+    try:
+        lines.append(syscall_proof(loop))
+    except Exception as e:
+        lines.append(f"syscall proof failed: {e}")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(a.out).write_text(RESULTS_HEADER + text)
+
+
+if __name__ == "__main__":
+    main()
