@@ -68,9 +68,12 @@ def build():
     BUILD.mkdir(exist_ok=True)
     loop = BUILD / "loop"
     sh(["gcc", "-O2", "-g", "-fPIE", "-pie", "-o", loop, BENCH / "loop.c"])
-    cb = BUILD / "callback.so"
-    sh(["gcc", "-O2", "-shared", "-fPIC", "-I", REPO / "jprobe" / "runtime_c", "-o", cb, BENCH / "callback.c"])
-    return loop, cb
+    libs = []
+    for name in ("callback", "callback_fp"):
+        lib = BUILD / f"{name}.so"
+        sh(["gcc", "-O2", "-shared", "-fPIC", "-I", REPO / "jprobe" / "runtime_c", "-o", lib, BENCH / f"{name}.c"])
+        libs.append(lib)
+    return loop, *libs
 
 
 def symbol_address(binary, name):
@@ -335,7 +338,7 @@ def main():
     scale = 10 if a.quick else 1
     N_FAST, N_CB, N_FRIDA, N_KERNEL = 10**8 // scale, 10**7 // scale, 2 * 10**6 // scale, 10**6 // scale
 
-    loop, cb = build()
+    loop, cb, cb_fp = build()
     target = symbol_address(loop, "target")
     main_a = symbol_address(loop, "main")
     call_site = call_site_in_main(loop)
@@ -346,8 +349,10 @@ def main():
          lambda: row_jprobe(loop, "target", N_FAST, a.runs, "loop.count")),
         ("3", "jprobe static `count` on the `call target` site", N_FAST,
          lambda: row_jprobe(loop, f"main+{call_site - main_a:#x}", N_FAST, a.runs, "loop.callsite")),
-        ("4", "jprobe static C callback (full context) at `target`", N_CB,
+        ("4", "jprobe static C callback (full context; vector state provably untouched) at `target`", N_CB,
          lambda: row_jprobe(loop, f"target={cb}:on_hit", N_CB, a.runs, "loop.callback")),
+        ("4b", "jprobe static C callback using floating point (all vector state saved) at `target`", N_CB,
+         lambda: row_jprobe(loop, f"target={cb_fp}:on_hit", N_CB, a.runs, "loop.callback_fp")),
         ("5", "kernel uprobe at `target` (tracefs event)", N_KERNEL,
          lambda: row_kernel_uprobe(loop, target, N_KERNEL, a.runs)),
         ("6", "Frida Interceptor, CModule onEnter at `target`", N_FRIDA,

@@ -22,6 +22,7 @@ class ProbePlan:
     patched: bytes
     trampoline: int | None = None
     resume: int | None = None
+    patch_fixup: int | None = None     # offset in `patched` of the rel32 that reaches the trampoline
 
 
 @dataclass
@@ -33,6 +34,9 @@ class ModulePlan:
     data_vaddr: int
     data: bytes
     probes: list[ProbePlan] = field(default_factory=list)
+    # Offsets in `text` of the int32 fields that reach the module itself (not the added
+    # regions): an applier that places text elsewhere than text_vaddr adjusts them.
+    text_fixups: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         def encode(value):

@@ -115,7 +115,9 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     table.strings = table_probes + len(probes) * PROBE_SIZE
     table.module = strings.add(os.path.abspath(module.path))
     data = bytes(ffi.buffer(table)) + bytes(ffi.buffer(descs))[:len(probes) * PROBE_SIZE] + bytes(strings.data)
-    return ModulePlan(os.path.abspath(module.path), module.build_id, text_vaddr, text, data_vaddr, data, plans)
+    added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
+    return ModulePlan(os.path.abspath(module.path), module.build_id, text_vaddr, text, data_vaddr, data, plans,
+                      arch.outside_references(text, text_vaddr, added))
 
 
 def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index: int, desc: int,
@@ -145,9 +147,9 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index:
     probe_work()
     if site.call_retarget:
         arch.emit_call_continuation(buf, site.displaced[0])
-        patched = arch.call_bytes(probe.address, start, site.length)
+        patched, fixup = arch.call_bytes(probe.address, start, site.length), arch.call_fixup(site.length)
     else:
         arch.emit_displaced(buf, site.displaced)
-        patched = arch.jump_bytes(probe.address, start, site.length)
+        patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
     return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
-                     original, patched, trampoline=start)
+                     original, patched, trampoline=start, patch_fixup=fixup)

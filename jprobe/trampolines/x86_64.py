@@ -161,6 +161,30 @@ def vector_state_use(insn: CsInsn) -> bool:
     return any((insn.reg_name(r) or "").startswith(_VECTOR_REG_PREFIXES) for r in (*read, *written))
 
 
+def outside_references(code: bytes, address: int, inside: Sequence[tuple[int, int]]) -> list[int]:
+    """Offsets of the rel32/disp32 fields of `code` whose target lies outside `inside` ranges."""
+    offsets = []
+    for insn in _cs.disasm(code, address):
+        if insn.group(X.X86_GRP_BRANCH_RELATIVE) and insn.imm_size == 4:
+            field, target = insn.imm_offset, branch_target(insn)
+        elif insn.disp_offset and any(op.type == X.X86_OP_MEM and op.mem.base == X.X86_REG_RIP
+                                      for op in insn.operands):
+            field, target = insn.disp_offset, insn.address + insn.size + insn.disp
+        else:
+            continue
+        if not any(lo <= target < hi for lo, hi in inside):
+            offsets.append(insn.address - address + field)
+    return offsets
+
+
+JUMP_FIXUP = 1                      # where jump_bytes puts its rel32
+
+
+def call_fixup(length: int) -> int:
+    """Where call_bytes puts its rel32."""
+    return length - 4
+
+
 def jump_bytes(source: int, target: int, length: int) -> bytes:
     """`jmp rel32` at `source`, padded with int3 up to `length` bytes."""
     return b"\xe9" + struct.pack("<i", target - (source + JUMP_SIZE)) + bytes([INT3]) * (length - JUMP_SIZE)
