@@ -15,12 +15,14 @@
  *    not the one it analysed,
  *  - serve trap-fallback probes: an int3 raises SIGTRAP, the handler counts,
  *    runs the callback and resumes at the out-of-line copy the planner made,
- *    while the program keeps seeing its own SIGTRAP handler,
+ *    while the program keeps seeing its own SIGTRAP handler; under a
+ *    debugger (or JPROBE_TRAP=ud) each int3 becomes a one-byte #UD first,
+ *    served the same way through SIGILL,
  *  - zero the counters in a forked child,
  *  - write the JSON report at exit when JPROBE_REPORT is set.
  *
- * The runtime never decodes or writes code.  It is silent unless something
- * is wrong and JPROBE_DEBUG is set.
+ * The runtime never decodes code, and writes none but those #UD bytes.  It
+ * is silent unless something is wrong and JPROBE_DEBUG is set.
  */
 #define _GNU_SOURCE
 #include <cpuid.h>
@@ -39,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -56,16 +59,16 @@
  */
 #define JP_RFLAGS_WRITABLE	0xcd5UL		/* CF PF AF ZF SF DF OF */
 
-/* One int3 site, sorted by run-time address for the signal handler. */
+/* One trap site, sorted by run-time address for the signal handler. */
 struct trap_site {
-	uint64_t pc;			/* run-time address of the int3 */
+	uint64_t pc;			/* run-time address of the int3 or #UD */
 	uint64_t resume;		/* run-time address of the out-of-line copy */
 	struct jp_probe *probe;
 };
 
 /*
  * Published whole with one atomic pointer store, and never freed: the
- * SIGTRAP handler may still be reading a replaced one.
+ * trap handler may still be reading a replaced one.
  */
 struct trap_index {
 	size_t n;
@@ -78,7 +81,7 @@ struct jp_module {
 	uintptr_t bias;
 	struct jp_table *table;
 	void *dl_base;			/* dladdr()'s base, to check liveness */
-	struct trap_index *traps;	/* atomic: read by the SIGTRAP handler */
+	struct trap_index *traps;	/* atomic: read by the trap handler */
 	int live;			/* atomic: 0 once its object is gone */
 	int slot;			/* its per-thread counter slot, or -1 */
 	bool resolved;			/* vec_mode, callbacks and traps set up */
@@ -87,7 +90,7 @@ struct jp_module {
 };
 
 /*
- * Modules are only ever appended; the SIGTRAP handler reads them without a
+ * Modules are only ever appended; the trap handler reads them without a
  * lock, so an entry is complete before nmodules is raised past it.
  */
 static struct jp_module modules[JP_MAX_MODULES];
@@ -108,11 +111,28 @@ static uint64_t vec_mode;
 static bool atfork_done;
 static bool forked_child;	/* set in a child of fork() */
 
-/* The SIGTRAP handler the program believes it has (double-buffered). */
-static struct sigaction chained[2];
-static int chained_cur;		/* atomic: index of the current one */
-static int chained_busy;	/* atomic: writers' spin lock */
-static int trap_active;		/* atomic: our SIGTRAP handler is installed */
+static bool ud_traps;		/* trap sites raise #UD, not int3 (arm_traps) */
+
+/*
+ * A signal trap probes raise: SIGTRAP (int3), and SIGILL once int3 is
+ * traded for #UD.  Once our handler serves it, the disposition the program
+ * believes it has is kept here (double-buffered) and gets every such
+ * signal that is not a probe's.
+ */
+struct chain {
+	int sig;
+	const char *name;
+	int active;			/* atomic: our handler is installed */
+	int cur;			/* atomic: index of the current act */
+	int busy;			/* atomic: writers' spin lock */
+	struct sigaction act[2];
+};
+
+enum { CHAIN_TRAP, CHAIN_ILL, NCHAINS };
+static struct chain chains[NCHAINS] = {
+	[CHAIN_TRAP] = { .sig = SIGTRAP, .name = "SIGTRAP" },
+	[CHAIN_ILL] = { .sig = SIGILL, .name = "SIGILL" },
+};
 
 typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
 typedef sighandler_t (*signal_fn)(int, sighandler_t);
@@ -458,7 +478,7 @@ static int compare_sites(const void *a, const void *b)
 }
 
 /*
- * The module's trap probes sorted by address, so the SIGTRAP handler can
+ * The module's trap probes sorted by address, so the trap handler can
  * find one without locks or allocation.  NULL when there are none.
  */
 static struct trap_index *build_trap_index(struct jp_module *m)
@@ -665,30 +685,63 @@ JP_EXPORT int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
 	return err;
 }
 
-/* ---- SIGTRAP: trap-fallback probes ------------------------------------ */
+/* ---- SIGTRAP and SIGILL: trap-fallback probes ------------------------ */
 
-/* Async-signal-safe snapshot of the program's SIGTRAP disposition. */
-static void chained_get(struct sigaction *out)
+/* The chain of a signal trap probes may raise, or NULL. */
+static struct chain *chain_of(int sig)
 {
-	*out = chained[__atomic_load_n(&chained_cur, __ATOMIC_ACQUIRE)];
+	int i;
+
+	for (i = 0; i < NCHAINS; i++)
+		if (chains[i].sig == sig)
+			return &chains[i];
+	return NULL;
+}
+
+/* Whether our handler serves c's signal (c may be NULL). */
+static bool serving(const struct chain *c)
+{
+	return c && __atomic_load_n(&c->active, __ATOMIC_ACQUIRE);
 }
 
 /*
- * Writers fill the idle copy and flip the index, so a SIGTRAP arriving
- * meanwhile reads a whole disposition.  The spin lock only orders writers
- * (sigaction calls on SIGTRAP, which are rare).
+ * `set` without the signals our handler serves, in `copy`: a trap probe
+ * reached with its signal blocked would kill the process.
  */
-static void chained_set(const struct sigaction *act)
+static const sigset_t *without_ours(const sigset_t *set, sigset_t *copy)
+{
+	int i;
+
+	if (!set)
+		return NULL;
+	*copy = *set;
+	for (i = 0; i < NCHAINS; i++)
+		if (serving(&chains[i]))
+			sigdelset(copy, chains[i].sig);
+	return copy;
+}
+
+/* Async-signal-safe snapshot of the program's disposition. */
+static void chained_get(struct chain *c, struct sigaction *out)
+{
+	*out = c->act[__atomic_load_n(&c->cur, __ATOMIC_ACQUIRE)];
+}
+
+/*
+ * Writers fill the idle copy and flip the index, so a signal arriving
+ * meanwhile reads a whole disposition.  The spin lock only orders writers
+ * (sigaction calls on these signals, which are rare).
+ */
+static void chained_set(struct chain *c, const struct sigaction *act)
 {
 	int next;
 
-	while (__atomic_exchange_n(&chained_busy, 1, __ATOMIC_ACQUIRE))
+	while (__atomic_exchange_n(&c->busy, 1, __ATOMIC_ACQUIRE))
 		;
-	next = !__atomic_load_n(&chained_cur, __ATOMIC_RELAXED);
-	chained[next] = *act;
-	sigdelset(&chained[next].sa_mask, SIGTRAP);
-	__atomic_store_n(&chained_cur, next, __ATOMIC_RELEASE);
-	__atomic_store_n(&chained_busy, 0, __ATOMIC_RELEASE);
+	next = !__atomic_load_n(&c->cur, __ATOMIC_RELAXED);
+	c->act[next] = *act;
+	__atomic_store_n(&c->cur, next, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->busy, 0, __ATOMIC_RELEASE);
 }
 
 /*
@@ -784,36 +837,37 @@ static void run_callback(const struct trap_site *site, uint64_t cb,
 }
 
 /*
- * A SIGTRAP the program's default disposition handles: it dies of it, as
- * it would have without us (an int3 with SIGTRAP ignored kills as well).
+ * A signal the program's default disposition handles: it dies of it, as
+ * it would have without us (an int3 or #UD with the signal ignored kills
+ * as well).
  */
-static void die_of_sigtrap(void)
+static void die_of(int sig)
 {
 	struct sigaction dfl;
 	sigset_t set;
 
 	memset(&dfl, 0, sizeof(dfl));
 	dfl.sa_handler = SIG_DFL;
-	real_sigaction(SIGTRAP, &dfl, NULL);
+	real_sigaction(sig, &dfl, NULL);
 	sigemptyset(&set);
-	sigaddset(&set, SIGTRAP);
+	sigaddset(&set, sig);
 	real_pthread_sigmask(SIG_UNBLOCK, &set, NULL);
-	raise(SIGTRAP);
+	raise(sig);
 }
 
-/* Hand a SIGTRAP that is not ours to the handler the program installed. */
-static void forward_trap(int sig, siginfo_t *si, void *uc)
+/* Hand a signal that is not a probe's to the handler the program installed. */
+static void forward(struct chain *c, siginfo_t *si, void *uc)
 {
 	struct sigaction act;
-	sigset_t saved;
+	sigset_t mask, saved;
 	void *h;
 
-	chained_get(&act);
+	chained_get(c, &act);
 	h = (void *)act.sa_handler;
 	if (h == (void *)SIG_IGN && si->si_code <= 0)
 		return;			/* a kill(): ignored */
 	if (h == (void *)SIG_DFL || h == (void *)SIG_IGN) {
-		die_of_sigtrap();
+		die_of(c->sig);
 		return;
 	}
 	if (act.sa_flags & SA_RESETHAND) {
@@ -821,23 +875,24 @@ static void forward_trap(int sig, siginfo_t *si, void *uc)
 
 		memset(&dfl, 0, sizeof(dfl));
 		dfl.sa_handler = SIG_DFL;
-		chained_set(&dfl);
+		chained_set(c, &dfl);
 	}
-	/* The mask the kernel would have applied, but never SIGTRAP: ours. */
-	real_pthread_sigmask(SIG_BLOCK, &act.sa_mask, &saved);
+	/* The mask the kernel would have applied, but never a probe's signal. */
+	real_pthread_sigmask(SIG_BLOCK, without_ours(&act.sa_mask, &mask), &saved);
 	if (act.sa_flags & SA_SIGINFO)
-		act.sa_sigaction(sig, si, uc);
+		act.sa_sigaction(c->sig, si, uc);
 	else
-		act.sa_handler(sig);
+		act.sa_handler(c->sig);
 	real_pthread_sigmask(SIG_SETMASK, &saved, NULL);
 }
 
 /*
- * An int3 leaves rip one past itself.  A trap of ours is counted, its
- * callback run, and the thread resumes at the out-of-line copy of the
- * instruction the int3 displaced: no single-stepping, so any number of
- * threads can go through the site at once.  Only a kernel-generated trap
- * (si_code > 0) can be ours; a SIGTRAP sent by kill() never is.
+ * An int3 leaves rip one past itself (SIGTRAP), a #UD at itself (SIGILL).
+ * A trap of ours is counted, its callback run, and the thread resumes at
+ * the out-of-line copy of the instruction the trap displaced: no
+ * single-stepping, so any number of threads can go through the site at
+ * once.  Only a kernel-generated signal (si_code > 0) can be ours; one
+ * sent by kill() never is.
  */
 static void trap_handler(int sig, siginfo_t *si, void *ucv)
 {
@@ -848,9 +903,9 @@ static void trap_handler(int sig, siginfo_t *si, void *ucv)
 	size_t i, n = 0;
 
 	if (si->si_code > 0)
-		site = find_trap((uint64_t)gr[REG_RIP] - 1, &n);
+		site = find_trap((uint64_t)gr[REG_RIP] - (sig == SIGTRAP), &n);
 	if (!site) {
-		forward_trap(sig, si, ucv);
+		forward(chain_of(sig), si, ucv);
 		errno = saved_errno;
 		return;
 	}
@@ -868,70 +923,161 @@ static void trap_handler(int sig, siginfo_t *si, void *ucv)
 }
 
 /*
- * SA_NODEFER: a callback may itself reach a trap probe, and an int3 with
- * SIGTRAP blocked would kill the process.  No SA_ONSTACK: callbacks run on
- * the probed thread's stack, as from the trampolines, not on a small
+ * SA_NODEFER: a callback may itself reach a trap probe, and a trap with
+ * its signal blocked would kill the process.  No SA_ONSTACK: callbacks run
+ * on the probed thread's stack, as from the trampolines, not on a small
  * alternate stack the program set up for its own emergencies.
  */
-static void install_trap_handler(void)
+static void serve(struct chain *c)
 {
 	struct sigaction sa, old;
 	sigset_t set;
 
-	if (__atomic_load_n(&trap_active, __ATOMIC_ACQUIRE))
+	if (serving(c))
 		return;
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_sigaction = trap_handler;
 	sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
 	sigemptyset(&sa.sa_mask);
-	if (real_sigaction(SIGTRAP, &sa, &old)) {
-		record_error("cannot install the SIGTRAP handler: %s",
+	if (real_sigaction(c->sig, &sa, &old)) {
+		record_error("cannot install the %s handler: %s", c->name,
 			     strerror(errno));
 		return;
 	}
-	chained_set(&old);
-	__atomic_store_n(&trap_active, 1, __ATOMIC_RELEASE);
-	/* A SIGTRAP blocked since exec would turn our int3s into deaths. */
+	chained_set(c, &old);
+	__atomic_store_n(&c->active, 1, __ATOMIC_RELEASE);
+	/* A signal blocked since exec would turn our traps into deaths. */
 	sigemptyset(&set);
-	sigaddset(&set, SIGTRAP);
+	sigaddset(&set, c->sig);
 	real_pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+/*
+ * #UD instead of int3.  A debugger takes every SIGTRAP for one of its own
+ * breakpoints and drops it when the program goes on (gdb resumes it one
+ * byte into the probed instruction), while it passes SIGILL to the program
+ * (gdb: `handle SIGILL nostop noprint` hides it).  0xd6 is one byte and no
+ * instruction in 64-bit mode: the CPU raises #UD with rip at the site.
+ */
+#define JP_UD	0xd6
+
+struct ud_query {
+	const struct jp_module *m;
+	const struct trap_index *idx;
+};
+
+static int prot_of(ElfW(Word) flags)
+{
+	return (flags & PF_R ? PROT_READ : 0) | (flags & PF_W ? PROT_WRITE : 0) |
+	       (flags & PF_X ? PROT_EXEC : 0);
+}
+
+/*
+ * Trade the int3 at pc for JP_UD.  Only the int3 the planner wrote is
+ * touched, and the page is writable only for the one store (keeping its
+ * other rights, so that a thread running there does not fault).
+ */
+static void arm_ud_site(const struct jp_module *m, uint64_t pc, int prot)
+{
+	uintptr_t page_size = sysconf(_SC_PAGESIZE);
+	void *page = (void *)(uintptr_t)(pc & ~(page_size - 1));
+	unsigned char *code = (unsigned char *)(uintptr_t)pc;
+
+	if (*code != 0xcc) {
+		record_error("%s: no int3 at trap site 0x%" PRIx64 "; left as it is",
+			     m->name, pc - m->bias);
+		return;
+	}
+	if (mprotect(page, page_size, prot | PROT_WRITE)) {
+		record_error("%s: cannot write to code (%s); trap probes keep int3",
+			     m->name, strerror(errno));
+		return;
+	}
+	*code = JP_UD;
+	if (mprotect(page, page_size, prot))
+		record_error("%s: cannot restore the protection of its code: %s",
+			     m->name, strerror(errno));
+}
+
+/* dl_iterate_phdr callback: arm every site of the module in its segment. */
+static int arm_ud_object(struct dl_phdr_info *info, size_t size, void *data)
+{
+	const struct ud_query *q = data;
+	const struct trap_site *s = q->idx->site;
+	size_t i;
+	int j;
+
+	(void)size;
+	if (info->dlpi_addr != q->m->bias || strcmp(info->dlpi_name, q->m->dl_name))
+		return 0;
+	for (i = 0; i < q->idx->n; i++) {
+		uint64_t vaddr = s[i].pc - info->dlpi_addr;
+
+		if (i && s[i - 1].pc == s[i].pc)
+			continue;	/* probes sharing a site */
+		for (j = 0; j < info->dlpi_phnum; j++) {
+			const ElfW(Phdr) *ph = &info->dlpi_phdr[j];
+
+			if (ph->p_type == PT_LOAD && vaddr - ph->p_vaddr < ph->p_memsz) {
+				arm_ud_site(q->m, s[i].pc, prot_of(ph->p_flags));
+				break;
+			}
+		}
+	}
+	return 1;
+}
+
+/*
+ * Serve the signals the module's trap sites raise.  SIGTRAP stays served
+ * with #UD too: a site that could not be rewritten keeps its int3.
+ */
+static void arm_traps(struct jp_module *m, struct trap_index *idx)
+{
+	struct ud_query q = { m, idx };
+
+	serve(&chains[CHAIN_TRAP]);
+	if (ud_traps) {
+		serve(&chains[CHAIN_ILL]);
+		if (serving(&chains[CHAIN_ILL]))
+			dl_iterate_phdr(arm_ud_object, &q);
+	}
 }
 
 /*
  * Interposed signal functions.  The runtime comes first in the patched
  * program's DT_NEEDED list, so the program's calls land here.  Until a trap
- * probe exists they only pass through.  Afterwards SIGTRAP stays ours: the
- * program's handler is remembered (and reported back as its own) and
- * receives every SIGTRAP that is not a probe's, and no mask may block
- * SIGTRAP, since a blocked int3 kills the process.
+ * probe exists they only pass through.  Afterwards the signals our handler
+ * serves stay ours: the program's handler is remembered (and reported back
+ * as its own) and receives every such signal that is not a probe's, and no
+ * mask may block them, since a blocked trap kills the process.
  */
 JP_EXPORT int sigaction(int sig, const struct sigaction *act,
 			struct sigaction *oldact)
 {
+	struct chain *c = chain_of(sig);
 	struct sigaction copy;
 
-	if (!__atomic_load_n(&trap_active, __ATOMIC_ACQUIRE))
-		return real_sigaction(sig, act, oldact);
 	if (act) {
 		copy = *act;
-		sigdelset(&copy.sa_mask, SIGTRAP);
+		without_ours(&act->sa_mask, &copy.sa_mask);
 		act = &copy;
 	}
-	if (sig != SIGTRAP)
+	if (!serving(c))
 		return real_sigaction(sig, act, oldact);
 	if (oldact)
-		chained_get(oldact);
+		chained_get(c, oldact);
 	if (act)
-		chained_set(act);
+		chained_set(c, act);
 	return 0;
 }
 
 JP_EXPORT sighandler_t signal(int sig, sighandler_t handler)
 {
+	struct chain *c = chain_of(sig);
 	struct sigaction sa, old;
 	signal_fn fn;
 
-	if (sig != SIGTRAP || !__atomic_load_n(&trap_active, __ATOMIC_ACQUIRE)) {
+	if (!serving(c)) {
 		fn = next_symbol((void **)&real_signal_fn, "signal");
 		if (!fn) {
 			errno = ENOSYS;
@@ -944,21 +1090,9 @@ JP_EXPORT sighandler_t signal(int sig, sighandler_t handler)
 	sa.sa_handler = handler;
 	sa.sa_flags = SA_RESTART;
 	sigemptyset(&sa.sa_mask);
-	chained_get(&old);
-	chained_set(&sa);
+	chained_get(c, &old);
+	chained_set(c, &sa);
 	return old.sa_handler;
-}
-
-/* The set to pass on: `set` without SIGTRAP once trap probes exist. */
-static const sigset_t *unblock_trap(int how, const sigset_t *set,
-				    sigset_t *copy)
-{
-	if (!set || how == SIG_UNBLOCK || !sigismember(set, SIGTRAP) ||
-	    !__atomic_load_n(&trap_active, __ATOMIC_ACQUIRE))
-		return set;
-	*copy = *set;
-	sigdelset(copy, SIGTRAP);
-	return copy;
 }
 
 JP_EXPORT int sigprocmask(int how, const sigset_t *set, sigset_t *oldset)
@@ -970,14 +1104,14 @@ JP_EXPORT int sigprocmask(int how, const sigset_t *set, sigset_t *oldset)
 		errno = ENOSYS;
 		return -1;
 	}
-	return fn(how, unblock_trap(how, set, &copy), oldset);
+	return fn(how, without_ours(set, &copy), oldset);
 }
 
 JP_EXPORT int pthread_sigmask(int how, const sigset_t *set, sigset_t *oldset)
 {
 	sigset_t copy;
 
-	return real_pthread_sigmask(how, unblock_trap(how, set, &copy), oldset);
+	return real_pthread_sigmask(how, without_ours(set, &copy), oldset);
 }
 
 /* ---- module discovery ------------------------------------------------- */
@@ -1049,7 +1183,7 @@ static void set_up_module(struct jp_module *m)
 	idx = build_trap_index(m);
 	if (idx) {
 		__atomic_store_n(&m->traps, idx, __ATOMIC_RELEASE);
-		install_trap_handler();
+		arm_traps(m, idx);
 	}
 	resolve_callbacks(m);
 	__atomic_store_n(&m->table->ready, 1, __ATOMIC_RELEASE);
@@ -1122,7 +1256,7 @@ static struct jp_module *add_module(struct found *f)
 		m->dl_base = info.dli_fbase;
 	m->slot = nmodules < JP_TLS_SLOTS ? nmodules : -1;
 	m->live = 1;
-	/* Publish the complete entry; the SIGTRAP handler may now see it. */
+	/* Publish the complete entry; the trap handler may now see it. */
 	__atomic_store_n(&nmodules, nmodules + 1, __ATOMIC_RELEASE);
 	return m;
 }
@@ -1566,6 +1700,25 @@ static void publish_report(const char *text, size_t len)
 
 /* ---- start-up and exit ------------------------------------------------ */
 
+/* Whether a debugger (or any tracer) is attached: TracerPid is non-zero. */
+static bool traced(void)
+{
+	char status[4096];
+	const char *p;
+	ssize_t n;
+	int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return false;
+	n = read(fd, status, sizeof(status) - 1);
+	close(fd);
+	if (n <= 0)
+		return false;
+	status[n] = '\0';
+	p = strstr(status, "\nTracerPid:");
+	return p && strtol(p + strlen("\nTracerPid:"), NULL, 10) != 0;
+}
+
 static void read_environment(void)
 {
 	const char *s = getenv("JPROBE_DEBUG");
@@ -1575,6 +1728,8 @@ static void read_environment(void)
 	s = getenv("JPROBE_REPORT");
 	if (s && *s)
 		report_path = absolute(s);
+	s = getenv("JPROBE_TRAP");
+	ud_traps = (s && !strcmp(s, "ud")) || traced();
 	n = readlink("/proc/self/exe", exe_path, sizeof(exe_path) - 1);
 	exe_path[n > 0 ? n : 0] = '\0';
 }
