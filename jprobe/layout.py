@@ -29,8 +29,9 @@ def _enums(header: str) -> dict[str, int]:
 
 
 ffi = cffi.FFI()
-ffi.cdef(_declarations("jprobe.h") + _declarations("jprobe_table.h"))
-CONST = _enums("jprobe_table.h")
+ffi.cdef(_declarations("jprobe.h") + _declarations("jprobe_table.h") + _declarations("jprobe_plan.h")
+         + _declarations("jprobe_shm.h"))
+CONST = {**_enums("jprobe_table.h"), **_enums("jprobe_plan.h"), **_enums("jprobe_shm.h")}
 
 MAGIC = b"JPROBE\0\1"
 TABLE_VERSION = CONST["JP_TABLE_VERSION"]

@@ -23,6 +23,7 @@ class ProbePlan:
     trampoline: int | None = None
     resume: int | None = None
     patch_fixup: int | None = None     # offset in `patched` of the rel32 that reaches the trampoline
+    target: str = ""                   # the spec without its handler, as reports name the probe
 
 
 @dataclass

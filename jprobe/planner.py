@@ -143,7 +143,7 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index:
         arch.emit_displaced(buf, site.displaced)
         patched = arch.trap_bytes(site.length, original)
         return ProbePlan(probe.spec.text, probe.address, "trap", site.reason, str(probe.spec.handler),
-                         original, patched, trampoline=None, resume=start)
+                         original, patched, trampoline=None, resume=start, target=probe.spec.target())
     probe_work()
     if site.call_retarget:
         arch.emit_call_continuation(buf, site.displaced[0])
@@ -152,4 +152,4 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index:
         arch.emit_displaced(buf, site.displaced)
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
     return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
-                     original, patched, trampoline=start, patch_fixup=fixup)
+                     original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target())

@@ -61,8 +61,8 @@ struct jp_plan_patch {
 	uint8_t len;		/* bytes to write */
 	uint8_t patch_fixup;	/* offset of the rel32 to the trampoline; 0xff = none (trap) */
 	uint8_t pad[6];
-	uint8_t original[JP_PATCH_MAX];	/* what must be there before patching */
-	uint8_t patched[JP_PATCH_MAX];
+	uint8_t original[16];	/* JP_PATCH_MAX: what must be there before patching */
+	uint8_t patched[16];	/* JP_PATCH_MAX */
 };
 /* JPROBE_LAYOUT_END */
 
