@@ -8,9 +8,13 @@
  * private counter block, and error messages.  `jprobe run` reads the records
  * after the tree has ended and sums them per probe and per pid.
  *
- * Records are appended with an atomic bump of `next`; a process grows the
- * file with posix_fallocate (never shrinks) before it touches a new record.
- * A record is complete once its `kind` is non-zero (written last).
+ * Records are appended with an atomic bump of `next` that reserves the record
+ * header and its payload at once; a process grows the file with
+ * posix_fallocate (never shrinks) before it touches a new record.  The next
+ * record starts at the end of the payload, rounded up to 8 bytes.  A record
+ * is complete once its `kind` is non-zero (written last); readers skip an
+ * incomplete one by its `size` and `payload`, and stop at one whose process
+ * died before writing even those.
  */
 #ifndef JPROBE_SHM_H
 #define JPROBE_SHM_H

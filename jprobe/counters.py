@@ -1,0 +1,79 @@
+"""The counters file of `jprobe run` (jprobe_shm.h): created before the program, read after."""
+from __future__ import annotations
+
+import mmap
+import struct
+from collections import defaultdict
+
+from . import layout
+from .planfile import PlannedModule
+
+PAGE = mmap.PAGESIZE
+MECHANISM_NAMES = {v: k for k, v in layout.MECHANISMS.items()}
+
+
+def create(path: str, nmodules: int) -> None:
+    """An empty counters file: a header whose bump pointer starts at the first page boundary."""
+    header = layout.ffi.new("struct jp_shm_header *")
+    header.magic = b"JPSHM\0\0\1"
+    header.version = layout.CONST["JP_SHM_VERSION"]
+    header.nmodules = nmodules
+    header.next = PAGE
+    with open(path, "wb") as f:
+        f.write(bytes(layout.ffi.buffer(header)))
+        f.truncate(PAGE)
+
+
+def _records(data: bytes):
+    ffi = layout.ffi
+    header = ffi.from_buffer("struct jp_shm_header *", data)
+    at, end, size = PAGE, min(header.next, len(data)), layout.sizeof("jp_shm_record")
+    while at + size <= end:
+        record = ffi.from_buffer("struct jp_shm_record *", data[at:at + size])
+        if record.payload < at + size or record.payload + record.size > len(data):
+            break                              # its process died before describing it
+        if record.kind:                        # else died while filling it in
+            yield record.kind, record.module, record.pid, data[record.payload:record.payload + record.size]
+        at = record.payload + record.size
+        at += -at % 8
+
+
+def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str]]:
+    """{(module index, probe index): {pid: hits}} and the error messages the processes left."""
+    with open(path, "rb") as f:
+        data = f.read()
+    table_size, probe_size = layout.sizeof("jp_table"), layout.sizeof("jp_probe")
+    hits: dict = defaultdict(lambda: defaultdict(int))
+    errors: list[str] = []
+    for kind, module, pid, payload in _records(data):
+        if kind == layout.CONST["JP_SHM_ERROR"]:
+            errors.append(payload.split(b"\0", 1)[0].decode(errors="replace"))
+            continue
+        if module >= len(modules):
+            continue
+        n = len(modules[module].plan.probes)
+        if kind == layout.CONST["JP_SHM_TABLE"]:
+            counts = [struct.unpack_from("<Q", payload, table_size + i * probe_size)[0] for i in range(n)]
+        elif kind == layout.CONST["JP_SHM_BLOCK"]:
+            counts = list(struct.unpack_from(f"<{n}Q", payload))
+        else:
+            continue
+        for i, c in enumerate(counts):
+            hits[(module, i)][pid] += c
+    return hits, errors
+
+
+def build_report(path: str, modules: list[PlannedModule], pid: int, executable: str) -> dict:
+    """The SPEC §3 report of a whole `jprobe run` process tree."""
+    hits, errors = hits_by_pid(path, modules)
+    probes = []
+    for m_index, m in enumerate(modules):
+        for p_index, probe in enumerate(m.plan.probes):
+            per_pid = {p: h for p, h in sorted(hits[(m_index, p_index)].items()) if h}
+            entry = {"probe": probe.target, "module": m.plan.module,
+                     "address": f"{probe.address:#x}", "mechanism": probe.mechanism, "handler": probe.handler,
+                     "hits": sum(per_pid.values()), "lost": 0}
+            if len(per_pid) > 1:
+                entry["by_pid"] = {str(p): h for p, h in per_pid.items()}
+            probes.append(entry)
+    return {"pid": pid, "executable": executable, "probes": probes, "errors": errors}
