@@ -14,4 +14,4 @@ def patch_file(input_path: str, output_path: str, probes: Iterable[str], strict:
     from .patcher.static import patch_file as _patch
     from .spec import parse_probes
 
-    return _patch(input_path, output_path, parse_probes(list(probes)), strict=strict)
+    return _patch(input_path, output_path, parse_probes(probes), strict=strict)

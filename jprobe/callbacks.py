@@ -65,7 +65,11 @@ def _vector_use(module: ElfModule, function: str) -> str | None:
         sym = todo.pop()
         if not sym.size or not module.is_code(sym.address, sym.size):
             return f"{sym.name}: no code to analyse"
-        for insn in arch.decode(module.read(sym.address, sym.size), sym.address):
+        insns = arch.decode(module.read(sym.address, sym.size), sym.address)
+        if sum(i.size for i in insns) != sym.size:
+            # capstone stops at what it cannot decode (a newer extension, data in code)
+            return f"{sym.name}: cannot decode all of it"
+        for insn in insns:
             if arch.vector_state_use(insn):
                 return f"{insn.address:#x}: `{insn.mnemonic} {insn.op_str}` uses vector state"
             if not arch.is_transfer(insn):

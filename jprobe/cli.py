@@ -46,9 +46,43 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['address']:>12}  {r['mechanism']:<5}  {r['instruction']:<40}  {r['reason']}")
     total = len(rows) or 1
+    shown = ("jump", "pun", "evict", "trap") + (("none",) if summary.get("none") else ())   # none: refused
     print(f"{len(rows)} instructions: " + ", ".join(
-        f"{m} {summary[m]} ({100.0 * summary[m] / total:.2f}%)" for m in ("jump", "pun", "evict", "trap")))
+        f"{m} {summary[m]} ({100.0 * summary[m] / total:.2f}%)" for m in shown))
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .report import format_report
+    from .runner import run
+    from .spec import parse_probes
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise JprobeError("run: no command given; usage: jprobe run -p PROBE -- CMD [ARGS...]")
+    if not args.probe:
+        raise JprobeError("run: no probe given; add at least one -p PROBE (e.g. -p libc.so.6:malloc)")
+    status, report = run(command, parse_probes(args.probe), strict=args.strict)
+    text = json.dumps(report, indent=1) + "\n" if args.json or args.report else format_report(report)
+    if args.report:
+        _write_atomically(args.report, text)
+    else:
+        sys.stderr.write(text)
+    return status
+
+
+def _write_atomically(path: str, text: str) -> None:
+    import os
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".jprobe-", dir=directory)
+    except OSError as e:
+        raise JprobeError(f"{path}: cannot write the report ({e.strerror}); choose another --report") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -58,12 +92,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(default: object) -> argparse.ArgumentParser:
+    """--strict and -v, accepted before and after the command. A subcommand's own defaults
+    would overwrite what was given before it (`jprobe --strict patch ...`), so there they
+    default to SUPPRESS: not given, not set."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--strict", action="store_true", help="refuse any probe that would need a trap")
-    common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of internal errors")
+    common.add_argument("--strict", action="store_true", default=default,
+                        help="refuse any probe that would need a trap")
+    common.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="show tracebacks of internal errors")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(argparse.SUPPRESS)
     parser = _Parser(prog="jprobe", description="User-space jump probes for x86-64 ELF programs.",
-                     parents=[common])
+                     parents=[_common_options(False)])
     parser.add_argument("--cflags", action="store_true", help="print the compiler flag for <jprobe.h>")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -79,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_sites)
 
+    u = sub.add_parser("run", parents=[common], help="run a command with the probes applied as it loads")
+    u.add_argument("-p", "--probe", action="append", default=[], metavar="PROBE")
+    u.add_argument("--report", metavar="FILE", help="write the JSON report to FILE instead of stderr")
+    u.add_argument("--json", action="store_true", help="print the report as JSON")
+    u.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    u.set_defaults(func=_cmd_run)
+
     r = sub.add_parser("report", parents=[common], help="pretty-print a JSON report")
     r.add_argument("file")
     r.set_defaults(func=_cmd_report)
@@ -93,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-I{include_dir()}")
         return 0
     if not args.command:
-        parser.error("no command given (patch, sites, report)")
+        parser.error("no command given (patch, run, sites, report)")
     try:
         return args.func(args)
     except JprobeError as e:
@@ -103,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:           # a bug, not bad input: one line unless -v asks for more
+        if args.verbose:
+            raise
+        sys.stderr.write(f"jprobe: internal error: {type(e).__name__}: {e}; "
+                         f"rerun with -v for the traceback, and please report it\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -12,6 +13,18 @@ import lief
 from .errors import ElfError, SymbolError
 
 lief.logging.disable()
+
+_COLD_SUFFIX = re.compile(r"\.cold(?:\.\d+)?$")
+
+
+def function_owner(name: str) -> str:
+    """The function a symbol is a piece of: `foo` for `foo.cold` (and for `foo`)."""
+    return _COLD_SUFFIX.sub("", name)
+
+
+def _is_hidden_version(sym: lief.ELF.Symbol) -> bool:
+    """A non-default version (`name@V`, not `name@@V`): the linker binds no new reference to it."""
+    return bool(sym.has_version and sym.symbol_version and sym.symbol_version.value & 0x8000)
 
 
 @dataclass(frozen=True)
@@ -47,11 +60,23 @@ class ElfModule:
         binary = lief.ELF.parse(path)
         if binary is None:
             raise ElfError(f"{path}: not a valid ELF file (LIEF cannot parse it)")
-        if binary.header.machine_type != lief.ELF.ARCH.X86_64:
-            arch = str(binary.header.machine_type).split(".")[-1]
+        header = binary.header
+        if header.machine_type != lief.ELF.ARCH.X86_64:
+            arch = str(header.machine_type).split(".")[-1]
             raise ElfError(f"{path}: architecture {arch} is not supported; jprobe patches x86-64 ELF files")
-        if binary.header.file_type not in (lief.ELF.Header.FILE_TYPE.EXEC, lief.ELF.Header.FILE_TYPE.DYN):
+        if (header.identity_class != lief.ELF.Header.CLASS.ELF64
+                or header.identity_data != lief.ELF.Header.ELF_DATA.LSB):
+            # x32 (ELFCLASS32 with EM_X86_64) cannot load the 64-bit runtime
+            raise ElfError(f"{path}: not a 64-bit little-endian ELF file (x32?); jprobe patches x86-64 ELF files")
+        if header.file_type not in (lief.ELF.Header.FILE_TYPE.EXEC, lief.ELF.Header.FILE_TYPE.DYN):
             raise ElfError(f"{path}: not an executable or shared library (an object file?); link it first")
+        size = os.path.getsize(path)
+        tables_end = max(header.program_header_offset + header.numberof_segments * header.program_header_size,
+                         header.section_header_offset + header.numberof_sections * header.section_header_size)
+        if tables_end > size or any(seg.type == lief.ELF.Segment.TYPE.LOAD
+                                    and seg.file_offset + seg.physical_size > size for seg in binary.segments):
+            raise ElfError(f"{path}: truncated (its headers or segments end past its {size} bytes); "
+                           f"give the whole file")
         self.binary = binary
 
     @property
@@ -82,18 +107,25 @@ class ElfModule:
         return sorted(seen.values(), key=lambda s: s.address)
 
     @cached_property
-    def _names(self) -> dict[str, Symbol]:
+    def _names(self) -> dict[str, Symbol | None]:
+        """Every name of a function; None for an IFUNC's (its code is chosen at load time)."""
         by_addr = {s.address: s for s in self.functions}
-        names: dict[str, Symbol] = {}
-        for sym in self.binary.symbols:
-            if sym.is_function and sym.value in by_addr:
-                target = by_addr[sym.value]
-                names.setdefault(sym.name, target)
-                if sym.demangled_name:
-                    names.setdefault(sym.demangled_name, target)
-                # "memcpy@GLIBC_2.14" and "memcpy@@GLIBC_2.14" both name the versioned symbol.
-                if sym.has_version and sym.symbol_version and sym.symbol_version.has_auxiliary_version:
-                    names.setdefault(f"{sym.name}@{sym.symbol_version.symbol_version_auxiliary.name}", target)
+        names: dict[str, Symbol | None] = {}
+        # A bare name binds to the default version (memcpy -> memcpy@@GLIBC_2.14), as for the
+        # linker, not to an older compat one (memcpy@GLIBC_2.2.5): defaults go first.
+        for sym in sorted(self.binary.symbols, key=_is_hidden_version):
+            ifunc = sym.type == lief.ELF.Symbol.TYPE.GNU_IFUNC and sym.shndx != 0
+            if not ifunc and not (sym.is_function and sym.value in by_addr):
+                continue
+            target = None if ifunc else by_addr[sym.value]
+            keys = [sym.name] + ([sym.demangled_name] if sym.demangled_name else [])
+            if sym.has_version and sym.symbol_version and sym.symbol_version.has_auxiliary_version:
+                version = sym.symbol_version.symbol_version_auxiliary.name
+                keys.append(f"{sym.name}@{version}")        # as nm -D prints it
+                if not _is_hidden_version(sym):
+                    keys.append(f"{sym.name}@@{version}")   # the default, as in the linker's maps
+            for key in keys:
+                names.setdefault(key, target)
         return names
 
     @cached_property
@@ -102,8 +134,12 @@ class ElfModule:
 
     def resolve(self, name: str) -> Symbol:
         """The function called `name` (mangled or demangled), or an error naming close matches."""
-        sym = self._names.get(name)
-        if sym is not None:
+        if name in self._names:
+            sym = self._names[name]
+            if sym is None:
+                raise SymbolError(f"{self.path}: '{name}' is an IFUNC (the implementation is chosen at load "
+                                  f"time), which jprobe cannot probe yet; probe the implementation by its "
+                                  f"symbol or address")
             return sym
         close = difflib.get_close_matches(name, self._names.keys(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; list them with `nm -D` or `nm`"
@@ -118,15 +154,24 @@ class ElfModule:
                 return sym
         return None
 
+    @cached_property
+    def _by_stem(self) -> dict[str, list[Symbol]]:
+        stems: dict[str, list[Symbol]] = {}
+        for s in self.functions:
+            stems.setdefault(s.name.split(".", 1)[0], []).append(s)
+        return stems
+
     def related_functions(self, sym: Symbol) -> list[Symbol]:
-        """Split-off parts of `sym` (GCC's `foo.cold`, `foo.part.0`), which may jump back into it."""
-        prefix = sym.name + "."
-        return [s for s in self.functions if s.name.startswith(prefix)]
+        """The other pieces of `sym`'s function and its clones: GCC's `foo.cold` jumps back
+        into the middle of `foo` and `foo` into the middle of `foo.cold`, so a branch target
+        of either may be in the other (`foo.part.0`, `foo.constprop.0` come along too)."""
+        owner = function_owner(sym.name)
+        return [s for s in self._by_stem.get(sym.name.split(".", 1)[0], [])
+                if s != sym and (s.name == owner or s.name.startswith((owner + ".", sym.name + ".")))]
 
     @cached_property
     def _exec_ranges(self) -> list[tuple[int, int]]:
-        return sorted((s.virtual_address, s.virtual_address + s.size) for s in self.binary.sections
-                      if s.has(lief.ELF.Section.FLAGS.EXECINSTR) and s.virtual_address and s.size)
+        return [(lo, hi) for _, lo, hi in self.code_sections()]
 
     def is_code(self, address: int, size: int = 1) -> bool:
         """True when [address, address+size) lies in one executable section."""
@@ -134,8 +179,9 @@ class ElfModule:
 
     def code_sections(self) -> list[tuple[str, int, int]]:
         """(name, start, end) of each executable section, by address."""
-        return sorted((s.name, s.virtual_address, s.virtual_address + s.size) for s in self.binary.sections
-                      if s.has(lief.ELF.Section.FLAGS.EXECINSTR) and s.virtual_address and s.size)
+        return sorted(((s.name, s.virtual_address, s.virtual_address + s.size) for s in self.binary.sections
+                       if s.has(lief.ELF.Section.FLAGS.EXECINSTR) and s.virtual_address and s.size),
+                      key=lambda section: section[1])
 
     def read(self, address: int, size: int) -> bytes:
         """`size` bytes of the file's content at link-time address `address`."""

@@ -57,6 +57,14 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
             raise SiteError(f"'{spec.text}': needs a trap at {address:#x} ({site.reason}); "
                             f"drop --strict to accept the int3 fallback, or probe another instruction")
         resolved.append(ResolvedProbe(spec, address, site, resolve_callback(spec)))
+    # Outside any function symbol nothing says where instructions start, so one probe's
+    # bytes may cover another's address: both patches would corrupt each other.
+    by_address = sorted(resolved, key=lambda p: p.address)
+    for before, after in zip(by_address, by_address[1:]):
+        if before.address + before.site.length > after.address:
+            raise SiteError(f"'{after.spec.text}': {after.address:#x} is inside the instruction(s) that "
+                            f"'{before.spec.text}' patches ({before.address:#x}, {before.site.length} bytes); "
+                            f"give addresses that `objdump -d` prints as instruction starts")
     return resolved
 
 
@@ -133,7 +141,8 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index:
     def probe_work() -> None:
         if callback:
             stub = stubs.common_x87 if site.x87 else stubs.common
-            arch.emit_callback(buf, stub, desc, index, probe.address, red_zone=red_zone)
+            arch.emit_callback(buf, stub, desc, index, probe.address, red_zone=red_zone,
+                               return_pushed=site.call_retarget)
         else:
             arch.emit_count(buf, hits, index, table + layout.offsetof("jp_table", "tls_off"), site.flags_live,
                             red_zone=red_zone)

@@ -5,10 +5,14 @@ The rules, in order:
    return address and calls the trampoline instead (`jump`).
 2. Otherwise whole instructions are displaced from the site until they cover 5 bytes.
    An instruction other than the first may be displaced only when nothing can jump to
-   it: it is not the direct target of any branch in the function (or in its split-off
-   `.cold`/`.part` pieces), no other probe is there, the function has no indirect jump (a switch table or computed goto could land anywhere),
-   and it lies inside the function's symbol bounds. Without a function symbol only the
-   site's own instruction may be displaced.
+   it: it is not the direct target of any branch in the function or in its other pieces
+   (`foo` and `foo.cold` branch into each other; clones such as `foo.part.0` count too),
+   no other probe is there, neither the function nor its `.cold` piece has an indirect
+   jump (a switch table or computed goto could land anywhere), all of it decoded, and it
+   lies inside the function's symbol bounds; the patch stays within JP_PATCH_MAX bytes
+   (what a plan file holds). Without a function symbol only the site's own instruction
+   may be displaced. Branches from unrelated functions into the middle of this one
+   (hand-written assembly does that) are not seen.
 3. A site that cannot get a jump this way gets the `trap` fallback: int3 on its first byte
    and an out-of-line copy of the instruction to resume at.
 """
@@ -19,12 +23,14 @@ from functools import cached_property, lru_cache
 
 from capstone import CsInsn
 
-from .elf import ElfModule, Symbol
+from . import layout
+from .elf import ElfModule, Symbol, function_owner
 from .errors import SiteError
 from .trampolines import x86_64 as arch
 from .trampolines.relocate import can_relocate
 
 MAX_INSN = 15
+MAX_PATCH = layout.CONST["JP_PATCH_MAX"]     # the most bytes a plan file can patch at one site
 FLAGS_SCAN = 64          # instructions followed when proving the flags dead
 
 
@@ -38,6 +44,7 @@ class FunctionFacts:
     targets: set[int]
     indirect_jump: int | None
     x87: bool
+    complete: bool = True              # every byte of it and of its related pieces decoded
 
     @cached_property
     def _index(self) -> dict[int, int]:
@@ -74,27 +81,38 @@ class SiteAnalyzer:
         self._facts = lru_cache(maxsize=4096)(self._decode_function)
 
     def _decode_function(self, sym: Symbol) -> FunctionFacts:
-        insns: list[CsInsn] = []
-        if sym.size and self.module.is_code(sym.address, sym.size):
-            insns = arch.decode(self.module.read(sym.address, sym.size), sym.address)
+        insns, complete = self._decode_piece(sym)
         targets: set[int] = set()
         indirect = None
         x87 = False
-        pieces = [insns] + [self._decode_piece(p) for p in self.module.related_functions(sym)]
-        for piece in pieces:
+        owner = function_owner(sym.name)
+        pieces = [(sym, insns)]
+        for related in self.module.related_functions(sym):
+            piece, whole = self._decode_piece(related)
+            pieces.append((related, piece))
+            complete = complete and whole
+        for piece_sym, piece in pieces:
+            # A switch table of `foo` may land in `foo.cold` and the reverse; a clone's
+            # (`foo.part.0`) only in the clone itself.
+            same_function = function_owner(piece_sym.name) == owner
             for insn in piece:
                 target = arch.branch_target(insn)
                 if target is not None:
                     targets.add(target)
-                if indirect is None and arch.is_indirect_jump(insn) and piece is insns:
+                if indirect is None and same_function and arch.is_indirect_jump(insn):
                     indirect = insn.address
                 x87 = x87 or arch.uses_x87(insn)
-        return FunctionFacts(sym, insns, {i.address for i in insns}, targets, indirect, x87)
+        # What was not decoded may branch anywhere or use x87: assume the worst.
+        return FunctionFacts(sym, insns, {i.address for i in insns}, targets, indirect, x87 or not complete,
+                             complete)
 
-    def _decode_piece(self, sym: Symbol) -> list[CsInsn]:
+    def _decode_piece(self, sym: Symbol) -> tuple[list[CsInsn], bool]:
+        """The instructions of `sym`, and whether they cover it whole (capstone stops at
+        the first byte sequence it cannot decode)."""
         if not sym.size or not self.module.is_code(sym.address, sym.size):
-            return []
-        return arch.decode(self.module.read(sym.address, sym.size), sym.address)
+            return [], True
+        insns = arch.decode(self.module.read(sym.address, sym.size), sym.address)
+        return insns, sum(i.size for i in insns) == sym.size
 
     def facts(self, sym: Symbol) -> FunctionFacts:
         return self._facts(sym)
@@ -124,7 +142,7 @@ class SiteAnalyzer:
         x87 = facts.x87 if facts and facts.insns else True
         why_not = can_relocate(first)
         if why_not:
-            raise SiteError(f"{address:#x}: cannot probe `{first.mnemonic} {first.op_str}`: {why_not}")
+            raise SiteError(f"{address:#x}: cannot probe `{_text(first)}`: {why_not}")
         if arch.is_rel32_call(first) or arch.is_rip_indirect_call(first):
             return Site(address, "jump", "call retargeted to the trampoline (return address kept)",
                         [first], call_retarget=True, flags_live=False, x87=x87, function=sym)
@@ -150,6 +168,9 @@ class SiteAnalyzer:
         if facts.indirect_jump is not None:
             return displaced, (f"{size}-byte instruction in a function with an indirect jump at "
                                f"{facts.indirect_jump:#x} (a switch table may land anywhere)")
+        if not facts.complete:
+            return displaced, (f"{size}-byte instruction in {facts.symbol.name}, which does not decode "
+                               f"whole (its branch targets are unknown)")
         i = facts.index_of(first.address)
         while size < arch.JUMP_SIZE:
             prev = displaced[-1]
@@ -165,7 +186,15 @@ class SiteAnalyzer:
                 return displaced, f"only {size} bytes before another probe at {insn.address:#x}"
             why_not = can_relocate(insn)
             if why_not:
-                return displaced, f"cannot move `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: {why_not}"
+                return displaced, f"cannot move `{_text(insn)}` at {insn.address:#x}: {why_not}"
+            if size + insn.size > MAX_PATCH:
+                return displaced, (f"only {size} bytes before the {insn.size}-byte `{insn.mnemonic}` at "
+                                   f"{insn.address:#x}; with it the patch would exceed {MAX_PATCH} bytes")
             displaced.append(insn)
             size += insn.size
         return displaced, None
+
+
+def _text(insn: CsInsn) -> str:
+    """An instruction as messages quote it (no trailing space after an operand-less mnemonic)."""
+    return f"{insn.mnemonic} {insn.op_str}".strip()

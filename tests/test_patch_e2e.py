@@ -419,6 +419,16 @@ def _error_case(tmp_path, build, case):
         data[18:20] = (183).to_bytes(2, "little")  # e_machine = EM_AARCH64
         inp.write_bytes(bytes(data))
         return inp, ["main"], out, [inp.name]
+    if case == "truncated_elf":
+        inp = tmp_path / "truncated.elf"
+        inp.write_bytes(b.read_bytes()[:4096])
+        return inp, ["main"], out, [inp.name, "truncated"]
+    if case == "elf_class32":
+        inp = tmp_path / "x32.elf"
+        data = bytearray(b.read_bytes())
+        data[4] = 1  # ELFCLASS32 with EM_X86_64: the x32 ABI
+        inp.write_bytes(bytes(data))
+        return inp, ["main"], out, [inp.name, "64-bit"]
     if case == "missing_input":
         inp = tmp_path / "no-such-file"
         return inp, ["main"], out, [inp.name]
@@ -456,7 +466,7 @@ def _error_case(tmp_path, build, case):
 
 
 ERROR_CASES = [
-    "not_elf", "not_x86_64", "missing_input", "unknown_symbol", "offset_outside_function",
+    "not_elf", "not_x86_64", "truncated_elf", "elf_class32", "missing_input", "unknown_symbol", "offset_outside_function",
     "offset_far_outside_function", "offset_not_on_boundary", "missing_output_dir",
     "output_under_a_file", "malformed_spec_plus", "malformed_spec_handler", "malformed_spec_trace",
     "malformed_spec_return", "malformed_spec_offset", "malformed_spec_handler_name",
@@ -480,6 +490,25 @@ def test_patch_errors(case, build, tmp_path):
     assert not out.exists(), "jprobe wrote the output despite the error"
     if out.parent.is_dir():
         assert list(out.parent.iterdir()) == [], "jprobe left files in the output directory"
+
+
+def test_output_is_a_directory(build, tmp_path):
+    b = build("basic.c", ["-O2", "-g", "-fPIE", "-pie"], "basic-errors")
+    r = jprobe("patch", b, "-o", tmp_path, "-p", "main")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "is a directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [], "temporary files left behind"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_strict_before_or_after_the_command(where, build, tmp_path):
+    """--strict is a common option: `jprobe --strict patch` means what `jprobe patch --strict` does."""
+    b = build("tiny.c", ["-O2", "-g", "-no-pie"], "tiny-strict")
+    out = tmp_path / "out"
+    args = ["patch", b, "-o", out, "-p", "tiny"]
+    r = jprobe(*(["--strict", *args] if where == "before" else [*args, "--strict"]))
+    assert r.returncode == 2 and "needs a trap" in r.stderr, r.stderr
+    assert not out.exists()
 
 
 def test_error_leaves_existing_output_untouched(build, tmp_path):

@@ -6,7 +6,9 @@ import pytest
 
 from jprobe.elf import ElfModule
 from jprobe.errors import SiteError
+from jprobe.planner import resolve_probes
 from jprobe.sites import SiteAnalyzer
+from jprobe.spec import parse_probes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "shapes.S"
 
@@ -34,6 +36,12 @@ def test_branch_target_is_never_displaced(analyzer):
     # from the target itself, the loop body (3+3 bytes, no other target) can move
     s = site(analyzer, "looped", 2)
     assert s.mechanism == "jump" and len(s.displaced) == 2
+
+
+def test_branch_target_from_the_hot_part_is_never_displaced(analyzer):
+    """`split` jumps 2 bytes into `split.cold`: probing the cold piece must not cover that."""
+    s = site(analyzer, "split.cold")
+    assert s.mechanism == "trap" and "branch target" in s.reason
 
 
 def test_call_is_retargeted_not_displaced(analyzer):
@@ -68,3 +76,12 @@ def test_flags_liveness(analyzer):
 def test_not_on_an_instruction_boundary(analyzer):
     with pytest.raises(SiteError, match="not on an instruction boundary of longfirst"):
         site(analyzer, "longfirst", 1)
+
+
+def test_probes_whose_patches_overlap_are_refused(analyzer):
+    """Without a symbol size no boundary check applies: 2 bytes into a 7-byte instruction
+    is a valid-looking address, and both patches would write over each other."""
+    at = analyzer.module.resolve("nosize").address
+    assert analyzer.module.resolve("nosize").size == 0
+    with pytest.raises(SiteError, match="is inside the instruction"):
+        resolve_probes(analyzer.module, parse_probes([f"{at:#x}", f"{at + 2:#x}"]), strict=False)

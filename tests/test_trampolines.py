@@ -101,12 +101,13 @@ def _fake_stub(buf: CodeBuffer, dump: int) -> int:
 @settings(max_examples=100, deadline=None)
 @given(seed=st.integers(0, 2**32), red_zone=st.booleans())
 def test_callback_ctx_mirrors_registers_and_edits_come_back(seed, red_zone):
+    """red_zone True: a site inside a function; False: a retargeted call (return address pushed)."""
     dump, desc, site = DATA + 0x1000, DATA + 0x100, 0x4242_4242
     buf = CodeBuffer(CODE)
     buf.jmp("body")
     stub = _fake_stub(buf, dump)
     buf.label("body")
-    arch.emit_callback(buf, stub, desc, 7, site, red_zone=red_zone)
+    arch.emit_callback(buf, stub, desc, 7, site, red_zone=red_zone, return_pushed=not red_zone)
     buf.jmp(END)
     rsp = STACK_TOP - 0x1000
     uc = machine(buf.finish(), rsp, seed)
@@ -126,6 +127,27 @@ def test_callback_ctx_mirrors_registers_and_edits_come_back(seed, red_zone):
     assert after == expected
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32))
+def test_callback_ctx_rsp_at_a_function_entry(seed):
+    """Reached by a jmp at a function entry (no red zone to skip, nothing pushed): ctx->regs.rsp
+    is the program's rsp, which points at the caller's return address."""
+    dump, desc, site = DATA + 0x1000, DATA + 0x100, 0x4242_4242
+    buf = CodeBuffer(CODE)
+    buf.jmp("body")
+    stub = _fake_stub(buf, dump)
+    buf.label("body")
+    arch.emit_callback(buf, stub, desc, 7, site, red_zone=False, return_pushed=False)
+    buf.jmp(END)
+    rsp = STACK_TOP - 0x1000
+    uc = machine(buf.finish(), rsp, seed)
+    before = state(uc)
+    run(uc)
+    ctx = uc.mem_read(dump, layout.sizeof("jprobe_ctx"))
+    assert struct.unpack_from("<Q", ctx, layout.offsetof("jprobe_regs", "rsp"))[0] == rsp
+    assert state(uc) == dict(before, RDI=0x1234, FLAGS=before["FLAGS"] ^ 1)
+
+
 @pytest.mark.parametrize("store", [True, False])
 @pytest.mark.parametrize("reg", range(32))
 def test_hand_encoded_vector_moves_mean_what_they_say(store, reg):
@@ -137,3 +159,15 @@ def test_hand_encoded_vector_moves_mean_what_they_say(store, reg):
     k = reg % 8
     insn = next(Cs(CS_ARCH_X86, CS_MODE_64).disasm(arch._kmov(store, k, 2048 + 8 * k), 0))
     assert insn.mnemonic == "kmovq" and f"k{k}" in insn.op_str and hex(2048 + 8 * k) in insn.op_str
+
+
+@pytest.mark.parametrize("code, dead", [
+    ("01d8" "7700", True),                      # add eax, ebx; ja: written before read
+    ("7700", False),                            # ja reads them
+    ("f3480f38f6c3" "4801c3", False),           # adox reads OF (capstone does not say so)
+    ("d3e0" "7700", False),                     # shl eax, cl writes nothing when cl is 0
+    ("d1e0" "7700", True),                      # shl eax, 1 always writes them
+    ("e800000000", True),                       # a call: the SysV ABI passes no flags
+])
+def test_flags_dead_after(code, dead):
+    assert arch.flags_dead_after(arch.decode(bytes.fromhex(code), 0x1000)) is dead

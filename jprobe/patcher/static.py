@@ -24,7 +24,9 @@ PAGE = 0x1000
 # Dynamic-linking tables LIEF rebuilds to add DT_NEEDED; all other sections keep their place.
 _REBUILT = {".dynamic", ".dynstr", ".dynsym", ".gnu.hash", ".hash", ".gnu.version", ".gnu.version_r",
             ".gnu.version_d"}
-_PROVISIONAL = (0x7000_0000, 0x7800_0000)
+# A draft plan sizes the added segments before LIEF places them; it is built this far past
+# the image so that its rel32 reach is that of the final plan (sizes do not depend on it).
+_DRAFT_GAP, _DRAFT_DATA = 0x10_0000, 0x800_0000
 
 
 def _segment(size: int, flags: lief.ELF.Segment.FLAGS) -> lief.ELF.Segment:
@@ -51,7 +53,8 @@ def _make_room_for_segments(binary: lief.ELF.Binary, path: str) -> None:
 def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -> tuple[ModulePlan, lief.ELF.Binary]:
     """The plan for `module`, and a LIEF binary with room made for it."""
     probes = resolve_probes(module, specs, strict)
-    draft = build_plan(module, probes, *_PROVISIONAL)
+    text = -(-module.end_of_image() // PAGE) * PAGE + _DRAFT_GAP
+    draft = build_plan(module, probes, text, text + _DRAFT_DATA)
     binary = lief.ELF.parse(module.path)
     _make_room_for_segments(binary, module.path)
     R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
@@ -81,7 +84,13 @@ def write_atomically(binary: lief.ELF.Binary, plan: ModulePlan, input_path: str,
         raise OutputError(f"{output}: directory {directory} is not writable; choose another -o")
     if os.path.abspath(output) == os.path.abspath(input_path):
         raise OutputError(f"{output}: refusing to overwrite the input; choose another -o")
-    fd, tmp = tempfile.mkstemp(prefix=".jprobe-", dir=directory)
+    if os.path.isdir(output):
+        raise OutputError(f"{output}: is a directory; give the path of the file to write with -o")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".jprobe-", dir=directory)
+    except OSError as e:
+        raise OutputError(f"{output}: cannot create a file in {directory} ({e.strerror}); "
+                          f"choose another -o") from None
     os.close(fd)
     try:
         binary.write(tmp)
@@ -89,7 +98,10 @@ def write_atomically(binary: lief.ELF.Binary, plan: ModulePlan, input_path: str,
         _restore_nobits_headers(tmp, original)
         _verify(tmp, plan, original)
         os.chmod(tmp, os.stat(input_path).st_mode & 0o7777)
-        os.replace(tmp, output)
+        try:
+            os.replace(tmp, output)
+        except OSError as e:
+            raise OutputError(f"{output}: cannot write it ({e.strerror}); choose another -o") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -30,6 +30,7 @@ from capstone import CsInsn
 from capstone import x86_const as X
 
 from .. import layout
+from ..errors import RelocationError
 from .asm import CodeBuffer
 from .relocate import relocate
 
@@ -50,8 +51,12 @@ for _f in _STATUS:
     _FLAGS_WRITTEN[_f] = 0
     for _k in _WRITE_KINDS:
         _FLAGS_WRITTEN[_f] |= getattr(X, f"X86_EFLAGS_{_k}_{_f}", 0)
-# Instructions capstone gives no flag facts for, but which read every flag.
-_READS_ALL_FLAGS = {"pushfq", "pushf", "lahf", "syscall", "int", "int3", "into", "int1", "ud2", "hlt"}
+# Instructions that read flags capstone does not say they read (none for pushfq and lahf, no
+# TEST_OF for adox, no TEST_CF for rcl/rcr/cmc): taken as reading every flag.
+_READS_ALL_FLAGS = {"pushfq", "pushf", "lahf", "syscall", "int", "int3", "into", "int1", "ud2", "hlt",
+                    "adox", "adcx", "rcl", "rcr", "cmc"}
+# A shift or rotate by cl leaves every flag as it was when cl & 63 is 0: it may write none.
+_SHIFTS = {"shl", "sal", "shr", "sar", "rol", "ror", "rcl", "rcr", "shld", "shrd"}
 
 _CTX = {name: layout.offsetof("jprobe_ctx", name) for name in ("probe_id", "address")}
 _REG = {name: layout.offsetof("jprobe_regs", name) for name in ("rsp", "rip", "rflags")}
@@ -137,7 +142,8 @@ def flags_dead_after(insns: Sequence[CsInsn]) -> bool:
             return False
         if is_call(insn) or insn.group(X.X86_GRP_RET):
             return True
-        pending -= {f for f in _STATUS if insn.eflags & _FLAGS_WRITTEN[f]}
+        if not (insn.mnemonic in _SHIFTS and insn.operands and insn.operands[-1].type == X.X86_OP_REG):
+            pending -= {f for f in _STATUS if insn.eflags & _FLAGS_WRITTEN[f]}
         if not pending:
             return True
         if insn.group(X.X86_GRP_JUMP) or ends_flow(insn):
@@ -164,7 +170,11 @@ def vector_state_use(insn: CsInsn) -> bool:
 def outside_references(code: bytes, address: int, inside: Sequence[tuple[int, int]]) -> list[int]:
     """Offsets of the rel32/disp32 fields of `code` whose target lies outside `inside` ranges."""
     offsets = []
-    for insn in _cs.disasm(code, address):
+    insns = list(_cs.disasm(code, address))
+    if sum(i.size for i in insns) != len(code):
+        # a field missed here would point elsewhere once an applier moves the text
+        raise RelocationError(f"internal error: the trampolines at {address:#x} do not decode whole")
+    for insn in insns:
         if insn.group(X.X86_GRP_BRANCH_RELATIVE) and insn.imm_size == 4:
             field, target = insn.imm_offset, branch_target(insn)
         elif insn.disp_offset and any(op.type == X.X86_OP_MEM and op.mem.base == X.X86_REG_RIP
@@ -353,15 +363,17 @@ def emit_count(buf: CodeBuffer, hits: int, probe_id: int, tls_off: int, flags_li
 
 
 def emit_callback(buf: CodeBuffer, stub: int, probe_desc: int, probe_id: int, site: int,
-                  red_zone: bool = True) -> None:
+                  red_zone: bool = True, return_pushed: bool = False) -> None:
     """Build a struct jprobe_ctx on the stack, call the module stub, take back edited registers.
 
-    With `red_zone` False (a retargeted call: the callee's frame starts here, and the
-    caller's red zone died with the call) the return address sits on top of the stack,
-    so the program's rsp at the probe is 8 bytes higher than the trampoline's.
+    `red_zone` False skips no red zone: at a function entry or in a retargeted call the
+    caller's red zone died with its call. `return_pushed` (a retargeted call) says the
+    probed `call` already pushed its return address, so the program's rsp at the probe
+    (before that call) is 8 bytes above the trampoline's; reached by a `jmp` (a function
+    entry included) the two are the same.
     """
     skip = RED_ZONE if red_zone else 0
-    rsp_above = _CTX_SIZE + (skip if red_zone else 8)
+    rsp_above = _CTX_SIZE + skip + (8 if return_pushed else 0)
     buf.emit(f"lea rsp, [rsp - {skip}]; push 0; push {probe_id}; pushfq; push 0")
     for reg in _PUSHED_GPRS_HIGH:
         buf.emit(f"push {reg}")
