@@ -27,7 +27,6 @@ class Callback:
     function: str
     novec: bool = False          # proven free of vector state use
     build_id: int = 0            # first 8 bytes of the library's build-id, little-endian
-    why_vector: str = ""         # why the proof failed, for -v
 
 
 def resolve_callback(spec: ProbeSpec) -> Callback | None:
@@ -44,17 +43,14 @@ def resolve_callback(spec: ProbeSpec) -> Callback | None:
                            f"(gcc -shared -fPIC $(jprobe --cflags) ...)")
     try:
         module = ElfModule(path)
-    except HandlerError:
-        raise
     except Exception as e:
         raise HandlerError(f"'{spec.text}': callback library {lib}: {e}") from None
     if handler.function not in {s.name for s in module.binary.exported_functions}:
         raise HandlerError(f"'{spec.text}': function {handler.function} not found in {lib}; "
                            f"export it (not static) and check its name with `nm -D {lib}`")
-    why = _vector_use(module, handler.function)
-    if why is None and module.build_id:
+    if _vector_use(module, handler.function) is None and module.build_id:
         return Callback(path, handler.function, True, int.from_bytes(bytes.fromhex(module.build_id)[:8], "little"))
-    return Callback(path, handler.function, why_vector=why or "the library has no build-id")
+    return Callback(path, handler.function)
 
 
 def _vector_use(module: ElfModule, function: str) -> str | None:

@@ -65,24 +65,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     status, report = run(command, parse_probes(args.probe), strict=args.strict)
     text = json.dumps(report, indent=1) + "\n" if args.json or args.report else format_report(report)
     if args.report:
-        _write_atomically(args.report, text)
+        from .output import replacing
+        with replacing(args.report, "--report") as tmp, open(tmp, "w") as f:
+            f.write(text)
     else:
         sys.stderr.write(text)
     return status
-
-
-def _write_atomically(path: str, text: str) -> None:
-    import os
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".jprobe-", dir=directory)
-    except OSError as e:
-        raise JprobeError(f"{path}: cannot write the report ({e.strerror}); choose another --report") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

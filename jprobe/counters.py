@@ -7,9 +7,9 @@ from collections import defaultdict
 
 from . import layout
 from .planfile import PlannedModule
+from .report import merge_reports
 
 PAGE = mmap.PAGESIZE
-MECHANISM_NAMES = {v: k for k, v in layout.MECHANISMS.items()}
 
 
 def create(path: str, nmodules: int) -> None:
@@ -64,16 +64,17 @@ def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str
 
 
 def build_report(path: str, modules: list[PlannedModule], pid: int, executable: str) -> dict:
-    """The SPEC §3 report of a whole `jprobe run` process tree."""
+    """The SPEC §3 report of a whole `jprobe run` process tree (`by_pid` when several hit)."""
     hits, errors = hits_by_pid(path, modules)
-    probes = []
-    for m_index, m in enumerate(modules):
-        for p_index, probe in enumerate(m.plan.probes):
-            per_pid = {p: h for p, h in sorted(hits[(m_index, p_index)].items()) if h}
-            entry = {"probe": probe.target, "module": m.plan.module,
-                     "address": f"{probe.address:#x}", "mechanism": probe.mechanism, "handler": probe.handler,
-                     "hits": sum(per_pid.values()), "lost": 0}
-            if len(per_pid) > 1:
-                entry["by_pid"] = {str(p): h for p, h in per_pid.items()}
-            probes.append(entry)
-    return {"pid": pid, "executable": executable, "probes": probes, "errors": errors}
+    pids = sorted({p for per_pid in hits.values() for p in per_pid} - {pid})
+
+    def report_of(one_pid: int) -> dict:
+        probes = [{"probe": probe.target, "module": m.plan.module, "address": f"{probe.address:#x}",
+                   "mechanism": probe.mechanism, "handler": probe.handler,
+                   "hits": hits[(i, j)].get(one_pid, 0), "lost": 0}
+                  for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)]
+        return {"pid": one_pid, "executable": executable, "probes": probes, "errors": []}
+
+    merged = merge_reports([report_of(p) for p in [pid, *pids]])
+    merged["errors"] = errors
+    return merged

@@ -79,14 +79,6 @@ class ElfModule:
                            f"give the whole file")
         self.binary = binary
 
-    @property
-    def is_pie(self) -> bool:
-        return self.binary.header.file_type == lief.ELF.Header.FILE_TYPE.DYN and self.binary.has_interpreter
-
-    @property
-    def is_shared_library(self) -> bool:
-        return self.binary.header.file_type == lief.ELF.Header.FILE_TYPE.DYN and not self.binary.has_interpreter
-
     @cached_property
     def build_id(self) -> str | None:
         for note in self.binary.notes:

@@ -67,11 +67,13 @@ def _needed_closure(program: ElfModule) -> list[str]:
     return list(seen.values())
 
 
-def _search(soname: str, program: ElfModule) -> str | None:
-    origin = os.path.dirname(program.path)
-    binary = program.binary
-    runpath = _dynamic_dirs(binary, lief.ELF.DynamicEntry.TAG.RUNPATH, origin)
-    dirs = [] if runpath else _dynamic_dirs(binary, lief.ELF.DynamicEntry.TAG.RPATH, origin)
+def _search(soname: str, program: ElfModule | None) -> str | None:
+    runpath: list[str] = []
+    dirs: list[str] = []
+    if program is not None:
+        origin = os.path.dirname(program.path)
+        runpath = _dynamic_dirs(program.binary, lief.ELF.DynamicEntry.TAG.RUNPATH, origin)
+        dirs = [] if runpath else _dynamic_dirs(program.binary, lief.ELF.DynamicEntry.TAG.RPATH, origin)
     dirs += [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
     dirs += runpath
     for d in dirs:
@@ -88,17 +90,19 @@ def _search(soname: str, program: ElfModule) -> str | None:
     return None
 
 
-def find_module(name: str, program: ElfModule) -> str:
-    """The file MODULE `name` (a path, or a soname or file name) stands for in `program`."""
+def find_module(name: str, program: ElfModule | None) -> str:
+    """The file MODULE `name` (a path, or a soname or file name) stands for in `program`
+    (None: a program that is no ELF file, such as a script: the default search only)."""
     if "/" in name:
         if not os.path.isfile(name):
             raise ModuleNotFound(f"module {name}: no such file; give the library's path or soname")
         return os.path.realpath(name)
     path = _search(name, program)
-    if path is None:
-        loaded = [p for p in _needed_closure(program) if os.path.basename(p).startswith(name)]
+    if path is None and program is not None:
+        loaded = [p for p in _needed_closure(program) if os.path.basename(p).startswith(name + ".so")]
         if loaded:
             return loaded[0]
+    if path is None:
         raise ModuleNotFound(f"module {name}: not found where the dynamic loader looks (RPATH, "
                              f"LD_LIBRARY_PATH, RUNPATH, ld.so.cache, {DEFAULT_DIRS[1]}); give its path")
     return path

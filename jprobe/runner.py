@@ -19,8 +19,13 @@ ALIGN = 0x10000
 
 
 def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[PlannedModule]:
-    """One plan per module the specs name, the main program's first."""
-    main = ElfModule(program)
+    """One plan per module the specs name, the main program's first.
+
+    The program itself is read only when it is probed or an ELF file (a script whose
+    interpreter loads the probed library is fine).
+    """
+    needs_main = any(spec.module is None for spec in specs)
+    main = ElfModule(program) if needs_main or _is_elf(program) else None
     by_module: dict[str, tuple[str, list[ProbeSpec]]] = {}
     for spec in specs:
         check_supported(spec)
@@ -28,12 +33,17 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
         by_module.setdefault(path, (spec.module or "", []))[1].append(spec)
     planned = []
     for path, (name, module_specs) in by_module.items():
-        module = main if path == program else ElfModule(path)
+        module = main if path == program and main is not None else ElfModule(path)
         probes = resolve_probes(module, module_specs, strict)
         text = -(-module.end_of_image() // ALIGN) * ALIGN
         data = text + -(-(len(build_plan(module, probes, text, text).text) + 1) // ALIGN) * ALIGN
         planned.append(PlannedModule(build_plan(module, probes, text, data), name, *identity(path)))
     return planned
+
+
+def _is_elf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
 
 
 def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tuple[int, dict]:
@@ -46,13 +56,22 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
             f.write(encode(modules))
         counters.create(counters_path, len(modules))
         env = dict(os.environ, JPROBE_PLAN=plan_path, JPROBE_COUNTERS=counters_path)
-        env["LD_PRELOAD"] = ":".join(filter(None, [runtime_library(), os.environ.get("LD_PRELOAD")]))
+        # Preloaded, the runtime patches what is mapped at start-up; as an audit library (the
+        # same file) it patches what dlopen() maps later, before that code runs.
+        for var in ("LD_PRELOAD", "LD_AUDIT"):
+            env[var] = _prepend(runtime_library(), os.environ.get(var))
         env.pop("JPROBE_REPORT", None)
         proc = subprocess.Popen(command, executable=program, env=env)
         with _ignoring(signal.SIGINT), _ignoring(signal.SIGQUIT):
             status = proc.wait()
         report = counters.build_report(counters_path, modules, proc.pid, program)
     return (128 - status if status < 0 else status), report
+
+
+def _prepend(library: str, search_list: str | None) -> str:
+    """`library` first in a ld.so list variable, once."""
+    others = [p for p in (search_list or "").split(":") if p and p != library]
+    return ":".join([library, *others])
 
 
 class _ignoring:

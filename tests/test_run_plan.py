@@ -91,3 +91,13 @@ def test_counters_file_sums_tables_and_blocks_per_pid(prog, tmp_path):
     assert (compute["hits"], compute["by_pid"]) == (42, {"100": 12, "101": 30})
     assert (main["hits"], "by_pid" in main) == (1, False)
     assert report["errors"] == ["libfoo: build-id differs"]
+
+
+def test_a_script_may_run_probes_on_libraries(tmp_path):
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    [libc] = plan_modules(str(script), parse_probes(["libc.so.6:malloc"]), strict=False)
+    assert libc.name == "libc.so.6" and libc.plan.probes[0].target == "libc.so.6:malloc"
+    with pytest.raises(JprobeError, match="not an ELF file"):
+        plan_modules(str(script), parse_probes(["main"]), strict=False)

@@ -8,13 +8,13 @@ linking tables that DT_NEEDED touches are rebuilt by LIEF.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import lief
 
 from .. import layout
 from ..elf import ElfModule
 from ..errors import JprobeError, OutputError
+from ..output import replacing
 from ..plan import ModulePlan
 from ..planner import build_plan, resolve_probes
 from ..runtime import runtime_library
@@ -77,35 +77,14 @@ def apply_plan(plan: ModulePlan, binary: lief.ELF.Binary) -> None:
 
 def write_atomically(binary: lief.ELF.Binary, plan: ModulePlan, input_path: str, output: str) -> None:
     """Write next to `output`, check the result, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(output)) or "."
-    if not os.path.isdir(directory):
-        raise OutputError(f"{output}: directory {directory} does not exist; create it or choose another -o")
-    if not os.access(directory, os.W_OK):
-        raise OutputError(f"{output}: directory {directory} is not writable; choose another -o")
     if os.path.abspath(output) == os.path.abspath(input_path):
         raise OutputError(f"{output}: refusing to overwrite the input; choose another -o")
-    if os.path.isdir(output):
-        raise OutputError(f"{output}: is a directory; give the path of the file to write with -o")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".jprobe-", dir=directory)
-    except OSError as e:
-        raise OutputError(f"{output}: cannot create a file in {directory} ({e.strerror}); "
-                          f"choose another -o") from None
-    os.close(fd)
-    try:
+    with replacing(output, "-o") as tmp:
         binary.write(tmp)
         original = lief.ELF.parse(input_path)
         _restore_nobits_headers(tmp, original)
         _verify(tmp, plan, original)
-        os.chmod(tmp, os.stat(input_path).st_mode & 0o7777)
-        try:
-            os.replace(tmp, output)
-        except OSError as e:
-            raise OutputError(f"{output}: cannot write it ({e.strerror}); choose another -o") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.chmod(tmp, os.stat(input_path).st_mode & 0o777)       # no set-id bits on a rewritten file
 
 
 def _restore_nobits_headers(path: str, original: lief.ELF.Binary) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import capstone
 import keystone
 
+from .relocate import decoder
+
 _ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_cs.detail = True
 
 
 @lru_cache(maxsize=None)
@@ -29,7 +28,7 @@ def assemble(text: str) -> bytes:
 def _rip_template(text: str) -> tuple[bytes, int]:
     """Encoding of one instruction with `[rip]` and the offset of its disp32."""
     code = assemble(text.replace("[rip]", "[rip + 0x7fffffff]"))
-    insn = next(_cs.disasm(code, 0))
+    insn = next(decoder().disasm(code, 0))
     if insn.size != len(code) or insn.disp_size != 4:
         raise ValueError(f"not one RIP-relative instruction with a disp32: {text}")
     return code, insn.disp_offset

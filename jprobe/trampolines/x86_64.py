@@ -32,15 +32,13 @@ from capstone import x86_const as X
 from .. import layout
 from ..errors import RelocationError
 from .asm import CodeBuffer
-from .relocate import relocate
+from .relocate import decoder, relocate
 
 JUMP_SIZE = 5
 RED_ZONE = 128
 INT3 = 0xCC
 
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_cs.detail = True
-_cs.skipdata = False
+_cs = decoder()
 
 _STATUS = ("CF", "PF", "AF", "ZF", "SF", "OF")
 _WRITE_KINDS = ("MODIFY", "RESET", "SET", "UNDEFINED")

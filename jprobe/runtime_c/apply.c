@@ -1,0 +1,1080 @@
+// SPDX-License-Identifier: MIT
+/*
+ * apply.c - `jprobe run`: the plans applied in-process.
+ *
+ * jprobe plans every module the probes name (jprobe_plan.h) and starts the
+ * program with the runtime preloaded.  For each loaded object that is one
+ * of the planned modules, the runtime
+ *
+ *  1. writes the plan's probe table into a TABLE record of the counters
+ *     file (shm.c), so that its hits outlive the process however it ends,
+ *  2. maps the trampolines (anonymous memory) and the table (that record,
+ *     shared) next to the module: where the plan put them or, when that is
+ *     taken, wherever every rel32 between them and the module still
+ *     reaches (the plan lists the fields to adjust),
+ *  3. serves the module like a patched file's (runtime.c), with its
+ *     per-thread blocks in the counters file too, and
+ *  4. writes the sites: a jump to the trampoline, or a trap.
+ *
+ * Nothing is written to a site whose bytes are not the ones the plan was
+ * made for, nor to an object that is not the file that was planned.
+ */
+#include "rt.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/membarrier.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define JP_NO_FIXUP	0xff		/* jp_plan_patch.patch_fixup: a trap site */
+#define JP_INT3		0xcc
+/* Where a rel32 reaches: trampolines go no farther from their module. */
+#define JP_REACH	(INT64_C(1) << 31)
+/* Placement candidates, when the plan's own place is taken. */
+#define JP_STEP		(UINT64_C(1) << 20)
+/* Left free above the program break, for the heap to grow into. */
+#define JP_HEAP_ROOM	(UINT64_C(1) << 30)
+/* Blocks of ended threads kept per module for new threads. */
+#define JP_SPARE_BLOCKS	64
+
+/* A module patched in this process: where its plan's pieces went. */
+struct placement {
+	uint32_t index;			/* in the plan file, and in its records */
+	const struct jp_plan_module *plan;
+	const ElfW(Phdr) *phdr;		/* the object's, for its segments' rights */
+	int phnum;
+	uintptr_t start, end;		/* the object's extent */
+	int64_t delta;			/* text and data from where the plan put them */
+	uintptr_t text, data;		/* run-time addresses */
+	size_t text_len, data_len;	/* mapped bytes */
+	uint64_t record;		/* file offset of the table's TABLE payload */
+	bool *site_ok;			/* per probe: its site is as planned */
+	struct trap_index *traps;	/* its trap sites, built before they are written */
+	struct trap_index *jumps;	/* its jump sites, likewise */
+	uint64_t *spare[JP_SPARE_BLOCKS];	/* under blocks_lock */
+	int nspare;
+};
+
+static const char *plan;		/* the plan file, mapped read-only */
+static size_t plan_len;
+static size_t page_size;
+/* Below the main thread's stack, room for it to grow: never placed there. */
+static uintptr_t stack_floor;
+
+/* ---- the plan file ---------------------------------------------------- */
+
+/* `len` bytes at file offset `off`, or NULL when the file is shorter. */
+static const void *plan_bytes(uint64_t off, uint64_t len)
+{
+	if (off > plan_len || len > plan_len - off)
+		return NULL;
+	return plan + off;
+}
+
+static const struct jp_plan_header *plan_header(void)
+{
+	return (const struct jp_plan_header *)plan;
+}
+
+static const struct jp_plan_module *plan_module(uint32_t i)
+{
+	return (const struct jp_plan_module *)(plan_header() + 1) + i;
+}
+
+/* A string of the plan's pool ("" when damaged). */
+static const char *plan_string(uint32_t off)
+{
+	uint64_t at = plan_header()->strings + off;
+
+	if (at >= plan_len || !memchr(plan + at, '\0', plan_len - at))
+		return "";
+	return plan + at;
+}
+
+static const struct jp_plan_patch *plan_patches(const struct jp_plan_module *pm)
+{
+	return (const struct jp_plan_patch *)(plan + pm->patches);
+}
+
+static const struct jp_table *plan_table(const struct jp_plan_module *pm)
+{
+	return (const struct jp_table *)(plan + pm->data);
+}
+
+/* The probe descriptors of the plan's table, in the plan file. */
+static const struct jp_probe *plan_probes(const struct jp_plan_module *pm)
+{
+	return (const struct jp_probe *)(plan + pm->data +
+					 (plan_table(pm)->probes - pm->data_vaddr));
+}
+
+/* Whether `[at, at + len)` lies within `[lo, lo + size)`. */
+static bool inside(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
+{
+	return at >= lo && at - lo <= size && len <= size - (at - lo);
+}
+
+/* The table the plan carries: whole, and pointing only into itself. */
+static bool table_valid(const struct jp_plan_module *pm)
+{
+	const struct jp_table *t = plan_table(pm);
+	uint64_t strings_size, n = t->nprobes;
+	const struct jp_probe *p;
+	uint64_t i;
+
+	if (pm->data_size < sizeof(*t) || memcmp(t->magic, JP_MAGIC, JP_MAGIC_LEN) ||
+	    t->version != JP_TABLE_VERSION || n != pm->npatches ||
+	    !inside(t->probes, n * sizeof(*p), pm->data_vaddr, pm->data_size) ||
+	    !inside(t->strings, 1, pm->data_vaddr, pm->data_size) ||
+	    plan[pm->data + pm->data_size - 1] != '\0')
+		return false;
+	strings_size = pm->data_vaddr + pm->data_size - t->strings;
+	p = plan_probes(pm);
+	for (i = 0; i < n; i++)
+		if (p[i].id != i || p[i].spec >= strings_size ||
+		    p[i].lib >= strings_size || p[i].func >= strings_size ||
+		    (p[i].mechanism == JP_MECH_TRAP &&
+		     !inside(p[i].resume, 1, pm->text_vaddr, pm->text_size)))
+			return false;
+	return true;
+}
+
+/*
+ * Whether a module's plan is whole and consistent.  A damaged plan is a
+ * bug of jprobe's, but it must not crash the program it runs.
+ */
+static bool module_valid(const struct jp_plan_module *pm)
+{
+	const struct jp_plan_patch *pp;
+	const uint32_t *fixups;
+	uint64_t i;
+
+	if (pm->npatches == 0 || pm->text_size == 0 ||
+	    pm->nfixups > plan_len || pm->npatches > plan_len ||
+	    pm->build_id_len > sizeof(pm->build_id) ||
+	    pm->text_vaddr % page_size || pm->data_vaddr % page_size ||
+	    pm->data_vaddr < pm->text_vaddr ||
+	    pm->data_vaddr - pm->text_vaddr < pm->text_size ||
+	    !plan_bytes(pm->text, pm->text_size) ||
+	    !plan_bytes(pm->data, pm->data_size) || pm->data % 8 ||
+	    !plan_bytes(pm->fixups, pm->nfixups * sizeof(*fixups)) || pm->fixups % 4 ||
+	    !plan_bytes(pm->patches, pm->npatches * sizeof(*pp)) || pm->patches % 8 ||
+	    !table_valid(pm))
+		return false;
+	fixups = (const uint32_t *)(plan + pm->fixups);
+	for (i = 0; i < pm->nfixups; i++)
+		if (!inside(fixups[i], 4, 0, pm->text_size))
+			return false;
+	pp = plan_patches(pm);
+	for (i = 0; i < pm->npatches; i++)
+		if (pp[i].len == 0 || pp[i].len > JP_PATCH_MAX ||
+		    (pp[i].patch_fixup != JP_NO_FIXUP &&
+		     !inside(pp[i].patch_fixup, 4, 0, pp[i].len)))
+			return false;
+	return true;
+}
+
+/* Room for the main thread's stack to grow, which nothing may take. */
+static void find_stack_floor(void)
+{
+	uintptr_t here = (uintptr_t)__builtin_frame_address(0);
+	uint64_t room = UINT64_C(1) << 30;
+	struct rlimit rl;
+
+	if (!getrlimit(RLIMIT_STACK, &rl) && rl.rlim_cur != RLIM_INFINITY)
+		room = rl.rlim_cur > (UINT64_C(256) << 20) ? rl.rlim_cur : UINT64_C(256) << 20;
+	stack_floor = here > room ? here - room : 0;
+}
+
+/*
+ * Map the plan file `jprobe run` wrote, and check all of it.  Called from
+ * the constructor, on the main thread.  False: nothing is applied.
+ */
+bool plan_open(const char *path)
+{
+	const struct jp_plan_header *h;
+	struct stat st;
+	void *base;
+	uint32_t i;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	page_size = sysconf(_SC_PAGESIZE);
+	find_stack_floor();
+	if (fd < 0 || fstat(fd, &st) || st.st_size < (off_t)sizeof(*h)) {
+		record_error("%s: cannot read the plan file; nothing probed", path);
+		if (fd >= 0)
+			close(fd);
+		return false;
+	}
+	base = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+	close(fd);
+	if (base == MAP_FAILED) {
+		record_error("%s: cannot map the plan file: %s", path, strerror(errno));
+		return false;
+	}
+	plan = base;
+	plan_len = st.st_size;
+	h = plan_header();
+	if (memcmp(h->magic, JP_PLAN_MAGIC, sizeof(h->magic)) ||
+	    h->version != JP_PLAN_VERSION || h->nmodules > JP_MAX_MODULES ||
+	    !plan_bytes(sizeof(*h), (uint64_t)h->nmodules * sizeof(struct jp_plan_module)))
+		goto bad;
+	for (i = 0; i < h->nmodules; i++)
+		if (!module_valid(plan_module(i)))
+			goto bad;
+	return true;
+bad:
+	record_error("%s: not a plan file this runtime can apply; nothing probed", path);
+	munmap(base, plan_len);
+	plan = NULL;
+	return false;
+}
+
+/* ---- callbacks -------------------------------------------------------- */
+
+/* A callback resolved at start-up, for a probe of the plan. */
+struct planned_callback {
+	uint64_t fn;			/* 0: none */
+	bool novec;			/* its JP_PROBE_NOVEC promise holds */
+};
+
+/* Per module of the plan: per probe, or NULL when it has no callbacks. */
+static struct planned_callback *planned_callbacks[JP_MAX_MODULES];
+
+/* A string of the table a module's plan carries. */
+static const char *plan_table_string(const struct jp_plan_module *pm, uint64_t off)
+{
+	return plan + pm->data + (plan_table(pm)->strings - pm->data_vaddr) + off;
+}
+
+/*
+ * The callbacks of every planned module, loaded into the program's
+ * namespace from the constructor: a module dlopen()ed later is patched
+ * from inside the dynamic loader (audit.c), where nothing may be
+ * dlopen()ed.  This also keeps the libraries' allocations ahead of any
+ * probe on malloc().
+ */
+void load_planned_callbacks(void)
+{
+	uint32_t i, j;
+
+	for (i = 0; plan && i < plan_header()->nmodules; i++) {
+		const struct jp_plan_module *pm = plan_module(i);
+		const struct jp_probe *p = plan_probes(pm);
+
+		for (j = 0; j < pm->npatches; j++) {
+			struct planned_callback *cb;
+
+			if (p[j].handler != JP_HANDLER_CALLBACK)
+				continue;
+			if (!planned_callbacks[i])
+				planned_callbacks[i] = calloc(pm->npatches, sizeof(*cb));
+			if (!planned_callbacks[i])
+				return;
+			cb = &planned_callbacks[i][j];
+			cb->fn = load_callback(plan_string(pm->path),
+					       plan_table_string(pm, p[j].spec),
+					       plan_table_string(pm, p[j].lib),
+					       plan_table_string(pm, p[j].func),
+					       &p[j], &cb->novec);
+		}
+	}
+}
+
+static void install_callbacks(struct jp_module *m)
+{
+	const struct planned_callback *cb = planned_callbacks[m->placed->index];
+	struct jp_probe *p = probes_of(m);
+	uint32_t i;
+
+	for (i = 0; cb && i < m->table->nprobes; i++)
+		if (cb[i].fn)
+			install_callback(&p[i], cb[i].fn, cb[i].novec,
+					 table_string(m, p[i].lib));
+}
+
+/* ---- which loaded objects are planned modules ------------------------ */
+
+/* A loaded object that is a planned module, not patched yet. */
+struct candidate {
+	uint32_t index;
+	char *dl_name;
+	uintptr_t bias;
+	const ElfW(Phdr) *phdr;
+	int phnum;
+};
+
+/* What one scan found.  Static, under scan_lock: a scan must not allocate. */
+struct match {
+	struct stat planned[JP_MAX_MODULES];	/* st_ino 0: no such file */
+	struct candidate c[JP_MAX_MODULES];
+	int n;
+	bool past_main;
+	const char *only;		/* just this object (and only_bias), or all */
+	uintptr_t only_bias;
+};
+
+static struct match match;
+
+/* The extent of an object in memory. */
+static void extent(const ElfW(Phdr) *phdr, int phnum, uintptr_t bias,
+		   uintptr_t *start, uintptr_t *end)
+{
+	int i;
+
+	*start = UINTPTR_MAX;
+	*end = 0;
+	for (i = 0; i < phnum; i++) {
+		if (phdr[i].p_type != PT_LOAD)
+			continue;
+		if (bias + phdr[i].p_vaddr < *start)
+			*start = bias + phdr[i].p_vaddr;
+		if (bias + phdr[i].p_vaddr + phdr[i].p_memsz > *end)
+			*end = bias + phdr[i].p_vaddr + phdr[i].p_memsz;
+	}
+}
+
+/*
+ * A placed module whose object was dlclose()d: its trampolines and table
+ * go (the table's record keeps its hits), and no trap is taken for its
+ * sites any more.
+ */
+static void retire(struct jp_module *m)
+{
+	__atomic_store_n(&m->live, 0, __ATOMIC_RELEASE);
+	munmap((void *)m->placed->text, m->placed->text_len);
+	munmap((void *)m->placed->data, m->placed->data_len);
+}
+
+/*
+ * Whether the object is one we patched already.  The loader reports an
+ * object only once while it is loaded: an object over the addresses of a
+ * placed module proves that module's object gone (dlclose()), and one
+ * just mapped under the same name at the same address (`fresh`) is a new
+ * copy of it.  Either way the old module is retired.
+ */
+static bool placed_already(const struct dl_phdr_info *info, bool fresh)
+{
+	uintptr_t start, end;
+	bool same;
+	int i;
+
+	extent(info->dlpi_phdr, info->dlpi_phnum, info->dlpi_addr, &start, &end);
+	for (i = 0; i < nmodules; i++) {
+		struct jp_module *m = &modules[i];
+
+		if (!m->placed || !m->live || m->placed->end <= start ||
+		    m->placed->start >= end)
+			continue;
+		same = m->bias == info->dlpi_addr && !strcmp(m->dl_name, info->dlpi_name);
+		if (same && !fresh)
+			return true;
+		retire(m);
+	}
+	return false;
+}
+
+/*
+ * Which planned module the object is, if any.  A build-id decides; without
+ * one, the same file (device and inode, so any path to it) with the size
+ * and time it had when planned.  The same file changed since is an error,
+ * and so is a different build-id; an unrelated object is just not ours
+ * (the main program after an exec of another one, say).  The plan's main
+ * program ("" by name) can only be the main program.
+ */
+static int identify(struct match *q, const struct dl_phdr_info *info, bool main)
+{
+	const char *file = main ? "/proc/self/exe" : info->dlpi_name;
+	uint8_t id[sizeof(((struct jp_plan_module *)0)->build_id)];
+	size_t id_len = object_build_id(info, id, sizeof(id));
+	struct stat st;
+	bool have_st = !stat(file, &st);
+	uint32_t i;
+
+	for (i = 0; i < plan_header()->nmodules; i++) {
+		const struct jp_plan_module *pm = plan_module(i);
+		const char *path = plan_string(pm->path);
+		bool same_file = have_st && q->planned[i].st_ino &&
+				 st.st_dev == q->planned[i].st_dev &&
+				 st.st_ino == q->planned[i].st_ino;
+
+		if (!main && !plan_string(pm->name)[0])
+			continue;
+		if (pm->build_id_len) {
+			if (id_len == pm->build_id_len && !memcmp(id, pm->build_id, id_len))
+				return i;
+			if (same_file)
+				record_error("%s: build-id differs from the plan's; not patched",
+					     path);
+		} else if (same_file) {
+			if ((uint64_t)st.st_size == pm->size &&
+			    (uint64_t)st.st_mtime == pm->mtime)
+				return i;
+			record_error("%s: changed since it was planned; not patched", path);
+		}
+	}
+	return -1;
+}
+
+/* dl_iterate_phdr callback: note the objects that are planned modules. */
+static int match_object(struct dl_phdr_info *info, size_t size, void *data)
+{
+	struct match *q = data;
+	bool main = !q->past_main;	/* the main program comes first */
+	struct candidate *c;
+	int index;
+
+	(void)size;
+	q->past_main = true;
+	if ((q->only && (info->dlpi_addr != q->only_bias ||
+			 strcmp(info->dlpi_name, q->only))) ||
+	    (!main && !info->dlpi_name[0]) || placed_already(info, q->only))
+		return 0;
+	index = identify(q, info, main);
+	if (index < 0 || q->n == JP_MAX_MODULES)
+		return 0;
+	c = &q->c[q->n];
+	c->dl_name = strdup(info->dlpi_name);
+	if (!c->dl_name)
+		return 0;
+	c->index = index;
+	c->bias = info->dlpi_addr;
+	c->phdr = info->dlpi_phdr;
+	c->phnum = info->dlpi_phnum;
+	q->n++;
+	return 0;
+}
+
+/* ---- placing the trampolines and the table ---------------------------- */
+
+/* The loadable segment holding `[vaddr, vaddr + len)`, or NULL. */
+static const ElfW(Phdr) *segment_of(const struct placement *pl, uint64_t vaddr,
+				    uint64_t len)
+{
+	int i;
+
+	for (i = 0; i < pl->phnum; i++) {
+		const ElfW(Phdr) *ph = &pl->phdr[i];
+
+		if (ph->p_type == PT_LOAD && inside(vaddr, len, ph->p_vaddr, ph->p_filesz))
+			return ph;
+	}
+	return NULL;
+}
+
+/*
+ * Which sites hold the bytes the plan was made for, in executable code;
+ * false when none does.  A site that does not is left alone (a debugger's
+ * breakpoint, another tool's patch): the other probes go on.
+ */
+static bool check_sites(struct placement *pl, uintptr_t bias)
+{
+	const struct jp_plan_module *pm = pl->plan;
+	const struct jp_plan_patch *pp = plan_patches(pm);
+	const struct jp_probe *p = plan_probes(pm);
+	const char *strings = plan + pm->data + (plan_table(pm)->strings - pm->data_vaddr);
+	bool any = false;
+	uint32_t i;
+
+	pl->site_ok = calloc(pm->npatches, sizeof(bool));
+	if (!pl->site_ok)
+		return false;
+	for (i = 0; i < pm->npatches; i++) {
+		const ElfW(Phdr) *ph = segment_of(pl, pp[i].vaddr, pp[i].len);
+
+		if (ph && (ph->p_flags & PF_X) &&
+		    !memcmp((void *)(bias + pp[i].vaddr), pp[i].original, pp[i].len))
+			any = pl->site_ok[i] = true;
+		else
+			record_error("%s: the code at 0x%" PRIx64 " differs from the plan's; probe %s not patched",
+				     plan_string(pm->path), pp[i].vaddr, strings + p[i].spec);
+	}
+	return any;
+}
+
+/* A TABLE record holding the plan's table: where its hits will go. */
+static bool claim_table(struct placement *pl)
+{
+	const struct jp_plan_module *pm = pl->plan;
+	struct jp_shm_record *rec;
+	void *payload = counters_claim(pl->index, pm->data_size, true, &rec);
+
+	if (!payload) {
+		record_error("%s: no room in the counters file; not patched",
+			     plan_string(pm->path));
+		return false;
+	}
+	memcpy(payload, plan + pm->data, pm->data_size);
+	counters_publish(rec, JP_SHM_TABLE);
+	pl->record = counters_offset(payload);
+	return true;
+}
+
+static int32_t get32(const void *p)
+{
+	int32_t v;
+
+	memcpy(&v, p, sizeof(v));
+	return v;
+}
+
+static void put32(void *p, int32_t v)
+{
+	memcpy(p, &v, sizeof(v));
+}
+
+static void narrow(int64_t *lo, int64_t *hi, int64_t min, int64_t max)
+{
+	if (min > *lo)
+		*lo = min;
+	if (max < *hi)
+		*hi = max;
+}
+
+/*
+ * The deltas [lo, hi] that keep every adjusted rel32 in range: the fix-ups
+ * in the trampolines lose delta, the jumps at the sites gain it.
+ */
+static void reach(const struct placement *pl, int64_t *lo, int64_t *hi)
+{
+	const struct jp_plan_module *pm = pl->plan;
+	const uint32_t *fixups = (const uint32_t *)(plan + pm->fixups);
+	const struct jp_plan_patch *pp = plan_patches(pm);
+	const char *text = plan + pm->text;
+	uint64_t i;
+
+	*lo = -JP_REACH;
+	*hi = JP_REACH;
+	for (i = 0; i < pm->nfixups; i++) {
+		int64_t v = get32(text + fixups[i]);
+
+		narrow(lo, hi, v - INT32_MAX, v - INT32_MIN);
+	}
+	for (i = 0; i < pm->npatches; i++) {
+		int64_t v;
+
+		if (!pl->site_ok[i] || pp[i].patch_fixup == JP_NO_FIXUP)
+			continue;
+		v = get32(pp[i].patched + pp[i].patch_fixup);
+		narrow(lo, hi, INT32_MIN - v, INT32_MAX - v);
+	}
+}
+
+/*
+ * Whether `[start, end)` is the heap's to grow into or the main stack's.
+ * Mapping there would not fail now, but would make brk() or the stack fail
+ * later, where the program did not expect it.
+ */
+static bool kept_free(uintptr_t start, uintptr_t end)
+{
+	uintptr_t brk = (uintptr_t)sbrk(0);
+
+	if (brk != (uintptr_t)-1 && end > brk && start < brk + JP_HEAP_ROOM)
+		return true;
+	return end > stack_floor;
+}
+
+/* A mapping at exactly `at`, never over another one; NULL if not there. */
+static void *map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
+			 uint64_t off)
+{
+	void *p = mmap((void *)at, len, prot, flags | MAP_FIXED_NOREPLACE, fd, off);
+
+	if (p == MAP_FAILED)
+		return NULL;
+	if (p != (void *)at) {		/* before Linux 4.17 the flag is only a hint */
+		munmap(p, len);
+		return NULL;
+	}
+	return p;
+}
+
+/* Both regions `delta` away from where the plan put them, if both are free. */
+static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
+{
+	const struct jp_plan_module *pm = pl->plan;
+	uintptr_t text = bias + pm->text_vaddr + delta;
+	uintptr_t data = bias + pm->data_vaddr + delta;
+	void *t;
+
+	if (kept_free(text, data + pl->data_len))
+		return false;
+	t = map_exactly(text, pl->text_len, PROT_READ | PROT_WRITE,
+			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (!t)
+		return false;
+	if (!map_exactly(data, pl->data_len, PROT_READ | PROT_WRITE, MAP_SHARED,
+			 counters_fd(), pl->record)) {
+		munmap(t, pl->text_len);
+		return false;
+	}
+	pl->delta = delta;
+	pl->text = text;
+	pl->data = data;
+	return true;
+}
+
+/*
+ * Map text and data: where the plan put them (right after the module), or
+ * else the first place in 1 MiB steps above the module, then below it,
+ * where both fit and everything still reaches.
+ */
+static bool place(struct placement *pl, uintptr_t bias)
+{
+	const struct jp_plan_module *pm = pl->plan;
+	uint64_t span = pm->data_vaddr - pm->text_vaddr + pl->data_len;
+	int64_t origin = bias + pm->text_vaddr, lo, hi;
+	uintptr_t start, end, at;
+
+	reach(pl, &lo, &hi);
+	if (lo > hi)
+		return false;
+	if (lo <= 0 && hi >= 0 && map_at(pl, bias, 0))
+		return true;
+	start = pl->start;
+	end = pl->end;
+	for (at = align_up(end, JP_STEP); (int64_t)at - origin <= hi; at += JP_STEP)
+		if ((int64_t)at - origin >= lo && map_at(pl, bias, (int64_t)at - origin))
+			return true;
+	if (start < span + JP_STEP)
+		return false;
+	for (at = (start - span) & ~(JP_STEP - 1); at >= JP_STEP &&
+	     (int64_t)at - origin >= lo; at -= JP_STEP)
+		if ((int64_t)at - origin <= hi && map_at(pl, bias, (int64_t)at - origin))
+			return true;
+	return false;
+}
+
+/* The trampolines, adjusted to where they are, then never writable again. */
+static bool fill_text(struct placement *pl)
+{
+	const struct jp_plan_module *pm = pl->plan;
+	const uint32_t *fixups = (const uint32_t *)(plan + pm->fixups);
+	char *text = (char *)pl->text;
+	uint64_t i;
+
+	memcpy(text, plan + pm->text, pm->text_size);
+	for (i = 0; i < pm->nfixups; i++)
+		put32(text + fixups[i], get32(text + fixups[i]) - pl->delta);
+	if (mprotect(text, pl->text_len, PROT_READ | PROT_EXEC)) {
+		record_error("%s: cannot make its trampolines executable: %s",
+			     plan_string(pm->path), strerror(errno));
+		return false;
+	}
+	return true;
+}
+
+static int compare_sites(const void *a, const void *b)
+{
+	const struct trap_site *x = a, *y = b;
+
+	return x->pc < y->pc ? -1 : x->pc > y->pc;
+}
+
+/* The module's jump sites that will be written, sorted (see trap_handler). */
+static struct trap_index *jump_index(struct jp_module *m)
+{
+	const struct placement *pl = m->placed;
+	const struct jp_plan_patch *pp = plan_patches(pl->plan);
+	struct trap_index *idx;
+	uint32_t i, n = 0;
+
+	for (i = 0; i < pl->plan->npatches; i++)
+		n += pl->site_ok[i] && pp[i].patch_fixup != JP_NO_FIXUP;
+	idx = malloc(sizeof(*idx) + n * sizeof(idx->site[0]));
+	if (!idx)
+		return NULL;
+	idx->n = 0;
+	for (i = 0; i < pl->plan->npatches; i++) {
+		if (!pl->site_ok[i] || pp[i].patch_fixup == JP_NO_FIXUP)
+			continue;
+		idx->site[idx->n].pc = m->bias + pp[i].vaddr;
+		idx->site[idx->n].resume = 0;
+		idx->site[idx->n].probe = &probes_of(m)[i];
+		idx->n++;
+	}
+	qsort(idx->site, idx->n, sizeof(idx->site[0]), compare_sites);
+	return idx;
+}
+
+/* The module's trap sites that will be written. */
+static struct trap_index *trap_index(struct jp_module *m)
+{
+	struct trap_index *idx = build_trap_index(m);
+	size_t i, n = 0;
+
+	if (!idx)
+		return NULL;
+	for (i = 0; i < idx->n; i++)
+		if (m->placed->site_ok[idx->site[i].probe->id])
+			idx->site[n++] = idx->site[i];
+	idx->n = n;
+	return idx;
+}
+
+/*
+ * Everything that may allocate, before any site is written: once malloc()
+ * is probed, our own calls would be counted as the program's.
+ */
+static struct jp_module *prepare(struct candidate *c)
+{
+	const struct jp_plan_module *pm = plan_module(c->index);
+	struct placement *pl = calloc(1, sizeof(*pl));
+	struct jp_module *m;
+
+	if (!pl)
+		return NULL;
+	pl->index = c->index;
+	pl->plan = pm;
+	pl->phdr = c->phdr;
+	pl->phnum = c->phnum;
+	pl->text_len = align_up(pm->text_size, page_size);
+	pl->data_len = align_up(pm->data_size, page_size);
+	extent(c->phdr, c->phnum, c->bias, &pl->start, &pl->end);
+	if (!check_sites(pl, c->bias) || !claim_table(pl))
+		goto fail;
+	if (!place(pl, c->bias)) {
+		record_error("%s: no free address space within reach for its trampolines; not patched",
+			     plan_string(pm->path));
+		goto fail;
+	}
+	if (!fill_text(pl))
+		goto unmap;
+	m = add_module(c->dl_name, c->bias, (struct jp_table *)pl->data,
+		       c->bias + pl->delta, pl);
+	if (!m)
+		goto unmap;
+	c->dl_name = NULL;		/* the module owns it now */
+	pl->traps = trap_index(m);
+	pl->jumps = jump_index(m);
+	return m;
+unmap:
+	munmap((void *)pl->text, pl->text_len);
+	munmap((void *)pl->data, pl->data_len);
+fail:
+	free(pl->site_ok);
+	free(pl);
+	return NULL;
+}
+
+/* ---- writing the sites ------------------------------------------------ */
+
+/*
+ * Whether other threads may be running.  (/proc/self/status, not
+ * /proc/self/task: reading a directory allocates.)
+ */
+static bool other_threads(void)
+{
+	char status[4096];
+	const char *p;
+	ssize_t n;
+	int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return true;
+	n = read(fd, status, sizeof(status) - 1);
+	close(fd);
+	if (n <= 0)
+		return true;
+	status[n] = '\0';
+	p = strstr(status, "\nThreads:");
+	return !p || strtol(p + strlen("\nThreads:"), NULL, 10) != 1;
+}
+
+static long membarrier(int cmd)
+{
+	return syscall(__NR_membarrier, cmd, 0, 0);
+}
+
+/*
+ * Make every core of the process discard whatever it may have fetched of
+ * code we changed before it runs it (the SDM's cross-modifying code).
+ */
+static bool sync_cores(void)
+{
+	return !membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE);
+}
+
+/*
+ * Write code bytes, the first one last, with the pages writable only
+ * meanwhile and executable throughout: a thread may be running there.
+ */
+static bool poke(uintptr_t at, const uint8_t *bytes, size_t len, int prot)
+{
+	uintptr_t lo = at & ~(page_size - 1), hi = align_up(at + len, page_size);
+	volatile uint8_t *code = (volatile uint8_t *)at;
+
+	if (mprotect((void *)lo, hi - lo, prot | PROT_WRITE))
+		return false;
+	while (len--)
+		code[len] = bytes[len];
+	return !mprotect((void *)lo, hi - lo, prot);
+}
+
+/*
+ * Write one site.  With other threads about, a jump must never be seen
+ * half-written: a one-byte trap goes first (a thread reaching it is sent
+ * back to run it again, see trap_handler), then the rest, then the first
+ * byte, each made visible to every core before the next.  A trap site
+ * changes only its first byte, and its trap is served before it is
+ * written.
+ *
+ * What this cannot see is a thread stopped between two of the instructions
+ * a jump replaces (not in a system call: the planner never moves one) for
+ * the whole time the site is written: it would resume inside the jump.
+ * Only stopping every thread would tell, and that would interrupt their
+ * system calls.  At start-up there is rarely another thread.
+ */
+static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
+{
+	const struct placement *pl = m->placed;
+	const struct jp_plan_patch *pp = &plan_patches(pl->plan)[i];
+	uint8_t code[JP_PATCH_MAX], busy = ud_traps ? JP_UD : JP_INT3;
+	uintptr_t site = m->bias + pp->vaddr;
+	bool ok;
+	int prot = prot_of(segment_of(pl, pp->vaddr, pp->len)->p_flags);
+
+	memcpy(code, pp->patched, pp->len);
+	if (pp->patch_fixup == JP_NO_FIXUP) {
+		code[0] = busy;
+		return poke(site, code, pp->len, prot);
+	}
+	put32(code + pp->patch_fixup, get32(code + pp->patch_fixup) + pl->delta);
+	if (!careful)
+		return poke(site, code, pp->len, prot);
+	if (!poke(site, &busy, 1, prot))
+		return false;
+	sync_cores();
+	if (!poke(site + 1, code + 1, pp->len - 1, prot)) {
+		poke(site, pp->original, 1, prot);	/* no thread may spin on it */
+		return false;
+	}
+	sync_cores();
+	ok = poke(site, code, 1, prot);
+	sync_cores();
+	return ok;
+}
+
+/*
+ * Whether the sites need the careful protocol, and if so, that it can be
+ * followed: our trap handler serves the placeholder traps, and cores can
+ * be synchronised (else the sites are still written in that order).
+ */
+static bool need_care(const struct jp_module *m)
+{
+	if (!other_threads())
+		return false;
+	if (!serve_traps())
+		return false;
+	if (membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) ||
+	    !sync_cores())
+		record_error("%s: patched while other threads ran, without membarrier(SYNC_CORE): %s",
+			     m->name, strerror(errno));
+	return true;
+}
+
+static void patch_sites(struct jp_module *m)
+{
+	const struct placement *pl = m->placed;
+	bool careful = need_care(m);
+	uint32_t i;
+
+	for (i = 0; i < pl->plan->npatches; i++)
+		if (pl->site_ok[i] && !write_site(m, i, careful))
+			record_error("%s: cannot write to its code at 0x%" PRIx64 ": %s",
+				     m->name, plan_patches(pl->plan)[i].vaddr,
+				     strerror(errno));
+}
+
+/*
+ * Serve the module, then write its sites: its callbacks are set, its
+ * traps served and its trampolines count per thread before the first site
+ * goes live.
+ */
+static void go_live(struct jp_module *m)
+{
+	if (!begin_set_up(m))
+		return;
+	install_callbacks(m);
+	publish_traps(m, m->placed->traps);
+	__atomic_store_n(&m->jumps, m->placed->jumps, __ATOMIC_RELEASE);
+	patch_sites(m);
+	end_set_up(m);
+}
+
+/*
+ * Patch the loaded objects that are planned modules and not patched yet
+ * (`match.only`: just that one).  Everything that allocates is done for
+ * all of them first.  Called with scan_lock held.
+ */
+static void apply(void)
+{
+	struct jp_module *fresh[JP_MAX_MODULES];
+	uint32_t i;
+	int j, n = 0;
+
+	match.n = 0;
+	match.past_main = false;
+	for (i = 0; i < plan_header()->nmodules; i++)
+		if (stat(plan_string(plan_module(i)->path), &match.planned[i]))
+			match.planned[i].st_ino = 0;
+	dl_iterate_phdr(match_object, &match);
+	for (j = 0; j < match.n; j++) {
+		struct jp_module *m = prepare(&match.c[j]);
+
+		if (m)
+			fresh[n++] = m;
+		free(match.c[j].dl_name);
+	}
+	for (j = 0; j < n; j++)
+		go_live(fresh[j]);
+}
+
+/* Every planned module loaded so far: at start-up, and after an exec. */
+void apply_plans(void)
+{
+	if (!plan)
+		return;
+	pthread_mutex_lock(&scan_lock);
+	match.only = NULL;
+	apply();
+	pthread_mutex_unlock(&scan_lock);
+}
+
+/*
+ * Called from inside the dynamic loader.  scan_lock is only ever contended
+ * by a rescan (jprobe_rt_rescan()), which may itself wait for the loader
+ * to open a callback library: so wait for it a while, not for ever.
+ */
+static bool lock_in_loader(const char *name)
+{
+	const struct timespec ms = { 0, 1000000 };
+	int tries = 1000;
+
+	while (pthread_mutex_trylock(&scan_lock)) {
+		if (!--tries) {
+			warn("%s: loaded while the runtime was busy; not patched", name);
+			return false;
+		}
+		nanosleep(&ms, NULL);
+	}
+	return true;
+}
+
+/*
+ * The audit hook (audit.c): an object the dynamic loader has just mapped,
+ * not yet relocated.
+ */
+static void audit_objopen(uintptr_t bias, const char *name)
+{
+	if (!lock_in_loader(name))
+		return;
+	match.only = name;
+	match.only_bias = bias;
+	apply();
+	pthread_mutex_unlock(&scan_lock);
+}
+
+/* Read by the LD_AUDIT copy of the runtime (audit.c); set once we serve. */
+JP_EXPORT void (*jprobe_rt_audit_hook)(uintptr_t bias, const char *name);
+
+void open_audit_hook(void)
+{
+	if (plan)
+		__atomic_store_n(&jprobe_rt_audit_hook, audit_objopen, __ATOMIC_RELEASE);
+}
+
+/* ---- counter blocks and fork ------------------------------------------ */
+
+/* A BLOCK record for a thread: one an ended thread left, or a new one. */
+uint64_t *placed_block(struct jp_module *m)
+{
+	struct placement *pl = m->placed;
+	struct jp_shm_record *rec;
+	uint64_t *counts = NULL;
+
+	pthread_mutex_lock(&blocks_lock);
+	if (pl->nspare)
+		counts = pl->spare[--pl->nspare];
+	pthread_mutex_unlock(&blocks_lock);
+	if (counts)
+		return counts;
+	counts = counters_claim(pl->index, m->table->nprobes * sizeof(uint64_t),
+				false, &rec);
+	if (counts)
+		counters_publish(rec, JP_SHM_BLOCK);
+	return counts;
+}
+
+/* A thread ended: its block keeps its hits, and takes a later thread's. */
+void release_block(struct jp_module *m, uint64_t *counts)
+{
+	struct placement *pl = m->placed;
+
+	pthread_mutex_lock(&blocks_lock);
+	if (pl->nspare < JP_SPARE_BLOCKS)
+		pl->spare[pl->nspare++] = counts;
+	pthread_mutex_unlock(&blocks_lock);
+}
+
+/*
+ * The child's own TABLE record, a copy of the parent's with no hits, mapped
+ * over the parent's at the same address: the trampolines see no change.
+ * If that fails the child goes on counting into its parent's record.
+ */
+static void move_table(struct jp_module *m)
+{
+	const struct placement *pl = m->placed;
+	const struct jp_plan_module *pm = pl->plan;
+	struct jp_shm_record *rec;
+	struct jp_probe *p;
+	char *copy = counters_claim(pl->index, pm->data_size, true, &rec);
+	uint32_t j;
+
+	if (!copy)
+		return;
+	memcpy(copy, (void *)pl->data, pm->data_size);
+	p = (struct jp_probe *)(copy + (m->table->probes - pm->data_vaddr));
+	for (j = 0; j < m->table->nprobes; j++)
+		p[j].hits = 0;
+	counters_publish(rec, JP_SHM_TABLE);
+	if (mmap((void *)pl->data, pl->data_len, PROT_READ | PROT_WRITE,
+		 MAP_SHARED | MAP_FIXED, counters_fd(), counters_offset(copy)) == MAP_FAILED)
+		warn("%s: cannot map a table for a forked child: %s", m->name,
+		     strerror(errno));
+}
+
+/*
+ * In a forked child (the forking thread only): records of its own for
+ * every placed module, so that `jprobe run` can tell its hits from its
+ * parent's.  Its thread's blocks were the parent's: it gets fresh ones,
+ * and the spare blocks stay the parent's.
+ */
+void placed_child_fork(void)
+{
+	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
+
+	for (i = 0; i < n; i++) {
+		struct jp_module *m = &modules[i];
+		bool had_block = false;
+
+		if (!m->placed || !m->live)
+			continue;
+		if (m->slot >= 0) {
+			had_block = tls_blocks[m->slot];
+			tls_blocks[m->slot] = NULL;
+		}
+		m->placed->nspare = 0;
+		move_table(m);
+		if (had_block)
+			attach_block(m);
+	}
+}

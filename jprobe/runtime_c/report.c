@@ -1,0 +1,292 @@
+// SPDX-License-Identifier: MIT
+/*
+ * report.c - the JSON report (SPEC §3) a patched program writes at exit
+ * when JPROBE_REPORT is set.  (Under `jprobe run` the counters file takes
+ * its place: jprobe reads it after the process tree has ended.)
+ */
+#include "rt.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+
+struct buf {
+	char *p;
+	size_t len, cap;
+	bool oom;
+};
+
+static void put(struct buf *b, const char *s, size_t n)
+{
+	if (b->oom)
+		return;
+	if (b->len + n + 1 > b->cap) {
+		size_t cap = b->cap ? b->cap : 4096;
+		char *p;
+
+		while (b->len + n + 1 > cap)
+			cap *= 2;
+		p = realloc(b->p, cap);
+		if (!p) {
+			b->oom = true;
+			return;
+		}
+		b->p = p;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, s, n);
+	b->len += n;
+	b->p[b->len] = '\0';
+}
+
+static void puts_(struct buf *b, const char *s)
+{
+	put(b, s, strlen(s));
+}
+
+static __attribute__((format(printf, 2, 3)))
+void putf(struct buf *b, const char *fmt, ...)
+{
+	char tmp[256];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		put(b, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
+}
+
+/* Length of the valid UTF-8 sequence at s, or 0 if it is not one. */
+static size_t utf8_len(const unsigned char *s)
+{
+	size_t n, i;
+	uint32_t c;
+
+	if (s[0] < 0x80)
+		return 1;
+	if (s[0] >= 0xc2 && s[0] <= 0xdf)
+		n = 2, c = s[0] & 0x1f;
+	else if (s[0] >= 0xe0 && s[0] <= 0xef)
+		n = 3, c = s[0] & 0x0f;
+	else if (s[0] >= 0xf0 && s[0] <= 0xf4)
+		n = 4, c = s[0] & 0x07;
+	else
+		return 0;
+	for (i = 1; i < n; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		c = (c << 6) | (s[i] & 0x3f);
+	}
+	if ((n == 3 && (c < 0x800 || (c >= 0xd800 && c <= 0xdfff))) ||
+	    (n == 4 && (c < 0x10000 || c > 0x10ffff)))
+		return 0;
+	return n;
+}
+
+/*
+ * A JSON string.  Paths are bytes, not text: a byte that is not valid
+ * UTF-8 becomes U+FFFD so that the report always parses.
+ */
+static void put_json_string(struct buf *b, const char *str)
+{
+	const unsigned char *s = (const unsigned char *)str;
+
+	put(b, "\"", 1);
+	while (*s) {
+		size_t n = utf8_len(s);
+
+		if (*s == '"' || *s == '\\') {
+			put(b, "\\", 1);
+			put(b, (const char *)s, 1);
+		} else if (*s == '\n') {
+			puts_(b, "\\n");
+		} else if (*s == '\t') {
+			puts_(b, "\\t");
+		} else if (*s < 0x20 || *s == 0x7f) {
+			putf(b, "\\u%04x", *s);
+		} else if (!n) {
+			puts_(b, "\\ufffd");
+			n = 1;
+		} else {
+			put(b, (const char *)s, n);
+			s += n;
+			continue;
+		}
+		s++;
+	}
+	put(b, "\"", 1);
+}
+
+static const char *mechanism_name(unsigned int mech)
+{
+	switch (mech) {
+	case JP_MECH_JUMP: return "jump";
+	case JP_MECH_PUN: return "pun";
+	case JP_MECH_EVICT: return "evict";
+	case JP_MECH_TRAP: return "trap";
+	default: return "unknown";
+	}
+}
+
+static void put_probe(struct buf *b, const struct jp_module *m,
+		      const struct jp_probe *p)
+{
+	puts_(b, "{\"probe\": ");
+	put_json_string(b, table_string(m, p->spec));
+	puts_(b, ", \"module\": ");
+	put_json_string(b, m->name);
+	putf(b, ", \"address\": \"0x%" PRIx64 "\", \"mechanism\": \"%s\", \"handler\": ",
+	     p->address, mechanism_name(p->mechanism));
+	if (p->handler == JP_HANDLER_CALLBACK) {
+		char *h = concat3(table_string(m, p->lib), ":",
+				  table_string(m, p->func));
+
+		put_json_string(b, h ? h : "callback");
+		free(h);
+	} else {
+		puts_(b, "\"count\"");
+	}
+	putf(b, ", \"hits\": %" PRIu64 ", \"lost\": 0}",
+	     probe_hits(m, p - probes_of(m)));
+}
+
+/*
+ * The JSON of SPEC §3 for every live module; false if nothing to say.
+ * Called with blocks_lock held, so no thread folds its counts meanwhile.
+ */
+static bool build_report(struct buf *b)
+{
+	bool first = true, any = false;
+	int i;
+	uint32_t j;
+
+	putf(b, "{\"pid\": %d, \"executable\": ", (int)getpid());
+	put_json_string(b, exe_path);
+	puts_(b, ",\n \"probes\": [");
+	for (i = 0; i < nmodules; i++) {
+		const struct jp_module *m = &modules[i];
+
+		if (!m->live || m->foreign)
+			continue;
+		any = true;
+		for (j = 0; j < m->table->nprobes; j++) {
+			puts_(b, first ? "\n  " : ",\n  ");
+			put_probe(b, m, &probes_of(m)[j]);
+			first = false;
+		}
+	}
+	puts_(b, "],\n \"errors\": [");
+	for (i = 0; i < nerrors; i++) {
+		if (i)
+			puts_(b, ", ");
+		put_json_string(b, errors[i]);
+	}
+	puts_(b, "]}\n");
+	return any && !b->oom;
+}
+
+/* The pid a report file starts with ({"pid": N, ...}), or -1. */
+static long report_pid(const char *path)
+{
+	char head[64], *p, *end;
+	long pid;
+	ssize_t n;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return -1;
+	n = read(fd, head, sizeof(head) - 1);
+	close(fd);
+	if (n <= 0)
+		return -1;
+	head[n] = '\0';
+	p = strstr(head, "\"pid\"");
+	if (!p)
+		return -1;
+	p += 5;
+	while (*p == ' ' || *p == ':' || *p == '\t' || *p == '\n')
+		p++;
+	pid = strtol(p, &end, 10);
+	return end == p ? -1 : pid;
+}
+
+static bool write_all(int fd, const char *p, size_t len)
+{
+	while (len) {
+		ssize_t n = write(fd, p, len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return false;
+		p += n;
+		len -= n;
+	}
+	return true;
+}
+
+/*
+ * Write atomically: a temporary file, then link() to PATH, which fails if
+ * PATH exists, so two processes exiting together cannot both take it.  If
+ * PATH holds another process's report, ours goes to PATH.PID; anything else
+ * in PATH (an empty file made for us) is replaced.  A forked child goes to
+ * PATH.PID straight away: it usually exits before the parent that waits for
+ * it, and PATH is the parent's.
+ */
+static void publish_report(const char *report_path, const char *text, size_t len)
+{
+	char tmp[PATH_MAX], alt[PATH_MAX];
+	const char *target = report_path;
+	long other;
+	int fd;
+
+	snprintf(tmp, sizeof(tmp), "%s.tmp.%d", report_path, (int)getpid());
+	snprintf(alt, sizeof(alt), "%s.%d", report_path, (int)getpid());
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+	if (fd < 0) {
+		warn("cannot write the report");
+		return;
+	}
+	if (!write_all(fd, text, len) || close(fd)) {
+		warn("cannot write the report");
+		unlink(tmp);
+		return;
+	}
+	if (forked_child) {
+		target = alt;
+	} else if (!link(tmp, report_path)) {
+		unlink(tmp);
+		return;
+	} else {
+		other = report_pid(report_path);
+		if (other > 0 && other != getpid())
+			target = alt;
+	}
+	if (rename(tmp, target)) {
+		warn("cannot rename the report into place");
+		unlink(tmp);
+	}
+}
+
+/* Write the report to `path` (absolute), if there is anything to report. */
+void write_report(const char *path)
+{
+	struct buf b = { 0 };
+	bool ok;
+
+	pthread_mutex_lock(&blocks_lock);
+	ok = build_report(&b);
+	pthread_mutex_unlock(&blocks_lock);
+	if (ok)
+		publish_report(path, b.p, b.len);
+	free(b.p);
+}

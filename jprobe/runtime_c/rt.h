@@ -1,0 +1,161 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * rt.h - what the files of the runtime share.
+ *
+ *	runtime.c	start-up and exit, the module list, probe tables, callbacks, fork
+ *	threads.c	per-thread counter blocks
+ *	traps.c		trap-fallback probes and the signal functions around them
+ *	report.c	the JSON report of a patched program (JPROBE_REPORT)
+ *	shm.c		the counters file of `jprobe run` (jprobe_shm.h)
+ *	apply.c		plans applied in-process for `jprobe run` (jprobe_plan.h)
+ *	audit.c		modules dlopen()ed later, patched before their code runs (LD_AUDIT)
+ *
+ * The library is built with -fvisibility=hidden: nothing here is exported.
+ * JP_EXPORT marks what a program or a tool may call, and the functions the
+ * runtime interposes.
+ */
+#ifndef JPROBE_RT_H
+#define JPROBE_RT_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <link.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "jprobe.h"
+#include "jprobe_plan.h"
+#include "jprobe_shm.h"
+#include "jprobe_table.h"
+
+#define JP_EXPORT	__attribute__((visibility("default")))
+#define JP_MAX_MODULES	256
+/* Modules 0..JP_TLS_SLOTS-1 count in per-thread blocks (threads.c). */
+#define JP_TLS_SLOTS	16
+
+/* One trap or jump site, sorted by run-time address for the signal handler. */
+struct trap_site {
+	uint64_t pc;			/* run-time address of the site */
+	uint64_t resume;		/* trap: run-time address of the out-of-line copy */
+	struct jp_probe *probe;
+};
+
+/*
+ * Published whole with one atomic pointer store, and never freed: the
+ * trap handler may still be reading a replaced one.
+ */
+struct trap_index {
+	size_t n;
+	struct trap_site site[];
+};
+
+struct placement;		/* apply.c: a module patched in-process */
+
+struct jp_module {
+	char *name;			/* absolute path, for the report */
+	char *dl_name;			/* the loader's name, to recognise it */
+	uintptr_t bias;			/* load bias: the sites are at bias + vaddr */
+	/*
+	 * Bias of the table's own addresses (probes, strings, resume): the
+	 * load bias when the table came in the file, bias + delta when
+	 * `jprobe run` placed it next to the module.
+	 */
+	uintptr_t tbias;
+	struct jp_table *table;
+	void *dl_base;			/* dladdr()'s base, to check liveness */
+	struct trap_index *traps;	/* atomic: read by the trap handler */
+	struct trap_index *jumps;	/* atomic: placed jump sites (traps.c) */
+	struct placement *placed;	/* NULL: the table is in the module's file */
+	int live;			/* atomic: 0 once its object is gone */
+	int slot;			/* its per-thread counter slot, or -1 */
+	bool resolved;			/* vec_mode, callbacks and traps set up */
+	bool foreign;			/* set up by another copy of the runtime */
+	bool seen;			/* scratch for rescans */
+};
+
+/*
+ * Modules are only ever appended; the trap handler reads them without a
+ * lock, so an entry is complete before nmodules is raised past it.
+ */
+extern struct jp_module modules[JP_MAX_MODULES];
+extern int nmodules;
+extern pthread_mutex_t scan_lock;
+
+extern bool ud_traps;		/* trap sites raise #UD, not int3 */
+extern bool forked_child;
+extern char exe_path[];
+
+/* runtime.c */
+extern char *errors[];
+extern int nerrors;
+__attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
+__attribute__((format(printf, 1, 2))) void record_error(const char *fmt, ...);
+void *next_symbol(void **slot, const char *name);
+char *concat3(const char *a, const char *b, const char *c);
+struct jp_probe *probes_of(const struct jp_module *m);
+const char *table_string(const struct jp_module *m, uint64_t off);
+size_t align_up(size_t n, size_t align);
+size_t object_build_id(const struct dl_phdr_info *info, uint8_t *id, size_t max);
+int prot_of(ElfW(Word) flags);
+struct jp_module *add_module(char *dl_name, uintptr_t bias,
+			     struct jp_table *table, uintptr_t tbias,
+			     struct placement *placed);
+struct trap_index *build_trap_index(struct jp_module *m);
+uint64_t load_callback(const char *module, const char *spec, const char *lib,
+		       const char *func, const struct jp_probe *p, bool *novec);
+void install_callback(struct jp_probe *p, uint64_t fn, bool novec, const char *lib);
+bool begin_set_up(struct jp_module *m);
+void publish_traps(struct jp_module *m, struct trap_index *idx);
+void end_set_up(struct jp_module *m);
+bool module_mapped(const struct jp_module *m);
+
+/* threads.c */
+extern __thread uint64_t *tls_blocks[JP_TLS_SLOTS]
+	__attribute__((tls_model("initial-exec")));
+extern pthread_mutex_t blocks_lock;
+extern int counting;
+int64_t tls_offset(int slot);
+void watch_thread_exits(void);
+void attach_block(struct jp_module *m);
+void forget_blocks(struct jp_module *m);
+uint64_t probe_hits(const struct jp_module *m, uint32_t j);
+void blocks_prepare_fork(void);
+void blocks_parent_fork(void);
+void blocks_child_fork(void);
+
+/* traps.c */
+#define JP_UD	0xd6		/* one byte, no instruction in 64-bit mode: #UD */
+void resolve_signal_functions(void);
+void arm_traps(struct jp_module *m, struct trap_index *idx);
+bool serve_traps(void);
+
+/* report.c */
+void write_report(const char *path);
+
+/* shm.c */
+bool counters_open(const char *path);
+int counters_fd(void);
+uint64_t counters_offset(const void *payload);
+void *counters_claim(uint32_t module, uint64_t size, bool page_aligned,
+		     struct jp_shm_record **rec);
+void counters_publish(struct jp_shm_record *rec, uint32_t kind);
+void counters_error(const char *msg);
+
+/* audit.c */
+bool audit_copy(void);
+
+/* apply.c */
+JP_EXPORT extern void (*jprobe_rt_audit_hook)(uintptr_t bias, const char *name);
+bool plan_open(const char *path);
+void load_planned_callbacks(void);
+void apply_plans(void);
+void open_audit_hook(void);
+uint64_t *placed_block(struct jp_module *m);
+void release_block(struct jp_module *m, uint64_t *counts);
+void placed_child_fork(void);
+
+#endif /* JPROBE_RT_H */

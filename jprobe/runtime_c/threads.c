@@ -1,0 +1,284 @@
+// SPDX-License-Identifier: MIT
+/*
+ * threads.c - per-thread counter blocks (see "Per-thread counters" in
+ * jprobe_table.h).
+ *
+ * A module's table says where (tls_off) its trampolines find the calling
+ * thread's block; a thread without one counts in the shared counters with a
+ * locked increment, which is as exact, only slower.  A block is malloc()ed
+ * for a table that came in a patched file and added into the shared counts
+ * when its thread ends; for a module `jprobe run` placed it is a BLOCK
+ * record of the counters file (apply.c), whose hits need no folding.
+ */
+#include "rt.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+/*
+ * One word of static TLS per module: this thread's block of counters for
+ * it, or NULL.  initial-exec, so that %fs + tls_off reaches it in every
+ * thread.  Few slots: a runtime brought in by dlopen() takes them from
+ * glibc's small static TLS reserve.
+ */
+__thread uint64_t *tls_blocks[JP_TLS_SLOTS]
+	__attribute__((tls_model("initial-exec")));
+
+/* A thread's malloc()ed counters for one module, listed until the thread ends. */
+struct block {
+	struct block *next;
+	struct jp_module *m;
+	uint32_t n;		/* nprobes, readable after the module is gone */
+	uint64_t counts[];
+};
+
+static struct block *blocks;
+pthread_mutex_t blocks_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_key_t exit_key;	/* its destructor ends a thread's blocks */
+static bool exit_key_ok;
+int counting;			/* atomic: some module counts per thread */
+
+typedef int (*create_fn)(pthread_t *, const pthread_attr_t *,
+			 void *(*)(void *), void *);
+static create_fn real_pthread_create_fn;
+
+/* %fs-relative offset of a slot; the same in every thread (initial-exec). */
+int64_t tls_offset(int slot)
+{
+	char *tp;
+
+	__asm__("mov %%fs:0, %0" : "=r"(tp));
+	return (char *)&tls_blocks[slot] - tp;
+}
+
+static void thread_exit(void *unused);
+
+/* Ask for thread_exit() at the end of every thread that gets a block. */
+void watch_thread_exits(void)
+{
+	if (!exit_key_ok)
+		exit_key_ok = !pthread_key_create(&exit_key, thread_exit);
+	next_symbol((void **)&real_pthread_create_fn, "pthread_create");
+}
+
+static uint64_t *malloc_block(struct jp_module *m)
+{
+	struct block *b;
+
+	b = calloc(1, sizeof(*b) + (size_t)m->table->nprobes * sizeof(uint64_t));
+	if (!b)
+		return NULL;
+	b->m = m;
+	b->n = m->table->nprobes;
+	pthread_mutex_lock(&blocks_lock);
+	b->next = blocks;
+	blocks = b;
+	pthread_mutex_unlock(&blocks_lock);
+	return b->counts;
+}
+
+/* Give the calling thread its own counters for module m. */
+void attach_block(struct jp_module *m)
+{
+	uint64_t *counts;
+
+	if (m->slot < 0 || tls_blocks[m->slot])
+		return;
+	counts = m->placed ? placed_block(m) : malloc_block(m);
+	if (!counts)
+		return;		/* the shared counters take this thread's hits */
+	__atomic_store_n(&tls_blocks[m->slot], counts, __ATOMIC_RELEASE);
+	if (exit_key_ok)
+		pthread_setspecific(exit_key, (void *)1);
+}
+
+/* A module loaded again: the blocks of its old incarnation start from zero. */
+void forget_blocks(struct jp_module *m)
+{
+	struct block *b;
+
+	pthread_mutex_lock(&blocks_lock);
+	for (b = blocks; b; b = b->next)
+		if (b->m == m)
+			memset(b->counts, 0, b->n * sizeof(uint64_t));
+	pthread_mutex_unlock(&blocks_lock);
+}
+
+/* A new thread: counters for every module set up so far. */
+static void attach_thread(void)
+{
+	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
+
+	for (i = 0; i < n; i++)
+		if (__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE) &&
+		    !modules[i].foreign)
+			attach_block(&modules[i]);
+}
+
+static void unlink_block(struct block *b)
+{
+	struct block **pp;
+
+	for (pp = &blocks; *pp; pp = &(*pp)->next)
+		if (*pp == b) {
+			*pp = b->next;
+			return;
+		}
+}
+
+/* A malloc()ed block's counts go into the shared totals. */
+static void fold_block(uint64_t *counts)
+{
+	struct block *b = (struct block *)((char *)counts - offsetof(struct block, counts));
+	bool mapped = module_mapped(b->m);	/* not under blocks_lock: dl lock */
+	uint32_t j;
+
+	pthread_mutex_lock(&blocks_lock);
+	if (mapped)
+		for (j = 0; j < b->n; j++)
+			if (counts[j])
+				__atomic_fetch_add(&probes_of(b->m)[j].hits,
+						   counts[j], __ATOMIC_RELAXED);
+	unlink_block(b);
+	pthread_mutex_unlock(&blocks_lock);
+	free(b);
+}
+
+/*
+ * Thread exit (pthread key destructor).  The TLS word is cleared first, so
+ * that a hit from here on (a later destructor) goes to the shared counter
+ * and is not lost.  Folding and unlinking happen under the lock the report
+ * takes, so a report sees each hit exactly once.  A BLOCK record keeps its
+ * hits in the counters file and goes back to its module for a later thread.
+ */
+static void thread_exit(void *unused)
+{
+	int s;
+
+	(void)unused;
+	for (s = 0; s < JP_TLS_SLOTS; s++) {
+		uint64_t *counts = tls_blocks[s];
+
+		if (!counts)
+			continue;
+		__atomic_store_n(&tls_blocks[s], NULL, __ATOMIC_RELAXED);
+		__atomic_signal_fence(__ATOMIC_SEQ_CST);
+		if (modules[s].placed)
+			release_block(&modules[s], counts);
+		else
+			fold_block(counts);
+	}
+}
+
+/* A probe's hits: the shared counter and every live thread's block. */
+uint64_t probe_hits(const struct jp_module *m, uint32_t j)
+{
+	uint64_t n = __atomic_load_n(&probes_of(m)[j].hits, __ATOMIC_RELAXED);
+	const struct block *b;
+
+	for (b = blocks; b; b = b->next)
+		if (b->m == m)
+			n += __atomic_load_n(&b->counts[j], __ATOMIC_RELAXED);
+	return n;
+}
+
+/* The block list stays consistent across fork(). */
+void blocks_prepare_fork(void)
+{
+	pthread_mutex_lock(&blocks_lock);
+}
+
+void blocks_parent_fork(void)
+{
+	pthread_mutex_unlock(&blocks_lock);
+}
+
+/*
+ * A forked child of a patched program counts its own hits only (SPEC §2):
+ * this thread's blocks start from zero, and the blocks of the threads that
+ * did not follow into the child are dropped.
+ */
+void blocks_child_fork(void)
+{
+	struct block **pp = &blocks, *b;
+
+	while ((b = *pp)) {
+		if (b->m->slot >= 0 && tls_blocks[b->m->slot] == b->counts) {
+			memset(b->counts, 0, b->n * sizeof(uint64_t));
+			pp = &b->next;
+		} else {
+			*pp = b->next;
+			free(b);
+		}
+	}
+	/* Locked by blocks_prepare_fork, or by a thread that did not follow. */
+	blocks_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
+}
+
+/*
+ * The start of a thread created through us: its function and argument.
+ * A fixed pool, not malloc(): under `jprobe run -p libc.so.6:malloc` our
+ * own calls would be counted as the program's.  A slot is busy from
+ * pthread_create() until the new thread has read it.
+ */
+struct start {
+	void *(*fn)(void *);
+	void *arg;
+	int busy;		/* atomic */
+};
+
+#define JP_STARTS	64
+static struct start starts[JP_STARTS];
+
+static struct start *get_start(void)
+{
+	int i;
+
+	for (i = 0; i < JP_STARTS; i++)
+		if (!__atomic_exchange_n(&starts[i].busy, 1, __ATOMIC_ACQUIRE))
+			return &starts[i];
+	return NULL;
+}
+
+static void put_start(struct start *s)
+{
+	__atomic_store_n(&s->busy, 0, __ATOMIC_RELEASE);
+}
+
+static void *start_thread(void *arg)
+{
+	struct start *s = arg;
+	void *(*fn)(void *) = s->fn;
+	void *fn_arg = s->arg;
+
+	put_start(s);
+	attach_thread();
+	return fn(fn_arg);
+}
+
+/*
+ * Interposed, so that threads count in blocks of their own from their
+ * first instruction.  Threads created behind our back (a runtime loaded by
+ * dlopen() is not ahead of libc), or while all start slots are busy, just
+ * use the shared counters.
+ */
+JP_EXPORT int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+			     void *(*fn)(void *), void *arg)
+{
+	create_fn real = next_symbol((void **)&real_pthread_create_fn,
+				     "pthread_create");
+	struct start *s;
+	int err;
+
+	if (!real)
+		return EAGAIN;
+	if (!__atomic_load_n(&counting, __ATOMIC_ACQUIRE) || !(s = get_start()))
+		return real(thread, attr, fn, arg);
+	s->fn = fn;
+	s->arg = arg;
+	err = real(thread, attr, start_thread, s);
+	if (err)
+		put_start(s);
+	return err;
+}

@@ -1,0 +1,553 @@
+// SPDX-License-Identifier: MIT
+/*
+ * traps.c - trap-fallback probes, and the signal functions around them.
+ *
+ * An int3 raises SIGTRAP; the handler counts, runs the callback and resumes
+ * at the out-of-line copy the planner made, while the program keeps seeing
+ * its own SIGTRAP handler.  Under a debugger (or JPROBE_TRAP=ud) each int3
+ * becomes a one-byte #UD first, served the same way through SIGILL.  The
+ * same handler sends a thread that meets a jump site while apply.c is
+ * writing it back to run the site again.
+ */
+#include "rt.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+/*
+ * Flags a callback may change through ctx->regs.rflags: the status flags
+ * and DF.  TF would single-step the program into SIGTRAPs that are not
+ * ours, and the system flags are not the program's to change anyway.
+ */
+#define JP_RFLAGS_WRITABLE	0xcd5UL		/* CF PF AF ZF SF DF OF */
+
+/*
+ * A signal trap probes raise: SIGTRAP (int3), and SIGILL once int3 is
+ * traded for #UD.  Once our handler serves it, the disposition the program
+ * believes it has is kept here (double-buffered) and gets every such
+ * signal that is not a probe's.
+ */
+struct chain {
+	int sig;
+	const char *name;
+	int active;			/* atomic: our handler is installed */
+	int cur;			/* atomic: index of the current act */
+	int busy;			/* atomic: writers' spin lock */
+	struct sigaction act[2];
+};
+
+enum { CHAIN_TRAP, CHAIN_ILL, NCHAINS };
+static struct chain chains[NCHAINS] = {
+	[CHAIN_TRAP] = { .sig = SIGTRAP, .name = "SIGTRAP" },
+	[CHAIN_ILL] = { .sig = SIGILL, .name = "SIGILL" },
+};
+
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+typedef sighandler_t (*signal_fn)(int, sighandler_t);
+typedef int (*sigmask_fn)(int, const sigset_t *, sigset_t *);
+
+static sigaction_fn real_sigaction_fn;
+static signal_fn real_signal_fn;
+static sigmask_fn real_sigprocmask_fn;
+static sigmask_fn real_pthread_sigmask_fn;
+
+static int real_sigaction(int sig, const struct sigaction *act,
+			  struct sigaction *old)
+{
+	sigaction_fn fn = next_symbol((void **)&real_sigaction_fn, "sigaction");
+
+	if (!fn) {
+		errno = ENOSYS;
+		return -1;
+	}
+	return fn(sig, act, old);
+}
+
+static int real_pthread_sigmask(int how, const sigset_t *set, sigset_t *old)
+{
+	sigmask_fn fn = next_symbol((void **)&real_pthread_sigmask_fn,
+				    "pthread_sigmask");
+
+	return fn ? fn(how, set, old) : ENOSYS;
+}
+
+/*
+ * Looked up in the constructor, and lazily in case the program calls them
+ * from a constructor that runs before ours.
+ */
+void resolve_signal_functions(void)
+{
+	next_symbol((void **)&real_sigaction_fn, "sigaction");
+	next_symbol((void **)&real_signal_fn, "signal");
+	next_symbol((void **)&real_sigprocmask_fn, "sigprocmask");
+	next_symbol((void **)&real_pthread_sigmask_fn, "pthread_sigmask");
+}
+
+/* The chain of a signal trap probes may raise, or NULL. */
+static struct chain *chain_of(int sig)
+{
+	int i;
+
+	for (i = 0; i < NCHAINS; i++)
+		if (chains[i].sig == sig)
+			return &chains[i];
+	return NULL;
+}
+
+/* Whether our handler serves c's signal (c may be NULL). */
+static bool serving(const struct chain *c)
+{
+	return c && __atomic_load_n(&c->active, __ATOMIC_ACQUIRE);
+}
+
+/*
+ * `set` without the signals our handler serves, in `copy`: a trap probe
+ * reached with its signal blocked would kill the process.
+ */
+static const sigset_t *without_ours(const sigset_t *set, sigset_t *copy)
+{
+	int i;
+
+	if (!set)
+		return NULL;
+	*copy = *set;
+	for (i = 0; i < NCHAINS; i++)
+		if (serving(&chains[i]))
+			sigdelset(copy, chains[i].sig);
+	return copy;
+}
+
+/* Async-signal-safe snapshot of the program's disposition. */
+static void chained_get(struct chain *c, struct sigaction *out)
+{
+	*out = c->act[__atomic_load_n(&c->cur, __ATOMIC_ACQUIRE)];
+}
+
+/*
+ * Writers fill the idle copy and flip the index, so a signal arriving
+ * meanwhile reads a whole disposition.  The spin lock only orders writers
+ * (sigaction calls on these signals, which are rare).
+ */
+static void chained_set(struct chain *c, const struct sigaction *act)
+{
+	int next;
+
+	while (__atomic_exchange_n(&c->busy, 1, __ATOMIC_ACQUIRE))
+		;
+	next = !__atomic_load_n(&c->cur, __ATOMIC_RELAXED);
+	c->act[next] = *act;
+	__atomic_store_n(&c->cur, next, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->busy, 0, __ATOMIC_RELEASE);
+}
+
+/* The first site at `pc` in a sorted index, and how many there are; NULL if none. */
+static const struct trap_site *search(const struct trap_index *idx, uint64_t pc,
+				      size_t *count)
+{
+	size_t lo = 0, hi = idx->n, end;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (idx->site[mid].pc < pc)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo == idx->n || idx->site[lo].pc != pc)
+		return NULL;
+	for (end = lo; end < idx->n && idx->site[end].pc == pc; end++)
+		;
+	*count = end - lo;
+	return &idx->site[lo];
+}
+
+/*
+ * The first of the trap sites at `pc` (several probes may share one site),
+ * and how many there are.  Lock-free: modules and indexes only grow, and
+ * an index is never freed once published.
+ */
+static const struct trap_site *find_trap(uint64_t pc, size_t *count)
+{
+	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
+
+	for (i = 0; i < n; i++) {
+		const struct trap_index *idx;
+		const struct trap_site *site;
+
+		if (!__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE))
+			continue;
+		idx = __atomic_load_n(&modules[i].traps, __ATOMIC_ACQUIRE);
+		if (idx && (site = search(idx, pc, count)))
+			return site;
+	}
+	return NULL;
+}
+
+/* Whether pc is a jump site apply.c patches (or has patched) in this process. */
+static bool is_jump_site(uint64_t pc)
+{
+	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
+	size_t count;
+
+	for (i = 0; i < n; i++) {
+		const struct trap_index *idx;
+
+		if (!__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE))
+			continue;
+		idx = __atomic_load_n(&modules[i].jumps, __ATOMIC_ACQUIRE);
+		if (idx && search(idx, pc, &count))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Run a callback as the trampolines would: it sees the registers at the
+ * probe (rip = the probe site) and may change any but rsp and rip.  The
+ * kernel's signal frame already keeps the vector and x87 state, and gives
+ * the handler an aligned stack with DF clear.
+ */
+static void run_callback(const struct trap_site *site, uint64_t cb,
+			 greg_t *gr)
+{
+	struct jprobe_ctx ctx;
+	struct jprobe_regs *r = &ctx.regs;
+	uint64_t efl = gr[REG_EFL];
+
+	r->rax = gr[REG_RAX];
+	r->rbx = gr[REG_RBX];
+	r->rcx = gr[REG_RCX];
+	r->rdx = gr[REG_RDX];
+	r->rsi = gr[REG_RSI];
+	r->rdi = gr[REG_RDI];
+	r->rbp = gr[REG_RBP];
+	r->rsp = gr[REG_RSP];
+	r->r8 = gr[REG_R8];
+	r->r9 = gr[REG_R9];
+	r->r10 = gr[REG_R10];
+	r->r11 = gr[REG_R11];
+	r->r12 = gr[REG_R12];
+	r->r13 = gr[REG_R13];
+	r->r14 = gr[REG_R14];
+	r->r15 = gr[REG_R15];
+	r->rip = site->pc;
+	r->rflags = efl;
+	ctx.probe_id = site->probe->id;
+	ctx.address = site->pc;
+
+	((jprobe_callback_t)(uintptr_t)cb)(&ctx);
+
+	gr[REG_RAX] = r->rax;
+	gr[REG_RBX] = r->rbx;
+	gr[REG_RCX] = r->rcx;
+	gr[REG_RDX] = r->rdx;
+	gr[REG_RSI] = r->rsi;
+	gr[REG_RDI] = r->rdi;
+	gr[REG_RBP] = r->rbp;
+	gr[REG_R8] = r->r8;
+	gr[REG_R9] = r->r9;
+	gr[REG_R10] = r->r10;
+	gr[REG_R11] = r->r11;
+	gr[REG_R12] = r->r12;
+	gr[REG_R13] = r->r13;
+	gr[REG_R14] = r->r14;
+	gr[REG_R15] = r->r15;
+	gr[REG_EFL] = (efl & ~JP_RFLAGS_WRITABLE) |
+		      (r->rflags & JP_RFLAGS_WRITABLE);
+}
+
+/*
+ * A signal the program's default disposition handles: it dies of it, as
+ * it would have without us (an int3 or #UD with the signal ignored kills
+ * as well).
+ */
+static void die_of(int sig)
+{
+	struct sigaction dfl;
+	sigset_t set;
+
+	memset(&dfl, 0, sizeof(dfl));
+	dfl.sa_handler = SIG_DFL;
+	real_sigaction(sig, &dfl, NULL);
+	sigemptyset(&set);
+	sigaddset(&set, sig);
+	real_pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+	raise(sig);
+}
+
+/* Hand a signal that is not a probe's to the handler the program installed. */
+static void forward(struct chain *c, siginfo_t *si, void *uc)
+{
+	struct sigaction act;
+	sigset_t mask, saved;
+	void *h;
+
+	chained_get(c, &act);
+	h = (void *)act.sa_handler;
+	if (h == (void *)SIG_IGN && si->si_code <= 0)
+		return;			/* a kill(): ignored */
+	if (h == (void *)SIG_DFL || h == (void *)SIG_IGN) {
+		die_of(c->sig);
+		return;
+	}
+	if (act.sa_flags & SA_RESETHAND) {
+		struct sigaction dfl;
+
+		memset(&dfl, 0, sizeof(dfl));
+		dfl.sa_handler = SIG_DFL;
+		chained_set(c, &dfl);
+	}
+	/* The mask the kernel would have applied, but never a probe's signal. */
+	real_pthread_sigmask(SIG_BLOCK, without_ours(&act.sa_mask, &mask), &saved);
+	if (act.sa_flags & SA_SIGINFO)
+		act.sa_sigaction(c->sig, si, uc);
+	else
+		act.sa_handler(c->sig);
+	real_pthread_sigmask(SIG_SETMASK, &saved, NULL);
+}
+
+/*
+ * An int3 leaves rip one past itself (SIGTRAP), a #UD at itself (SIGILL).
+ * A trap of ours is counted, its callback run, and the thread resumes at
+ * the out-of-line copy of the instruction the trap displaced: no
+ * single-stepping, so any number of threads can go through the site at
+ * once.  Only a kernel-generated signal (si_code > 0) can be ours; one
+ * sent by kill() never is.
+ *
+ * An int3 or #UD (si_code SI_KERNEL or ILL_ILLOPN, not a single-step) at a
+ * jump site is the placeholder apply.c writes while it changes the bytes
+ * behind it: the thread goes back to run the site again, and finds either
+ * the placeholder again or the finished jump.
+ */
+static void trap_handler(int sig, siginfo_t *si, void *ucv)
+{
+	ucontext_t *uc = ucv;
+	greg_t *gr = uc->uc_mcontext.gregs;
+	uint64_t pc = (uint64_t)gr[REG_RIP] - (sig == SIGTRAP);
+	const struct trap_site *site = NULL;
+	int saved_errno = errno;
+	size_t i, n = 0;
+
+	if (si->si_code > 0)
+		site = find_trap(pc, &n);
+	if (!site && (si->si_code == (sig == SIGTRAP ? SI_KERNEL : ILL_ILLOPN)) &&
+	    is_jump_site(pc)) {
+		gr[REG_RIP] = pc;
+		return;
+	}
+	if (!site) {
+		forward(chain_of(sig), si, ucv);
+		errno = saved_errno;
+		return;
+	}
+	for (i = 0; i < n; i++) {
+		struct jp_probe *p = site[i].probe;
+		uint64_t cb;
+
+		__atomic_fetch_add(&p->hits, 1, __ATOMIC_RELAXED);
+		cb = __atomic_load_n(&p->callback, __ATOMIC_ACQUIRE);
+		if (cb)
+			run_callback(&site[i], cb, gr);
+	}
+	gr[REG_RIP] = site->resume;
+	errno = saved_errno;
+}
+
+/*
+ * SA_NODEFER: a callback may itself reach a trap probe, and a trap with
+ * its signal blocked would kill the process.  No SA_ONSTACK: callbacks run
+ * on the probed thread's stack, as from the trampolines, not on a small
+ * alternate stack the program set up for its own emergencies.
+ */
+static void serve(struct chain *c)
+{
+	struct sigaction sa, old;
+	sigset_t set;
+
+	if (serving(c))
+		return;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = trap_handler;
+	sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
+	sigemptyset(&sa.sa_mask);
+	if (real_sigaction(c->sig, &sa, &old)) {
+		record_error("cannot install the %s handler: %s", c->name,
+			     strerror(errno));
+		return;
+	}
+	chained_set(c, &old);
+	__atomic_store_n(&c->active, 1, __ATOMIC_RELEASE);
+	/* A signal blocked since exec would turn our traps into deaths. */
+	sigemptyset(&set);
+	sigaddset(&set, c->sig);
+	real_pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+/*
+ * #UD instead of int3.  A debugger takes every SIGTRAP for one of its own
+ * breakpoints and drops it when the program goes on (gdb resumes it one
+ * byte into the probed instruction), while it passes SIGILL to the program
+ * (gdb: `handle SIGILL nostop noprint` hides it).  0xd6 is one byte and no
+ * instruction in 64-bit mode (JP_UD): the CPU raises #UD with rip at the
+ * site.
+ */
+struct ud_query {
+	const struct jp_module *m;
+	const struct trap_index *idx;
+};
+
+/*
+ * Trade the int3 at pc for JP_UD.  Only the int3 the planner wrote is
+ * touched, and the page is writable only for the one store (keeping its
+ * other rights, so that a thread running there does not fault).
+ */
+static void arm_ud_site(const struct jp_module *m, uint64_t pc, int prot)
+{
+	uintptr_t page_size = sysconf(_SC_PAGESIZE);
+	void *page = (void *)(uintptr_t)(pc & ~(page_size - 1));
+	unsigned char *code = (unsigned char *)(uintptr_t)pc;
+
+	if (*code != 0xcc) {
+		record_error("%s: no int3 at trap site 0x%" PRIx64 "; left as it is",
+			     m->name, pc - m->bias);
+		return;
+	}
+	if (mprotect(page, page_size, prot | PROT_WRITE)) {
+		record_error("%s: cannot write to code (%s); trap probes keep int3",
+			     m->name, strerror(errno));
+		return;
+	}
+	*code = JP_UD;
+	if (mprotect(page, page_size, prot))
+		record_error("%s: cannot restore the protection of its code: %s",
+			     m->name, strerror(errno));
+}
+
+/* dl_iterate_phdr callback: arm every site of the module in its segment. */
+static int arm_ud_object(struct dl_phdr_info *info, size_t size, void *data)
+{
+	const struct ud_query *q = data;
+	const struct trap_site *s = q->idx->site;
+	size_t i;
+	int j;
+
+	(void)size;
+	if (info->dlpi_addr != q->m->bias || strcmp(info->dlpi_name, q->m->dl_name))
+		return 0;
+	for (i = 0; i < q->idx->n; i++) {
+		uint64_t vaddr = s[i].pc - info->dlpi_addr;
+
+		if (i && s[i - 1].pc == s[i].pc)
+			continue;	/* probes sharing a site */
+		for (j = 0; j < info->dlpi_phnum; j++) {
+			const ElfW(Phdr) *ph = &info->dlpi_phdr[j];
+
+			if (ph->p_type == PT_LOAD && vaddr - ph->p_vaddr < ph->p_memsz) {
+				arm_ud_site(q->m, s[i].pc, prot_of(ph->p_flags));
+				break;
+			}
+		}
+	}
+	return 1;
+}
+
+/*
+ * Serve the signals the module's trap sites raise.  SIGTRAP stays served
+ * with #UD too: a site that could not be rewritten keeps its int3.  A
+ * placed module's sites are written with the right byte in the first
+ * place (apply.c).
+ */
+void arm_traps(struct jp_module *m, struct trap_index *idx)
+{
+	struct ud_query q = { m, idx };
+
+	if (serve_traps() && ud_traps && !m->placed)
+		dl_iterate_phdr(arm_ud_object, &q);
+}
+
+/* Serve the signals trap sites raise here: SIGTRAP, and SIGILL with #UD. */
+bool serve_traps(void)
+{
+	serve(&chains[CHAIN_TRAP]);
+	if (ud_traps)
+		serve(&chains[CHAIN_ILL]);
+	return serving(&chains[CHAIN_TRAP]) &&
+	       (!ud_traps || serving(&chains[CHAIN_ILL]));
+}
+
+/*
+ * Interposed signal functions.  The runtime comes first in the patched
+ * program's DT_NEEDED list, so the program's calls land here.  Until a trap
+ * probe exists they only pass through.  Afterwards the signals our handler
+ * serves stay ours: the program's handler is remembered (and reported back
+ * as its own) and receives every such signal that is not a probe's, and no
+ * mask may block them, since a blocked trap kills the process.
+ */
+JP_EXPORT int sigaction(int sig, const struct sigaction *act,
+			struct sigaction *oldact)
+{
+	struct chain *c = chain_of(sig);
+	struct sigaction copy;
+
+	if (act) {
+		copy = *act;
+		without_ours(&act->sa_mask, &copy.sa_mask);
+		act = &copy;
+	}
+	if (!serving(c))
+		return real_sigaction(sig, act, oldact);
+	if (oldact)
+		chained_get(c, oldact);
+	if (act)
+		chained_set(c, act);
+	return 0;
+}
+
+JP_EXPORT sighandler_t signal(int sig, sighandler_t handler)
+{
+	struct chain *c = chain_of(sig);
+	struct sigaction sa, old;
+	signal_fn fn;
+
+	if (!serving(c)) {
+		fn = next_symbol((void **)&real_signal_fn, "signal");
+		if (!fn) {
+			errno = ENOSYS;
+			return SIG_ERR;
+		}
+		return fn(sig, handler);
+	}
+	/* glibc's signal() has BSD semantics: restartable, not reset. */
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = handler;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	chained_get(c, &old);
+	chained_set(c, &sa);
+	return old.sa_handler;
+}
+
+JP_EXPORT int sigprocmask(int how, const sigset_t *set, sigset_t *oldset)
+{
+	sigmask_fn fn = next_symbol((void **)&real_sigprocmask_fn, "sigprocmask");
+	sigset_t copy;
+
+	if (!fn) {
+		errno = ENOSYS;
+		return -1;
+	}
+	return fn(how, without_ours(set, &copy), oldset);
+}
+
+JP_EXPORT int pthread_sigmask(int how, const sigset_t *set, sigset_t *oldset)
+{
+	sigset_t copy;
+
+	return real_pthread_sigmask(how, without_ours(set, &copy), oldset);
+}
+
