@@ -9,7 +9,9 @@ Workload: benchmarks/loop.c calls a noinline `target(i)` N times and prints the
 loop's ns/iteration (clock_gettime around the loop only, so patch-time,
 start-up and report-writing costs are excluded).  Every row reports the median
 of --runs runs.  Overhead is ns/iteration minus row (1)'s; the ratio compares a
-row's overhead with that of a jprobe `count` probe at `target`.
+row's overhead with that of a jprobe `count` probe at `target`.  Rows 2r and 4r run the loop
+under `jprobe run` instead of patching the file.  A second table shows how hits/s scale with
+threads (benchmarks/threads.c, T = 1, 2, 4, 8) under `jprobe run`.
 """
 from __future__ import annotations
 
@@ -74,6 +76,12 @@ def build():
         sh(["gcc", "-O2", "-shared", "-fPIC", "-I", REPO / "jprobe" / "runtime_c", "-o", lib, BENCH / f"{name}.c"])
         libs.append(lib)
     return loop, *libs
+
+
+def build_threads():
+    out = BUILD / "threads"
+    sh(["gcc", "-O2", "-g", "-fPIE", "-pie", "-pthread", "-o", out, BENCH / "threads.c"])
+    return out
 
 
 def symbol_address(binary, name):
@@ -147,6 +155,78 @@ def row_jprobe(loop, spec, n, runs, name):
         out.unlink()
     jprobe("patch", loop, "-o", out, "-p", spec)
     return median_runs(lambda: run_loop(out, n, expect_hits=n), runs)
+
+
+def jprobe_run(argv, spec, expect_hits):
+    """`jprobe run -p SPEC --report FILE -- ARGV`: its stdout, after checking the exit status
+    and that the report counts exactly expect_hits."""
+    d = Path(tempfile.mkdtemp(prefix="jpbench-run-"))
+    try:
+        report = d / "report.json"
+        r = sh([sys.executable, "-m", "jprobe", "run", "-p", spec, "--report", report, "--", *argv], check=False)
+        if r.returncode != 0:
+            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode
+            raise RuntimeError(f"jprobe run exited {r.returncode}: {last}")
+        if not report.exists():
+            raise RuntimeError("jprobe run wrote no --report")
+        hits = sum(p["hits"] for p in json.loads(report.read_text())["probes"])
+        if hits != expect_hits:
+            raise RuntimeError(f"jprobe run's report says {hits} hits, expected {expect_hits}")
+        return r.stdout
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def row_jprobe_run(loop, spec, n, runs):
+    """The loop started by `jprobe run`: the runtime patches it in-process at start-up."""
+    return median_runs(lambda: parse_ns(jprobe_run([loop, n], spec, n)), runs)
+
+
+def parse_rate(text):
+    m = re.search(r"calls_per_sec=([0-9.]+)", text)
+    if not m:
+        raise RuntimeError(f"no calls_per_sec in output: {text!r}")
+    return float(m.group(1))
+
+
+THREAD_COUNTS = (1, 2, 4, 8)
+
+
+def thread_scaling(prog, n, runs):
+    """benchmarks/threads.c, T threads pinned round-robin to the CPUs, each calling `target`
+    n times: {T: (median calls/s unprobed, median hits/s under `jprobe run -p target`)}.
+    The runs of the different T are interleaved, so that a change in the machine's other load
+    affects them alike.  Every probed run's report must count exactly T*n hits."""
+    plain = {t: [] for t in THREAD_COUNTS}
+    probed = {t: [] for t in THREAD_COUNTS}
+    for _ in range(runs):
+        for t in THREAD_COUNTS:
+            plain[t].append(parse_rate(sh([prog, t, n, "pin"]).stdout))
+            probed[t].append(parse_rate(jprobe_run([prog, t, n, "pin"], "target", t * n)))
+    return {t: (statistics.median(plain[t]), statistics.median(probed[t])) for t in THREAD_COUNTS}
+
+
+def thread_table(n, runs):
+    lines = ["", f"### Threads: `jprobe run -p target` on benchmarks/threads.c "
+                 f"({os.cpu_count()} CPUs; threads pinned round-robin; N = {fmt_n(n)} calls per thread)", ""]
+    try:
+        res = thread_scaling(build_threads(), n, runs)
+    except Exception as e:
+        return lines + [f"thread scaling failed: {e}"]
+    lines.append("| T | no probe: calls/s | speed-up vs T=1 | `jprobe run` count: hits/s | speed-up vs T=1 "
+                 "| report hits |")
+    lines.append("|---:|---:|---:|---:|---:|---|")
+    p1, j1 = res[1]
+    for t in THREAD_COUNTS:
+        p, j = res[t]
+        lines.append(f"| {t} | {p / 1e6:.0f} M | {p / p1:.2f}x | {j / 1e6:.0f} M | {j / j1:.2f}x "
+                     f"| = T x N in every run |")
+    speedup = res[2][1] / j1
+    lines.append("")
+    lines.append(f"Bar: 2 threads >= 1.6x one thread under `jprobe run`: "
+                 f"{speedup:.2f}x, {'met' if speedup >= 1.6 else 'NOT met'} "
+                 f"(unprobed the machine gives {res[2][0] / p1:.2f}x).")
+    return lines
 
 
 def tracefs_reason():
@@ -306,8 +386,15 @@ that of row (2).  jprobe rows check that the report counts exactly N hits.  Row 
 probe on the `call target` instruction of the loop, so it measures a relocated call that
 pushes the original return address.  Row (5) enables the uprobe as a tracefs event (each hit
 is a trap into the kernel plus a ring-buffer record); Row (6) spawns the loop under Frida and
-attaches a CModule `onEnter` to `target` before resuming it.  Rows whose tool is missing say
-why they were skipped.
+attaches a CModule `onEnter` to `target` before resuming it.  Rows 2r and 4r start the same
+loop with `jprobe run` (the preloaded runtime patches it in-process at start-up) instead of
+running a file written by `jprobe patch`.  Rows whose tool is missing say why they were skipped.
+
+The thread table runs `benchmarks/threads.c`: T threads, pinned round-robin to the CPUs the
+process may use, each call a noinline `target` N times after a common start barrier; the time
+runs from the barrier to the last join.  Each cell is the median over the runs of the aggregate
+calls (hits) per second, unprobed and under `jprobe run -p target`; every probed run's report
+must count exactly T x N hits.
 
 """
 
@@ -347,12 +434,16 @@ def main():
         ("1", "no probe", N_FAST, lambda: median_runs(lambda: run_loop(loop, N_FAST), a.runs)),
         ("2", "jprobe static `count` at `target` entry", N_FAST,
          lambda: row_jprobe(loop, "target", N_FAST, a.runs, "loop.count")),
+        ("2r", "`jprobe run` `count` at `target` entry", N_FAST,
+         lambda: row_jprobe_run(loop, "target", N_FAST, a.runs)),
         ("3", "jprobe static `count` on the `call target` site", N_FAST,
          lambda: row_jprobe(loop, f"main+{call_site - main_a:#x}", N_FAST, a.runs, "loop.callsite")),
         ("4", "jprobe static C callback (full context; vector state provably untouched) at `target`", N_CB,
          lambda: row_jprobe(loop, f"target={cb}:on_hit", N_CB, a.runs, "loop.callback")),
         ("4b", "jprobe static C callback using floating point (all vector state saved) at `target`", N_CB,
          lambda: row_jprobe(loop, f"target={cb_fp}:on_hit", N_CB, a.runs, "loop.callback_fp")),
+        ("4r", "`jprobe run` C callback (the vector-free one of row 4) at `target`", N_CB,
+         lambda: row_jprobe_run(loop, f"target={cb}:on_hit", N_CB, a.runs)),
         ("5", "kernel uprobe at `target` (tracefs event)", N_KERNEL,
          lambda: row_kernel_uprobe(loop, target, N_KERNEL, a.runs)),
         ("6", "Frida Interceptor, CModule onEnter at `target`", N_FRIDA,
@@ -389,6 +480,8 @@ def main():
         ratio = (over / count_over) if (over is not None and count_over and count_over > 0) else None
         lines.append(f"| {rid} | {label} | {fmt_n(n)} | {med:.2f} | "
                      f"{'' if over is None else f'{over:.2f}'} | {'' if ratio is None else f'{ratio:.1f}x'} |")
+    print("running thread scaling ...", file=sys.stderr, flush=True)
+    lines.extend(thread_table(N_FAST, a.runs))
     lines.append("")
     try:
         lines.append(syscall_proof(loop))

@@ -121,9 +121,13 @@ void *counters_claim(uint32_t module, uint64_t size, bool page_aligned,
 	next = __atomic_load_n(&header()->next, __ATOMIC_ACQUIRE);
 	do {
 		at = align_up(next, 8);
-		payload = at + sizeof(*r);
-		if (page_aligned)
-			payload = align_up(payload, sysconf(_SC_PAGESIZE));
+		/*
+		 * A table is mapped on its own pages; any other payload (a
+		 * thread's counter block) gets 128 bytes of its own, so two
+		 * threads never share a cache line or an adjacent-line pair.
+		 */
+		payload = align_up(at + sizeof(*r),
+				   page_aligned ? (uint64_t)sysconf(_SC_PAGESIZE) : 128);
 		end = payload + size;
 		if (end > JP_SHM_WINDOW || !grow(end))
 			return NULL;

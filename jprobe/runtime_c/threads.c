@@ -62,13 +62,17 @@ void watch_thread_exits(void)
 	next_symbol((void **)&real_pthread_create_fn, "pthread_create");
 }
 
+/* Whole 128-byte units: two threads' counters never share a cache line pair. */
 static uint64_t *malloc_block(struct jp_module *m)
 {
+	size_t size = sizeof(struct block) + (size_t)m->table->nprobes * sizeof(uint64_t);
 	struct block *b;
 
-	b = calloc(1, sizeof(*b) + (size_t)m->table->nprobes * sizeof(uint64_t));
+	size = (size + 127) & ~(size_t)127;
+	b = aligned_alloc(128, size);
 	if (!b)
 		return NULL;
+	memset(b, 0, size);
 	b->m = m;
 	b->n = m->table->nprobes;
 	pthread_mutex_lock(&blocks_lock);
