@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q -n 2 tests
 
 bench: install
-	$(PY) -m pip install -q '.[bench]' || echo "frida not installed: its row is skipped"
+	$(PY) -m pip install -q -e '.[bench]' || echo "frida not installed: its row is skipped"
 	$(PY) benchmarks/bench.py
 
 clean:

@@ -67,9 +67,12 @@ class Site:
     x87: bool = True
     function: Symbol | None = None
 
+    padding: int = 0                   # fill bytes after the function the patch spills into
+
     @property
     def length(self) -> int:
-        return sum(i.size for i in self.displaced)
+        """Bytes the patch covers."""
+        return sum(i.size for i in self.displaced) + self.padding
 
 
 class SiteAnalyzer:
@@ -151,10 +154,12 @@ class SiteAnalyzer:
                      else displaced)
         flags_live = not (sym is not None and address == sym.address) and not arch.flags_dead_after(following)
         if blocker is None:
-            n = len(displaced)
+            n, size = len(displaced), sum(i.size for i in displaced)
             what = "1 instruction" if n == 1 else f"{n} instructions"
-            return Site(address, "jump", f"displaces {what} ({sum(i.size for i in displaced)} bytes)",
-                        displaced, flags_live=flags_live, x87=x87, function=sym)
+            padding = max(0, arch.JUMP_SIZE - size)
+            spill = f" and {padding} byte(s) of the padding after {sym.name}" if padding else ""
+            return Site(address, "jump", f"displaces {what} ({size} bytes){spill}",
+                        displaced, flags_live=flags_live, x87=x87, function=sym, padding=padding)
         return Site(address, "trap", blocker, [first], flags_live=flags_live, x87=x87, function=sym)
 
     def _displace(self, first: CsInsn, facts: FunctionFacts | None) -> tuple[list[CsInsn], str | None]:
@@ -174,6 +179,8 @@ class SiteAnalyzer:
         i = facts.index_of(first.address)
         while size < arch.JUMP_SIZE:
             prev = displaced[-1]
+            if arch.ends_flow(prev) and i == len(facts.insns) - 1 and self._fill_after(facts, arch.JUMP_SIZE - size):
+                return displaced, None
             if arch.ends_flow(prev) or arch.is_call(prev):
                 return displaced, f"only {size} bytes up to `{prev.mnemonic}`, which ends the straight-line code"
             i += 1
@@ -193,6 +200,27 @@ class SiteAnalyzer:
             displaced.append(insn)
             size += insn.size
         return displaced, None
+
+
+    def _fill_after(self, facts: FunctionFacts, need: int) -> bool:
+        """True when `need` bytes after the function are alignment fill nothing can reach.
+
+        A function that ends in `ret` or `jmp` never runs into the bytes after it; when they
+        are the nop/int3 padding before the next function (no symbol, no branch target, no
+        other probe), a jump may spill into them. This is how a 1-4 byte function gets a jump.
+        """
+        end = facts.symbol.end
+        if not self.module.is_code(end, need):
+            return False
+        covered = 0
+        for insn in arch.decode(self.module.read(end, need + MAX_INSN), end):
+            if covered >= need:
+                break
+            if (insn.id not in arch.FILL or self.module.function_at(insn.address) is not None
+                    or insn.address in facts.targets or insn.address in self.reserved):
+                return False
+            covered += insn.size
+        return covered >= need
 
 
 def _text(insn: CsInsn) -> str:

@@ -85,3 +85,11 @@ def test_probes_whose_patches_overlap_are_refused(analyzer):
     assert analyzer.module.resolve("nosize").size == 0
     with pytest.raises(SiteError, match="is inside the instruction"):
         resolve_probes(analyzer.module, parse_probes([f"{at:#x}", f"{at + 2:#x}"]), strict=False)
+
+
+def test_short_function_spills_into_the_padding_after_it(analyzer):
+    s = site(analyzer, "padded")
+    assert (s.mechanism, s.padding, s.length) == ("jump", 1, 5)
+    assert "1 byte(s) of the padding after padded" in s.reason
+    s = site(analyzer, "padded", 3)                                    # the ret alone
+    assert (s.mechanism, s.padding, [i.mnemonic for i in s.displaced]) == ("jump", 4, ["ret"])

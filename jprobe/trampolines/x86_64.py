@@ -35,6 +35,7 @@ from .asm import CodeBuffer
 from .relocate import decoder, relocate
 
 JUMP_SIZE = 5
+FILL = {X.X86_INS_NOP, X.X86_INS_INT3}         # what compilers put between functions
 RED_ZONE = 128
 INT3 = 0xCC
 
