@@ -133,6 +133,7 @@ static bool table_valid(const struct jp_plan_module *pm)
 	if (pm->data_size < sizeof(*t) || memcmp(t->magic, JP_MAGIC, JP_MAGIC_LEN) ||
 	    t->version != JP_TABLE_VERSION || n != pm->npatches ||
 	    !inside(t->probes, n * sizeof(*p), pm->data_vaddr, pm->data_size) ||
+	    (t->probes - pm->data_vaddr) % 8 ||	/* locked adds must not split */
 	    !inside(t->strings, 1, pm->data_vaddr, pm->data_size) ||
 	    plan[pm->data + pm->data_size - 1] != '\0')
 		return false;
@@ -154,6 +155,7 @@ static bool table_valid(const struct jp_plan_module *pm)
 static bool module_valid(const struct jp_plan_module *pm)
 {
 	const struct jp_plan_patch *pp;
+	const struct jp_probe *p;
 	const uint32_t *fixups;
 	uint64_t i;
 
@@ -174,8 +176,15 @@ static bool module_valid(const struct jp_plan_module *pm)
 		if (!inside(fixups[i], 4, 0, pm->text_size))
 			return false;
 	pp = plan_patches(pm);
+	p = plan_probes(pm);
+	/*
+	 * Probe i is patch i: the trap handler goes by the probe's address
+	 * and mechanism, the writer by the patch.
+	 */
 	for (i = 0; i < pm->npatches; i++)
 		if (pp[i].len == 0 || pp[i].len > JP_PATCH_MAX ||
+		    p[i].address != pp[i].vaddr ||
+		    (p[i].mechanism == JP_MECH_TRAP) != (pp[i].patch_fixup == JP_NO_FIXUP) ||
 		    (pp[i].patch_fixup != JP_NO_FIXUP &&
 		     !inside(pp[i].patch_fixup, 4, 0, pp[i].len)))
 			return false;
@@ -721,6 +730,32 @@ static struct trap_index *trap_index(struct jp_module *m)
 }
 
 /*
+ * Only sites the trap handler knows are written: a trap it does not serve,
+ * or a jump's placeholder it cannot tell from the program's own, would
+ * kill the program (out of memory for an index, a trap with no resume).
+ */
+static void keep_served_sites(struct placement *pl)
+{
+	const struct jp_plan_patch *pp = plan_patches(pl->plan);
+	bool *served = calloc(pl->plan->npatches, sizeof(bool));
+	uint32_t i;
+	size_t j;
+
+	for (j = 0; served && pl->traps && j < pl->traps->n; j++)
+		served[pl->traps->site[j].probe->id] = true;
+	for (i = 0; i < pl->plan->npatches; i++) {
+		if (!pl->site_ok[i])
+			continue;
+		if (pp[i].patch_fixup == JP_NO_FIXUP ? !served || !served[i] : !pl->jumps) {
+			pl->site_ok[i] = false;
+			record_error("%s: out of memory or damaged plan; probe at 0x%" PRIx64 " not patched",
+				     plan_string(pl->plan->path), pp[i].vaddr);
+		}
+	}
+	free(served);
+}
+
+/*
  * Everything that may allocate, before any site is written: once malloc()
  * is probed, our own calls would be counted as the program's.
  */
@@ -755,6 +790,7 @@ static struct jp_module *prepare(struct candidate *c)
 	c->dl_name = NULL;		/* the module owns it now */
 	pl->traps = trap_index(m);
 	pl->jumps = jump_index(m);
+	keep_served_sites(pl);
 	return m;
 unmap:
 	munmap((void *)pl->text, pl->text_len);

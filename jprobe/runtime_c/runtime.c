@@ -262,7 +262,8 @@ size_t object_build_id(const struct dl_phdr_info *info, uint8_t *id, size_t max)
 			size_t desc_len = align_up(n->n_descsz, align);
 			const char *desc = p + sizeof(*n) + name_len;
 
-			if (name_len > (size_t)(end - p) || desc_len > (size_t)(end - desc))
+			if (name_len > (size_t)(end - p) - sizeof(*n) ||
+			    desc_len > (size_t)(end - desc))
 				break;
 			if (n->n_type == NT_GNU_BUILD_ID && n->n_namesz == 4 &&
 			    !memcmp(p + sizeof(*n), "GNU", 4)) {
@@ -447,12 +448,64 @@ struct found {
 	char *dl_name;
 	uintptr_t bias;
 	struct jp_table *table;
+	bool bad;			/* points outside its object: never used */
 };
 
 struct scan {
 	struct found found[JP_MAX_MODULES];
 	int n;
 };
+
+/* Whether `[at, at + len)` lies within `[lo, lo + size)`. */
+static bool within(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
+{
+	return at >= lo && at - lo <= size && len <= size - (at - lo);
+}
+
+/* Whether `[vaddr, vaddr + len)` is in one executable segment of the object. */
+static bool in_code(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len)
+{
+	int i;
+
+	for (i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+
+		if (ph->p_type == PT_LOAD && (ph->p_flags & PF_X) &&
+		    within(vaddr, len, ph->p_vaddr, ph->p_memsz))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * A table of this version that came in a file (segment `seg`): its probes
+ * and strings within the segment, the pool NUL-terminated, and trap sites
+ * and their resume points in the object's code.  A damaged file must not
+ * crash the program it is.
+ */
+static bool file_table_valid(const struct dl_phdr_info *info,
+			     const ElfW(Phdr) *seg, const struct jp_table *t)
+{
+	uint64_t lo = seg->p_vaddr, size = seg->p_memsz, n = t->nprobes;
+	const char *end = (const char *)(info->dlpi_addr + lo + size);
+	const struct jp_probe *p;
+	uint64_t i, strings_size;
+
+	if (t->version != JP_TABLE_VERSION)
+		return true;		/* add_file_module says why not */
+	if (!within(t->probes, n * sizeof(*p), lo, size) || (t->probes - lo) % 8 ||
+	    !within(t->strings, 1, lo, size) || end[-1] != '\0')
+		return false;
+	strings_size = lo + size - t->strings;
+	p = (const struct jp_probe *)(info->dlpi_addr + t->probes);
+	for (i = 0; i < n; i++)
+		if (p[i].id != i || p[i].spec >= strings_size ||
+		    p[i].lib >= strings_size || p[i].func >= strings_size ||
+		    (p[i].mechanism == JP_MECH_TRAP &&
+		     (!in_code(info, p[i].address, 1) || !in_code(info, p[i].resume, 1))))
+			return false;
+	return true;
+}
 
 /* dl_iterate_phdr callback: note every PT_LOAD segment that is a table. */
 static int find_tables(struct dl_phdr_info *info, size_t size, void *data)
@@ -476,6 +529,7 @@ static int find_tables(struct dl_phdr_info *info, size_t size, void *data)
 		s->found[s->n].dl_name = strdup(info->dlpi_name ? info->dlpi_name : "");
 		s->found[s->n].bias = info->dlpi_addr;
 		s->found[s->n].table = t;
+		s->found[s->n].bad = !file_table_valid(info, ph, t);
 		s->n++;
 	}
 	return 0;
@@ -612,6 +666,14 @@ static struct jp_module *add_file_module(struct found *f)
 {
 	struct jp_module *m;
 
+	if (f->bad) {
+		char *name = module_path(f->dl_name);
+
+		record_error("%s: damaged probe table; its probes are not served",
+			     name ? name : f->dl_name);
+		free(name);
+		return NULL;
+	}
 	if (f->table->version != JP_TABLE_VERSION) {
 		char *name = module_path(f->dl_name);
 

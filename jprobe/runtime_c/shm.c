@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* The most the file may grow to, seen from one process. */
@@ -32,6 +33,8 @@
 #define JP_SHM_HINT	((void *)(1UL << 44))
 
 static int shm_fd = -1;
+static dev_t shm_dev;		/* what shm_fd was opened on */
+static ino_t shm_ino;
 static char *shm_base;
 static uint64_t shm_size;	/* atomic: the file is at least this long */
 
@@ -44,6 +47,7 @@ static struct jp_shm_header *header(void)
 bool counters_open(const char *path)
 {
 	struct jp_shm_header head;
+	struct stat st;
 	void *base;
 	int fd = open(path, O_RDWR | O_CLOEXEC);
 
@@ -65,15 +69,33 @@ bool counters_open(const char *path)
 		close(fd);
 		return false;
 	}
+	if (fstat(fd, &st)) {
+		munmap(base, JP_SHM_WINDOW);
+		close(fd);
+		return false;
+	}
 	shm_fd = fd;
+	shm_dev = st.st_dev;
+	shm_ino = st.st_ino;
 	shm_base = base;
 	shm_size = sysconf(_SC_PAGESIZE);	/* the header page */
 	return true;
 }
 
+/*
+ * The counters file's descriptor, or -1 when the program closed it (daemons
+ * close every descriptor they did not open): the number may be one of the
+ * program's own files by now, which must never be grown or mapped.
+ */
 int counters_fd(void)
 {
-	return shm_fd;
+	struct stat st;
+	int saved_errno = errno;
+	bool ours = shm_fd >= 0 && !fstat(shm_fd, &st) &&
+		    st.st_dev == shm_dev && st.st_ino == shm_ino;
+
+	errno = saved_errno;
+	return ours ? shm_fd : -1;
 }
 
 /* File offset of a payload claimed here. */
@@ -86,12 +108,17 @@ uint64_t counters_offset(const void *payload)
 static bool grow(uint64_t end)
 {
 	uint64_t have = __atomic_load_n(&shm_size, __ATOMIC_ACQUIRE);
-	int err;
+	int err, fd;
 
 	if (end <= have)
 		return true;
 	end = align_up(end, JP_SHM_GROW);
-	err = posix_fallocate(shm_fd, have, end - have);
+	fd = counters_fd();
+	if (fd < 0) {
+		warn("the counters file was closed by the program");
+		return false;
+	}
+	err = posix_fallocate(fd, have, end - have);
 	if (err) {
 		warn("cannot grow the counters file: %s", strerror(err));
 		return false;
@@ -120,6 +147,9 @@ void *counters_claim(uint32_t module, uint64_t size, bool page_aligned,
 		return NULL;
 	next = __atomic_load_n(&header()->next, __ATOMIC_ACQUIRE);
 	do {
+		/* A damaged `next` must not wrap round onto the header. */
+		if (next < sizeof(struct jp_shm_header) || next > JP_SHM_WINDOW)
+			return NULL;
 		at = align_up(next, 8);
 		/*
 		 * A table is mapped on its own pages; any other payload (a

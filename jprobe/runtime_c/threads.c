@@ -255,9 +255,11 @@ static void *start_thread(void *arg)
 	struct start *s = arg;
 	void *(*fn)(void *) = s->fn;
 	void *fn_arg = s->arg;
+	int saved_errno = errno;
 
 	put_start(s);
 	attach_thread();
+	errno = saved_errno;	/* the thread starts as it would without us */
 	return fn(fn_arg);
 }
 

@@ -144,6 +144,23 @@ static void chained_set(struct chain *c, const struct sigaction *act)
 	__atomic_store_n(&c->busy, 0, __ATOMIC_RELEASE);
 }
 
+/*
+ * From the signal handler: never spin, since the writer holding the lock
+ * may be the very thread the signal interrupted.  Held: a sigaction() is
+ * replacing the disposition anyway, and its value wins.
+ */
+static void chained_try_set(struct chain *c, const struct sigaction *act)
+{
+	int next;
+
+	if (__atomic_exchange_n(&c->busy, 1, __ATOMIC_ACQUIRE))
+		return;
+	next = !__atomic_load_n(&c->cur, __ATOMIC_RELAXED);
+	c->act[next] = *act;
+	__atomic_store_n(&c->cur, next, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->busy, 0, __ATOMIC_RELEASE);
+}
+
 /* The first site at `pc` in a sorted index, and how many there are; NULL if none. */
 static const struct trap_site *search(const struct trap_index *idx, uint64_t pc,
 				      size_t *count)
@@ -300,7 +317,7 @@ static void forward(struct chain *c, siginfo_t *si, void *uc)
 
 		memset(&dfl, 0, sizeof(dfl));
 		dfl.sa_handler = SIG_DFL;
-		chained_set(c, &dfl);
+		chained_try_set(c, &dfl);
 	}
 	/* The mask the kernel would have applied, but never a probe's signal. */
 	real_pthread_sigmask(SIG_BLOCK, without_ours(&act.sa_mask, &mask), &saved);
