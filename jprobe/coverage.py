@@ -36,7 +36,11 @@ def site_table(path: str, symbol: str | None) -> tuple[str, list[dict]]:
     module = ElfModule(path)
     analyzer = SiteAnalyzer(module)
     if symbol is not None:
-        facts = analyzer.facts(module.resolve(symbol))
+        sym = module.resolve(symbol)
+        if not sym.size:
+            raise JprobeError(f"{path}: {sym.name} has no size in the symbol table, so its instructions "
+                              f"are unknown; probe it by address (`objdump -d` shows them)")
+        facts = analyzer.facts(sym)
         return os.path.abspath(path), [_row(analyzer, i) for i in facts.insns]
     rows = []
     for _, start, end in module.code_sections():

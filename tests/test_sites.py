@@ -93,3 +93,10 @@ def test_short_function_spills_into_the_padding_after_it(analyzer):
     assert "1 byte(s) of the padding after padded" in s.reason
     s = site(analyzer, "padded", 3)                                    # the ret alone
     assert (s.mechanism, s.padding, [i.mnemonic for i in s.displaced]) == ("jump", 4, ["ret"])
+
+
+def test_sites_of_a_symbol_without_size_is_bad_input(analyzer):
+    from jprobe.coverage import site_table
+    from jprobe.errors import JprobeError
+    with pytest.raises(JprobeError, match="nosize has no size"):
+        site_table(analyzer.module.path, "nosize")

@@ -42,6 +42,7 @@ class CodeBuffer:
         self.code = bytearray()
         self.labels: dict[str, int] = {}
         self._fixups: list[tuple[int, int, str, int]] = []   # (disp offset, end of insn, label, size)
+        self._fresh = 0
 
     @property
     def here(self) -> int:
@@ -55,11 +56,14 @@ class CodeBuffer:
         self.code += data
 
     def label(self, name: str) -> None:
+        if name in self.labels:
+            raise ValueError(f"label {name} defined twice")
         self.labels[name] = self.here
 
     def fresh(self, name: str) -> str:
         """A label name not used yet in this buffer."""
-        return f"{name}_{len(self.code)}_{len(self.labels)}_{len(self._fixups)}"
+        self._fresh += 1
+        return f"{name}.{self._fresh}"
 
     def rip(self, text: str, target: int | str) -> None:
         """One instruction whose `[rip]` operand must address `target` (an address or a label)."""
