@@ -809,20 +809,7 @@ fail:
  */
 static bool other_threads(void)
 {
-	char status[4096];
-	const char *p;
-	ssize_t n;
-	int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
-
-	if (fd < 0)
-		return true;
-	n = read(fd, status, sizeof(status) - 1);
-	close(fd);
-	if (n <= 0)
-		return true;
-	status[n] = '\0';
-	p = strstr(status, "\nThreads:");
-	return !p || strtol(p + strlen("\nThreads:"), NULL, 10) != 1;
+	return status_field("Threads", 2) != 1;
 }
 
 static long membarrier(int cmd)

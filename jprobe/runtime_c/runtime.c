@@ -860,23 +860,39 @@ JP_EXPORT void jprobe_rt_rescan(void)
 
 /* ---- start-up and exit ------------------------------------------------ */
 
-/* Whether a debugger (or any tracer) is attached: TracerPid is non-zero. */
-static bool traced(void)
+/*
+ * A numeric field of /proc/self/status ("Threads", "TracerPid"), or `dflt`
+ * when it cannot be read.  (No stdio: nothing here may allocate.)
+ */
+long status_field(const char *name, long dflt)
 {
-	char status[4096];
+	char status[4096], key[64];
+	size_t len = strlen(name);
 	const char *p;
 	ssize_t n;
-	int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+	int fd;
 
+	if (len + 3 > sizeof(key))
+		return dflt;
+	key[0] = '\n';
+	memcpy(key + 1, name, len);
+	memcpy(key + 1 + len, ":", 2);
+	fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
-		return false;
+		return dflt;
 	n = read(fd, status, sizeof(status) - 1);
 	close(fd);
 	if (n <= 0)
-		return false;
+		return dflt;
 	status[n] = '\0';
-	p = strstr(status, "\nTracerPid:");
-	return p && strtol(p + strlen("\nTracerPid:"), NULL, 10) != 0;
+	p = strstr(status, key);
+	return p ? strtol(p + strlen(key), NULL, 10) : dflt;
+}
+
+/* Whether a debugger (or any tracer) is attached. */
+static bool traced(void)
+{
+	return status_field("TracerPid", 0) != 0;
 }
 
 /*
