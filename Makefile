@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install demo test bench clean
+.PHONY: all install demo test bench coverage clean
 
 all: install
 
@@ -25,6 +25,9 @@ test: install
 bench: install
 	$(PY) -m pip install -q -e '.[bench]' || echo "frida not installed: its row is skipped"
 	$(PY) benchmarks/bench.py
+
+coverage: install
+	$(PY) benchmarks/coverage.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info jprobe/runtime_c/*.so examples/build benchmarks/build
