@@ -397,16 +397,14 @@ def kernel_uprobe_counts(binary, file_offsets, argv, env=None, private_copy=True
         counts = _read_profile(names)
         return [counts[n] for n in names], proc
     finally:
-        # unregistering costs tens of ms per uprobe (RCU grace periods): do it on a
-        # thread, so that the test goes on; Python joins the thread before it exits
-        def cleanup():
-            if enabled:
-                (TRACEFS / "events" / group / "enable").write_text("0\n")
-            if added:
-                _append(events, "\n".join(f"-:{group}/{n}" for n in names))
-            if private_copy:
-                shutil.rmtree(target.parent, ignore_errors=True)
-        threading.Thread(target=cleanup, name=f"uprobe-cleanup-{group}").start()
+        # Synchronously: a test that writes new files while the kernel is still tearing
+        # down uprobes of a deleted copy has seen an int3 of its own vanish.
+        if enabled:
+            (TRACEFS / "events" / group / "enable").write_text("0\n")
+        if added:
+            _append(events, "\n".join(f"-:{group}/{n}" for n in names))
+        if private_copy:
+            shutil.rmtree(target.parent, ignore_errors=True)
 
 
 def kernel_uprobe_count(binary, address_file_offset, argv, env=None) -> int:
