@@ -75,25 +75,26 @@ def apply_plan(plan: ModulePlan, binary: lief.ELF.Binary) -> None:
     binary.add_library(runtime_library())
 
 
-def write_atomically(binary: lief.ELF.Binary, plan: ModulePlan, input_path: str, output: str) -> None:
+def write_atomically(binary: lief.ELF.Binary, plan: ModulePlan, module: ElfModule, output: str) -> None:
     """Write next to `output`, check the result, then rename: never a half-written file."""
-    if os.path.abspath(output) == os.path.abspath(input_path):
+    if os.path.abspath(output) == os.path.abspath(module.path):
         raise OutputError(f"{output}: refusing to overwrite the input; choose another -o")
     with replacing(output, "-o") as tmp:
         binary.write(tmp)
-        original = lief.ELF.parse(input_path)
-        _restore_nobits_headers(tmp, original)
-        _verify(tmp, plan, original)
-        os.chmod(tmp, os.stat(input_path).st_mode & 0o777)       # no set-id bits on a rewritten file
+        _verify(_restore_nobits_headers(tmp, module.binary), plan, module.binary)
+        os.chmod(tmp, os.stat(module.path).st_mode & 0o777)       # no set-id bits on a rewritten file
 
 
-def _restore_nobits_headers(path: str, original: lief.ELF.Binary) -> None:
+def _restore_nobits_headers(path: str, original: lief.ELF.Binary) -> lief.ELF.Binary | None:
     """Put .bss-like section headers back where they were.
 
     When LIEF lays out the sections it adds, it moves NOBITS section headers after
     them, although their memory (and every reference to it) stays in place.
+    Returns the file as written.
     """
     out = lief.ELF.parse(path)
+    if out is None:
+        return None
     fixed = False
     for old in original.sections:
         if old.type != lief.ELF.Section.TYPE.NOBITS or not old.virtual_address:
@@ -104,12 +105,13 @@ def _restore_nobits_headers(path: str, original: lief.ELF.Binary) -> None:
             fixed = True
     if fixed:
         out.write(path)
+        out = lief.ELF.parse(path)
+    return out
 
 
-def _verify(path: str, plan: ModulePlan, original: lief.ELF.Binary) -> None:
+def _verify(out: lief.ELF.Binary | None, plan: ModulePlan, original: lief.ELF.Binary) -> None:
     """The written file holds the table and trampolines where the code expects them,
     and every original section is where it was."""
-    out = lief.ELF.parse(path)
     where = {(s.name, s.virtual_address, s.size) for s in original.sections if s.virtual_address}
     moved = where - {(s.name, s.virtual_address, s.size) for s in out.sections} if out is not None else where
     moved = {m for m in moved if m[0] not in _REBUILT}
@@ -135,5 +137,5 @@ def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: boo
     module = ElfModule(input_path)
     plan, binary = plan_file(module, specs, strict)
     apply_plan(plan, binary)
-    write_atomically(binary, plan, input_path, output)
+    write_atomically(binary, plan, module, output)
     return plan
