@@ -39,6 +39,13 @@ def find(name: str) -> str | None:
     return os.path.realpath(found) if found else None
 
 
+def tactics(rows: list[dict]) -> str:
+    """Shares per mechanism: jump (B1 and multi-instruction), pun (B2/T1), evict (T2), trap."""
+    n = len(rows) or 1
+    counts = {m: sum(r["mechanism"] == m for r in rows) for m in ("jump", "pun", "evict", "trap")}
+    return " / ".join(f"{100.0 * c / n:.2f}" for c in counts.values())
+
+
 def measure(name: str, path: str) -> list[str]:
     module = ElfModule(path)
     t0 = time.monotonic()
@@ -53,7 +60,7 @@ def measure(name: str, path: str) -> list[str]:
         patch_file(path, out, [f"{a:#x}" for a in sorted(entries)])
         patch_s = time.monotonic() - t0
         growth = os.path.getsize(out) / os.path.getsize(path)
-    return [name, share(rows), share(entry_rows), share(branch_rows), f"{sites_s:.0f} s",
+    return [name, share(rows), tactics(rows), share(entry_rows), share(branch_rows), f"{sites_s:.0f} s",
             f"{len(entries)} in {patch_s:.1f} s", f"{growth:.2f}×"]
 
 
@@ -62,13 +69,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "COVERAGE.md"))
     ap.add_argument("binaries", nargs="*", default=BINARIES)
     args = ap.parse_args()
-    lines = ["| binary | (a) instructions non-trap | (b) function entries non-trap | "
+    lines = ["| binary | (a) instructions non-trap | jump / pun / evict / trap % | (b) function entries non-trap | "
              "(c) jumps and calls non-trap | `sites` time | entries rewritten | size |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in args.binaries:
         path = find(name)
         if path is None:
-            lines.append(f"| {name} | not on this machine | | | | | |")
+            lines.append(f"| {name} | not on this machine | | | | | | |")
             continue
         print(f"measuring {name} ({path}) ...", file=sys.stderr, flush=True)
         lines.append("| " + " | ".join(measure(name, path)) + " |")

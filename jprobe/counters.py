@@ -38,13 +38,18 @@ def _records(data: bytes):
         at += -at % 8
 
 
-def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str]]:
-    """{(module index, probe index): {pid: hits}} and the error messages the processes left."""
+def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str], dict]:
+    """{(module index, probe index): {pid: hits}}, the error messages the processes left, and
+    {(module index, probe index): mechanism} as the runtime settled it (a pun whose island
+    was taken became a trap)."""
     with open(path, "rb") as f:
         data = f.read()
     table_size, probe_size = layout.sizeof("jp_table"), layout.sizeof("jp_probe")
     hits: dict = defaultdict(lambda: defaultdict(int))
     errors: list[str] = []
+    settled: dict = {}
+    names = {v: k for k, v in layout.MECHANISMS.items()}
+    mech_at = layout.offsetof("jp_probe", "mechanism")
     for kind, module, pid, payload in _records(data):
         if kind == layout.CONST["JP_SHM_ERROR"]:
             errors.append(payload.split(b"\0", 1)[0].decode(errors="replace"))
@@ -54,23 +59,27 @@ def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str
         n = len(modules[module].plan.probes)
         if kind == layout.CONST["JP_SHM_TABLE"]:
             counts = [struct.unpack_from("<Q", payload, table_size + i * probe_size)[0] for i in range(n)]
+            for i in range(n):
+                (mech,) = struct.unpack_from("<H", payload, table_size + i * probe_size + mech_at)
+                if mech in names and names[mech] == "trap":
+                    settled[(module, i)] = "trap"
         elif kind == layout.CONST["JP_SHM_BLOCK"]:
             counts = list(struct.unpack_from(f"<{n}Q", payload))
         else:
             continue
         for i, c in enumerate(counts):
             hits[(module, i)][pid] += c
-    return hits, errors
+    return hits, errors, settled
 
 
 def build_report(path: str, modules: list[PlannedModule], pid: int, executable: str) -> dict:
     """The SPEC §3 report of a whole `jprobe run` process tree (`by_pid` when several hit)."""
-    hits, errors = hits_by_pid(path, modules)
+    hits, errors, settled = hits_by_pid(path, modules)
     pids = sorted({p for per_pid in hits.values() for p in per_pid} - {pid})
 
     def report_of(one_pid: int) -> dict:
         probes = [{"probe": probe.target, "module": m.plan.module, "address": f"{probe.address:#x}",
-                   "mechanism": probe.mechanism, "handler": probe.handler,
+                   "mechanism": settled.get((i, j), probe.mechanism), "handler": probe.handler,
                    "hits": hits[(i, j)].get(one_pid, 0), "lost": 0}
                   for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)]
         return {"pid": one_pid, "executable": executable, "probes": probes, "errors": []}

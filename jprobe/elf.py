@@ -179,6 +179,21 @@ class ElfModule:
         """`size` bytes of the file's content at link-time address `address`."""
         return bytes(self.binary.get_content_from_virtual_address(address, size))
 
+    def start_of_image(self) -> int:
+        """The lowest address of any loaded segment."""
+        return min(s.virtual_address for s in self.binary.segments if s.type == lief.ELF.Segment.TYPE.LOAD)
+
+    @property
+    def fixed_address(self) -> bool:
+        """Linked to run at its link-time addresses (not PIE, not a shared library)."""
+        return self.binary.header.file_type == lief.ELF.Header.FILE_TYPE.EXEC
+
+    @property
+    def is_library(self) -> bool:
+        """A shared library (no program interpreter), as opposed to an executable."""
+        return (self.binary.header.file_type == lief.ELF.Header.FILE_TYPE.DYN
+                and not any(s.type == lief.ELF.Segment.TYPE.INTERP for s in self.binary.segments))
+
     def end_of_image(self) -> int:
         """The first address past every loaded segment."""
         return max(s.virtual_address + s.virtual_size for s in self.binary.segments

@@ -24,6 +24,8 @@ class ProbePlan:
     resume: int | None = None
     patch_fixup: int | None = None     # offset in `patched` of the rel32 that reaches the trampoline
     target: str = ""                   # the spec without its handler, as reports name the probe
+    islands: list[int] = field(default_factory=list)   # pun / evict: where its hops are
+    depends: int | None = None         # the probe site whose patched bytes this jump's rel32 reads
 
 
 @dataclass

@@ -9,20 +9,22 @@ from .elf import ElfModule
 from .callbacks import Callback, resolve_callback
 from .errors import SiteError, SymbolError
 from .plan import ModulePlan, ProbePlan
-from .sites import Site, SiteAnalyzer
+from .sites import Overlay, Site, SiteAnalyzer
 from .spec import ProbeSpec
 from .trampolines import x86_64 as arch
 from .trampolines.asm import CodeBuffer
 
 TABLE_SIZE = layout.sizeof("jp_table")
 PROBE_SIZE = layout.sizeof("jp_probe")
+ISLAND_SIZE = layout.sizeof("jp_island")
 
 
 @dataclass
 class ResolvedProbe:
     spec: ProbeSpec
     address: int
-    site: Site
+    site: Site                         # as analysed alone, before any pun or eviction
+    analyzer: SiteAnalyzer
     callback: Callback | None = None
 
 
@@ -52,11 +54,10 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
     analyzer.reserved = set(addresses)
     resolved = []
     for spec, address in zip(specs, addresses):
-        site = analyzer.analyse(address)
+        site = analyzer.analyse(address, tactics=False)
         if strict and site.mechanism == "trap":
-            raise SiteError(f"'{spec.text}': needs a trap at {address:#x} ({site.reason}); "
-                            f"drop --strict to accept the int3 fallback, or probe another instruction")
-        resolved.append(ResolvedProbe(spec, address, site, resolve_callback(spec)))
+            _refuse_trap(spec, analyzer.shorten(site, analyzer.islands(), Overlay(module)))
+        resolved.append(ResolvedProbe(spec, address, site, analyzer, resolve_callback(spec)))
     # Outside any function symbol nothing says where instructions start, so one probe's
     # bytes may cover another's address: both patches would corrupt each other.
     by_address = sorted(resolved, key=lambda p: p.address)
@@ -66,6 +67,41 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
                             f"'{before.spec.text}' patches ({before.address:#x}, {before.site.length} bytes); "
                             f"give addresses that `objdump -d` prints as instruction starts")
     return resolved
+
+
+def _refuse_trap(spec: ProbeSpec, site: Site) -> None:
+    if site.mechanism == "trap":
+        raise SiteError(f"'{spec.text}': needs a trap at {site.address:#x} ({site.reason}); "
+                        f"drop --strict to accept the int3 fallback, or probe another instruction")
+
+
+def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], patched: dict[int, bytes],
+                        strict: bool, tactics: bool) -> dict[int, Site]:
+    """Puns and evictions for the sites that would trap, highest address first.
+
+    A punned rel32 reads the bytes after its instruction as they will be, so every
+    patch above it must be decided before it: the jumps' (`patched`), then each pun's.
+    """
+    analyzer = probes[0].analyzer
+    overlay = Overlay(module)
+    for i, probe in enumerate(probes):
+        if i in patched:
+            overlay.put(probe.address, probe.address, patched[i], unstable_first=probe.site.mechanism == "trap")
+    islands = analyzer.islands(len(probes))
+    decided: dict[int, Site] = {}
+    for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism == "trap"),
+                    key=lambda i: -probes[i].address):
+        probe = probes[i]
+        site = analyzer.shorten(probe.site, islands, overlay) if tactics else probe.site
+        if strict:
+            _refuse_trap(probe.spec, site)
+        if site.jump is not None:
+            overlay.put(probe.address, probe.address, site.jump.patched)
+        else:
+            overlay.put(probe.address, probe.address, arch.trap_bytes(site.length, module.read(probe.address, site.length)),
+                        unstable_first=True)
+        decided[i] = site
+    return decided
 
 
 class _Strings:
@@ -84,8 +120,14 @@ class _Strings:
         return self._index[text]
 
 
-def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, data_vaddr: int) -> ModulePlan:
-    """Trampolines at text_vaddr, the probe table at data_vaddr, and the site patches."""
+def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, data_vaddr: int,
+               strict: bool = False, islands: bool = True) -> ModulePlan:
+    """Trampolines at text_vaddr, the probe table at data_vaddr, and the site patches.
+
+    Jumps first (their bytes depend on where their trampolines are), then the sites that
+    need a pun or an eviction (their rel32 may read those bytes). Without `islands` (an
+    applier that cannot map them before the code runs) those sites trap.
+    """
     ffi = layout.ffi
     table_probes = data_vaddr + TABLE_SIZE
     desc_addr = [table_probes + i * PROBE_SIZE for i in range(len(probes))]
@@ -93,10 +135,18 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     stubs = None
     if any(p.spec.handler.kind == "callback" for p in probes):
         stubs = arch.ModuleStubs(buf, data_vaddr)
-    plans: list[ProbePlan] = []
+    plans: dict[int, ProbePlan] = {}
     for i, probe in enumerate(probes):
-        plans.append(_emit_probe(module, buf, probe, i, desc_addr[i], data_vaddr, stubs))
+        if probe.site.mechanism != "trap" or probe.site.length >= arch.JUMP_SIZE:
+            plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], data_vaddr, stubs)
+    patched = {i: p.patched for i, p in plans.items()}
+    short = _decide_short_sites(module, probes, patched, strict, islands) if probes else {}
+    islands: list[tuple[int, int, int]] = []        # (island, target, probe id)
+    for i in sorted(short, key=lambda i: -probes[i].address):
+        plans[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], data_vaddr, stubs, islands)
+    plans = [plans[i] for i in range(len(probes))]
     text = buf.finish()
+    by_address = {p.address: i for i, p in enumerate(probes)}
 
     strings = _Strings()
     table = ffi.new("struct jp_table *")
@@ -110,6 +160,9 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
         d.mechanism = layout.MECHANISMS[plan.mechanism]
         d.id = i
         d.flags = layout.CONST["JP_PROBE_X87"] if probe.site.x87 else 0
+        d.len = len(plan.original)
+        d.original = plan.original + bytes(layout.CONST["JP_PATCH_MAX"] - len(plan.original))
+        d.depends = 1 + by_address[plan.depends] if plan.depends is not None else 0
         if probe.callback:
             d.lib = strings.add(probe.callback.library)
             d.func = strings.add(probe.callback.function)
@@ -120,17 +173,26 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     table.version = layout.TABLE_VERSION
     table.nprobes = len(probes)
     table.probes = table_probes
-    table.strings = table_probes + len(probes) * PROBE_SIZE
+    records = ffi.new("struct jp_island[]", max(len(islands), 1))
+    for record, (at, target, owner) in zip(records, islands):
+        hop = arch.jump_bytes(at, target, arch.JUMP_SIZE)
+        record.at, record.target, record.probe = at, target, owner
+        record.len, record.fixup = len(hop), arch.JUMP_FIXUP
+        record.code = hop + bytes(8 - len(hop))
+    table.islands = table_probes + len(probes) * PROBE_SIZE
+    table.nislands = len(islands)
+    table.strings = table.islands + len(islands) * ISLAND_SIZE
     table.module = strings.add(os.path.abspath(module.path))
-    data = bytes(ffi.buffer(table)) + bytes(ffi.buffer(descs))[:len(probes) * PROBE_SIZE] + bytes(strings.data)
+    data = (bytes(ffi.buffer(table)) + bytes(ffi.buffer(descs))[:len(probes) * PROBE_SIZE]
+            + bytes(ffi.buffer(records))[:len(islands) * ISLAND_SIZE] + bytes(strings.data))
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
     return ModulePlan(os.path.abspath(module.path), module.build_id, text_vaddr, text, data_vaddr, data, plans,
                       arch.outside_references(text, text_vaddr, added))
 
 
-def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index: int, desc: int,
-                table: int, stubs: arch.ModuleStubs | None) -> ProbePlan:
-    site = probe.site
+def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: int,
+                table: int, stubs: arch.ModuleStubs | None,
+                islands: list[tuple[int, int, int]] | None = None) -> ProbePlan:
     hits = desc + layout.offsetof("jp_probe", "hits")
     start = buf.here
     callback = probe.spec.handler.kind == "callback"
@@ -154,6 +216,8 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index:
         return ProbePlan(probe.spec.text, probe.address, "trap", site.reason, str(probe.spec.handler),
                          original, patched, trampoline=None, resume=start, target=probe.spec.target())
     probe_work()
+    if site.jump is not None:
+        return _emit_short(buf, probe, site, index, start, original, islands)
     if site.call_retarget:
         arch.emit_call_continuation(buf, site.displaced[0])
         patched, fixup = arch.call_bytes(probe.address, start, site.length), arch.call_fixup(site.length)
@@ -162,3 +226,25 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, index:
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
     return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
                      original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target())
+
+
+def _emit_short(buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, start: int, original: bytes,
+                islands: list[tuple[int, int, int]]) -> ProbePlan:
+    """After the probe work: the displaced instruction(s), the copy a trap fallback resumes
+    at, and for an eviction the moved instruction's own way back."""
+    jump = site.jump
+    if jump.evicted is None:
+        resume = buf.here                    # the work falls through into its own resume copy
+        arch.emit_displaced(buf, site.displaced)
+    else:
+        arch.emit_displaced(buf, site.displaced)
+        resume = buf.here
+        arch.emit_displaced(buf, site.displaced[:1])
+        evicted = buf.here
+        arch.emit_displaced(buf, [jump.evicted])
+        islands.append((jump.evicted_island, evicted, index))
+    islands.append((jump.island, start, index))
+    return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
+                     original, jump.patched, trampoline=start, resume=resume, target=probe.spec.target(),
+                     islands=[jump.island] + ([jump.evicted_island] if jump.evicted is not None else []),
+                     depends=site.depends)

@@ -9,6 +9,8 @@ import tempfile
 
 from . import counters
 from .elf import ElfModule
+from .errors import JprobeError
+from .islands import text_room
 from .loader import find_module, find_program
 from .planfile import PlannedModule, encode, identity
 from .planner import build_plan, resolve_probes
@@ -36,8 +38,13 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
         module = main if path == program and main is not None else ElfModule(path)
         probes = resolve_probes(module, module_specs, strict)
         text = -(-module.end_of_image() // ALIGN) * ALIGN
-        data = text + -(-(len(build_plan(module, probes, text, text).text) + 1) // ALIGN) * ALIGN
-        planned.append(PlannedModule(build_plan(module, probes, text, data), name, *identity(path)))
+        draft = len(build_plan(module, probes, text, text, strict).text)
+        # Room for a little more: where the text lands decides some puns (planner.build_plan).
+        data = text + -(-(draft + draft // 8 + 1) // ALIGN) * ALIGN
+        plan = build_plan(module, probes, text, data, strict)
+        if text + len(plan.text) > data or data + len(plan.data) > module.end_of_image() + text_room(len(probes)):
+            raise JprobeError(f"{path}: internal error: the trampolines outgrew the room the draft made")
+        planned.append(PlannedModule(plan, name, *identity(path)))
     return planned
 
 

@@ -13,7 +13,11 @@ The rules, in order:
    (what a plan file holds). Without a function symbol only the site's own instruction
    may be displaced. Branches from unrelated functions into the middle of this one
    (hand-written assembly does that) are not seen.
-3. A site that cannot get a jump this way gets the `trap` fallback: int3 on its first byte
+3. Otherwise a jump that needs no more room than the instruction: a punned jump (`pun`,
+   E9Patch's B2 and T1) or one that also evicts the next instruction (`evict`, T2); see
+   trampolines/tactics.py for why they are safe without knowing the control flow. Their
+   targets are islands outside the image (islands.py).
+4. A site that cannot get a jump this way gets the `trap` fallback: int3 on its first byte
    and an out-of-line copy of the instruction to resume at.
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ from capstone import CsInsn
 from . import layout
 from .elf import ElfModule, Symbol, function_owner
 from .errors import SiteError
+from .islands import Islands, text_room
+from .trampolines import tactics
 from .trampolines import x86_64 as arch
 from .trampolines.relocate import can_relocate
 
@@ -59,7 +65,7 @@ class Site:
     """The decision for one probe address."""
 
     address: int
-    mechanism: str                     # "jump" | "trap"
+    mechanism: str                     # "jump" | "pun" | "evict" | "trap"
     reason: str
     displaced: list[CsInsn] = field(default_factory=list)
     call_retarget: bool = False
@@ -68,11 +74,50 @@ class Site:
     function: Symbol | None = None
 
     padding: int = 0                   # fill bytes after the function the patch spills into
+    jump: tactics.Jump | None = None    # pun / evict: the bytes and islands
+    depends: int | None = None         # the probe whose patched bytes the punned rel32 reads
 
     @property
     def length(self) -> int:
         """Bytes the patch covers."""
         return sum(i.size for i in self.displaced) + self.padding
+
+
+class Overlay:
+    """The module's bytes as the probes decided so far leave them, and whose patch each is.
+
+    A trap site's first byte is unstable (under a debugger it becomes another trap
+    instruction), so no punned rel32 may rely on it.
+    """
+
+    def __init__(self, module: ElfModule):
+        self.module = module
+        self.bytes: dict[int, tuple[int | None, int]] = {}     # address -> (byte or None, owner)
+
+    def put(self, owner: int, address: int, data: bytes, unstable_first: bool = False) -> None:
+        for i, b in enumerate(data):
+            self.bytes[address + i] = (None if unstable_first and i == 0 else b, owner)
+
+    def patched(self, address: int, size: int) -> bool:
+        return any(address + i in self.bytes for i in range(size))
+
+    def read(self, address: int, size: int) -> tuple[bytes, int | None] | None:
+        """The bytes and the one probe they belong to (None: original), or None when they
+        are unstable or belong to two probes."""
+        original = self.module.read(address, size)
+        if len(original) != size:
+            return None
+        out, owners = bytearray(), set()
+        for i in range(size):
+            b, owner = self.bytes.get(address + i, (original[i], None))
+            if b is None:
+                return None
+            out.append(b)
+            if owner is not None:
+                owners.add(owner)
+        if len(owners) > 1 or len(out) != size:
+            return None
+        return bytes(out), next(iter(owners), None)
 
 
 class SiteAnalyzer:
@@ -137,8 +182,10 @@ class SiteAnalyzer:
             raise SiteError(f"{address:#x}: no valid instruction there")
         return insn
 
-    def analyse(self, address: int) -> Site:
-        """The mechanism a probe at `address` gets, with its one-line reason."""
+    def analyse(self, address: int, tactics: bool = True) -> Site:
+        """The mechanism a probe at `address` gets, with its one-line reason. Alone, that is:
+        without `tactics`, no pun or eviction is tried (a plan tries them once the other
+        probes' bytes are known, `shorten`)."""
         first = self.instruction_at(address)
         sym = self.module.function_at(address)
         facts = self.facts(sym) if sym is not None else None
@@ -160,7 +207,63 @@ class SiteAnalyzer:
             spill = f" and {padding} byte(s) of the padding after {sym.name}" if padding else ""
             return Site(address, "jump", f"displaces {what} ({size} bytes){spill}",
                         displaced, flags_live=flags_live, x87=x87, function=sym, padding=padding)
-        return Site(address, "trap", blocker, [first], flags_live=flags_live, x87=x87, function=sym)
+        site = Site(address, "trap", blocker, [first], flags_live=flags_live, x87=x87, function=sym)
+        if tactics:
+            return self.shorten(site, self.islands(), Overlay(self.module))
+        return site
+
+    def islands(self, nprobes: int = 1) -> Islands:
+        """Empty island zones for this module, past the room `nprobes` probes' trampolines need."""
+        m = self.module
+        return Islands(m.start_of_image(), m.end_of_image(), m.fixed_address, text_room(nprobes))
+
+    def shorten(self, site: Site, islands: Islands, overlay: Overlay) -> Site:
+        """A `pun` or `evict` jump for a site that would otherwise trap, islands taken; or the
+        trap site with the reason it stays one."""
+        first = site.displaced[0]
+        address, size = first.address, first.size
+        if size >= arch.JUMP_SIZE or overlay.patched(address, size):
+            return site
+        jump = tactics.pun(address, size, overlay.read, islands)
+        if jump is None:
+            successor, why = self._evictable(first, site.function, overlay)
+            if successor is None:
+                return Site(**{**site.__dict__, "reason": f"{site.reason}; no punned jump fits, {why}"})
+            jump = tactics.evict(address, size, successor, overlay.read, islands)
+            if jump is None:
+                return Site(**{**site.__dict__, "reason": f"{site.reason}; no island window is free "
+                                                          f"for a punned or evicting jump"})
+        what = {"B2": "punned jump", "T1": f"punned jump after {jump.prefixes} prefix byte(s)",
+                "T2": f"jump over an evicted `{_text(jump.evicted)}`" if jump.evicted else ""}[jump.tactic]
+        displaced = [first] + ([jump.evicted] if jump.evicted is not None else [])
+        return Site(address, jump.mechanism, f"{jump.tactic}: {what} (island at {jump.island:#x})", displaced,
+                    flags_live=site.flags_live, x87=site.x87, function=site.function, jump=jump,
+                    depends=jump.depends)
+
+    def _evictable(self, first: CsInsn, sym: Symbol | None, overlay: Overlay) -> tuple[CsInsn | None, str]:
+        """The instruction after `first` when T2 may move it, or why not."""
+        at = first.address + first.size
+        if not self.module.is_code(at):
+            return None, "and code ends after it"
+        successor = arch.decode_one(self.module.read(at, MAX_INSN), at)
+        if successor is None:
+            return None, f"and no instruction decodes at {at:#x}"
+        facts = self.facts(sym) if sym is not None else None
+        known = (not arch.ends_flow(first) or successor.id in arch.FILL
+                 or (facts is not None and at in facts.starts)
+                 or any(f.address == at for f in [self.module.function_at(at)] if f is not None))
+        if not known:
+            return None, f"and after `{first.mnemonic}` nothing says an instruction starts at {at:#x}"
+        if at in self.reserved:
+            return None, f"and the next instruction has a probe of its own"
+        if overlay.patched(at, successor.size):
+            return None, f"and the next instruction is already patched"
+        if first.size + successor.size > MAX_PATCH:
+            return None, f"and the next instruction is too long to move too"
+        why_not = can_relocate(successor)
+        if why_not:
+            return None, f"and `{_text(successor)}` cannot be moved: {why_not}"
+        return successor, ""
 
     def _displace(self, first: CsInsn, facts: FunctionFacts | None) -> tuple[list[CsInsn], str | None]:
         """Instructions to displace from `first`, or the reason no safe jump fits."""

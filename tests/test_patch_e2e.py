@@ -503,7 +503,7 @@ def test_output_is_a_directory(build, tmp_path):
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_strict_before_or_after_the_command(where, build, tmp_path):
     """--strict is a common option: `jprobe --strict patch` means what `jprobe patch --strict` does."""
-    b = build("tiny.c", ["-O2", "-g", "-no-pie"], "tiny-strict")
+    b = build("own_sigtrap.c", ["-O2", "-g", "-no-pie"], "tiny-strict")
     out = tmp_path / "out"
     args = ["patch", b, "-o", out, "-p", "tiny"]
     r = jprobe(*(["--strict", *args] if where == "before" else [*args, "--strict"]))

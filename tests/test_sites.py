@@ -20,8 +20,9 @@ def analyzer(tmp_path_factory):
     return SiteAnalyzer(ElfModule(str(out)))
 
 
-def site(analyzer, name, offset=0):
-    return analyzer.analyse(analyzer.module.resolve(name).address + offset)
+def site(analyzer, name, offset=0, tactics=False):
+    """The decision by the jump rules alone, or with puns and evictions (`tactics`)."""
+    return analyzer.analyse(analyzer.module.resolve(name).address + offset, tactics=tactics)
 
 
 def test_short_function_falls_back_to_trap_with_reason(analyzer):
@@ -100,3 +101,16 @@ def test_sites_of_a_symbol_without_size_is_bad_input(analyzer):
     from jprobe.errors import JprobeError
     with pytest.raises(JprobeError, match="nosize has no size"):
         site_table(analyzer.module.path, "nosize")
+
+
+def test_short_function_gets_a_punned_or_evicting_jump(analyzer):
+    """`lea eax,[rdi+1]; ret` and its 1-byte `ret` get a jump without any trap."""
+    for offset in (0, 3):
+        s = site(analyzer, "tiny", offset, tactics=True)
+        assert s.mechanism in ("pun", "evict") and s.jump is not None, s.reason
+        assert s.reason.startswith(("B2", "T1", "T2"))
+
+
+def test_a_pun_next_to_a_branch_target_changes_only_its_own_bytes(analyzer):
+    s = site(analyzer, "split.cold", tactics=True)
+    assert s.mechanism == "pun" and s.length == s.displaced[0].size

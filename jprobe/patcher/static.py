@@ -14,19 +14,18 @@ import lief
 from .. import layout
 from ..elf import ElfModule
 from ..errors import JprobeError, OutputError
+from ..islands import text_room
 from ..output import replacing
 from ..plan import ModulePlan
 from ..planner import build_plan, resolve_probes
 from ..runtime import runtime_library
 from ..spec import ProbeSpec, check_supported
+from ..trampolines import x86_64 as arch
 
 PAGE = 0x1000
 # Dynamic-linking tables LIEF rebuilds to add DT_NEEDED; all other sections keep their place.
 _REBUILT = {".dynamic", ".dynstr", ".dynsym", ".gnu.hash", ".hash", ".gnu.version", ".gnu.version_r",
             ".gnu.version_d"}
-# A draft plan sizes the added segments before LIEF places them; it is built this far past
-# the image so that its rel32 reach is that of the final plan (sizes do not depend on it).
-_DRAFT_GAP, _DRAFT_DATA = 0x10_0000, 0x800_0000
 
 
 def _segment(size: int, flags: lief.ELF.Segment.FLAGS) -> lief.ELF.Segment:
@@ -50,21 +49,35 @@ def _make_room_for_segments(binary: lief.ELF.Binary, path: str) -> None:
     raise JprobeError(f"{path}: no room for new program headers without moving code; cannot patch it")
 
 
+def _room(size: int) -> int:
+    """Bytes to set aside for a region the draft sized: where the trampolines land decides
+    some jumps' bytes and so which short sites get a pun, which changes sizes a little."""
+    return size + size // 8 + PAGE
+
+
 def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -> tuple[ModulePlan, lief.ELF.Binary]:
     """The plan for `module`, and a LIEF binary with room made for it."""
     probes = resolve_probes(module, specs, strict)
-    text = -(-module.end_of_image() // PAGE) * PAGE + _DRAFT_GAP
-    draft = build_plan(module, probes, text, text + _DRAFT_DATA)
+    # A draft sizes the added segments before LIEF places them, in the room islands avoid.
+    room = text_room(len(probes))
+    text = -(-module.end_of_image() // PAGE) * PAGE
+    # A library dlopen()ed while the runtime is already loaded would run before any islands
+    # are mapped: its short sites keep the trap (`jprobe run` gives them puns).
+    islands = not module.is_library
+    draft = build_plan(module, probes, text, text + room // 2, strict, islands)
     binary = lief.ELF.parse(module.path)
     _make_room_for_segments(binary, module.path)
     R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
-    text = binary.add(_segment(len(draft.text), R | X))
-    data = binary.add(_segment(len(draft.data), R | W))
-    plan = build_plan(module, probes, text.virtual_address, data.virtual_address)
-    if (len(plan.text), len(plan.data)) != (len(draft.text), len(draft.data)):
-        raise JprobeError(f"{module.path}: internal error: trampoline size depends on its address")
-    text.content = list(plan.text)
-    data.content = list(plan.data)
+    text = binary.add(_segment(_room(len(draft.text)), R | X))
+    data = binary.add(_segment(_room(len(draft.data)), R | W))
+    plan = build_plan(module, probes, text.virtual_address, data.virtual_address, strict, islands)
+    if len(plan.text) > text.virtual_size or len(plan.data) > data.virtual_size:
+        raise JprobeError(f"{module.path}: internal error: the trampolines outgrew the room the draft made")
+    if data.virtual_address + data.virtual_size > module.end_of_image() + room:
+        raise JprobeError(f"{module.path}: internal error: the trampolines and probe data outgrew "
+                          f"the {room >> 20} MiB kept for them; please report it")
+    text.content = list(plan.text + arch.FILL_BYTE * (text.virtual_size - len(plan.text)))
+    data.content = list(plan.data + bytes(data.virtual_size - len(plan.data)))
     return plan, binary
 
 

@@ -8,13 +8,19 @@
  *
  *  1. writes the plan's probe table into a TABLE record of the counters
  *     file (shm.c), so that its hits outlive the process however it ends,
- *  2. maps the trampolines (anonymous memory) and the table (that record,
+ *  2. reserves the pages of the islands its punned and evicting jumps land
+ *     on (islands.c), first, so that nothing placed next goes there,
+ *  3. maps the trampolines (anonymous memory) and the table (that record,
  *     shared) next to the module: where the plan put them or, when that is
  *     taken, wherever every rel32 between them and the module still
- *     reaches (the plan lists the fields to adjust),
- *  3. serves the module like a patched file's (runtime.c), with its
+ *     reaches (the plan lists the fields to adjust), then aims the islands'
+ *     hops at the trampolines,
+ *  4. turns the probes whose islands failed, and those whose jumps read
+ *     their bytes, into traps,
+ *  5. serves the module like a patched file's (runtime.c), with its
  *     per-thread blocks in the counters file too, and
- *  4. writes the sites: a jump to the trampoline, or a trap.
+ *  6. writes the sites from the highest address down: a jump to the
+ *     trampoline or an island, or a trap.
  *
  * Nothing is written to a site whose bytes are not the ones the plan was
  * made for, nor to an object that is not the file that was planned.
@@ -34,8 +40,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define JP_NO_FIXUP	0xff		/* jp_plan_patch.patch_fixup: a trap site */
-#define JP_INT3		0xcc
+/* jp_plan_patch.patch_fixup: no rel32 moves with the trampolines (trap, pun, evict) */
+#define JP_NO_FIXUP	0xff
 /* Where a rel32 reaches: trampolines go no farther from their module. */
 #define JP_REACH	(INT64_C(1) << 31)
 /* Placement candidates, when the plan's own place is taken. */
@@ -57,6 +63,8 @@ struct placement {
 	size_t text_len, data_len;	/* mapped bytes */
 	uint64_t record;		/* file offset of the table's TABLE payload */
 	bool *site_ok;			/* per probe: its site is as planned */
+	uint8_t *fate;			/* per probe: JP_FATE_*, once decided */
+	uint32_t *order;		/* probes from the highest address down */
 	struct trap_index *traps;	/* its trap sites, built before they are written */
 	struct trap_index *jumps;	/* its jump sites, likewise */
 	uint64_t *spare[JP_SPARE_BLOCKS];	/* under blocks_lock */
@@ -116,17 +124,30 @@ static const struct jp_probe *plan_probes(const struct jp_plan_module *pm)
 					 (plan_table(pm)->probes - pm->data_vaddr));
 }
 
+/* The islands of the plan's table, in the plan file; NULL when none. */
+static const struct jp_island *plan_islands(const struct jp_plan_module *pm)
+{
+	if (!plan_table(pm)->nislands)
+		return NULL;
+	return (const struct jp_island *)(plan + pm->data +
+					  (plan_table(pm)->islands - pm->data_vaddr));
+}
+
 /* Whether `[at, at + len)` lies within `[lo, lo + size)`. */
 static bool inside(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
 {
 	return at >= lo && at - lo <= size && len <= size - (at - lo);
 }
 
-/* The table the plan carries: whole, and pointing only into itself. */
+/*
+ * The table the plan carries: whole, pointing only into itself, and every
+ * probe that is or may become a trap resuming in the trampolines.
+ */
 static bool table_valid(const struct jp_plan_module *pm)
 {
 	const struct jp_table *t = plan_table(pm);
 	uint64_t strings_size, n = t->nprobes;
+	const struct jp_island *isl;
 	const struct jp_probe *p;
 	uint64_t i;
 
@@ -134,6 +155,10 @@ static bool table_valid(const struct jp_plan_module *pm)
 	    t->version != JP_TABLE_VERSION || n != pm->npatches ||
 	    !inside(t->probes, n * sizeof(*p), pm->data_vaddr, pm->data_size) ||
 	    (t->probes - pm->data_vaddr) % 8 ||	/* locked adds must not split */
+	    (t->nislands &&
+	     (!inside(t->islands, (uint64_t)t->nislands * sizeof(*isl),
+		      pm->data_vaddr, pm->data_size) ||
+	      (t->islands - pm->data_vaddr) % 8)) ||
 	    !inside(t->strings, 1, pm->data_vaddr, pm->data_size) ||
 	    plan[pm->data + pm->data_size - 1] != '\0')
 		return false;
@@ -142,10 +167,11 @@ static bool table_valid(const struct jp_plan_module *pm)
 	for (i = 0; i < n; i++)
 		if (p[i].id != i || p[i].spec >= strings_size ||
 		    p[i].lib >= strings_size || p[i].func >= strings_size ||
-		    (p[i].mechanism == JP_MECH_TRAP &&
+		    !fallback_fields_valid(p, i, n) ||
+		    ((p[i].mechanism == JP_MECH_TRAP || can_fall_back(&p[i])) &&
 		     !inside(p[i].resume, 1, pm->text_vaddr, pm->text_size)))
 			return false;
-	return true;
+	return !t->nislands || islands_valid(plan_islands(pm), t->nislands, p, n);
 }
 
 /*
@@ -179,12 +205,14 @@ static bool module_valid(const struct jp_plan_module *pm)
 	p = plan_probes(pm);
 	/*
 	 * Probe i is patch i: the trap handler goes by the probe's address
-	 * and mechanism, the writer by the patch.
+	 * and mechanism, the writer by the patch.  Only a plain jump's rel32
+	 * moves with the trampolines: a punned or evicting one reaches an
+	 * island, which stays where the plan put it.
 	 */
 	for (i = 0; i < pm->npatches; i++)
 		if (pp[i].len == 0 || pp[i].len > JP_PATCH_MAX ||
 		    p[i].address != pp[i].vaddr ||
-		    (p[i].mechanism == JP_MECH_TRAP) != (pp[i].patch_fixup == JP_NO_FIXUP) ||
+		    (p[i].mechanism == JP_MECH_JUMP) != (pp[i].patch_fixup != JP_NO_FIXUP) ||
 		    (pp[i].patch_fixup != JP_NO_FIXUP &&
 		     !inside(pp[i].patch_fixup, 4, 0, pp[i].len)))
 			return false;
@@ -361,6 +389,8 @@ static void retire(struct jp_module *m)
 	__atomic_store_n(&m->live, 0, __ATOMIC_RELEASE);
 	munmap((void *)m->placed->text, m->placed->text_len);
 	munmap((void *)m->placed->data, m->placed->data_len);
+	unmap_islands(m->islands);
+	m->islands = NULL;
 }
 
 /*
@@ -591,21 +621,6 @@ static bool kept_free(uintptr_t start, uintptr_t end)
 	return end > stack_floor;
 }
 
-/* A mapping at exactly `at`, never over another one; NULL if not there. */
-static void *map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
-			 uint64_t off)
-{
-	void *p = mmap((void *)at, len, prot, flags | MAP_FIXED_NOREPLACE, fd, off);
-
-	if (p == MAP_FAILED)
-		return NULL;
-	if (p != (void *)at) {		/* before Linux 4.17 the flag is only a hint */
-		munmap(p, len);
-		return NULL;
-	}
-	return p;
-}
-
 /* Both regions `delta` away from where the plan put them, if both are free. */
 static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
 {
@@ -632,20 +647,18 @@ static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
 }
 
 /*
- * Map text and data: where the plan put them (right after the module), or
- * else the first place in 1 MiB steps above the module, then below it,
- * where both fit and everything still reaches.
+ * Map text and data `delta` in [lo, hi] away from where the plan put them:
+ * right there, or else the first place in 1 MiB steps above the module,
+ * then below it, where both fit.
  */
-static bool place(struct placement *pl, uintptr_t bias)
+static bool place_within(struct placement *pl, uintptr_t bias, int64_t lo,
+			 int64_t hi)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	uint64_t span = pm->data_vaddr - pm->text_vaddr + pl->data_len;
-	int64_t origin = bias + pm->text_vaddr, lo, hi;
+	int64_t origin = bias + pm->text_vaddr;
 	uintptr_t start, end, at;
 
-	reach(pl, &lo, &hi);
-	if (lo > hi)
-		return false;
 	if (lo <= 0 && hi >= 0 && map_at(pl, bias, 0))
 		return true;
 	start = pl->start;
@@ -660,6 +673,28 @@ static bool place(struct placement *pl, uintptr_t bias)
 		if ((int64_t)at - origin <= hi && map_at(pl, bias, (int64_t)at - origin))
 			return true;
 	return false;
+}
+
+/*
+ * Map text and data where everything still reaches, and the islands' hops
+ * too if there is such a place: the plan's own place is often taken (the
+ * heap's room after a main program), and an island left out of reach
+ * makes its probe a trap.
+ */
+static bool place(struct placement *pl, uintptr_t bias,
+		  const struct islands *islands)
+{
+	int64_t lo, hi, ilo, ihi;
+
+	reach(pl, &lo, &hi);
+	if (lo > hi)
+		return false;
+	ilo = lo;
+	ihi = hi;
+	islands_reach(islands, &ilo, &ihi);
+	if (place_within(pl, bias, ilo, ihi))
+		return true;
+	return (ilo != lo || ihi != hi) && place_within(pl, bias, lo, hi);
 }
 
 /* The trampolines, adjusted to where they are, then never writable again. */
@@ -688,22 +723,26 @@ static int compare_sites(const void *a, const void *b)
 	return x->pc < y->pc ? -1 : x->pc > y->pc;
 }
 
-/* The module's jump sites that will be written, sorted (see trap_handler). */
+/*
+ * The module's jump sites (plain, punned or evicting) that will be
+ * written, sorted (see trap_handler).
+ */
 static struct trap_index *jump_index(struct jp_module *m)
 {
 	const struct placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
+	const struct jp_probe *p = probes_of(m);
 	struct trap_index *idx;
 	uint32_t i, n = 0;
 
 	for (i = 0; i < pl->plan->npatches; i++)
-		n += pl->site_ok[i] && pp[i].patch_fixup != JP_NO_FIXUP;
+		n += pl->site_ok[i] && p[i].mechanism != JP_MECH_TRAP;
 	idx = malloc(sizeof(*idx) + n * sizeof(idx->site[0]));
 	if (!idx)
 		return NULL;
 	idx->n = 0;
 	for (i = 0; i < pl->plan->npatches; i++) {
-		if (!pl->site_ok[i] || pp[i].patch_fixup == JP_NO_FIXUP)
+		if (!pl->site_ok[i] || p[i].mechanism == JP_MECH_TRAP)
 			continue;
 		idx->site[idx->n].pc = m->bias + pp[i].vaddr;
 		idx->site[idx->n].resume = 0;
@@ -734,9 +773,11 @@ static struct trap_index *trap_index(struct jp_module *m)
  * or a jump's placeholder it cannot tell from the program's own, would
  * kill the program (out of memory for an index, a trap with no resume).
  */
-static void keep_served_sites(struct placement *pl)
+static void keep_served_sites(struct jp_module *m)
 {
+	struct placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
+	const struct jp_probe *p = probes_of(m);
 	bool *served = calloc(pl->plan->npatches, sizeof(bool));
 	uint32_t i;
 	size_t j;
@@ -746,7 +787,7 @@ static void keep_served_sites(struct placement *pl)
 	for (i = 0; i < pl->plan->npatches; i++) {
 		if (!pl->site_ok[i])
 			continue;
-		if (pp[i].patch_fixup == JP_NO_FIXUP ? !served || !served[i] : !pl->jumps) {
+		if (p[i].mechanism == JP_MECH_TRAP ? !served || !served[i] : !pl->jumps) {
 			pl->site_ok[i] = false;
 			record_error("%s: out of memory or damaged plan; probe at 0x%" PRIx64 " not patched",
 				     plan_string(pl->plan->path), pp[i].vaddr);
@@ -756,13 +797,44 @@ static void keep_served_sites(struct placement *pl)
 }
 
 /*
+ * Which probes fall back to a trap (decide_fallbacks()): the table says
+ * so from now on, and their sites get a trap instead of the plan's bytes.
+ */
+static void fall_back(struct jp_module *m)
+{
+	struct placement *pl = m->placed;
+	const struct jp_plan_patch *pp = plan_patches(pl->plan);
+	struct jp_probe *p = probes_of(m);
+	bool *as_planned = malloc(pl->plan->npatches * sizeof(*as_planned) + 1);
+	uint32_t i;
+
+	/*
+	 * A jump whose trampolines moved (delta) gets other rel32 bytes than
+	 * planned: a pun that reads them must not stay.  Without memory to
+	 * tell, every jump counts as moved.
+	 */
+	for (i = 0; as_planned && i < pl->plan->npatches; i++)
+		as_planned[i] = pl->site_ok[i] &&
+				!(pl->delta && pp[i].patch_fixup != JP_NO_FIXUP);
+	decide_fallbacks(m, pl->order, as_planned ? as_planned : pl->site_ok, pl->fate);
+	free(as_planned);
+	for (i = 0; i < pl->plan->npatches; i++)
+		if (pl->fate[i] == JP_FATE_TRAP)
+			p[i].mechanism = JP_MECH_TRAP;
+}
+
+/*
  * Everything that may allocate, before any site is written: once malloc()
- * is probed, our own calls would be counted as the program's.
+ * is probed, our own calls would be counted as the program's.  The islands'
+ * pages are taken before the trampolines are placed, which then go around
+ * them; the islands do not move with the trampolines, only their hops'
+ * targets do.
  */
 static struct jp_module *prepare(struct candidate *c)
 {
 	const struct jp_plan_module *pm = plan_module(c->index);
 	struct placement *pl = calloc(1, sizeof(*pl));
+	struct islands *islands = NULL;
 	struct jp_module *m;
 
 	if (!pl)
@@ -776,27 +848,40 @@ static struct jp_module *prepare(struct candidate *c)
 	extent(c->phdr, c->phnum, c->bias, &pl->start, &pl->end);
 	if (!check_sites(pl, c->bias) || !claim_table(pl))
 		goto fail;
-	if (!place(pl, c->bias)) {
+	pl->fate = malloc(pm->npatches);
+	pl->order = sites_down(plan_probes(pm), pm->npatches);
+	islands = reserve_islands(plan_islands(pm), plan_table(pm)->nislands, c->bias);
+	if (!pl->fate || !pl->order || !islands) {
+		record_error("%s: out of memory; not patched", plan_string(pm->path));
+		goto fail;
+	}
+	if (!place(pl, c->bias, islands)) {
 		record_error("%s: no free address space within reach for its trampolines; not patched",
 			     plan_string(pm->path));
 		goto fail;
 	}
 	if (!fill_text(pl))
 		goto unmap;
+	fill_islands(islands, c->bias + pl->delta);
 	m = add_module(c->dl_name, c->bias, (struct jp_table *)pl->data,
 		       c->bias + pl->delta, pl);
 	if (!m)
 		goto unmap;
 	c->dl_name = NULL;		/* the module owns it now */
+	m->islands = islands;
+	fall_back(m);
 	pl->traps = trap_index(m);
 	pl->jumps = jump_index(m);
-	keep_served_sites(pl);
+	keep_served_sites(m);
 	return m;
 unmap:
 	munmap((void *)pl->text, pl->text_len);
 	munmap((void *)pl->data, pl->data_len);
 fail:
+	unmap_islands(islands);
 	free(pl->site_ok);
+	free(pl->fate);
+	free(pl->order);
 	free(pl);
 	return NULL;
 }
@@ -827,28 +912,14 @@ static bool sync_cores(void)
 }
 
 /*
- * Write code bytes, the first one last, with the pages writable only
- * meanwhile and executable throughout: a thread may be running there.
- */
-static bool poke(uintptr_t at, const uint8_t *bytes, size_t len, int prot)
-{
-	uintptr_t lo = at & ~(page_size - 1), hi = align_up(at + len, page_size);
-	volatile uint8_t *code = (volatile uint8_t *)at;
-
-	if (mprotect((void *)lo, hi - lo, prot | PROT_WRITE))
-		return false;
-	while (len--)
-		code[len] = bytes[len];
-	return !mprotect((void *)lo, hi - lo, prot);
-}
-
-/*
  * Write one site.  With other threads about, a jump must never be seen
  * half-written: a one-byte trap goes first (a thread reaching it is sent
  * back to run it again, see trap_handler), then the rest, then the first
  * byte, each made visible to every core before the next.  A trap site
  * changes only its first byte, and its trap is served before it is
- * written.
+ * written; so does a site that fell back to a trap: the rest of its bytes
+ * are the original ones already (check_sites).  Only a plain jump's rel32
+ * moves with the trampolines.
  *
  * What this cannot see is a thread stopped between two of the instructions
  * a jump replaces (not in a system call: the planner never moves one) for
@@ -865,12 +936,15 @@ static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
 	bool ok;
 	int prot = prot_of(segment_of(pl, pp->vaddr, pp->len)->p_flags);
 
+	if (pl->fate[i] == JP_FATE_TRAP)
+		return poke(site, &busy, 1, prot);
 	memcpy(code, pp->patched, pp->len);
-	if (pp->patch_fixup == JP_NO_FIXUP) {
+	if (probes_of(m)[i].mechanism == JP_MECH_TRAP) {
 		code[0] = busy;
 		return poke(site, code, pp->len, prot);
 	}
-	put32(code + pp->patch_fixup, get32(code + pp->patch_fixup) + pl->delta);
+	if (pp->patch_fixup != JP_NO_FIXUP)
+		put32(code + pp->patch_fixup, get32(code + pp->patch_fixup) + pl->delta);
 	if (!careful)
 		return poke(site, code, pp->len, prot);
 	if (!poke(site, &busy, 1, prot))
@@ -904,17 +978,44 @@ static bool need_care(const struct jp_module *m)
 	return true;
 }
 
+/*
+ * Whether probe i is a jump that reads the patched bytes of a site left
+ * as it was (out of memory, or a write that failed): it would land
+ * elsewhere.  A trap reads no other site.
+ */
+static bool reads_unwritten(const struct jp_module *m, uint32_t i)
+{
+	const struct jp_probe *p = probes_of(m);
+	uint32_t d = p[i].depends;
+
+	return d && p[i].mechanism != JP_MECH_TRAP && !m->placed->site_ok[d - 1];
+}
+
+/*
+ * From the highest address down: a punned jump reads bytes that the patch
+ * of a site above it writes, so that one must be in place first.
+ */
 static void patch_sites(struct jp_module *m)
 {
-	const struct placement *pl = m->placed;
+	struct placement *pl = m->placed;
 	bool careful = need_care(m);
-	uint32_t i;
+	uint32_t i, k;
 
-	for (i = 0; i < pl->plan->npatches; i++)
-		if (pl->site_ok[i] && !write_site(m, i, careful))
+	for (k = 0; k < pl->plan->npatches; k++) {
+		i = pl->order[k];
+		if (!pl->site_ok[i])
+			continue;
+		if (reads_unwritten(m, i)) {
+			pl->site_ok[i] = false;
+			record_error("%s: probe %s overlaps a site that could not be written; not patched",
+				     m->name, table_string(m, probes_of(m)[i].spec));
+		} else if (!write_site(m, i, careful)) {
+			pl->site_ok[i] = false;
 			record_error("%s: cannot write to its code at 0x%" PRIx64 ": %s",
 				     m->name, plan_patches(pl->plan)[i].vaddr,
 				     strerror(errno));
+		}
+	}
 }
 
 /*

@@ -18,7 +18,10 @@
  * - (bias + text_vaddr), each int32 at text + text_fixups[i] (a rip-relative
  * displacement or branch to the module itself) gets delta subtracted, and the
  * int32 at patched + patch_fixup of each site gets delta added.  Fields that
- * reach the added regions themselves need no change.
+ * reach the added regions themselves need no change.  The islands of the
+ * table (jprobe_table.h) stay at bias + at whatever the delta: a punned or
+ * evicting jump's rel32 reaches them, not the trampolines (patch_fixup 0xff),
+ * and only their hops' targets move.
  */
 #ifndef JPROBE_PLAN_H
 #define JPROBE_PLAN_H
@@ -59,7 +62,7 @@ struct jp_plan_module {
 struct jp_plan_patch {
 	uint64_t vaddr;		/* link-time address of the site */
 	uint8_t len;		/* bytes to write */
-	uint8_t patch_fixup;	/* offset of the rel32 to the trampoline; 0xff = none (trap) */
+	uint8_t patch_fixup;	/* offset of the rel32 to the trampoline; 0xff = none (trap, pun, evict) */
 	uint8_t pad[6];
 	uint8_t original[16];	/* JP_PATCH_MAX: what must be there before patching */
 	uint8_t patched[16];	/* JP_PATCH_MAX */

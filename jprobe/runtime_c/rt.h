@@ -9,6 +9,7 @@
  *	shm.c		the counters file of `jprobe run` (jprobe_shm.h)
  *	apply.c		plans applied in-process for `jprobe run` (jprobe_plan.h)
  *	audit.c		modules dlopen()ed later, patched before their code runs (LD_AUDIT)
+ *	islands.c	islands for punned and evicting jumps, their trap fall-back, code writes
  *
  * The library is built with -fvisibility=hidden: nothing here is exported.
  * JP_EXPORT marks what a program or a tool may call, and the functions the
@@ -54,6 +55,7 @@ struct trap_index {
 };
 
 struct placement;		/* apply.c: a module patched in-process */
+struct islands;			/* islands.c: the pages of a module's islands */
 
 struct jp_module {
 	char *name;			/* absolute path, for the report */
@@ -70,6 +72,7 @@ struct jp_module {
 	struct trap_index *traps;	/* atomic: read by the trap handler */
 	struct trap_index *jumps;	/* atomic: placed jump sites (traps.c) */
 	struct placement *placed;	/* NULL: the table is in the module's file */
+	struct islands *islands;	/* mapped for it, NULL: none (under scan_lock) */
 	int live;			/* atomic: 0 once its object is gone */
 	int slot;			/* its per-thread counter slot, or -1 */
 	bool resolved;			/* vec_mode, callbacks and traps set up */
@@ -129,6 +132,7 @@ void blocks_parent_fork(void);
 void blocks_child_fork(void);
 
 /* traps.c */
+#define JP_INT3	0xcc
 #define JP_UD	0xd6		/* one byte, no instruction in 64-bit mode: #UD */
 void resolve_signal_functions(void);
 void arm_traps(struct jp_module *m, struct trap_index *idx);
@@ -148,6 +152,30 @@ void counters_error(const char *msg);
 
 /* audit.c */
 bool audit_copy(void);
+
+/* islands.c */
+/* What becomes of a probe's site (decide_fallbacks()). */
+enum {
+	JP_FATE_PLANNED,		/* written as the planner wrote it */
+	JP_FATE_CHANGED,		/* not written, or a trap made #UD */
+	JP_FATE_TRAP,			/* falls back: original bytes, first one a trap */
+};
+void *map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
+		  uint64_t off);
+bool poke(uintptr_t at, const uint8_t *bytes, size_t len, int prot);
+bool can_fall_back(const struct jp_probe *p);
+bool fallback_fields_valid(const struct jp_probe *p, uint32_t i, uint32_t n);
+bool islands_valid(const struct jp_island *isl, uint32_t n,
+		   const struct jp_probe *p, uint32_t nprobes);
+struct islands *reserve_islands(const struct jp_island *isl, uint32_t n,
+				uintptr_t bias);
+void islands_reach(const struct islands *s, int64_t *lo, int64_t *hi);
+void fill_islands(struct islands *s, uintptr_t tbias);
+void unmap_islands(struct islands *s);
+uint32_t *sites_down(const struct jp_probe *p, uint32_t n);
+void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
+		      const bool *written, uint8_t *fate);
+void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum);
 
 /* apply.c */
 JP_EXPORT extern void (*jprobe_rt_audit_hook)(uintptr_t bias, const char *name);

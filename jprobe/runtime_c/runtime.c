@@ -11,6 +11,8 @@
  *  - find the tables (one PT_LOAD segment each, starting with JP_MAGIC),
  *  - tell the trampolines which vector registers this CPU has (vec_mode),
  *  - give each thread private counter blocks (tls_off, threads.c),
+ *  - map the islands punned and evicting jumps land on, and turn the
+ *    sites that cannot have theirs back into traps (islands.c),
  *  - resolve C callbacks (dlopen + dlsym) into the table, and drop the
  *    planner's "saves no vector state" promise when the library loaded is
  *    not the one it analysed,
@@ -448,6 +450,8 @@ struct found {
 	char *dl_name;
 	uintptr_t bias;
 	struct jp_table *table;
+	const ElfW(Phdr) *phdr;		/* the object's, for its segments' rights */
+	int phnum;
 	bool bad;			/* points outside its object: never used */
 };
 
@@ -478,22 +482,26 @@ static bool in_code(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t le
 }
 
 /*
- * A table of this version that came in a file (segment `seg`): its probes
- * and strings within the segment, the pool NUL-terminated, and trap sites
- * and their resume points in the object's code.  A damaged file must not
- * crash the program it is.
+ * A table of this version that came in a file (segment `seg`): its probes,
+ * islands and strings within the segment, the pool NUL-terminated, trap
+ * sites and their resume points in the object's code, and so the sites of
+ * the probes that may fall back to a trap.  A damaged file must not crash
+ * the program it is.
  */
 static bool file_table_valid(const struct dl_phdr_info *info,
 			     const ElfW(Phdr) *seg, const struct jp_table *t)
 {
 	uint64_t lo = seg->p_vaddr, size = seg->p_memsz, n = t->nprobes;
 	const char *end = (const char *)(info->dlpi_addr + lo + size);
+	const struct jp_island *isl;
 	const struct jp_probe *p;
 	uint64_t i, strings_size;
 
 	if (t->version != JP_TABLE_VERSION)
 		return true;		/* add_file_module says why not */
 	if (!within(t->probes, n * sizeof(*p), lo, size) || (t->probes - lo) % 8 ||
+	    (t->nislands && (!within(t->islands, (uint64_t)t->nislands * sizeof(*isl), lo, size) ||
+			     (t->islands - lo) % 8)) ||
 	    !within(t->strings, 1, lo, size) || end[-1] != '\0')
 		return false;
 	strings_size = lo + size - t->strings;
@@ -501,10 +509,14 @@ static bool file_table_valid(const struct dl_phdr_info *info,
 	for (i = 0; i < n; i++)
 		if (p[i].id != i || p[i].spec >= strings_size ||
 		    p[i].lib >= strings_size || p[i].func >= strings_size ||
+		    !fallback_fields_valid(p, i, n) ||
 		    (p[i].mechanism == JP_MECH_TRAP &&
-		     (!in_code(info, p[i].address, 1) || !in_code(info, p[i].resume, 1))))
+		     (!in_code(info, p[i].address, 1) || !in_code(info, p[i].resume, 1))) ||
+		    (can_fall_back(&p[i]) &&
+		     (!in_code(info, p[i].address, p[i].len) || !in_code(info, p[i].resume, 1))))
 			return false;
-	return true;
+	isl = (const struct jp_island *)(info->dlpi_addr + t->islands);
+	return !t->nislands || islands_valid(isl, t->nislands, p, n);
 }
 
 /* dl_iterate_phdr callback: note every PT_LOAD segment that is a table. */
@@ -529,6 +541,8 @@ static int find_tables(struct dl_phdr_info *info, size_t size, void *data)
 		s->found[s->n].dl_name = strdup(info->dlpi_name ? info->dlpi_name : "");
 		s->found[s->n].bias = info->dlpi_addr;
 		s->found[s->n].table = t;
+		s->found[s->n].phdr = info->dlpi_phdr;
+		s->found[s->n].phnum = info->dlpi_phnum;
 		s->found[s->n].bad = !file_table_valid(info, ph, t);
 		s->n++;
 	}
@@ -580,14 +594,16 @@ void end_set_up(struct jp_module *m)
 }
 
 /*
- * A table that came in its module's file.  Trap sites are armed before
+ * A table that came in its module's file (found as `f`).  Its islands come
+ * first: they decide which sites are traps.  Trap sites are armed before
  * any callback library is opened, since its constructors may already run
  * through them.
  */
-static void set_up_module(struct jp_module *m)
+static void set_up_module(struct jp_module *m, const struct found *f)
 {
 	if (!begin_set_up(m))
 		return;
+	land_file_islands(m, f->phdr, f->phnum);
 	publish_traps(m, build_trap_index(m));
 	resolve_callbacks(m);
 	end_set_up(m);
@@ -690,6 +706,17 @@ static struct jp_module *add_file_module(struct found *f)
 }
 
 /*
+ * The module's object is gone: its table is never touched again, and its
+ * islands' pages are given back (nothing jumps to them any more).
+ */
+static void forget_module(struct jp_module *m)
+{
+	__atomic_store_n(&m->live, 0, __ATOMIC_RELEASE);
+	unmap_islands(m->islands);
+	m->islands = NULL;
+}
+
+/*
  * The same object was dlclose()d and loaded again at the same place: its
  * table is a fresh copy from the file, to be set up again.
  */
@@ -734,13 +761,13 @@ static void scan_modules(bool set_up)
 			continue;
 		m->seen = true;
 		if (set_up && !m->resolved)
-			set_up_module(m);
+			set_up_module(m, &s->found[i]);
 		else if (!set_up && !m->resolved)
 			note_unresolved(m);
 	}
 	for (i = 0; i < nmodules; i++)
 		if (!modules[i].seen)
-			__atomic_store_n(&modules[i].live, 0, __ATOMIC_RELEASE);
+			forget_module(&modules[i]);
 	pthread_mutex_unlock(&scan_lock);
 	for (i = 0; i < s->n; i++)
 		free(s->found[i].dl_name);

@@ -429,7 +429,7 @@ static void arm_ud_site(const struct jp_module *m, uint64_t pc, int prot)
 	void *page = (void *)(uintptr_t)(pc & ~(page_size - 1));
 	unsigned char *code = (unsigned char *)(uintptr_t)pc;
 
-	if (*code != 0xcc) {
+	if (*code != JP_INT3) {
 		record_error("%s: no int3 at trap site 0x%" PRIx64 "; left as it is",
 			     m->name, pc - m->bias);
 		return;

@@ -38,6 +38,7 @@ JUMP_SIZE = 5
 FILL = {X.X86_INS_NOP, X.X86_INS_INT3}         # what compilers put between functions
 RED_ZONE = 128
 INT3 = 0xCC
+FILL_BYTE = bytes([INT3])        # what pads unused trampoline room
 
 _cs = decoder()
 

@@ -1,0 +1,444 @@
+// SPDX-License-Identifier: MIT
+/*
+ * islands.c - the islands punned and evicting jumps land on, and the trap a
+ * probe falls back to when its island cannot be had.
+ *
+ * A punned jump shares the bytes of its rel32 with the code after it, so it
+ * lands wherever those bytes say, often outside the module; an evicting jump
+ * moves a neighbour out of the way and jumps from there.  The planner puts a
+ * hop to the trampoline (an island, jprobe_table.h) where such a jump lands.
+ * The runtime maps the islands' pages, never over anything already there
+ * (MAP_FIXED_NOREPLACE), before any of the module's code runs.  A probe
+ * whose island cannot be had gets its site's original bytes back, with a
+ * trap on the first, and so does every probe whose jump reads bytes of a
+ * site that is not as planned (`depends`).
+ *
+ * Both ways the runtime meets a table go through here: a patched file's
+ * (land_file_islands(), whose sites are patched already) and a plan's
+ * (apply.c, which reserves the pages before it places the trampolines and
+ * writes the sites after deciding).
+ */
+#include "rt.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* The planner lays islands out by 4 KiB pages, each within one. */
+#define JP_ISLAND_PAGE	UINT64_C(4096)
+
+enum island_state {
+	ISLAND_OK,
+	ISLAND_TAKEN,		/* its page could not be mapped */
+	ISLAND_FAR,		/* its hop does not reach the trampoline */
+	ISLAND_NOEXEC,		/* its page could not be made executable */
+};
+
+/* One island, by the page it lies on. */
+struct island_slot {
+	uintptr_t page;			/* run-time address of its page */
+	const struct jp_island *island;
+	bool mapped;			/* the page is ours, to unmap with the module */
+	uint8_t state;			/* ISLAND_* */
+};
+
+/* A module's islands, sorted by page. */
+struct islands {
+	uintptr_t bias;
+	size_t n;
+	struct island_slot slot[];
+};
+
+/* ---- writing code ----------------------------------------------------- */
+
+/* A mapping at exactly `at`, never over another one; NULL if not there. */
+void *map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
+		  uint64_t off)
+{
+	void *p = mmap((void *)at, len, prot, flags | MAP_FIXED_NOREPLACE, fd, off);
+
+	if (p == MAP_FAILED)
+		return NULL;
+	if (p != (void *)at) {		/* before Linux 4.17 the flag is only a hint */
+		munmap(p, len);
+		return NULL;
+	}
+	return p;
+}
+
+/*
+ * Write code bytes, the first one last, with the pages writable only
+ * meanwhile and executable throughout: a thread may be running there.
+ */
+bool poke(uintptr_t at, const uint8_t *bytes, size_t len, int prot)
+{
+	uintptr_t page_size = sysconf(_SC_PAGESIZE);
+	uintptr_t lo = at & ~(page_size - 1), hi = align_up(at + len, page_size);
+	volatile uint8_t *code = (volatile uint8_t *)at;
+
+	if (mprotect((void *)lo, hi - lo, prot | PROT_WRITE))
+		return false;
+	while (len--)
+		code[len] = bytes[len];
+	return !mprotect((void *)lo, hi - lo, prot);
+}
+
+/* ---- what a table may say --------------------------------------------- */
+
+/*
+ * Punned and evicting jumps land on islands, so only they may fall back to
+ * a trap; the planner always gives them an out-of-line copy to resume at.
+ */
+bool can_fall_back(const struct jp_probe *p)
+{
+	return p->mechanism == JP_MECH_PUN || p->mechanism == JP_MECH_EVICT;
+}
+
+/*
+ * The fields of probe i of n that falling back relies on: a known
+ * mechanism, bytes to restore, and `depends` only where a jump may read
+ * another site's bytes, naming a probe of the table.
+ */
+bool fallback_fields_valid(const struct jp_probe *p, uint32_t i, uint32_t n)
+{
+	const struct jp_probe *q = &p[i];
+
+	if (q->mechanism > JP_MECH_TRAP || q->len > JP_PATCH_MAX || q->depends > n)
+		return false;
+	if (!can_fall_back(q))
+		return !q->depends;
+	return q->len > 0;
+}
+
+/*
+ * Islands whose hop fits them, with the rel32 inside, each within one
+ * page (the page is what is mapped or not), for a probe that can fall
+ * back when it is not.
+ */
+bool islands_valid(const struct jp_island *isl, uint32_t n,
+		   const struct jp_probe *p, uint32_t nprobes)
+{
+	uint32_t i;
+
+	for (i = 0; i < n; i++)
+		if (isl[i].len > sizeof(isl[i].code) || isl[i].fixup + 4 > isl[i].len ||
+		    isl[i].probe >= nprobes || !can_fall_back(&p[isl[i].probe]) ||
+		    ((uint64_t)isl[i].at & (JP_ISLAND_PAGE - 1)) + isl[i].len > JP_ISLAND_PAGE)
+			return false;
+	return true;
+}
+
+/* ---- the islands' pages ----------------------------------------------- */
+
+static int compare_slots(const void *a, const void *b)
+{
+	const struct island_slot *x = a, *y = b;
+
+	return x->page < y->page ? -1 : x->page > y->page;
+}
+
+/* The first slot past slot i's page. */
+static size_t page_end(const struct islands *s, size_t i)
+{
+	size_t j = i + 1;
+
+	while (j < s->n && s->slot[j].page == s->slot[i].page)
+		j++;
+	return j;
+}
+
+/*
+ * Map (read-write, for now) the page of every island of a module loaded at
+ * `bias`.  `at` may be negative (an island below the module): the address
+ * wraps like the CPU's.  A page something else holds fails its islands.
+ * NULL when out of memory.
+ */
+struct islands *reserve_islands(const struct jp_island *isl, uint32_t n,
+				uintptr_t bias)
+{
+	struct islands *s = malloc(sizeof(*s) + (size_t)n * sizeof(s->slot[0]));
+	size_t i, j, k;
+
+	if (!s)
+		return NULL;
+	s->bias = bias;
+	s->n = n;
+	for (i = 0; i < n; i++) {
+		s->slot[i].page = (bias + (uintptr_t)isl[i].at) & ~(JP_ISLAND_PAGE - 1);
+		s->slot[i].island = &isl[i];
+	}
+	qsort(s->slot, n, sizeof(s->slot[0]), compare_slots);
+	for (i = 0; i < n; i = j) {
+		/* (Page 0 would come back as NULL: never ours.) */
+		bool mapped = s->slot[i].page &&
+			      map_exactly(s->slot[i].page, JP_ISLAND_PAGE,
+					  PROT_READ | PROT_WRITE,
+					  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		j = page_end(s, i);
+		for (k = i; k < j; k++) {
+			s->slot[k].mapped = mapped;
+			s->slot[k].state = mapped ? ISLAND_OK : ISLAND_TAKEN;
+		}
+	}
+	return s;
+}
+
+/*
+ * Narrow [lo, hi], the deltas by which the trampolines may move from where
+ * the plan put them, to those at which the hops of the islands on our pages
+ * still reach their targets.  Never to nothing: an island no delta left
+ * suits is passed over (it fails).
+ */
+void islands_reach(const struct islands *s, int64_t *lo, int64_t *hi)
+{
+	const int64_t far = INT64_C(1) << 40;
+	size_t i;
+
+	for (i = 0; i < s->n; i++) {
+		const struct jp_island *isl = s->slot[i].island;
+		/* The hop's rel32 at delta 0; delta adds to it. */
+		int64_t v = (int64_t)(isl->target - (uint64_t)isl->at - isl->fixup - 4);
+		int64_t min, max;
+
+		if (s->slot[i].state != ISLAND_OK || v < -far || v > far)
+			continue;
+		min = INT32_MIN - v;
+		max = INT32_MAX - v;
+		if (min > *hi || max < *lo)
+			continue;
+		if (min > *lo)
+			*lo = min;
+		if (max < *hi)
+			*hi = max;
+	}
+}
+
+/* One island's hop, aimed at its target in the table's bias. */
+static void fill_island(const struct islands *s, struct island_slot *sl,
+			uintptr_t tbias)
+{
+	const struct jp_island *isl = sl->island;
+	uint8_t *at = (uint8_t *)(s->bias + (uintptr_t)isl->at);
+	uintptr_t next = (uintptr_t)at + isl->fixup + 4;
+	int64_t rel = (int64_t)(tbias + isl->target - next);
+	int32_t rel32 = (int32_t)rel;
+
+	if (rel != rel32) {
+		sl->state = ISLAND_FAR;
+		return;
+	}
+	memcpy(at, isl->code, isl->len);
+	memcpy(at + isl->fixup, &rel32, sizeof(rel32));
+}
+
+/*
+ * Write the hops of the islands whose pages are ours, to targets at
+ * `tbias`, then make the pages executable and never writable again.
+ */
+void fill_islands(struct islands *s, uintptr_t tbias)
+{
+	size_t i, j, k;
+
+	for (i = 0; i < s->n; i = j) {
+		j = page_end(s, i);
+		if (!s->slot[i].mapped)
+			continue;
+		for (k = i; k < j; k++)
+			fill_island(s, &s->slot[k], tbias);
+		if (!mprotect((void *)s->slot[i].page, JP_ISLAND_PAGE,
+			      PROT_READ | PROT_EXEC))
+			continue;
+		for (k = i; k < j; k++)
+			if (s->slot[k].state == ISLAND_OK)
+				s->slot[k].state = ISLAND_NOEXEC;
+	}
+}
+
+/* The module is gone: so are its islands' pages (s may be NULL). */
+void unmap_islands(struct islands *s)
+{
+	size_t i;
+
+	for (i = 0; s && i < s->n; i = page_end(s, i))
+		if (s->slot[i].mapped)
+			munmap((void *)s->slot[i].page, JP_ISLAND_PAGE);
+	free(s);
+}
+
+/* ---- deciding which probes fall back ---------------------------------- */
+
+static int higher_first(const void *a, const void *b, void *probes)
+{
+	const struct jp_probe *p = probes;
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	if (p[x].address != p[y].address)
+		return p[x].address > p[y].address ? -1 : 1;
+	return x > y ? -1 : x < y;
+}
+
+/*
+ * The indexes of n probes from the highest address to the lowest: the
+ * order in which a punned jump's site comes after the site whose patched
+ * bytes it reads.  NULL when out of memory.
+ */
+uint32_t *sites_down(const struct jp_probe *p, uint32_t n)
+{
+	uint32_t *order = malloc((n ? n : 1) * sizeof(*order));
+	uint32_t i;
+
+	if (!order)
+		return NULL;
+	for (i = 0; i < n; i++)
+		order[i] = i;
+	qsort_r(order, n, sizeof(*order), higher_first, (void *)p);
+	return order;
+}
+
+/* The problem with an island, in the errors; its probe falls back. */
+static void say_why(const struct jp_module *m, const struct island_slot *sl)
+{
+	const char *spec = table_string(m, probes_of(m)[sl->island->probe].spec);
+	unsigned long at = sl->page + ((uintptr_t)sl->island->at & (JP_ISLAND_PAGE - 1));
+
+	switch (sl->state) {
+	case ISLAND_TAKEN:
+		record_error("probe %s: island page %#lx is taken; falling back to a trap",
+			     spec, (unsigned long)sl->page);
+		break;
+	case ISLAND_FAR:
+		record_error("probe %s: the island at %#lx cannot reach its trampoline; falling back to a trap",
+			     spec, at);
+		break;
+	default:
+		record_error("probe %s: island page %#lx cannot be made executable; falling back to a trap",
+			     spec, (unsigned long)sl->page);
+		break;
+	}
+}
+
+/*
+ * The fate of every probe of m (fate[nprobes], JP_FATE_*).  A probe whose
+ * site is not written (`written`, NULL: all are) or is written with other
+ * bytes than the planner's (a trap made #UD) is CHANGED; one with a failed
+ * island falls back (TRAP); so does one whose jump reads the patched bytes
+ * of a probe that is not PLANNED.  `order` is sites_down(): one pass from
+ * the highest address down settles every chain, since a jump only reads
+ * bytes after its own site; the loop only guards a table that says
+ * otherwise.  Each probe that falls back is named in the errors.
+ */
+void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
+		      const bool *written, uint8_t *fate)
+{
+	const struct jp_probe *p = probes_of(m);
+	uint32_t i, k, d, n = m->table->nprobes;
+	bool again = true;
+
+	for (i = 0; i < n; i++)
+		fate[i] = (written && !written[i]) ||
+			  (ud_traps && p[i].mechanism == JP_MECH_TRAP) ?
+			  JP_FATE_CHANGED : JP_FATE_PLANNED;
+	for (k = 0; m->islands && k < m->islands->n; k++) {
+		const struct island_slot *sl = &m->islands->slot[k];
+
+		if (sl->state != ISLAND_OK && fate[sl->island->probe] == JP_FATE_PLANNED) {
+			fate[sl->island->probe] = JP_FATE_TRAP;
+			say_why(m, sl);
+		}
+	}
+	while (again) {
+		again = false;
+		for (k = 0; k < n; k++) {
+			i = order[k];
+			d = p[i].depends;
+			if (!d || fate[d - 1] == JP_FATE_PLANNED ||
+			    fate[i] != JP_FATE_PLANNED)
+				continue;
+			fate[i] = JP_FATE_TRAP;
+			again = true;
+			record_error("probe %s: its jump overlaps the site of probe %s, which is not as planned; falling back to a trap",
+				     table_string(m, p[i].spec),
+				     table_string(m, p[d - 1].spec));
+		}
+	}
+}
+
+/* ---- a patched file's islands ----------------------------------------- */
+
+/* The loadable segment holding `[vaddr, vaddr + len)`, or NULL. */
+static const ElfW(Phdr) *segment_at(const ElfW(Phdr) *phdr, int phnum,
+				    uint64_t vaddr, uint64_t len)
+{
+	int i;
+
+	for (i = 0; i < phnum; i++)
+		if (phdr[i].p_type == PT_LOAD && vaddr >= phdr[i].p_vaddr &&
+		    vaddr - phdr[i].p_vaddr <= phdr[i].p_memsz &&
+		    len <= phdr[i].p_memsz - (vaddr - phdr[i].p_vaddr))
+			return &phdr[i];
+	return NULL;
+}
+
+/*
+ * Give a site of a patched file back its original bytes, with an int3 on
+ * the first: arm_traps() trades it for JP_UD when need be, as it does the
+ * planner's own trap sites.
+ */
+static void trap_in_file(const struct jp_module *m, struct jp_probe *p,
+			 const ElfW(Phdr) *phdr, int phnum)
+{
+	const ElfW(Phdr) *ph = segment_at(phdr, phnum, p->address, p->len);
+	uint8_t code[JP_PATCH_MAX];
+
+	memcpy(code, p->original, p->len);
+	code[0] = JP_INT3;
+	if (!ph || !poke(m->bias + p->address, code, p->len, prot_of(ph->p_flags))) {
+		record_error("%s: cannot write to its code at 0x%" PRIx64 " (%s); probe %s is broken",
+			     m->name, p->address, strerror(errno),
+			     table_string(m, p->spec));
+		return;
+	}
+	p->mechanism = JP_MECH_TRAP;
+}
+
+/*
+ * A module whose table came in its file, before any of its code runs and
+ * before its trap index is built: map its islands, and turn the sites that
+ * cannot use them back into traps, from the highest address down.  Out of
+ * memory, every punned and evicting jump falls back.
+ */
+void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum)
+{
+	struct jp_probe *p = probes_of(m);
+	uint32_t i, k, n = m->table->nprobes;
+	uint32_t *order;
+	uint8_t *fate;
+
+	for (i = 0; i < n && !can_fall_back(&p[i]); i++)
+		;
+	if (i == n)
+		return;
+	m->islands = reserve_islands((const struct jp_island *)(m->tbias + m->table->islands),
+				     m->table->nislands, m->bias);
+	order = sites_down(p, n);
+	fate = malloc(n);
+	if (!m->islands || !order || !fate) {
+		record_error("%s: out of memory for its islands; its punned and evicting jumps fall back to traps",
+			     m->name);
+		for (i = 0; i < n; i++)
+			if (can_fall_back(&p[i]))
+				trap_in_file(m, &p[i], phdr, phnum);
+	} else {
+		fill_islands(m->islands, m->tbias);
+		decide_fallbacks(m, order, NULL, fate);
+		for (k = 0; k < n; k++)
+			if (fate[order[k]] == JP_FATE_TRAP)
+				trap_in_file(m, &p[order[k]], phdr, phnum);
+	}
+	free(order);
+	free(fate);
+}

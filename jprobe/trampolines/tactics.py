@@ -1,0 +1,121 @@
+"""x86-64 jumps for instructions shorter than a jump, after E9Patch's tactics.
+
+A `jmp rel32` needs 5 bytes. At an instruction of L < 5 bytes:
+
+- B2, punned jump (`pun`): `E9` over the instruction's first byte; the rel32's first L-1
+  bytes are ours, the rest are the bytes that follow, which keep their values. The
+  target can only be in the window those fixed bytes allow; an island there hops on.
+- T1, padded punned jump (`pun`): the same after 1 or 2 redundant prefixes, which shift
+  the overlap and so give other windows.
+- T2, successor eviction (`evict`): the next instruction J is moved out too and replaced
+  by a jump of its own (to a copy of J that jumps back). The first jump's rel32 now
+  overlaps J's new bytes, whose free part both jumps choose together.
+
+Why these rewrites are safe without knowing the control flow: B2 and T1 change only the
+bytes of the probed instruction itself; nothing can jump into the middle of it, and the
+bytes after it are left exactly as they were, so any jump to them runs the original code.
+T2 also rewrites J, but J then starts with a complete jump at J's own address: a jump to J
+still runs J (through its copy). This needs J to really start at that address, so the
+caller only evicts an instruction that the probed one falls through to, or one known to
+start an instruction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from capstone import CsInsn
+
+from ..islands import HOP, Family, Islands
+
+JMP = 0xE9
+# Prefixes a near jmp ignores in 64-bit mode: REX.W (operand size is 64 already) and ES.
+# 0x66 is not one of them (AMD honours it: a 16-bit jump).
+PADDINGS = (b"", b"\x48", b"\x26\x48")
+_T2_TRIES = 8
+
+
+@dataclass
+class Jump:
+    """A short-instruction jump: bytes to write from the site on, and its islands."""
+
+    tactic: str                         # "B2" | "T1" | "T2"
+    patched: bytes                      # over the probed instruction (and J for T2)
+    island: int                         # the probe's hop
+    evicted: CsInsn | None = None
+    evicted_island: int | None = None
+    depends: int | None = None          # the probe whose patched bytes its rel32 reads
+    prefixes: int = 0
+
+    @property
+    def mechanism(self) -> str:
+        return "evict" if self.evicted is not None else "pun"
+
+
+def _le(value: int) -> bytes:
+    return (value % (1 << 32)).to_bytes(4, "little")
+
+
+# following(address, n): the n bytes there as the other probes leave them, and the probe
+# whose patch they belong to (None: original bytes); None when they may change.
+Reader = Callable[[int, int], "tuple[bytes, int | None] | None"]
+
+
+def pun(address: int, length: int, following: Reader, islands: Islands) -> Jump | None:
+    """B2, then T1: a jump whose rel32 runs on into the bytes after the instruction."""
+    for p, padding in enumerate(PADDINGS):
+        if p >= length:
+            break
+        free = length - 1 - p
+        after = following(address + length, 4 - free)
+        if after is None:
+            continue
+        fixed, owner = after
+        origin = address + p + HOP
+        family = Family(origin, int.from_bytes(bytes(free) + fixed, "little"), 1 << 32, 256 ** free)
+        for at in islands.slots(family):
+            rel = _le(at - origin)
+            assert rel[free:] == fixed
+            islands.take(at)
+            return Jump("B2" if p == 0 else "T1", padding + bytes([JMP]) + rel[:free], at,
+                        depends=owner, prefixes=p)
+    return None
+
+
+def evict(address: int, length: int, successor: CsInsn, following: Reader, islands: Islands) -> Jump | None:
+    """T2: jump at `address` over a jump that replaces `successor` (J). Both islands are
+    taken on success."""
+    m = successor.size
+    j = address + length                              # J's address; E9 goes there
+    shared = 4 - length                               # rel32 bytes of the first jump inside J's rel32
+    j_free = min(m - 1, 4)                            # rel32 bytes of J's jump inside J
+    shared_free = min(shared, j_free)
+    after = following(j + m, 4 - j_free) if j_free < 4 else (b"", None)
+    if after is None:
+        return None
+    j_fixed, owner = after                            # J's rel32 bytes past J
+    s_fixed = j_fixed[:max(0, shared - j_free)]
+    # First jump: rel32 = low (length-1 free bytes) | E9 | shared bytes (free ones, then fixed).
+    c = (JMP << 8 * (length - 1)) | (int.from_bytes(s_fixed, "little") << 8 * (length + shared_free))
+    first = Family(address + HOP, c, 256 ** length, 256 ** (length - 1), 256 ** shared_free)
+    tries = 0
+    for at in islands.slots(first):
+        rel_i = _le(at - (address + HOP))
+        assert rel_i[length - 1] == JMP
+        islands.take(at)
+        low = rel_i[length:]                           # J's rel32 starts with these
+        extra_free = j_free - shared_free if j_free > shared else 0
+        high_fixed = j_fixed[len(j_fixed) - (4 - shared - extra_free):] if 4 - shared - extra_free else b""
+        c_j = int.from_bytes(low, "little") | (int.from_bytes(high_fixed, "little") << 8 * (shared + extra_free))
+        second = Family(j + HOP, c_j, 256 ** shared, 1, 256 ** extra_free)
+        for at_j in islands.slots(second):
+            rel_j = _le(at_j - (j + HOP))
+            assert rel_j[:shared] == low and rel_j[j_free:] == j_fixed
+            islands.take(at_j)
+            patch_j = bytes([JMP]) + rel_j[:j_free] + b"\xcc" * (m - 1 - j_free)
+            return Jump("T2", bytes([JMP]) + rel_i[:length - 1] + patch_j, at, successor, at_j, depends=owner)
+        islands.release(at)
+        tries += 1
+        if tries >= _T2_TRIES:
+            break
+    return None

@@ -1,0 +1,109 @@
+"""Punned and evicting jumps (trampolines/tactics.py) and island placement (islands.py):
+the bytes they write decode as jumps to their islands, and change nothing they must not."""
+import struct
+
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jprobe.islands import HOP, PAGE, Family, Islands
+from jprobe.trampolines import tactics
+
+CS = Cs(CS_ARCH_X86, CS_MODE_64)
+SITE = 0x40_1000                      # a fixed-address program's code
+IMAGE = (0x40_0000, 0x50_0000)
+
+
+def islands(fixed_address: bool = True) -> Islands:
+    return Islands(IMAGE[0], IMAGE[1], fixed_address=fixed_address, room=0x10_0000)
+
+
+def reader(memory: dict[int, int]):
+    def read(address, n):
+        return bytes(memory[address + i] for i in range(n)), None
+    return read
+
+
+def jump_target(code: bytes, address: int) -> tuple[int, int]:
+    """(target, size) of the jmp that `code` starts with."""
+    insn = next(CS.disasm(code, address % (1 << 64)))
+    assert insn.mnemonic == "jmp", (insn.mnemonic, insn.op_str, code.hex())
+    target = int(insn.op_str, 16)
+    return target - (1 << 64) if target >= 1 << 63 else target, insn.size
+
+
+def in_zone(isl: Islands, at: int) -> bool:
+    return any(lo <= at and at + HOP <= hi for lo, hi in isl.zones())
+
+
+@settings(max_examples=400, deadline=None)
+@given(length=st.integers(1, 4), after=st.binary(min_size=8, max_size=8))
+def test_punned_jump_lands_on_its_island_and_keeps_the_following_bytes(length, after):
+    memory = {SITE + length + i: b for i, b in enumerate(after)}
+    isl = islands()
+    jump = tactics.pun(SITE, length, reader(memory), isl)
+    if jump is None:
+        # No window: then no prefix count had one inside the zones.
+        return
+    assert len(jump.patched) == length and jump.tactic in ("B2", "T1")
+    code = jump.patched + after
+    target, size = jump_target(code, SITE)
+    assert target == jump.island and in_zone(isl, target)
+    assert size == HOP + jump.prefixes and jump.prefixes < length
+    assert code[length:] == after                       # what follows is untouched
+
+
+@settings(max_examples=400, deadline=None)
+@given(length=st.integers(1, 4), successor=st.integers(1, 11), after=st.binary(min_size=8, max_size=8),
+       fixed=st.booleans())
+def test_evicting_jump_and_the_evicted_instructions_jump_both_land(length, successor, after, fixed):
+    nop = {1: b"\x90", 2: b"\x66\x90", 3: b"\x0f\x1f\x00", 4: b"\x0f\x1f\x40\x00"}
+    code = b"\x0f\x1f\x44\x00\x00" * 3
+    j_bytes = nop.get(successor) or (b"\x66" * (successor - 5) + b"\x0f\x1f\x44\x00\x00")
+    j = next(CS.disasm(j_bytes, SITE + length))
+    assert j.size == successor
+    memory = {SITE + length + successor + i: b for i, b in enumerate(after)}
+    isl = islands(fixed)
+    jump = tactics.evict(SITE, length, j, reader(memory), isl)
+    if jump is None:
+        # With 5 bytes or more to evict, the evicted jump's high bytes are free: only a 4-byte
+        # site's window E9xxxxxx (368 MiB below it) can be out of bounds.
+        assert successor < 5 or (length == 4 and fixed)
+        return
+    assert len(jump.patched) == length + successor and jump.evicted is j
+    code = jump.patched + after
+    assert jump_target(code, SITE)[0] == jump.island
+    assert jump_target(code[length:], SITE + length)[0] == jump.evicted_island
+    assert code[length + successor:] == after
+    assert in_zone(isl, jump.island) and in_zone(isl, jump.evicted_island)
+    assert abs(jump.island - jump.evicted_island) >= HOP
+
+
+def test_islands_never_overlap_and_share_pages():
+    isl = islands()
+    taken = []
+    for k in range(2000):
+        # 4-byte instructions before a 0x01: every window is [site+16 MiB, site+32 MiB)
+        after = struct.pack("<I", 0x0000_0001 + (k % 7 << 8))
+        jump = tactics.pun(SITE + 16 * k, 4, reader({SITE + 16 * k + 4 + i: b for i, b in enumerate(after)}), isl)
+        assert jump is not None and jump.tactic == "B2"
+        taken.append(jump.island)
+    spans = sorted(taken)
+    assert all(b - a >= HOP for a, b in zip(spans, spans[1:]))
+    assert len(isl.pages) <= 2000 * HOP // PAGE + 8          # packed, not a page each
+    assert isl.mapping_count() <= len(isl.pages)
+
+
+def test_a_window_inside_the_image_or_the_trampoline_room_is_refused():
+    isl = islands()
+    # rel32 = ?? 00 00 00 from a 2-byte instruction: a 256-byte window right after the site
+    memory = {SITE + 2 + i: 0 for i in range(8)}
+    assert tactics.pun(SITE, 2, reader(memory), isl) is None or \
+        tactics.pun(SITE, 2, reader(memory), isl).tactic == "T1"
+
+
+def test_family_windows_wrap_to_negative_offsets():
+    fam = Family(origin=0x1000, c=0xFFFF_0000, stride=1 << 32, wsize=0x100)
+    lo, hi = fam.member(0)
+    assert (lo, hi) == (0x1000 - 0x10000, 0x1000 - 0x10000 + 0xFF)
+    assert list(fam.windows_in(lo - 0x10, lo + 0x10)) == [(lo, lo + 0x10)]
