@@ -10,6 +10,7 @@ from .callbacks import Callback, resolve_callback
 from .errors import SiteError, SymbolError
 from .plan import ModulePlan, ProbePlan
 from .sites import Overlay, Site, SiteAnalyzer
+from .trampolines import tactics
 from .spec import ProbeSpec
 from .trampolines import x86_64 as arch
 from .trampolines.asm import CodeBuffer
@@ -75,24 +76,30 @@ def _refuse_trap(spec: ProbeSpec, site: Site) -> None:
                         f"drop --strict to accept the int3 fallback, or probe another instruction")
 
 
-def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], patched: dict[int, bytes],
-                        strict: bool, tactics: bool) -> dict[int, Site]:
+def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: dict[int, ProbePlan],
+                        strict: bool, tactics: bool) -> tuple[dict[int, Site], list[tuple[int, int, int]]]:
     """Puns and evictions for the sites that would trap, highest address first.
 
     A punned rel32 reads the bytes after its instruction as they will be, so every
-    patch above it must be decided before it: the jumps' (`patched`), then each pun's.
+    patch above it must be decided before it: the jumps' (`plans`), then each pun's.
+    When nothing else fits and the next instruction is a probe with a jump of its own,
+    that jump is re-aimed through an island chosen together with this one (`_rejump`).
+    Returns the decisions and the islands of re-aimed jumps.
     """
     analyzer = probes[0].analyzer
     overlay = Overlay(module)
-    for i, probe in enumerate(probes):
-        if i in patched:
-            overlay.put(probe.address, probe.address, patched[i], unstable_first=probe.site.mechanism == "trap")
+    for i, plan in plans.items():
+        overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism == "trap")
     islands = analyzer.islands(len(probes))
+    at_address = {p.address: i for i, p in enumerate(probes)}
     decided: dict[int, Site] = {}
+    rejumped: list[tuple[int, int, int]] = []
     for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism == "trap"),
                     key=lambda i: -probes[i].address):
         probe = probes[i]
         site = analyzer.shorten(probe.site, islands, overlay) if tactics else probe.site
+        if site.jump is None and tactics:
+            site = _rejump(module, site, at_address, plans, decided, islands, overlay, rejumped)
         if strict:
             _refuse_trap(probe.spec, site)
         if site.jump is not None:
@@ -101,7 +108,55 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], patched:
             overlay.put(probe.address, probe.address, arch.trap_bytes(site.length, module.read(probe.address, site.length)),
                         unstable_first=True)
         decided[i] = site
-    return decided
+    return decided, rejumped
+
+
+def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: dict[int, ProbePlan],
+            decided: dict[int, Site], islands, overlay: Overlay, rejumped: list) -> Site:
+    """A punned jump over the next probe's jump, both aimed at islands chosen together.
+
+    The next probe keeps its trampoline; only the rel32 of its jump changes (it now hops
+    through an island), so that this jump's rel32, which runs into it, lands somewhere
+    allowed. Safe for the same reason as an eviction: the next instruction still starts
+    with a complete jump to where it went before.
+    """
+    first = site.displaced[0]
+    j = at_address.get(first.address + first.size)
+    if j is None:
+        return site
+    if j in plans:
+        old = plans[j]
+        if old.mechanism != "jump" or old.patch_fixup != arch.JUMP_FIXUP or old.resume is None:
+            return site                        # a retargeted call, or more than one instruction moved
+        m = len(old.patched)
+    elif j in decided and decided[j].jump is not None and decided[j].jump.tactic == "B2":
+        m = len(decided[j].jump.patched)
+    else:
+        return site
+    j_address = first.address + first.size
+    saved = dict((a, overlay.bytes.pop(a)) for a in range(j_address, j_address + m) if a in overlay.bytes)
+    jump = tactics.joint(first.address, first.size, m, overlay.read, islands)
+    if jump is None:
+        overlay.bytes.update(saved)
+        return site
+    mine, theirs = jump.patched[:first.size], jump.patched[first.size:]
+    overlay.put(j_address, j_address, theirs)
+    if j in plans:
+        old = plans[j]
+        plans[j] = ProbePlan(old.spec, old.address, "pun", f"{old.reason}, re-aimed through an island for the "
+                             f"probe at {first.address:#x}", old.handler, old.original, theirs,
+                             trampoline=old.trampoline, resume=old.resume, target=old.target,
+                             islands=[jump.evicted_island], depends=jump.depends)
+        rejumped.append((jump.evicted_island, old.trampoline, j))
+    else:
+        old_jump = decided[j].jump
+        islands.release(old_jump.island)
+        decided[j].jump = tactics.Jump("T2", theirs, jump.evicted_island, depends=jump.depends)
+        decided[j].reason += f", re-aimed for the probe at {first.address:#x}"
+    return Site(site.address, "pun", f"T2: punned jump over the next probe's jump, both through islands "
+                                     f"(island at {jump.island:#x})", [first], flags_live=site.flags_live,
+                x87=site.x87, function=site.function,
+                jump=tactics.Jump("T2", mine, jump.island, depends=j_address), depends=j_address)
 
 
 class _Strings:
@@ -139,9 +194,8 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     for i, probe in enumerate(probes):
         if probe.site.mechanism != "trap" or probe.site.length >= arch.JUMP_SIZE:
             plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], data_vaddr, stubs)
-    patched = {i: p.patched for i, p in plans.items()}
-    short = _decide_short_sites(module, probes, patched, strict, islands) if probes else {}
-    islands: list[tuple[int, int, int]] = []        # (island, target, probe id)
+    short, rejumped = _decide_short_sites(module, probes, plans, strict, islands) if probes else ({}, [])
+    islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
         plans[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], data_vaddr, stubs, islands)
     plans = [plans[i] for i in range(len(probes))]
@@ -187,7 +241,8 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
             + bytes(ffi.buffer(records))[:len(islands) * ISLAND_SIZE] + bytes(strings.data))
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
     return ModulePlan(os.path.abspath(module.path), module.build_id, text_vaddr, text, data_vaddr, data, plans,
-                      arch.outside_references(text, text_vaddr, added))
+                      sorted(off for off, target in buf.references
+                             if not any(lo <= target < hi for lo, hi in added)))
 
 
 def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: int,
@@ -222,8 +277,12 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         arch.emit_call_continuation(buf, site.displaced[0])
         patched, fixup = arch.call_bytes(probe.address, start, site.length), arch.call_fixup(site.length)
     else:
+        resume = buf.here if len(site.displaced) == 1 and not site.padding else None
         arch.emit_displaced(buf, site.displaced)
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
+        return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
+                         original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target(),
+                         resume=resume)
     return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
                      original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target())
 

@@ -80,6 +80,8 @@ class Site:
     @property
     def length(self) -> int:
         """Bytes the patch covers."""
+        if self.jump is not None:
+            return len(self.jump.patched)
         return sum(i.size for i in self.displaced) + self.padding
 
 
@@ -231,14 +233,37 @@ class SiteAnalyzer:
                 return Site(**{**site.__dict__, "reason": f"{site.reason}; no punned jump fits, {why}"})
             jump = tactics.evict(address, size, successor, overlay.read, islands)
             if jump is None:
+                jump = self._neighbour_jump(first, successor, overlay, islands)
+            if jump is None:
                 return Site(**{**site.__dict__, "reason": f"{site.reason}; no island window is free "
                                                           f"for a punned or evicting jump"})
         what = {"B2": "punned jump", "T1": f"punned jump after {jump.prefixes} prefix byte(s)",
-                "T2": f"jump over an evicted `{_text(jump.evicted)}`" if jump.evicted else ""}[jump.tactic]
-        displaced = [first] + ([jump.evicted] if jump.evicted is not None else [])
+                "T2": f"jump over an evicted `{_text(jump.evicted)}`" if jump.evicted else "",
+                "T3": f"short jump into an evicted `{_text(jump.evicted)}` at "
+                      f"{jump.evicted.address:#x}" if jump.evicted else ""}[jump.tactic]
+        displaced = [first] + ([jump.evicted] if jump.tactic == "T2" else [])
         return Site(address, jump.mechanism, f"{jump.tactic}: {what} (island at {jump.island:#x})", displaced,
                     flags_live=site.flags_live, x87=site.x87, function=site.function, jump=jump,
                     depends=jump.depends)
+
+    def _neighbour_jump(self, first: CsInsn, successor: CsInsn, overlay: Overlay,
+                        islands: Islands) -> tactics.Jump | None:
+        """T3 with the first instruction of 6 bytes or more among those that follow `first`
+        (straight-line, no probe, nothing patched) within one patch's reach."""
+        insn, gap = successor, b""
+        while insn.address + insn.size - first.address <= MAX_PATCH:
+            if insn.size > arch.JUMP_SIZE and not can_relocate(insn):
+                return tactics.neighbour(first.address, first.size, insn, gap, overlay.read, islands)
+            if arch.ends_flow(insn) or arch.is_call(insn):
+                return None
+            gap += insn.bytes
+            at = insn.address + insn.size
+            if at in self.reserved or overlay.patched(at, 1) or not self.module.is_code(at):
+                return None
+            insn = arch.decode_one(self.module.read(at, MAX_INSN), at)
+            if insn is None or overlay.patched(at, insn.size):
+                return None
+        return None
 
     def _evictable(self, first: CsInsn, sym: Symbol | None, overlay: Overlay) -> tuple[CsInsn | None, str]:
         """The instruction after `first` when T2 may move it, or why not."""

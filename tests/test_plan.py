@@ -55,3 +55,15 @@ def test_plan_round_trips_through_json(planned):
     module, probes = planned
     plan = build_plan(module, probes, 0x100000, 0x108000)
     assert ModulePlan.from_json(plan.to_json()) == plan
+
+
+def test_fixups_recorded_while_emitting_match_a_decode_of_the_whole_text(planned):
+    """The planner records each field as it emits it; decoding the finished text must find
+    the same ones (a field missed would point elsewhere once the text moves)."""
+    from jprobe.trampolines import x86_64 as arch
+    module, probes = planned
+    plan = build_plan(module, probes, 0x100000, 0x108000)
+    added = [(plan.text_vaddr, plan.text_vaddr + len(plan.text)), (plan.data_vaddr, plan.data_vaddr + len(plan.data))]
+    decoded = sorted(off for off, target in arch.references(plan.text, plan.text_vaddr)
+                     if not any(lo <= target < hi for lo, hi in added))
+    assert plan.text_fixups == decoded

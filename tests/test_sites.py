@@ -114,3 +114,9 @@ def test_short_function_gets_a_punned_or_evicting_jump(analyzer):
 def test_a_pun_next_to_a_branch_target_changes_only_its_own_bytes(analyzer):
     s = site(analyzer, "split.cold", tactics=True)
     assert s.mechanism == "pun" and s.length == s.displaced[0].size
+
+
+def test_neighbour_eviction_when_nothing_else_fits(analyzer):
+    s = site(analyzer, "t3shape", tactics=True)
+    assert s.mechanism == "evict" and s.reason.startswith("T3"), s.reason
+    assert s.length == 2 + 1 + 6 and s.jump.evicted.mnemonic == "mov"

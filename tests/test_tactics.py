@@ -107,3 +107,31 @@ def test_family_windows_wrap_to_negative_offsets():
     lo, hi = fam.member(0)
     assert (lo, hi) == (0x1000 - 0x10000, 0x1000 - 0x10000 + 0xFF)
     assert list(fam.windows_in(lo - 0x10, lo + 0x10)) == [(lo, lo + 0x10)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(length=st.integers(2, 4), gap=st.integers(0, 3), size=st.integers(6, 9),
+       after=st.binary(min_size=8, max_size=8), fixed=st.booleans())
+def test_neighbour_eviction_short_jumps_into_the_evicted_instruction(length, gap, size, after, fixed):
+    """T3: `jmp rel8` to N+5, where the site's long jump follows N's own jump; the bytes
+    between the site and N, and after N, are kept."""
+    n_bytes = b"\x66" * (size - 5) + b"\x0f\x1f\x44\x00\x00"          # a `size`-byte nop
+    n_at = SITE + length + gap
+    n = next(CS.disasm(n_bytes, n_at))
+    gap_bytes = b"\x90" * gap
+    memory = {n_at + size + i: b for i, b in enumerate(after)}
+    isl = islands(fixed)
+    jump = tactics.neighbour(SITE, length, n, gap_bytes, reader(memory), isl)
+    if jump is None:
+        # With 9 bytes, the long jump's rel32 has 3 free bytes: a 16 MiB window that reaches
+        # past the image when the fixed top byte is positive; fewer depend on what follows N.
+        assert size < 9 or after[0] >= 0x80
+        return
+    code = jump.patched + after
+    assert jump.tactic == "T3" and len(jump.patched) == length + gap + size
+    short = next(CS.disasm(code, SITE))
+    assert (short.mnemonic, short.size, int(short.op_str, 16)) == ("jmp", 2, n_at + HOP)
+    assert code[length:length + gap] == gap_bytes and code[length + gap + size:] == after
+    assert jump_target(code[length + gap:], n_at)[0] == jump.evicted_island
+    assert jump_target(code[length + gap + HOP:], n_at + HOP)[0] == jump.island
+    assert in_zone(isl, jump.island) and in_zone(isl, jump.evicted_island)

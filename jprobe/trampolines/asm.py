@@ -43,6 +43,8 @@ class CodeBuffer:
         self.labels: dict[str, int] = {}
         self._fixups: list[tuple[int, int, str, int]] = []   # (disp offset, end of insn, label, size)
         self._fresh = 0
+        # (offset, target) of each rel32/disp32 field aimed at an address, not a label
+        self.references: list[tuple[int, int]] = []
 
     @property
     def here(self) -> int:
@@ -52,7 +54,9 @@ class CodeBuffer:
         """Instructions with no absolute reference."""
         self.code += assemble(text)
 
-    def raw(self, data: bytes) -> None:
+    def raw(self, data: bytes, references: list[tuple[int, int]] = ()) -> None:
+        """Bytes laid out elsewhere; `references`: their (offset, target) fields."""
+        self.references += [(len(self.code) + off, target) for off, target in references]
         self.code += data
 
     def label(self, name: str) -> None:
@@ -96,6 +100,8 @@ class CodeBuffer:
             self._fixups.append((disp_at, end, target, size))
         else:
             self._put(disp_at, end, target, size)
+            if size == 4:
+                self.references.append((disp_at, target))
 
     def _put(self, disp_at: int, end: int, target: int, size: int = 4) -> None:
         disp = target - (self.address + end)

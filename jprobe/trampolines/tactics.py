@@ -10,14 +10,18 @@ A `jmp rel32` needs 5 bytes. At an instruction of L < 5 bytes:
 - T2, successor eviction (`evict`): the next instruction J is moved out too and replaced
   by a jump of its own (to a copy of J that jumps back). The first jump's rel32 now
   overlaps J's new bytes, whose free part both jumps choose together.
+- T3, neighbour eviction (`evict`): a 2-byte `jmp rel8` to a nearby instruction N of 6
+  bytes or more, which is moved out; N's bytes become N's own jump, then the site's long
+  jump. N must lie within the bytes one patch may cover (JP_PATCH_MAX) after the site.
 
 Why these rewrites are safe without knowing the control flow: B2 and T1 change only the
 bytes of the probed instruction itself; nothing can jump into the middle of it, and the
 bytes after it are left exactly as they were, so any jump to them runs the original code.
-T2 also rewrites J, but J then starts with a complete jump at J's own address: a jump to J
-still runs J (through its copy). This needs J to really start at that address, so the
-caller only evicts an instruction that the probed one falls through to, or one known to
-start an instruction.
+T2 and T3 also rewrite J or N, but it then starts with a complete jump at its own address:
+a jump to it still runs it (through its copy), and the rest of its bytes were never an
+instruction start. The instructions between the site and N are left as they were. This
+needs J or N to really start at that address, so the caller only evicts an instruction
+that the probed one falls through to, or one known to start an instruction.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from capstone import CsInsn
 from ..islands import HOP, Family, Islands
 
 JMP = 0xE9
+JMP8 = 0xEB
+INT3 = 0xCC
 # Prefixes a near jmp ignores in 64-bit mode: REX.W (operand size is 64 already) and ES.
 # 0x66 is not one of them (AMD honours it: a 16-bit jump).
 PADDINGS = (b"", b"\x48", b"\x26\x48")
@@ -85,7 +91,16 @@ def pun(address: int, length: int, following: Reader, islands: Islands) -> Jump 
 def evict(address: int, length: int, successor: CsInsn, following: Reader, islands: Islands) -> Jump | None:
     """T2: jump at `address` over a jump that replaces `successor` (J). Both islands are
     taken on success."""
-    m = successor.size
+    jump = joint(address, length, successor.size, following, islands)
+    if jump is not None:
+        jump.evicted = successor
+    return jump
+
+
+def joint(address: int, length: int, m: int, following: Reader, islands: Islands) -> Jump | None:
+    """Two jumps chosen together: one at `address` (`length` bytes) whose rel32 runs into a
+    second one that replaces the `m` bytes after it. `patched` covers both; the second
+    jump's island is `evicted_island`."""
     j = address + length                              # J's address; E9 goes there
     shared = 4 - length                               # rel32 bytes of the first jump inside J's rel32
     j_free = min(m - 1, 4)                            # rel32 bytes of J's jump inside J
@@ -113,9 +128,37 @@ def evict(address: int, length: int, successor: CsInsn, following: Reader, islan
             assert rel_j[:shared] == low and rel_j[j_free:] == j_fixed
             islands.take(at_j)
             patch_j = bytes([JMP]) + rel_j[:j_free] + b"\xcc" * (m - 1 - j_free)
-            return Jump("T2", bytes([JMP]) + rel_i[:length - 1] + patch_j, at, successor, at_j, depends=owner)
+            return Jump("T2", bytes([JMP]) + rel_i[:length - 1] + patch_j, at, None, at_j, depends=owner)
         islands.release(at)
         tries += 1
         if tries >= _T2_TRIES:
             break
+    return None
+
+
+def neighbour(address: int, length: int, n: CsInsn, gap: bytes, following: Reader, islands: Islands) -> Jump | None:
+    """T3: `jmp rel8` from the site to N + 5, where the site's long jump follows N's own.
+    `gap`: the bytes between the site's instruction and N, kept as they are."""
+    long_at = n.address + HOP
+    rel8 = long_at - (address + 2)
+    if length < 2 or n.size < HOP + 1 or not -128 <= rel8 < 128:
+        return None
+    free = min(n.size - HOP - 1, 4)
+    after = following(n.address + n.size, 4 - free) if free < 4 else (b"", None)
+    if after is None:
+        return None
+    fixed, owner = after
+    mine = Family(long_at + HOP, int.from_bytes(bytes(free) + fixed, "little"), 1 << 32, 256 ** free)
+    for at in islands.slots(mine):
+        islands.take(at)
+        for half in (0, 1 << 31):                     # N's own rel32 is all free: either direction
+            for at_n in islands.slots(Family(n.address + HOP, half, 1 << 32, 1 << 31)):
+                islands.take(at_n)
+                rel_i, rel_n = _le(at - (long_at + HOP)), _le(at_n - (n.address + HOP))
+                assert rel_i[free:] == fixed
+                patch_n = bytes([JMP]) + rel_n + bytes([JMP]) + rel_i[:free] + bytes([INT3]) * (n.size - HOP - 1 - free)
+                site = bytes([JMP8, rel8 % 256]) + bytes([INT3]) * (length - 2)
+                return Jump("T3", site + gap + patch_n, at, n, at_n, depends=owner)
+        islands.release(at)
+        return None
     return None

@@ -167,13 +167,14 @@ def vector_state_use(insn: CsInsn) -> bool:
     return any((insn.reg_name(r) or "").startswith(_VECTOR_REG_PREFIXES) for r in (*read, *written))
 
 
-def outside_references(code: bytes, address: int, inside: Sequence[tuple[int, int]]) -> list[int]:
-    """Offsets of the rel32/disp32 fields of `code` whose target lies outside `inside` ranges."""
-    offsets = []
+def references(code: bytes, address: int) -> list[tuple[int, int]]:
+    """(offset, target) of every rel32/disp32 field of `code`: what an applier that moves the
+    code may have to adjust."""
+    found = []
     insns = list(_cs.disasm(code, address))
     if sum(i.size for i in insns) != len(code):
         # a field missed here would point elsewhere once an applier moves the text
-        raise RelocationError(f"internal error: the trampolines at {address:#x} do not decode whole")
+        raise RelocationError(f"internal error: the code at {address:#x} does not decode whole")
     for insn in insns:
         if insn.group(X.X86_GRP_BRANCH_RELATIVE) and insn.imm_size == 4:
             field, target = insn.imm_offset, branch_target(insn)
@@ -182,9 +183,8 @@ def outside_references(code: bytes, address: int, inside: Sequence[tuple[int, in
             field, target = insn.disp_offset, insn.address + insn.size + insn.disp
         else:
             continue
-        if not any(lo <= target < hi for lo, hi in inside):
-            offsets.append(insn.address - address + field)
-    return offsets
+        found.append((insn.address - address + field, target))
+    return found
 
 
 JUMP_FIXUP = 1                      # where jump_bytes puts its rel32
@@ -411,7 +411,8 @@ def _restore_flags(buf: CodeBuffer, at: int) -> None:
 
 def emit_displaced(buf: CodeBuffer, insns: Sequence[CsInsn]) -> None:
     """The displaced instructions, relocated, then a jump back after them when they fall through."""
-    buf.raw(relocate(insns, buf.here))
+    code = relocate(insns, buf.here)
+    buf.raw(code, references(code, buf.here))
     if not ends_flow(insns[-1]):
         last = insns[-1]
         buf.jmp(last.address + last.size)

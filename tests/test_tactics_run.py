@@ -1,0 +1,59 @@
+"""Punned and evicting jumps in real programs: exact hits, same output, and the trap
+fallback when an island's page is taken."""
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SOME_VARIANTS, hits_by_address, patch, run_prog, run_with_report, sites, symbol
+
+from jprobe import patch_file
+
+N = 4321
+NAMES = ("t3", "inc", "dec")
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def entries(prog) -> dict[str, int]:
+    return {name: symbol(prog, name)[0] for name in NAMES}
+
+
+@pytest.mark.parametrize("variant", SOME_VARIANTS, ids=str)
+def test_short_entries_get_puns_or_evictions_and_count_exactly(variant, build, tmp_path):
+    prog = build("tactics.c", variant.flags)
+    expected = run_prog([prog, str(N)])
+    out = patch(prog, tmp_path / "p", list(NAMES))
+    got, report = run_with_report([out, str(N)], tmp_path / "r.json")
+    assert (got.returncode, got.stdout, got.stderr) == (expected.returncode, expected.stdout, "")
+    at = entries(prog)
+    assert hits_by_address(report) == {at[name]: N for name in NAMES}
+    mechanisms = {p["address"]: p["mechanism"] for p in report["probes"]}
+    assert set(mechanisms.values()) <= {"pun", "evict"}, mechanisms
+    if variant.pie == "nopie":
+        [row] = [r for r in sites(prog, "t3")["instructions"] if int(r["address"], 16) == at["t3"]]
+        assert row["mechanism"] == "evict" and row["reason"].startswith("T3"), row
+
+
+def test_the_run_mode_applies_them_too(build, tmp_path):
+    from test_run import jprobe_run
+    prog = build("tactics.c", ["-O2", "-no-pie"])
+    expected = run_prog([prog, str(N)])
+    got, report = jprobe_run(tmp_path, [prog, N], list(NAMES))
+    assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout)
+    assert {p["probe"]: p["hits"] for p in report["probes"]} == {name: N for name in NAMES}
+    assert {p["mechanism"] for p in report["probes"]} <= {"pun", "evict"}
+
+
+def test_a_taken_island_page_falls_back_to_a_trap_before_the_code_runs(build, tmp_path):
+    prog = build("tactics.c", ["-O2", "-no-pie"])
+    blocker = build.lib("island_blocker.c")
+    expected = run_prog([prog, str(N)])
+    out = tmp_path / "p"
+    plan = patch_file(str(prog), str(out), ["inc"])
+    [probe] = plan.probes
+    assert probe.mechanism in ("pun", "evict") and probe.islands
+    env = {"LD_AUDIT": str(blocker), "BLOCK_AT": hex(probe.islands[0])}
+    got, report = run_with_report([out, str(N)], tmp_path / "r.json", env=env)
+    assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout)
+    [entry] = report["probes"]
+    assert entry["mechanism"] == "trap" and entry["hits"] == N
+    assert any("island page" in e and "falling back to a trap" in e for e in report["errors"]), report["errors"]
