@@ -86,6 +86,7 @@ class Islands:
         self.pages: dict[int, bytearray] = {}
         self._sorted: list[int] = []
         self._mru: list[int] = []
+        self.new_pages = True              # False: only pages already in use are offered
 
     def zones(self) -> list[tuple[int, int]]:
         return [z for z in (self.after, self.below) if z[0] < z[1]]
@@ -161,7 +162,7 @@ class Islands:
                 for n, page in enumerate(pages):
                     if n >= 2:
                         break
-                    if page not in tried:
+                    if page not in tried and (self.new_pages or page in self.pages):
                         tried.add(page)
                         yield from self._in_page_windows(family, page)
 

@@ -97,9 +97,16 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
     for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism == "trap"),
                     key=lambda i: -probes[i].address):
         probe = probes[i]
-        site = analyzer.shorten(probe.site, islands, overlay) if tactics else probe.site
-        if site.jump is None and tactics:
-            site = _rejump(module, site, at_address, plans, decided, islands, overlay, rejumped)
+        site = probe.site
+        # Each page of islands is a mapping: first a jump on a page already in use, then
+        # one that re-aims the next probe's jump (both free to share pages), then any.
+        for new_pages, rejump in ((False, False), (False, True), (True, False), (True, True)):
+            if not tactics or site.jump is not None:
+                break
+            islands.new_pages = new_pages
+            site = (_rejump(module, probe.site, at_address, plans, decided, islands, overlay, rejumped) if rejump
+                    else analyzer.shorten(probe.site, islands, overlay))
+        islands.new_pages = True
         if strict:
             _refuse_trap(probe.spec, site)
         if site.jump is not None:
@@ -109,6 +116,13 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
                         unstable_first=True)
         decided[i] = site
     return decided, rejumped
+
+
+def _reaimable(site: Site) -> bool:
+    """A decided jump that is `E9 rel32` over its own instruction, through one island."""
+    jump = site.jump
+    return (jump.evicted is None and jump.prefixes == 0 and len(jump.patched) == site.displaced[0].size
+            and jump.patched[0] == tactics.JMP)
 
 
 def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: dict[int, ProbePlan],
@@ -126,10 +140,11 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
         return site
     if j in plans:
         old = plans[j]
-        if old.mechanism != "jump" or old.patch_fixup != arch.JUMP_FIXUP or old.resume is None:
+        plain = old.mechanism == "jump" and old.patch_fixup == arch.JUMP_FIXUP
+        if not (plain or (old.mechanism == "pun" and len(old.islands) == 1)) or old.resume is None:
             return site                        # a retargeted call, or more than one instruction moved
         m = len(old.patched)
-    elif j in decided and decided[j].jump is not None and decided[j].jump.tactic == "B2":
+    elif j in decided and decided[j].jump is not None and _reaimable(decided[j]):
         m = len(decided[j].jump.patched)
     else:
         return site
@@ -143,6 +158,9 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
     overlay.put(j_address, j_address, theirs)
     if j in plans:
         old = plans[j]
+        for at in old.islands:
+            islands.release(at)
+        rejumped[:] = [r for r in rejumped if r[2] != j]
         plans[j] = ProbePlan(old.spec, old.address, "pun", f"{old.reason}, re-aimed through an island for the "
                              f"probe at {first.address:#x}", old.handler, old.original, theirs,
                              trampoline=old.trampoline, resume=old.resume, target=old.target,
