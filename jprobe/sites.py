@@ -241,7 +241,9 @@ class SiteAnalyzer:
                 "T2": f"jump over an evicted `{_text(jump.evicted)}`" if jump.evicted else "",
                 "T3": f"short jump into an evicted `{_text(jump.evicted)}` at "
                       f"{jump.evicted.address:#x}" if jump.evicted else ""}[jump.tactic]
-        displaced = [first] + ([jump.evicted] if jump.tactic == "T2" else [])
+        # After the probe work, the trampoline runs the evicted instruction too, saving a
+        # jump, unless the site is a call: its return address is the evicted one's jump.
+        displaced = [first] + ([jump.evicted] if jump.tactic == "T2" and not arch.is_call(first) else [])
         return Site(address, jump.mechanism, f"{jump.tactic}: {what} (island at {jump.island:#x})", displaced,
                     flags_live=site.flags_live, x87=site.x87, function=site.function, jump=jump,
                     depends=jump.depends)

@@ -9,6 +9,7 @@
  *	shm.c		the counters file of `jprobe run` (jprobe_shm.h)
  *	apply.c		plans applied in-process for `jprobe run` (jprobe_plan.h)
  *	audit.c		modules dlopen()ed later, patched before their code runs (LD_AUDIT)
+ *	exec.c		the report written before an exec replaces the program
  *	islands.c	islands for punned and evicting jumps, their trap fall-back, code writes
  *
  * The library is built with -fvisibility=hidden: nothing here is exported.
@@ -116,6 +117,7 @@ void publish_traps(struct jp_module *m, struct trap_index *idx);
 void end_set_up(struct jp_module *m);
 bool module_mapped(const struct jp_module *m);
 long status_field(const char *name, long dflt);
+void report_before_exec(void);
 
 /* threads.c */
 extern __thread uint64_t *tls_blocks[JP_TLS_SLOTS]

@@ -57,6 +57,7 @@ char *errors[JP_MAX_ERRORS];
 int nerrors;
 
 static bool debug;
+static pid_t own_pid;		/* getpid() at start-up and after fork() */
 static bool run_mode;		/* `jprobe run` started us (JPROBE_COUNTERS) */
 static char *report_path;	/* absolute: the program may chdir() */
 char exe_path[PATH_MAX];
@@ -815,6 +816,7 @@ static void atfork_child(void)
 	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
 
 	forked_child = true;
+	own_pid = getpid();
 	for (i = 0; i < n; i++) {
 		struct jp_module *m = &modules[i];
 		struct jp_probe *p;
@@ -926,10 +928,25 @@ static bool traced(void)
  * `jprobe run` started us: run mode as soon as the counters file is usable,
  * so that a problem with the plan goes into it.
  */
+/*
+ * An environment variable, read from `environ` itself: a program may define
+ * its own getenv() (bash does), which must not run, or count, before main.
+ */
+static const char *env_value(const char *name)
+{
+	size_t len = strlen(name);
+	char **e;
+
+	for (e = environ; e && *e; e++)
+		if (!strncmp(*e, name, len) && (*e)[len] == '=')
+			return *e + len + 1;
+	return NULL;
+}
+
 static void open_run_files(void)
 {
-	const char *plan = getenv("JPROBE_PLAN");
-	const char *counters = getenv("JPROBE_COUNTERS");
+	const char *plan = env_value("JPROBE_PLAN");
+	const char *counters = env_value("JPROBE_COUNTERS");
 
 	if (!plan || !*plan || !counters || !*counters || !counters_open(counters))
 		return;
@@ -939,14 +956,15 @@ static void open_run_files(void)
 
 static void read_environment(void)
 {
-	const char *s = getenv("JPROBE_DEBUG");
+	own_pid = getpid();
+	const char *s = env_value("JPROBE_DEBUG");
 	ssize_t n;
 
 	debug = s && *s && strcmp(s, "0");
-	s = getenv("JPROBE_REPORT");
+	s = env_value("JPROBE_REPORT");
 	if (s && *s)
 		report_path = absolute(s);
-	s = getenv("JPROBE_TRAP");
+	s = env_value("JPROBE_TRAP");
 	ud_traps = (s && !strcmp(s, "ud")) || traced();
 	n = readlink("/proc/self/exe", exe_path, PATH_MAX - 1);
 	exe_path[n > 0 ? n : 0] = '\0';
@@ -978,6 +996,19 @@ static void jprobe_rt_init(void)
  * Modules dlopen()ed after start-up are picked up by the rescan.  Under
  * `jprobe run` the counts are in the counters file already.
  */
+/*
+ * Before an exec (exec.c): the report so far, as at exit.  Not from the
+ * child of a vfork(), which runs on its parent's memory and counts: those
+ * hits are the parent's to report.
+ */
+void report_before_exec(void)
+{
+	if (!report_path || run_mode || getpid() != own_pid)
+		return;
+	scan_modules(false);
+	write_report(report_path);
+}
+
 __attribute__((destructor))
 static void jprobe_rt_fini(void)
 {
