@@ -9,7 +9,7 @@ from .elf import ElfModule
 from .callbacks import Callback, resolve_callback
 from .errors import SiteError, SymbolError
 from .plan import ModulePlan, ProbePlan
-from .sites import Overlay, Site, SiteAnalyzer
+from .sites import Overlay, Site, SiteAnalyzer, is_entry
 from .trampolines import tactics
 from .spec import ProbeSpec
 from .trampolines import x86_64 as arch
@@ -271,7 +271,7 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
     callback = probe.spec.handler.kind == "callback"
     # The red zone is dead at a function's entry (the caller's call wrote over it) and
     # inside a retargeted call, so the trampoline need not step over it there.
-    red_zone = not (site.call_retarget or (site.function is not None and probe.address == site.function.address))
+    red_zone = not (site.call_retarget or is_entry(site.function, probe.address))
 
     def probe_work() -> None:
         if callback:

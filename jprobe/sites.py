@@ -10,8 +10,8 @@ The rules, in order:
    no other probe is there, neither the function nor its `.cold` piece has an indirect
    jump (a switch table or computed goto could land anywhere), all of it decoded, and it
    lies inside the function's symbol bounds; the patch stays within JP_PATCH_MAX bytes
-   (what a plan file holds). Without a function symbol only the site's own instruction
-   may be displaced. Branches from unrelated functions into the middle of this one
+   (what a plan file holds). Where no symbol describes the code, the unwind table's
+   function ranges do (frames.py), with branch targets taken from the whole module. Branches from unrelated functions into the middle of this one
    (hand-written assembly does that) are not seen.
 3. Otherwise a jump that needs no more room than the instruction: a punned jump (`pun`,
    E9Patch's B2 and T1) or one that also evicts the next instruction (`evict`, T2); see
@@ -30,6 +30,7 @@ from capstone import CsInsn
 from . import layout
 from .elf import ElfModule, Symbol, function_owner
 from .errors import SiteError
+from .frames import PREFIX, Frames
 from .islands import Islands, text_room
 from .trampolines import tactics
 from .trampolines import x86_64 as arch
@@ -128,10 +129,19 @@ class SiteAnalyzer:
     def __init__(self, module: ElfModule):
         self.module = module
         self.reserved: set[int] = set()       # other probes' sites: never displaced by this one
+        self.frames = Frames(module)
         self._facts = lru_cache(maxsize=4096)(self._decode_function)
+
+    def function_at(self, address: int) -> Symbol | None:
+        """The function symbol holding `address`, else the unwind table's range around it."""
+        return self.module.function_at(address) or self.frames.symbol_at(address)
 
     def _decode_function(self, sym: Symbol) -> FunctionFacts:
         insns, complete = self._decode_piece(sym)
+        if sym.name.startswith(PREFIX):
+            x87 = any(arch.uses_x87(i) for i in insns) or not complete
+            return FunctionFacts(sym, insns, {i.address for i in insns}, self.frames.targets,
+                                 self.frames.indirect_jump(sym), x87, complete)
         targets: set[int] = set()
         indirect = None
         x87 = False
@@ -169,7 +179,7 @@ class SiteAnalyzer:
 
     def instruction_at(self, address: int) -> CsInsn:
         """The instruction starting at `address`, checked against its function's boundaries."""
-        sym = self.module.function_at(address)
+        sym = self.function_at(address)
         if sym is not None:
             facts = self.facts(sym)
             if facts.insns and address not in facts.starts:
@@ -189,7 +199,7 @@ class SiteAnalyzer:
         without `tactics`, no pun or eviction is tried (a plan tries them once the other
         probes' bytes are known, `shorten`)."""
         first = self.instruction_at(address)
-        sym = self.module.function_at(address)
+        sym = self.function_at(address)
         facts = self.facts(sym) if sym is not None else None
         x87 = facts.x87 if facts and facts.insns else True
         why_not = can_relocate(first)
@@ -201,7 +211,7 @@ class SiteAnalyzer:
         displaced, blocker = self._displace(first, facts)
         following = (facts.insns[facts.index_of(address):][:FLAGS_SCAN] if facts and facts.insns
                      else displaced)
-        flags_live = not (sym is not None and address == sym.address) and not arch.flags_dead_after(following)
+        flags_live = not is_entry(sym, address) and not arch.flags_dead_after(following)
         if blocker is None:
             n, size = len(displaced), sum(i.size for i in displaced)
             what = "1 instruction" if n == 1 else f"{n} instructions"
@@ -278,7 +288,7 @@ class SiteAnalyzer:
         facts = self.facts(sym) if sym is not None else None
         known = (not arch.ends_flow(first) or successor.id in arch.FILL
                  or (facts is not None and at in facts.starts)
-                 or any(f.address == at for f in [self.module.function_at(at)] if f is not None))
+                 or any(f.address == at for f in [self.function_at(at)] if f is not None))
         if not known:
             return None, f"and after `{first.mnemonic}` nothing says an instruction starts at {at:#x}"
         if at in self.reserved:
@@ -346,11 +356,19 @@ class SiteAnalyzer:
         for insn in arch.decode(self.module.read(end, need + MAX_INSN), end):
             if covered >= need:
                 break
-            if (insn.id not in arch.FILL or self.module.function_at(insn.address) is not None
+            if (insn.id not in arch.FILL or self.function_at(insn.address) is not None
                     or insn.address in facts.targets or insn.address in self.reserved):
                 return False
             covered += insn.size
         return covered >= need
+
+
+def is_entry(sym: Symbol | None, address: int) -> bool:
+    """A function's entry, where the SysV ABI leaves the flags undefined and the caller's
+    call wrote over the red zone. Not a `.cold` piece's start (it is jumped to, flags and red
+    zone live), nor an unwind range's (it may be one)."""
+    return (sym is not None and address == sym.address and not sym.name.startswith(PREFIX)
+            and function_owner(sym.name) == sym.name)
 
 
 def _text(insn: CsInsn) -> str:

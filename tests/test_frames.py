@@ -1,0 +1,61 @@
+"""Stripped code: function ranges from .eh_frame (jprobe/frames.py) let a short instruction
+move together with the next ones, as inside a function symbol, and nothing breaks."""
+import subprocess
+
+import pytest
+from conftest import hits_by_address, patch, run_prog, run_with_report, sites, symbol
+from test_stress import FIXTURE_N, expected_calls
+
+from jprobe.elf import ElfModule
+from jprobe.frames import frame_ranges
+from jprobe.sites import SiteAnalyzer
+
+FUNCTIONS = ("classify", "rec", "sum_loop", "inc")
+
+
+@pytest.fixture(scope="module", params=["-no-pie", "-pie"])
+def stripped(request, build, tmp_path_factory):
+    """(every_insn built -O2, the same file with no .symtab)."""
+    flags = ["-O2", "-fPIE" if request.param == "-pie" else "-fno-pie", request.param]
+    full = build("every_insn.c", flags, f"frames{request.param}")
+    bare = tmp_path_factory.mktemp("frames") / "bare"
+    subprocess.run(["strip", "-s", "-o", str(bare), str(full)], check=True)
+    return full, bare
+
+
+def test_unwind_ranges_cover_the_functions_a_strip_left_unnamed(stripped):
+    full, bare = stripped
+    module = ElfModule(str(bare))
+    assert all(module.function_at(symbol(full, f)[0]) is None for f in FUNCTIONS)
+    ranges = frame_ranges(module)
+    for name in FUNCTIONS:
+        at, size = symbol(full, name)
+        assert any(lo <= at and at + size <= hi for lo, hi in ranges), name
+
+
+def test_switch_groups_stay_single_instruction_and_others_move_several(stripped):
+    full, bare = stripped
+    analyzer = SiteAnalyzer(ElfModule(str(bare)))
+    at, size = symbol(full, "classify")                     # a jump table: no multi-instruction jump
+    rows = [r for r in sites(bare)["instructions"] if at <= int(r["address"], 16) < at + size]
+    assert rows and not any("displaces 2" in r["reason"] or "displaces 3" in r["reason"] for r in rows)
+    assert analyzer.facts(analyzer.function_at(at)).indirect_jump is not None
+    moved = [r for r in sites(bare)["instructions"] if "instructions (" in r["reason"]]
+    assert moved, "no short instruction moved with its successors in stripped code"
+
+
+def test_every_instruction_of_stripped_functions_runs_with_exact_entry_counts(stripped, tmp_path):
+    full, bare = stripped
+    expected = run_prog([bare, str(FIXTURE_N)])
+    entries, specs = {}, []
+    rows = sites(bare)["instructions"]
+    for name in FUNCTIONS:
+        at, size = symbol(full, name)
+        entries[at] = name
+        specs += [r["address"] for r in rows if at <= int(r["address"], 16) < at + size]
+    out = patch(bare, tmp_path / "p", specs)
+    got, report = run_with_report([out, str(FIXTURE_N)], tmp_path / "r.json")
+    assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout)
+    hits = hits_by_address(report)
+    calls = expected_calls(FIXTURE_N)
+    assert {name: hits[at] for at, name in entries.items()} == {name: calls[name] for name in FUNCTIONS}
