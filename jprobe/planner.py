@@ -47,11 +47,13 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
     """Addresses and site decisions for every spec, conflicts refused."""
     analyzer = SiteAnalyzer(module)
     addresses = [resolve_address(module, s) for s in specs]
+    seen: set[int] = set()
     for spec, address in zip(specs, addresses):
         analyzer.instruction_at(address)          # boundary check with a clear error
-        if addresses.count(address) > 1:
+        if address in seen:
             raise SiteError(f"'{spec.text}': another probe is at the same address {address:#x}; "
                             f"keep one probe per address")
+        seen.add(address)
     analyzer.reserved = set(addresses)
     resolved = []
     for spec, address in zip(specs, addresses):
@@ -93,7 +95,7 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
     islands = analyzer.islands(len(probes))
     at_address = {p.address: i for i, p in enumerate(probes)}
     decided: dict[int, Site] = {}
-    rejumped: list[tuple[int, int, int]] = []
+    rejumped: dict[int, tuple[int, int, int]] = {}     # probe id -> its island record
     for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism == "trap"),
                     key=lambda i: -probes[i].address):
         probe = probes[i]
@@ -115,7 +117,7 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
             overlay.put(probe.address, probe.address, arch.trap_bytes(site.length, module.read(probe.address, site.length)),
                         unstable_first=True)
         decided[i] = site
-    return decided, rejumped
+    return decided, list(rejumped.values())
 
 
 def _reaimable(site: Site) -> bool:
@@ -126,7 +128,7 @@ def _reaimable(site: Site) -> bool:
 
 
 def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: dict[int, ProbePlan],
-            decided: dict[int, Site], islands, overlay: Overlay, rejumped: list) -> Site:
+            decided: dict[int, Site], islands, overlay: Overlay, rejumped: dict) -> Site:
     """A punned jump over the next probe's jump, both aimed at islands chosen together.
 
     The next probe keeps its trampoline; only the rel32 of its jump changes (it now hops
@@ -160,12 +162,11 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
         old = plans[j]
         for at in old.islands:
             islands.release(at)
-        rejumped[:] = [r for r in rejumped if r[2] != j]
         plans[j] = ProbePlan(old.spec, old.address, "pun", f"{old.reason}, re-aimed through an island for the "
                              f"probe at {first.address:#x}", old.handler, old.original, theirs,
                              trampoline=old.trampoline, resume=old.resume, target=old.target,
                              islands=[jump.evicted_island], depends=jump.depends)
-        rejumped.append((jump.evicted_island, old.trampoline, j))
+        rejumped[j] = (jump.evicted_island, old.trampoline, j)
     else:
         old_jump = decided[j].jump
         islands.release(old_jump.island)

@@ -333,6 +333,21 @@ def _append(path: Path, line: str):
         os.close(fd)
 
 
+def read_whole(path) -> str:
+    """A tracefs file with large read() calls (one, mostly): see _read_profile."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            b = os.read(fd, 1 << 22)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def _read_profile(names) -> dict:
     """Hit counts of the named events from uprobe_profile.
 
@@ -342,17 +357,7 @@ def _read_profile(names) -> dict:
     our events no longer change (the workload has exited)."""
     want, counts = set(names), {}
     for _ in range(20):
-        fd = os.open(TRACEFS / "uprobe_profile", os.O_RDONLY)
-        try:
-            chunks = []
-            while True:
-                b = os.read(fd, 1 << 22)
-                if not b:
-                    break
-                chunks.append(b)
-        finally:
-            os.close(fd)
-        for line in b"".join(chunks).decode(errors="replace").splitlines():
+        for line in read_whole(TRACEFS / "uprobe_profile").splitlines():
             parts = line.split()
             if len(parts) >= 3 and parts[-2] in want:
                 counts[parts[-2]] = int(parts[-1])

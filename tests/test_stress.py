@@ -44,6 +44,7 @@ from conftest import (
     disasm_function,
     hits_by_address,
     patch,
+    read_whole,
     run_prog,
     run_with_report,
     symbol,
@@ -78,20 +79,6 @@ EXPECTED_STDOUT = {
 # kernel uprobes: one multi-probe event for all the probes of a run
 # --------------------------------------------------------------------------
 
-def _read_whole(path: Path) -> str:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while True:
-            b = os.read(fd, 1 << 22)
-            if not b:
-                break
-            chunks.append(b)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode(errors="replace")
-
-
 def _event_counts(group: str, event: str, n: int) -> dict[int, int]:
     """{file offset: hits} of the `n` probes of one multi-probe event.
 
@@ -102,8 +89,8 @@ def _event_counts(group: str, event: str, n: int) -> dict[int, int]:
     prefix = f"p:{group}/{event} "
     for _ in range(20):
         offsets = [int(line.rsplit(":", 1)[1], 16)
-                   for line in _read_whole(TRACEFS / "uprobe_events").splitlines() if line.startswith(prefix)]
-        hits = [int(parts[-1]) for parts in map(str.split, _read_whole(TRACEFS / "uprobe_profile").splitlines())
+                   for line in read_whole(TRACEFS / "uprobe_events").splitlines() if line.startswith(prefix)]
+        hits = [int(parts[-1]) for parts in map(str.split, read_whole(TRACEFS / "uprobe_profile").splitlines())
                 if len(parts) >= 3 and parts[-2] == event]
         if len(offsets) == len(hits) == n:
             return dict(zip(offsets, hits))

@@ -119,28 +119,35 @@ static int gather(const char *arg0, va_list ap, char **argv)
 	return n;
 }
 
-JP_EXPORT int execl(const char *path, const char *arg, ...)
+/* execl and execlp: the list as an array for the execv wrapper given. */
+static int exec_list(int (*fn)(const char *, char *const[]), const char *file,
+		     const char *arg, va_list ap)
 {
 	char *argv[ARGS_MAX];
+
+	return gather(arg, ap, argv) < 0 ? -1 : fn(file, argv);
+}
+
+JP_EXPORT int execl(const char *path, const char *arg, ...)
+{
 	va_list ap;
-	int n;
+	int ret;
 
 	va_start(ap, arg);
-	n = gather(arg, ap, argv);
+	ret = exec_list(execv, path, arg, ap);
 	va_end(ap);
-	return n < 0 ? -1 : execv(path, argv);
+	return ret;
 }
 
 JP_EXPORT int execlp(const char *file, const char *arg, ...)
 {
-	char *argv[ARGS_MAX];
 	va_list ap;
-	int n;
+	int ret;
 
 	va_start(ap, arg);
-	n = gather(arg, ap, argv);
+	ret = exec_list(execvp, file, arg, ap);
 	va_end(ap);
-	return n < 0 ? -1 : execvp(file, argv);
+	return ret;
 }
 
 JP_EXPORT int execle(const char *path, const char *arg, ...)
