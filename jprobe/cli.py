@@ -39,8 +39,10 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     summary = Counter(r["mechanism"] for r in rows)
     for mechanism in ("jump", "pun", "evict", "trap"):
         summary.setdefault(mechanism, 0)
+    tactics = Counter(r["tactic"] for r in rows if r["tactic"])
     if args.json:
-        json.dump({"module": module, "instructions": rows, "summary": dict(summary)}, sys.stdout, indent=1)
+        json.dump({"module": module, "instructions": rows, "summary": dict(summary),
+                   "tactics": dict(sorted(tactics.items()))}, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     for r in rows:
@@ -49,6 +51,8 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     shown = ("jump", "pun", "evict", "trap") + (("none",) if summary.get("none") else ())   # none: refused
     print(f"{len(rows)} instructions: " + ", ".join(
         f"{m} {summary[m]} ({100.0 * summary[m] / total:.2f}%)" for m in shown))
+    if tactics:
+        print("tactics: " + ", ".join(f"{t} {n} ({100.0 * n / total:.2f}%)" for t, n in sorted(tactics.items())))
     return 0
 
 

@@ -12,10 +12,10 @@ from .trampolines import x86_64 as arch
 def _row(analyzer: SiteAnalyzer, insn) -> dict:
     try:
         site = analyzer.analyse(insn.address)
-        mechanism, reason = site.mechanism, site.reason
+        mechanism, reason, tactic = site.mechanism, site.reason, site.tactic
     except JprobeError as e:
-        mechanism, reason = "none", str(e)
-    return {"address": f"{insn.address:#x}", "mechanism": mechanism, "reason": reason,
+        mechanism, reason, tactic = "none", str(e), None
+    return {"address": f"{insn.address:#x}", "mechanism": mechanism, "tactic": tactic, "reason": reason,
             "instruction": f"{insn.mnemonic} {insn.op_str}".strip()}
 
 

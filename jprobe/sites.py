@@ -79,6 +79,13 @@ class Site:
     depends: int | None = None         # the probe whose patched bytes the punned rel32 reads
 
     @property
+    def tactic(self) -> str | None:
+        """E9Patch's name for how the jump fits: B1 (whole instructions), B2, T1, T2, T3."""
+        if self.jump is not None:
+            return self.jump.tactic
+        return "B1" if self.mechanism == "jump" else None
+
+    @property
     def length(self) -> int:
         """Bytes the patch covers."""
         if self.jump is not None:

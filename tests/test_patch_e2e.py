@@ -748,6 +748,11 @@ def test_sites_json_shape(variant, build):
     addrs = {int(i["address"], 16) for i in whole["instructions"]}
     assert {i.address for i in insns} <= addrs
     assert sum(whole["summary"].get(k, 0) for k in MECHANISMS) == len(whole["instructions"])
+    # per tactic: B1 for plain jumps, B2/T1 for puns, T2/T3 for evictions, none for traps
+    pairs = {(i["mechanism"], i["tactic"]) for i in whole["instructions"]}
+    assert pairs <= {("jump", "B1"), ("pun", "B2"), ("pun", "T1"), ("evict", "T2"), ("evict", "T3"),
+                     ("trap", None)}, pairs
+    assert sum(whole["tactics"].values()) == len(whole["instructions"]) - whole["summary"]["trap"]
 
 
 def test_report_command(build, tmp_path):
