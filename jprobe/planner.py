@@ -11,6 +11,7 @@ from .errors import SiteError, SymbolError
 from .plan import ModulePlan, ProbePlan
 from .sites import Overlay, Site, SiteAnalyzer, is_entry
 from .trampolines import tactics
+from .trampolines.relocate import can_relocate
 from .spec import ProbeSpec
 from .trampolines import x86_64 as arch
 from .trampolines.asm import CodeBuffer
@@ -79,7 +80,7 @@ def _refuse_trap(spec: ProbeSpec, site: Site) -> None:
 
 
 def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: dict[int, ProbePlan],
-                        strict: bool, tactics: bool) -> tuple[dict[int, Site], list[tuple[int, int, int]]]:
+                        strict: bool, tactics: bool, room: int | None) -> tuple[dict[int, Site], list[tuple[int, int, int]]]:
     """Puns and evictions for the sites that would trap, highest address first.
 
     A punned rel32 reads the bytes after its instruction as they will be, so every
@@ -92,7 +93,7 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
     overlay = Overlay(module)
     for i, plan in plans.items():
         overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism == "trap")
-    islands = analyzer.islands(len(probes))
+    islands = analyzer.islands(len(probes), room)
     at_address = {p.address: i for i, p in enumerate(probes)}
     decided: dict[int, Site] = {}
     rejumped: dict[int, tuple[int, int, int]] = {}     # probe id -> its island record
@@ -195,12 +196,14 @@ class _Strings:
 
 
 def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, data_vaddr: int,
-               strict: bool = False, islands: bool = True) -> ModulePlan:
+               strict: bool = False, islands: bool = True, room: int | None = None) -> ModulePlan:
     """Trampolines at text_vaddr, the probe table at data_vaddr, and the site patches.
 
     Jumps first (their bytes depend on where their trampolines are), then the sites that
     need a pun or an eviction (their rel32 may read those bytes). Without `islands` (an
-    applier that cannot map them before the code runs) those sites trap.
+    applier that cannot map them before the code runs) those sites trap. `room`: how far
+    past the image the added regions may reach (islands stay beyond), by default what
+    text_room() keeps for this many probes.
     """
     ffi = layout.ffi
     table_probes = data_vaddr + TABLE_SIZE
@@ -213,7 +216,7 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     for i, probe in enumerate(probes):
         if probe.site.mechanism != "trap" or probe.site.length >= arch.JUMP_SIZE:
             plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], data_vaddr, stubs)
-    short, rejumped = _decide_short_sites(module, probes, plans, strict, islands) if probes else ({}, [])
+    short, rejumped = _decide_short_sites(module, probes, plans, strict, islands, room) if probes else ({}, [])
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
         plans[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], data_vaddr, stubs, islands)
@@ -306,6 +309,29 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
                      original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target())
 
 
+def _past_the_pun(probe: ResolvedProbe, site: Site) -> list:
+    """The punned instruction and copies of those after it up to the end of the jump.
+
+    Going back into the bytes the jump's rel32 overlaps would make the processor decode
+    them as a second instruction stream over the first (~10 ns a hit measured); running
+    copies of the next instructions avoids that where they are no probe's site and can
+    be moved. The originals stay in place for whatever else jumps to them.
+    """
+    first = site.displaced[0]
+    module, reserved = probe.analyzer.module, probe.analyzer.reserved
+    insns = [first]
+    at, end = first.address + first.size, first.address + site.jump.prefixes + arch.JUMP_SIZE
+    while at < end and not (arch.ends_flow(insns[-1]) or arch.is_call(insns[-1])):
+        if at in reserved or not module.is_code(at):
+            break
+        insn = arch.decode_one(module.read(at, 15), at)
+        if insn is None or can_relocate(insn):
+            break
+        insns.append(insn)
+        at += insn.size
+    return insns
+
+
 def _emit_short(buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, start: int, original: bytes,
                 islands: list[tuple[int, int, int]]) -> ProbePlan:
     """After the probe work: the displaced instruction(s), the copy a trap fallback resumes
@@ -313,7 +339,7 @@ def _emit_short(buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, s
     jump = site.jump
     if jump.evicted is None:
         resume = buf.here                    # the work falls through into its own resume copy
-        arch.emit_displaced(buf, site.displaced)
+        arch.emit_displaced(buf, _past_the_pun(probe, site))
     else:
         arch.emit_displaced(buf, site.displaced)
         resume = buf.here

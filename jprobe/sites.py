@@ -231,10 +231,12 @@ class SiteAnalyzer:
             return self.shorten(site, self.islands(), Overlay(self.module))
         return site
 
-    def islands(self, nprobes: int = 1) -> Islands:
-        """Empty island zones for this module, past the room `nprobes` probes' trampolines need."""
+    def islands(self, nprobes: int = 1, room: int | None = None) -> Islands:
+        """Empty island zones for this module, past `room` (by default what `nprobes` probes'
+        trampolines need)."""
         m = self.module
-        return Islands(m.start_of_image(), m.end_of_image(), m.fixed_address, text_room(nprobes))
+        return Islands(m.start_of_image(), m.end_of_image(), m.fixed_address,
+                       text_room(nprobes) if room is None else room)
 
     def shorten(self, site: Site, islands: Islands, overlay: Overlay) -> Site:
         """A `pun` or `evict` jump for a site that would otherwise trap, islands taken; or the

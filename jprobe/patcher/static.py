@@ -70,12 +70,12 @@ def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -
     R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
     text = binary.add(_segment(_room(len(draft.text)), R | X))
     data = binary.add(_segment(_room(len(draft.data)), R | W))
-    plan = build_plan(module, probes, text.virtual_address, data.virtual_address, strict, islands)
+    # LIEF places the segments where it sees fit (for a fixed-address program, megabytes
+    # past the image): the islands go beyond wherever that is.
+    room = data.virtual_address + data.virtual_size - module.end_of_image() + PAGE
+    plan = build_plan(module, probes, text.virtual_address, data.virtual_address, strict, islands, room)
     if len(plan.text) > text.virtual_size or len(plan.data) > data.virtual_size:
         raise JprobeError(f"{module.path}: internal error: the trampolines outgrew the room the draft made")
-    if data.virtual_address + data.virtual_size > module.end_of_image() + room:
-        raise JprobeError(f"{module.path}: internal error: the trampolines and probe data outgrew "
-                          f"the {room >> 20} MiB kept for them; please report it")
     text.content = list(plan.text + arch.FILL_BYTE * (text.virtual_size - len(plan.text)))
     data.content = list(plan.data + bytes(data.virtual_size - len(plan.data)))
     return plan, binary
