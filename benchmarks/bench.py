@@ -78,6 +78,13 @@ def build():
     return loop, *libs
 
 
+def build_short():
+    """loop_short.c: the same loop around a 4-byte function that only a pun can probe."""
+    out = BUILD / "loop_short"
+    sh(["gcc", "-O2", "-g", "-fPIE", "-pie", "-o", out, BENCH / "loop_short.c"])
+    return out
+
+
 def build_threads():
     out = BUILD / "threads"
     sh(["gcc", "-O2", "-g", "-fPIE", "-pie", "-pthread", "-o", out, BENCH / "threads.c"])
@@ -450,6 +457,10 @@ def main():
          lambda: row_frida(loop, target, N_FRIDA, a.runs)),
         ("7", "E9Patch (e9tool, empty trampoline) at `target`", N_FAST,
          lambda: row_e9patch(loop, target, N_FAST, a.runs)),
+        ("8a", "no probe, loop_short.c (a 4-byte `target` with another function right after it)", N_FAST,
+         lambda: median_runs(lambda: run_loop(build_short(), N_FAST), a.runs)),
+        ("8", "jprobe static `count` at that 4-byte `target` (punned jump; overhead vs 8a)", N_FAST,
+         lambda: row_jprobe(build_short(), "target", N_FAST, a.runs, "loop_short.count")),
     ]
     results = {}
     for rid, label, n, fn in rows:
@@ -476,7 +487,8 @@ def main():
         if med is None:
             lines.append(f"| {rid} | {label} | {fmt_n(n)} | {note} | | |")
             continue
-        over = med - base if base is not None and rid != "1" else None
+        own_base = results["8a"][2] if rid == "8" else base     # row 8 runs loop_short.c
+        over = med - own_base if own_base is not None and rid not in ("1", "8a") else None
         ratio = (over / count_over) if (over is not None and count_over and count_over > 0) else None
         lines.append(f"| {rid} | {label} | {fmt_n(n)} | {med:.2f} | "
                      f"{'' if over is None else f'{over:.2f}'} | {'' if ratio is None else f'{ratio:.1f}x'} |")
