@@ -1,7 +1,8 @@
 """The file applier: writes a plan into a copy of an ELF file with LIEF.
 
 Two PT_LOAD segments are added after the image (trampolines R+X, probe table
-R+W), the probe sites are overwritten, and the runtime library is added as the
+R+W), and for a program with islands a one-page fence that keeps its heap past
+them; the probe sites are overwritten, and the runtime library is added as the
 first DT_NEEDED. Every original section keeps its address; only the dynamic
 linking tables that DT_NEEDED touches are rebuilt by LIEF.
 """
@@ -14,7 +15,7 @@ import lief
 from .. import layout
 from ..elf import ElfModule
 from ..errors import JprobeError, OutputError
-from ..islands import text_room
+from ..islands import REACH, text_room
 from ..output import replacing
 from ..plan import ModulePlan
 from ..planner import build_plan, resolve_probes
@@ -55,6 +56,16 @@ def _room(size: int) -> int:
     return size + size // 8 + PAGE
 
 
+def _fence_the_heap(binary: lief.ELF.Binary, module: ElfModule) -> None:
+    """A one-page segment past every island a program may have.
+
+    The kernel starts a program's heap (brk) at a random place up to 1 GiB past its last
+    segment, where islands would otherwise meet it; past this page, they never do.
+    """
+    fence = binary.add(_segment(PAGE, lief.ELF.Segment.FLAGS.R))
+    fence.virtual_address = fence.physical_address = -(-(module.end_of_image() + REACH) // PAGE) * PAGE
+
+
 def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -> tuple[ModulePlan, lief.ELF.Binary]:
     """The plan for `module`, and a LIEF binary with room made for it."""
     probes = resolve_probes(module, specs, strict)
@@ -78,6 +89,8 @@ def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -
         raise JprobeError(f"{module.path}: internal error: the trampolines outgrew the room the draft made")
     text.content = list(plan.text + arch.FILL_BYTE * (text.virtual_size - len(plan.text)))
     data.content = list(plan.data + bytes(data.virtual_size - len(plan.data)))
+    if not module.is_library and any(p.islands for p in plan.probes):
+        _fence_the_heap(binary, module)
     return plan, binary
 
 

@@ -29,6 +29,12 @@
 
 /* The planner lays islands out by 4 KiB pages, each within one. */
 #define JP_ISLAND_PAGE	UINT64_C(4096)
+/*
+ * Island pages at most this many free pages apart are mapped as one
+ * mapping, gaps included: every mapping counts against vm.max_map_count
+ * (65530), and the pages between cost address space only.
+ */
+#define JP_ISLAND_GAP	4
 
 enum island_state {
 	ISLAND_OK,
@@ -41,6 +47,7 @@ enum island_state {
 struct island_slot {
 	uintptr_t page;			/* run-time address of its page */
 	const struct jp_island *island;
+	size_t span;			/* first slot of a mapping of ours: its length */
 	bool mapped;			/* the page is ours, to unmap with the module */
 	uint8_t state;			/* ISLAND_* */
 };
@@ -150,6 +157,45 @@ static size_t page_end(const struct islands *s, size_t i)
 	return j;
 }
 
+/* The first slot past the pages JP_ISLAND_GAP or fewer pages apart from slot i's. */
+static size_t cluster_end(const struct islands *s, size_t i)
+{
+	size_t j = i + 1;
+
+	while (j < s->n && s->slot[j].page - s->slot[j - 1].page <=
+	       (JP_ISLAND_GAP + 1) * JP_ISLAND_PAGE)
+		j++;
+	return j;
+}
+
+/* Map the pages of slots [i, j) (read-write, for now) as one mapping. */
+static bool map_unit(struct islands *s, size_t i, size_t j)
+{
+	size_t span = s->slot[j - 1].page + JP_ISLAND_PAGE - s->slot[i].page;
+	bool mapped = s->slot[i].page &&
+		      map_exactly(s->slot[i].page, span, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	size_t k;
+
+	for (k = i; k < j; k++) {
+		s->slot[k].span = 0;
+		s->slot[k].mapped = mapped;
+		s->slot[k].state = mapped ? ISLAND_OK : ISLAND_TAKEN;
+	}
+	s->slot[i].span = mapped ? span : 0;
+	return mapped;
+}
+
+/* The first slot past the mapping that starts at slot i (i has a span). */
+static size_t unit_end(const struct islands *s, size_t i)
+{
+	size_t j = i + 1;
+
+	while (j < s->n && s->slot[j].page < s->slot[i].page + s->slot[i].span)
+		j++;
+	return j;
+}
+
 /*
  * Map (read-write, for now) the page of every island of a module loaded at
  * `bias`.  `at` may be negative (an island below the module): the address
@@ -172,17 +218,12 @@ struct islands *reserve_islands(const struct jp_island *isl, uint32_t n,
 	}
 	qsort(s->slot, n, sizeof(s->slot[0]), compare_slots);
 	for (i = 0; i < n; i = j) {
+		j = cluster_end(s, i);
 		/* (Page 0 would come back as NULL: never ours.) */
-		bool mapped = s->slot[i].page &&
-			      map_exactly(s->slot[i].page, JP_ISLAND_PAGE,
-					  PROT_READ | PROT_WRITE,
-					  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-		j = page_end(s, i);
-		for (k = i; k < j; k++) {
-			s->slot[k].mapped = mapped;
-			s->slot[k].state = mapped ? ISLAND_OK : ISLAND_TAKEN;
-		}
+		if (s->slot[i].page && map_unit(s, i, j))
+			continue;
+		for (k = i; k < j; k = page_end(s, k))	/* something in between: page by page */
+			map_unit(s, k, page_end(s, k));
 	}
 	return s;
 }
@@ -244,12 +285,14 @@ void fill_islands(struct islands *s, uintptr_t tbias)
 	size_t i, j, k;
 
 	for (i = 0; i < s->n; i = j) {
-		j = page_end(s, i);
-		if (!s->slot[i].mapped)
+		if (!s->slot[i].span) {
+			j = i + 1;
 			continue;
+		}
+		j = unit_end(s, i);
 		for (k = i; k < j; k++)
 			fill_island(s, &s->slot[k], tbias);
-		if (!mprotect((void *)s->slot[i].page, JP_ISLAND_PAGE,
+		if (!mprotect((void *)s->slot[i].page, s->slot[i].span,
 			      PROT_READ | PROT_EXEC))
 			continue;
 		for (k = i; k < j; k++)
@@ -263,9 +306,9 @@ void unmap_islands(struct islands *s)
 {
 	size_t i;
 
-	for (i = 0; s && i < s->n; i = page_end(s, i))
-		if (s->slot[i].mapped)
-			munmap((void *)s->slot[i].page, JP_ISLAND_PAGE);
+	for (i = 0; s && i < s->n; i++)
+		if (s->slot[i].span)
+			munmap((void *)s->slot[i].page, s->slot[i].span);
 	free(s);
 }
 
