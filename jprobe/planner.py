@@ -176,7 +176,7 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
     return Site(site.address, "pun", f"T2: punned jump over the next probe's jump, both through islands "
                                      f"(island at {jump.island:#x})", [first], flags_live=site.flags_live,
                 x87=site.x87, function=site.function,
-                jump=tactics.Jump("T2", mine, jump.island, depends=j_address), depends=j_address)
+                jump=tactics.Jump("T2", mine, jump.island, depends=j_address))
 
 
 class _Strings:
@@ -351,4 +351,4 @@ def _emit_short(buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, s
     return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
                      original, jump.patched, trampoline=start, resume=resume, target=probe.spec.target(),
                      islands=[jump.island] + ([jump.evicted_island] if jump.evicted is not None else []),
-                     depends=site.depends)
+                     depends=jump.depends)

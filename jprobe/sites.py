@@ -76,7 +76,6 @@ class Site:
 
     padding: int = 0                   # fill bytes after the function the patch spills into
     jump: tactics.Jump | None = None    # pun / evict: the bytes and islands
-    depends: int | None = None         # the probe whose patched bytes the punned rel32 reads
 
     @property
     def tactic(self) -> str | None:
@@ -264,8 +263,7 @@ class SiteAnalyzer:
         # jump, unless the site is a call: its return address is the evicted one's jump.
         displaced = [first] + ([jump.evicted] if jump.tactic == "T2" and not arch.is_call(first) else [])
         return Site(address, jump.mechanism, f"{jump.tactic}: {what} (island at {jump.island:#x})", displaced,
-                    flags_live=site.flags_live, x87=site.x87, function=site.function, jump=jump,
-                    depends=jump.depends)
+                    flags_live=site.flags_live, x87=site.x87, function=site.function, jump=jump)
 
     def _neighbour_jump(self, first: CsInsn, successor: CsInsn, overlay: Overlay,
                         islands: Islands) -> tactics.Jump | None:
