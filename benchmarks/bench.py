@@ -79,9 +79,9 @@ def build():
 
 
 def build_short():
-    """loop_short.c: the same loop around a 4-byte function that only a pun can probe."""
+    """loop.c with SHORT_TARGET: the same loop around a 4-byte function only a pun can probe."""
     out = BUILD / "loop_short"
-    sh(["gcc", "-O2", "-g", "-fPIE", "-pie", "-o", out, BENCH / "loop_short.c"])
+    sh(["gcc", "-O2", "-g", "-DSHORT_TARGET", "-fPIE", "-pie", "-o", out, BENCH / "loop.c"])
     return out
 
 
@@ -457,7 +457,7 @@ def main():
          lambda: row_frida(loop, target, N_FRIDA, a.runs)),
         ("7", "E9Patch (e9tool, empty trampoline) at `target`", N_FAST,
          lambda: row_e9patch(loop, target, N_FAST, a.runs)),
-        ("8a", "no probe, loop_short.c (a 4-byte `target` with another function right after it)", N_FAST,
+        ("8a", "no probe, loop.c with SHORT_TARGET (a 4-byte `target`, another function right after it)", N_FAST,
          lambda: median_runs(lambda: run_loop(build_short(), N_FAST), a.runs)),
         ("8", "jprobe static `count` at that 4-byte `target` (punned jump; overhead vs 8a)", N_FAST,
          lambda: row_jprobe(build_short(), "target", N_FAST, a.runs, "loop_short.count")),
@@ -487,7 +487,7 @@ def main():
         if med is None:
             lines.append(f"| {rid} | {label} | {fmt_n(n)} | {note} | | |")
             continue
-        own_base = results["8a"][2] if rid == "8" else base     # row 8 runs loop_short.c
+        own_base = results["8a"][2] if rid == "8" else base     # row 8 runs the SHORT_TARGET loop
         over = med - own_base if own_base is not None and rid not in ("1", "8a") else None
         ratio = (over / count_over) if (over is not None and count_over and count_over > 0) else None
         lines.append(f"| {rid} | {label} | {fmt_n(n)} | {med:.2f} | "

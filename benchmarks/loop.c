@@ -4,10 +4,21 @@
 #include <stdlib.h>
 #include <time.h>
 
+#ifdef SHORT_TARGET
+/*
+ * For the punned-jump row: a 4-byte target with another function right after it, so
+ * that no plain jump fits (`jprobe sites` says pun).
+ */
+__asm__(".text\n.p2align 4\n"
+	".globl target\n.type target, @function\ntarget:\n\tlea 1(%rdi), %eax\n\tret\n.size target, .-target\n"
+	".globl after\n.type after, @function\nafter:\n\tlea -1(%rdi), %eax\n\tret\n.size after, .-after\n");
+long target(long i);
+#else
 __attribute__((noipa, noinline)) long target(long i)
 {
 	return i ^ (i >> 3);
 }
+#endif
 
 int main(int argc, char **argv)
 {
