@@ -165,7 +165,3 @@ class Islands:
                     if page not in tried and (self.new_pages or page in self.pages):
                         tried.add(page)
                         yield from self._in_page_windows(family, page)
-
-    def mapping_count(self) -> int:
-        """Runs of adjacent island pages: the mappings they add at run time."""
-        return sum(1 for i, p in enumerate(self._sorted) if i == 0 or self._sorted[i - 1] != p - PAGE)

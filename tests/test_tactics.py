@@ -91,15 +91,14 @@ def test_islands_never_overlap_and_share_pages():
     spans = sorted(taken)
     assert all(b - a >= HOP for a, b in zip(spans, spans[1:]))
     assert len(isl.pages) <= 2000 * HOP // PAGE + 8          # packed, not a page each
-    assert isl.mapping_count() <= len(isl.pages)
 
 
 def test_a_window_inside_the_image_or_the_trampoline_room_is_refused():
     isl = islands()
     # rel32 = ?? 00 00 00 from a 2-byte instruction: a 256-byte window right after the site
     memory = {SITE + 2 + i: 0 for i in range(8)}
-    assert tactics.pun(SITE, 2, reader(memory), isl) is None or \
-        tactics.pun(SITE, 2, reader(memory), isl).tactic == "T1"
+    jump = tactics.pun(SITE, 2, reader(memory), isl)
+    assert jump is None or jump.tactic == "T1"           # never B2: its window is in the image
 
 
 def test_family_windows_wrap_to_negative_offsets():
