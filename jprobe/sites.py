@@ -299,11 +299,11 @@ class SiteAnalyzer:
         if not known:
             return None, f"and after `{first.mnemonic}` nothing says an instruction starts at {at:#x}"
         if at in self.reserved:
-            return None, f"and the next instruction has a probe of its own"
+            return None, "and the next instruction has a probe of its own"
         if overlay.patched(at, successor.size):
-            return None, f"and the next instruction is already patched"
+            return None, "and the next instruction is already patched"
         if first.size + successor.size > MAX_PATCH:
-            return None, f"and the next instruction is too long to move too"
+            return None, "and the next instruction is too long to move too"
         why_not = can_relocate(successor)
         if why_not:
             return None, f"and `{_text(successor)}` cannot be moved: {why_not}"
