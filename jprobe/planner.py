@@ -344,11 +344,12 @@ def _emit_short(buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, s
         arch.emit_displaced(buf, site.displaced)
         resume = buf.here
         arch.emit_displaced(buf, site.displaced[:1])
-        evicted = buf.here
-        arch.emit_displaced(buf, [jump.evicted])
-        islands.append((jump.evicted_island, evicted, index))
+        for insn, island in [(jump.evicted, jump.evicted_island)] + jump.more:
+            islands.append((island, buf.here, index))
+            arch.emit_displaced(buf, [insn])
     islands.append((jump.island, start, index))
     return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
                      original, jump.patched, trampoline=start, resume=resume, target=probe.spec.target(),
-                     islands=[jump.island] + ([jump.evicted_island] if jump.evicted is not None else []),
+                     islands=[jump.island] + ([jump.evicted_island] if jump.evicted is not None else [])
+                     + [island for _, island in jump.more],
                      depends=jump.depends)

@@ -253,15 +253,24 @@ class SiteAnalyzer:
             if jump is None:
                 jump = self._neighbour_jump(first, successor, overlay, islands)
             if jump is None:
+                jump = self._chain_jump(first, successor, overlay, islands)
+            if jump is None:
                 return Site(**{**site.__dict__, "reason": f"{site.reason}; no island window is free "
                                                           f"for a punned or evicting jump"})
         what = {"B2": "punned jump", "T1": f"punned jump after {jump.prefixes} prefix byte(s)",
                 "T2": f"jump over an evicted `{_text(jump.evicted)}`" if jump.evicted else "",
                 "T3": f"short jump into an evicted `{_text(jump.evicted)}` at "
                       f"{jump.evicted.address:#x}" if jump.evicted else ""}[jump.tactic]
-        # After the probe work, the trampoline runs the evicted instruction too, saving a
-        # jump, unless the site is a call: its return address is the evicted one's jump.
-        displaced = [first] + ([jump.evicted] if jump.tactic == "T2" and not arch.is_call(first) else [])
+        if jump.more:
+            what = "jump over evicted " + ", ".join(f"`{_text(i)}`" for i in [jump.evicted] + [m for m, _ in jump.more])
+        # After the probe work, the trampoline runs the evicted instructions too, saving a
+        # jump, up to a call: its return address is the next one's jump.
+        displaced = [first]
+        if jump.tactic == "T2":
+            for insn in [jump.evicted] + [m for m, _ in jump.more]:
+                if arch.is_call(displaced[-1]):
+                    break
+                displaced.append(insn)
         return Site(address, jump.mechanism, f"{jump.tactic}: {what} (island at {jump.island:#x})", displaced,
                     flags_live=site.flags_live, x87=site.x87, function=site.function, jump=jump)
 
@@ -283,6 +292,14 @@ class SiteAnalyzer:
             if insn is None or overlay.patched(at, insn.size):
                 return None
         return None
+
+    def _chain_jump(self, first: CsInsn, successor: CsInsn, overlay: Overlay,
+                    islands: Islands) -> tactics.Jump | None:
+        """T2 over two instructions: the successor's own jump runs into the next one's."""
+        after, _ = self._evictable(successor, self.function_at(successor.address), overlay)
+        if after is None or first.size + successor.size + after.size > MAX_PATCH:
+            return None
+        return tactics.chain(first.address, [first, successor, after], overlay.read, islands)
 
     def _evictable(self, first: CsInsn, sym: Symbol | None, overlay: Overlay) -> tuple[CsInsn | None, str]:
         """The instruction after `first` when T2 may move it, or why not."""

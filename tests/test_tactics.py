@@ -134,3 +134,42 @@ def test_neighbour_eviction_short_jumps_into_the_evicted_instruction(length, gap
     assert jump_target(code[length + gap:], n_at)[0] == jump.evicted_island
     assert jump_target(code[length + gap + HOP:], n_at + HOP)[0] == jump.island
     assert in_zone(isl, jump.island) and in_zone(isl, jump.evicted_island)
+
+
+@settings(max_examples=300, deadline=None)
+@given(length=st.integers(1, 3), middle=st.integers(1, 3), last=st.integers(3, 7),
+       after=st.binary(min_size=8, max_size=8), fixed=st.booleans())
+def test_a_chain_of_evictions_gives_every_jump_its_island(length, middle, last, after, fixed):
+    """T2 twice: the site, the next instruction and the one after it each start with a jump
+    to an island of its own; every rel32 runs into the jumps after it; what follows is kept."""
+    nop = {1: b"\x90", 2: b"\x66\x90", 3: b"\x0f\x1f\x00", 4: b"\x0f\x1f\x40\x00", 5: b"\x0f\x1f\x44\x00\x00",
+           6: b"\x66\x0f\x1f\x44\x00\x00", 7: b"\x0f\x1f\x80\x00\x00\x00\x00"}
+    at = SITE
+    insns = []
+    for size in (length, middle, last):
+        insns.append(next(CS.disasm(nop[size], at)))
+        at += size
+    memory = {at + i: b for i, b in enumerate(after)}
+    isl = islands(fixed)
+    jump = tactics.chain(SITE, insns, reader(memory), isl)
+    if jump is None:
+        return           # windows are not guaranteed; what is found must be right
+    code = jump.patched + after
+    assert len(jump.patched) == length + middle + last and code[len(jump.patched):] == after
+    targets = [jump.island, jump.evicted_island] + [i for _, i in jump.more]
+    for insn, target in zip(insns, targets):
+        off = insn.address - SITE
+        assert jump_target(code[off:], insn.address)[0] == target
+        assert in_zone(isl, target)
+    assert len(set(targets)) == 3
+
+
+def test_a_chain_finds_a_window_where_one_eviction_does_not():
+    """A 1-byte site before a 1-byte instruction: one eviction leaves every rel32 byte fixed
+    (an exact target, inside the image here); a chain frees the third instruction's bytes."""
+    insns = [next(CS.disasm(b"\x90", SITE)), next(CS.disasm(b"\x90", SITE + 1)),
+             next(CS.disasm(b"\x0f\x1f\x80\x00\x00\x00\x00", SITE + 2))]
+    memory = {SITE + 9 + i: 0 for i in range(8)}
+    assert tactics.evict(SITE, 1, insns[1], reader({SITE + 2 + i: 0 for i in range(8)}), islands()) is None
+    jump = tactics.chain(SITE, insns, reader(memory), islands())
+    assert jump is not None and len(jump.more) == 1

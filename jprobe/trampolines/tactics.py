@@ -52,6 +52,7 @@ class Jump:
     evicted_island: int | None = None
     depends: int | None = None          # the probe whose patched bytes its rel32 reads
     prefixes: int = 0
+    more: list[tuple[CsInsn, int]] = field(default_factory=list)   # T2 chains: further (evicted, island)
 
     @property
     def mechanism(self) -> str:
@@ -162,3 +163,48 @@ def neighbour(address: int, length: int, n: CsInsn, gap: bytes, following: Reade
         islands.release(at)
         return None
     return None
+
+
+_CHAIN_TRIES = 16
+
+
+def chain(address: int, insns: list[CsInsn], following: Reader, islands: Islands) -> Jump | None:
+    """T2 twice: the probed instruction and the next ones (`insns[1:]`, moved out) each get a
+    jump, every rel32 running into the jumps after it. Chosen from the last jump back, each
+    a punned jump over the bytes the later ones settled, retrying the later ones' islands
+    when an earlier jump finds no window."""
+    starts = [i.address for i in insns]
+    end = insns[-1].address + insns[-1].size
+    tail = max(0, starts[-1] + HOP - end)
+    after = following(end, tail) if tail else (b"", None)
+    if after is None:
+        return None
+    code = bytearray(end - address) + bytearray(after[0])
+    for insn in insns:                              # E9, then room for the rel32, int3 past it
+        at = insn.address - address
+        code[at] = JMP
+        code[at + min(HOP, insn.size):at + insn.size] = bytes([INT3]) * max(0, insn.size - HOP)
+    chosen: list[int] = [0] * len(insns)
+
+    def solve(t: int) -> bool:
+        if t < 0:
+            return True
+        at = insns[t].address - address
+        free = min(insns[t].size - 1, 4)
+        fixed = bytes(code[at + 1 + free:at + HOP])
+        family = Family(insns[t].address + HOP, int.from_bytes(bytes(free) + fixed, "little"), 1 << 32, 256 ** free)
+        for n, island in enumerate(islands.slots(family)):
+            if n >= (1 if t == 0 else _CHAIN_TRIES):
+                break
+            code[at + 1:at + 1 + free] = _le(island - (insns[t].address + HOP))[:free]
+            islands.take(island)
+            chosen[t] = island
+            if solve(t - 1):
+                return True
+            islands.release(island)
+        return False
+
+    if not solve(len(insns) - 1):
+        return None
+    return Jump("T2", bytes(code[:end - address]), chosen[0], insns[1], chosen[1], depends=after[1],
+                more=list(zip(insns[2:], chosen[2:])))
