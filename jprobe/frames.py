@@ -11,7 +11,6 @@ table, a computed goto) makes every instruction of the group a possible target.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from functools import cached_property
 
 from elftools.common.exceptions import ELFError as _PyElfError
@@ -37,11 +36,6 @@ def frame_ranges(module: ElfModule) -> list[tuple[int, int]]:
     except (_PyElfError, KeyError, ValueError, AttributeError, OSError):
         return []
     return sorted((lo, hi) for lo, hi in ranges if module.is_code(lo, hi - lo))
-
-
-@dataclass
-class _Group:
-    indirect: int | None = None       # an indirect jump (or undecodable code) of the group
 
 
 class Frames:
@@ -73,8 +67,8 @@ class Frames:
         return Symbol(name, found[0], found[1] - found[0], name)
 
     @cached_property
-    def _flow(self) -> tuple[set[int], dict[int, _Group]]:
-        """(every direct branch target, {range start: its group})."""
+    def _flow(self) -> tuple[set[int], dict[int, int | None]]:
+        """(every direct branch target, {range start: an indirect jump of its group, if any})."""
         parent = {lo: lo for lo, _ in self.ranges}
 
         def find(x: int) -> int:
@@ -98,12 +92,8 @@ class Frames:
                         parent[find(lo)] = find(there[0])
                 elif lo not in indirect and arch.is_indirect_jump(insn):
                     indirect[lo] = insn.address
-        groups: dict[int, _Group] = {}
-        for lo, _ in self.ranges:
-            groups.setdefault(find(lo), _Group())
-        for lo, at in indirect.items():
-            groups[find(lo)].indirect = at
-        return targets, {lo: groups[find(lo)] for lo, _ in self.ranges}
+        by_group = {find(lo): at for lo, at in indirect.items()}
+        return targets, {lo: by_group.get(find(lo)) for lo, _ in self.ranges}
 
     @property
     def targets(self) -> set[int]:
@@ -111,4 +101,4 @@ class Frames:
 
     def indirect_jump(self, sym: Symbol) -> int | None:
         """An indirect jump of the range's group (or where its decoding stopped), if any."""
-        return self._flow[1][sym.address].indirect
+        return self._flow[1][sym.address]

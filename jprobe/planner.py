@@ -152,10 +152,10 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
     else:
         return site
     j_address = first.address + first.size
-    saved = dict((a, overlay.bytes.pop(a)) for a in range(j_address, j_address + m) if a in overlay.bytes)
+    lifted = overlay.lift(j_address, m)             # the next probe's bytes are being chosen anew
     jump = tactics.joint(first.address, first.size, m, overlay.read, islands)
     if jump is None:
-        overlay.bytes.update(saved)
+        overlay.restore(lifted)
         return site
     mine, theirs = jump.patched[:first.size], jump.patched[first.size:]
     overlay.put(j_address, j_address, theirs)

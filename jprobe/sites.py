@@ -107,6 +107,13 @@ class Overlay:
         for i, b in enumerate(data):
             self.bytes[address + i] = (None if unstable_first and i == 0 else b, owner)
 
+    def lift(self, address: int, size: int) -> dict[int, tuple[int | None, int]]:
+        """Forget what the probes put at [address, address+size); returns it for `restore`."""
+        return {a: self.bytes.pop(a) for a in range(address, address + size) if a in self.bytes}
+
+    def restore(self, lifted: dict[int, tuple[int | None, int]]) -> None:
+        self.bytes.update(lifted)
+
     def patched(self, address: int, size: int) -> bool:
         return any(address + i in self.bytes for i in range(size))
 

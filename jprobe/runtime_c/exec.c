@@ -35,7 +35,7 @@ JP_EXPORT void _exit(int status)
 {
 	exit_fn fn = next_symbol(&real__exit, "_exit");
 
-	report_before_exec();
+	report_own_hits();
 	if (fn)
 		fn(status);
 	__builtin_trap();
@@ -45,7 +45,7 @@ JP_EXPORT void _Exit(int status)
 {
 	exit_fn fn = next_symbol(&real__Exit, "_Exit");
 
-	report_before_exec();
+	report_own_hits();
 	if (fn)
 		fn(status);
 	__builtin_trap();
@@ -55,7 +55,7 @@ JP_EXPORT int execve(const char *path, char *const argv[], char *const envp[])
 {
 	execve_fn fn = next_symbol(&real_execve, "execve");
 
-	report_before_exec();
+	report_own_hits();
 	return fn ? fn(path, argv, envp) : (errno = ENOSYS, -1);
 }
 
@@ -63,7 +63,7 @@ JP_EXPORT int execv(const char *path, char *const argv[])
 {
 	execvp_fn fn = next_symbol(&real_execv, "execv");
 
-	report_before_exec();
+	report_own_hits();
 	return fn ? fn(path, argv) : (errno = ENOSYS, -1);
 }
 
@@ -71,7 +71,7 @@ JP_EXPORT int execvp(const char *file, char *const argv[])
 {
 	execvp_fn fn = next_symbol(&real_execvp, "execvp");
 
-	report_before_exec();
+	report_own_hits();
 	return fn ? fn(file, argv) : (errno = ENOSYS, -1);
 }
 
@@ -79,7 +79,7 @@ JP_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
 {
 	execvpe_fn fn = next_symbol(&real_execvpe, "execvpe");
 
-	report_before_exec();
+	report_own_hits();
 	return fn ? fn(file, argv, envp) : (errno = ENOSYS, -1);
 }
 
@@ -87,7 +87,7 @@ JP_EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 {
 	fexecve_fn fn = next_symbol(&real_fexecve, "fexecve");
 
-	report_before_exec();
+	report_own_hits();
 	return fn ? fn(fd, argv, envp) : (errno = ENOSYS, -1);
 }
 
@@ -96,7 +96,7 @@ JP_EXPORT int execveat(int dirfd, const char *path, char *const argv[],
 {
 	execveat_fn fn = next_symbol(&real_execveat, "execveat");
 
-	report_before_exec();
+	report_own_hits();
 	return fn ? fn(dirfd, path, argv, envp, flags) : (errno = ENOSYS, -1);
 }
 

@@ -117,7 +117,7 @@ void publish_traps(struct jp_module *m, struct trap_index *idx);
 void end_set_up(struct jp_module *m);
 bool module_mapped(const struct jp_module *m);
 long status_field(const char *name, long dflt);
-void report_before_exec(void);
+void report_own_hits(void);
 
 /* threads.c */
 extern __thread uint64_t *tls_blocks[JP_TLS_SLOTS]

@@ -991,17 +991,11 @@ static void jprobe_rt_init(void)
 }
 
 /*
- * The runtime is a dependency of every patched module, so this runs after
- * their destructors: the counts are final but for the last libc teardown.
- * Modules dlopen()ed after start-up are picked up by the rescan.  Under
- * `jprobe run` the counts are in the counters file already.
+ * The report so far: at exit, and before an exec or an _exit (exec.c).  Not
+ * from the child of a vfork(), which runs on its parent's memory and
+ * counts: those hits are the parent's to report.
  */
-/*
- * Before an exec (exec.c): the report so far, as at exit.  Not from the
- * child of a vfork(), which runs on its parent's memory and counts: those
- * hits are the parent's to report.
- */
-void report_before_exec(void)
+void report_own_hits(void)
 {
 	if (!report_path || run_mode || getpid() != own_pid)
 		return;
@@ -1009,11 +1003,14 @@ void report_before_exec(void)
 	write_report(report_path);
 }
 
+/*
+ * The runtime is a dependency of every patched module, so this runs after
+ * their destructors: the counts are final but for the last libc teardown.
+ * Modules dlopen()ed after start-up are picked up by the rescan.  Under
+ * `jprobe run` the counts are in the counters file already.
+ */
 __attribute__((destructor))
 static void jprobe_rt_fini(void)
 {
-	if (!report_path || run_mode)
-		return;
-	scan_modules(false);
-	write_report(report_path);
+	report_own_hits();
 }
