@@ -5,7 +5,8 @@ Inside such a range, a short instruction may be displaced together with the ones
 when none of them can be jumped to, as inside a function symbol. What can be jumped to is
 found over the whole module: every direct branch target of every FDE range. A hot and a
 cold piece jump into each other, and a switch table of one may land in the other, so FDEs
-joined by direct jumps form one group; an indirect jump anywhere in a group (a switch
+joined by direct jumps form one group (a tail call, a jump to the start of a range that some
+`call` targets, joins nothing: a function's switch never lands inside another function); an indirect jump anywhere in a group (a switch
 table, a computed goto) makes every instruction of the group a possible target.
 """
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Frames:
             return x
 
         targets: set[int] = set()
+        called: set[int] = set()
+        jumps: list[tuple[int, int]] = []
         indirect: dict[int, int] = {}
         for lo, hi in self.ranges:
             insns = arch.decode(self.module.read(lo, hi - lo), lo)
@@ -87,11 +90,17 @@ class Frames:
                 target = arch.branch_target(insn)
                 if target is not None:
                     targets.add(target)
-                    there = self.range_at(target) if not lo <= target < hi else None
-                    if there is not None and not arch.is_call(insn):
-                        parent[find(lo)] = find(there[0])
+                    if arch.is_call(insn):
+                        called.add(target)
+                    elif not lo <= target < hi:
+                        jumps.append((lo, target))
                 elif lo not in indirect and arch.is_indirect_jump(insn):
                     indirect[lo] = insn.address
+        for lo, target in jumps:
+            there = self.range_at(target)
+            # A tail call (a jump to the start of a function something calls) joins nothing.
+            if there is not None and not (target == there[0] and target in called):
+                parent[find(lo)] = find(there[0])
         by_group = {find(lo): at for lo, at in indirect.items()}
         return targets, {lo: by_group.get(find(lo)) for lo, _ in self.ranges}
 

@@ -135,7 +135,14 @@ class Islands:
         """Free island addresses the family allows, best first: on pages already in use,
         then as near the image as the zones allow."""
         tried: set[int] = set()
-        for page in reversed(self._mru):
+        mru = reversed(self._mru)
+        if family.count == 1:
+            # One window: nothing outside the zones, no page outside the window.
+            w0, w1 = family.member(0)
+            if not any(max(w0, lo) <= min(w1, hi - HOP) for lo, hi in self.zones()):
+                return
+            mru = [page for page in mru if page <= w1 and page + PAGE > w0]
+        for page in mru:
             tried.add(page)
             yield from self._in_page_windows(family, page)
         if family.count == 1:

@@ -11,7 +11,7 @@ from .errors import SiteError, SymbolError
 from .plan import ModulePlan, ProbePlan
 from .sites import Overlay, Site, SiteAnalyzer, is_entry
 from .trampolines import tactics
-from .trampolines.relocate import can_relocate
+from .trampolines.relocate import can_relocate, can_relocate_together
 from .spec import ProbeSpec
 from .trampolines import x86_64 as arch
 from .trampolines.asm import CodeBuffer
@@ -124,7 +124,7 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
 def _reaimable(site: Site) -> bool:
     """A decided jump that is `E9 rel32` over its own instruction, through one island."""
     jump = site.jump
-    return (jump.evicted is None and jump.prefixes == 0 and len(jump.patched) == site.displaced[0].size
+    return (jump.evicted is None and jump.prefixes == 0 and len(jump.patched) == sum(i.size for i in site.displaced)
             and jump.patched[0] == tactics.JMP)
 
 
@@ -137,8 +137,9 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
     allowed. Safe for the same reason as an eviction: the next instruction still starts
     with a complete jump to where it went before.
     """
-    first = site.displaced[0]
-    j = at_address.get(first.address + first.size)
+    run = site.run or site.displaced[:1]
+    first, size = run[0], sum(i.size for i in run)
+    j = at_address.get(first.address + size)
     if j is None:
         return site
     if j in plans:
@@ -151,13 +152,14 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
         m = len(decided[j].jump.patched)
     else:
         return site
-    j_address = first.address + first.size
+    j_address = first.address + size
     lifted = overlay.lift(j_address, m)             # the next probe's bytes are being chosen anew
-    jump = tactics.joint(first.address, first.size, m, overlay.read, islands)
+    jump = (tactics.joint(first.address, size, m, overlay.read, islands)
+            or tactics.chain(first.address, size, [tactics.Span(j_address, m)], overlay.read, islands))
     if jump is None:
         overlay.restore(lifted)
         return site
-    mine, theirs = jump.patched[:first.size], jump.patched[first.size:]
+    mine, theirs = jump.patched[:size], jump.patched[size:]
     overlay.put(j_address, j_address, theirs)
     if j in plans:
         old = plans[j]
@@ -171,10 +173,11 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
     else:
         old_jump = decided[j].jump
         islands.release(old_jump.island)
-        decided[j].jump = tactics.Jump("T2", theirs, jump.evicted_island, depends=jump.depends)
+        decided[j].jump = tactics.Jump("T2", theirs, jump.evicted_island, depends=jump.depends,
+                                       prefixes=theirs.index(tactics.JMP))
         decided[j].reason += f", re-aimed for the probe at {first.address:#x}"
     return Site(site.address, "pun", f"T2: punned jump over the next probe's jump, both through islands "
-                                     f"(island at {jump.island:#x})", [first], flags_live=site.flags_live,
+                                     f"(island at {jump.island:#x})", list(run), flags_live=site.flags_live,
                 x87=site.x87, function=site.function,
                 jump=tactics.Jump("T2", mine, jump.island, depends=j_address))
 
@@ -310,22 +313,21 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
 
 
 def _past_the_pun(probe: ResolvedProbe, site: Site) -> list:
-    """The punned instruction and copies of those after it up to the end of the jump.
+    """The punned instruction(s) and copies of those after them up to the end of the jump.
 
     Going back into the bytes the jump's rel32 overlaps would make the processor decode
     them as a second instruction stream over the first (~10 ns a hit measured); running
     copies of the next instructions avoids that where they are no probe's site and can
     be moved. The originals stay in place for whatever else jumps to them.
     """
-    first = site.displaced[0]
     module, reserved = probe.analyzer.module, probe.analyzer.reserved
-    insns = [first]
-    at, end = first.address + first.size, first.address + site.jump.prefixes + arch.JUMP_SIZE
+    insns = list(site.displaced)
+    at, end = insns[-1].address + insns[-1].size, insns[0].address + site.jump.prefixes + arch.JUMP_SIZE
     while at < end and not (arch.ends_flow(insns[-1]) or arch.is_call(insns[-1])):
         if at in reserved or not module.is_code(at):
             break
         insn = arch.decode_one(module.read(at, 15), at)
-        if insn is None or can_relocate(insn):
+        if insn is None or can_relocate(insn) or can_relocate_together(insns + [insn]):
             break
         insns.append(insn)
         at += insn.size

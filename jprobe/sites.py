@@ -34,10 +34,11 @@ from .frames import PREFIX, Frames
 from .islands import Islands, text_room
 from .trampolines import tactics
 from .trampolines import x86_64 as arch
-from .trampolines.relocate import can_relocate
+from .trampolines.relocate import can_relocate, can_relocate_together
 
 MAX_INSN = 15
 MAX_PATCH = layout.CONST["JP_PATCH_MAX"]     # the most bytes a plan file can patch at one site
+_CHAIN_LONGEST = 5       # instructions one T2 chain may move
 FLAGS_SCAN = 64          # instructions followed when proving the flags dead
 
 
@@ -76,6 +77,9 @@ class Site:
 
     padding: int = 0                   # fill bytes after the function the patch spills into
     jump: tactics.Jump | None = None    # pun / evict: the bytes and islands
+    # trap: the instructions from the site on that may move together (fewer than 5 bytes),
+    # which a pun or an eviction covers in place of the first one alone
+    run: list[CsInsn] = field(default_factory=list)
 
     @property
     def tactic(self) -> str | None:
@@ -232,7 +236,8 @@ class SiteAnalyzer:
             spill = f" and {padding} byte(s) of the padding after {sym.name}" if padding else ""
             return Site(address, "jump", f"displaces {what} ({size} bytes){spill}",
                         displaced, flags_live=flags_live, x87=x87, function=sym, padding=padding)
-        site = Site(address, "trap", blocker, [first], flags_live=flags_live, x87=x87, function=sym)
+        site = Site(address, "trap", blocker, [first], flags_live=flags_live, x87=x87, function=sym,
+                    run=displaced)
         if tactics:
             return self.shorten(site, self.islands(), Overlay(self.module))
         return site
@@ -246,21 +251,30 @@ class SiteAnalyzer:
 
     def shorten(self, site: Site, islands: Islands, overlay: Overlay) -> Site:
         """A `pun` or `evict` jump for a site that would otherwise trap, islands taken; or the
-        trap site with the reason it stays one."""
-        first = site.displaced[0]
-        address, size = first.address, first.size
+        trap site with the reason it stays one.
+
+        The jump covers the site's run: the instructions that may move together, as for a
+        plain jump, but fewer than 5 bytes (up to a `ret`, or before a branch target). The
+        instruction after a run is a known start: what follows a `ret` in its function,
+        the branch target itself, or the next one.
+        """
+        run = site.run or site.displaced[:1]
+        first, last = run[0], run[-1]
+        address, size = first.address, sum(i.size for i in run)
         if size >= arch.JUMP_SIZE or overlay.patched(address, size):
             return site
         jump = tactics.pun(address, size, overlay.read, islands)
         if jump is None:
-            successor, why = self._evictable(first, site.function, overlay)
+            successor, why = self._evictable(last, site.function, overlay)
+            if successor is not None and size + successor.size > MAX_PATCH:
+                successor, why = None, "and the next instruction is too long to move too"
             if successor is None:
                 return Site(**{**site.__dict__, "reason": f"{site.reason}; no punned jump fits, {why}"})
             jump = tactics.evict(address, size, successor, overlay.read, islands)
-            if jump is None:
+            if jump is None and len(run) == 1:
                 jump = self._neighbour_jump(first, successor, overlay, islands)
             if jump is None:
-                jump = self._chain_jump(first, successor, overlay, islands)
+                jump = self._chain_jump(address, size, successor, overlay, islands)
             if jump is None:
                 return Site(**{**site.__dict__, "reason": f"{site.reason}; no island window is free "
                                                           f"for a punned or evicting jump"})
@@ -270,12 +284,15 @@ class SiteAnalyzer:
                       f"{jump.evicted.address:#x}" if jump.evicted else ""}[jump.tactic]
         if jump.more:
             what = "jump over evicted " + ", ".join(f"`{_text(i)}`" for i in [jump.evicted] + [m for m, _ in jump.more])
+        if len(run) > 1:
+            what += f" from {len(run)} instructions moved together ({size} bytes)"
         # After the probe work, the trampoline runs the evicted instructions too, saving a
-        # jump, up to a call: its return address is the next one's jump.
-        displaced = [first]
+        # jump, up to a call (its return address is the next one's jump) or a ret or jmp.
+        displaced = list(run)
         if jump.tactic == "T2":
             for insn in [jump.evicted] + [m for m, _ in jump.more]:
-                if arch.is_call(displaced[-1]):
+                if (arch.is_call(displaced[-1]) or arch.ends_flow(displaced[-1])
+                        or can_relocate_together(displaced + [insn])):
                     break
                 displaced.append(insn)
         return Site(address, jump.mechanism, f"{jump.tactic}: {what} (island at {jump.island:#x})", displaced,
@@ -300,13 +317,21 @@ class SiteAnalyzer:
                 return None
         return None
 
-    def _chain_jump(self, first: CsInsn, successor: CsInsn, overlay: Overlay,
+    def _chain_jump(self, address: int, size: int, successor: CsInsn, overlay: Overlay,
                     islands: Islands) -> tactics.Jump | None:
-        """T2 over two instructions: the successor's own jump runs into the next one's."""
-        after, _ = self._evictable(successor, self.function_at(successor.address), overlay)
-        if after is None or first.size + successor.size + after.size > MAX_PATCH:
-            return None
-        return tactics.chain(first.address, [first, successor, after], overlay.read, islands)
+        """T2 with prefixes, or over two or more instructions: each evicted instruction's own
+        jump runs into the next one's. A longer chain is tried when a shorter one finds no
+        windows (its last rel32 ran into bytes that fix a window out of reach), up to one
+        patch's bytes."""
+        moved = [successor]
+        while True:
+            jump = tactics.chain(address, size, moved, overlay.read, islands)
+            if jump is not None or len(moved) + 1 >= _CHAIN_LONGEST:
+                return jump
+            after, _ = self._evictable(moved[-1], self.function_at(moved[-1].address), overlay)
+            if after is None or size + sum(i.size for i in moved) + after.size > MAX_PATCH:
+                return None
+            moved.append(after)
 
     def _evictable(self, first: CsInsn, sym: Symbol | None, overlay: Overlay) -> tuple[CsInsn | None, str]:
         """The instruction after `first` when T2 may move it, or why not."""
@@ -362,7 +387,7 @@ class SiteAnalyzer:
                 return displaced, f"only {size} bytes before a branch target at {insn.address:#x}"
             if insn.address in self.reserved:
                 return displaced, f"only {size} bytes before another probe at {insn.address:#x}"
-            why_not = can_relocate(insn)
+            why_not = can_relocate(insn) or can_relocate_together(displaced + [insn])
             if why_not:
                 return displaced, f"cannot move `{_text(insn)}` at {insn.address:#x}: {why_not}"
             if size + insn.size > MAX_PATCH:

@@ -59,3 +59,26 @@ def test_every_instruction_of_stripped_functions_runs_with_exact_entry_counts(st
     hits = hits_by_address(report)
     calls = expected_calls(FIXTURE_N)
     assert {name: hits[at] for at, name in entries.items()} == {name: calls[name] for name in FUNCTIONS}
+
+
+def test_a_tail_call_does_not_join_a_switch_to_the_function_it_calls(build, tmp_path):
+    """`pick` (a jump table) ends in `ja leaf`: a jump from one unwind range to the start
+    of another that `main` calls. `leaf` keeps multi-instruction jumps, and runs right."""
+    full = build("tailcall.c", ["-O2", "-fno-pie", "-no-pie"])
+    bare = tmp_path / "bare"
+    subprocess.run(["strip", "-s", "-o", str(bare), str(full)], check=True)
+    analyzer = SiteAnalyzer(ElfModule(str(bare)))
+    pick, leaf = symbol(full, "pick"), symbol(full, "leaf")
+    assert analyzer.facts(analyzer.function_at(pick[0])).indirect_jump is not None
+    assert analyzer.facts(analyzer.function_at(leaf[0])).indirect_jump is None
+    rows = [r for r in sites(bare)["instructions"] if leaf[0] <= int(r["address"], 16) < leaf[0] + leaf[1]]
+    moved = [r for r in rows if r["tactic"] == "B1" and "displaces 1 " not in r["reason"]]
+    assert len(moved) >= 3 and all(r["mechanism"] != "trap" for r in rows), rows
+    n = 3000
+    expected = run_prog([bare, str(n)])
+    out = patch(bare, tmp_path / "p", [r["address"] for r in rows] + [hex(pick[0])])
+    got, report = run_with_report([out, str(n)], tmp_path / "r.json")
+    assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout)
+    hits = hits_by_address(report)
+    tail_calls = sum(1 for i in range(n) if i % 6 > 3)
+    assert (hits[pick[0]], hits[leaf[0]]) == (n, n + tail_calls)

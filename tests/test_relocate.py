@@ -870,3 +870,15 @@ def test_api_basics() -> None:
     assert relocate([], A) == b""
     with pytest.raises(ValueError, match="not consecutive"):
         relocate(decode("nop") + decode("nop", A + 2), A + 0x1000)
+
+
+def test_instructions_that_move_alone_may_not_move_together():
+    """`lea rdi, [rip - 7]` after a 1-byte nop takes the lea's own address:
+    alone it moves (the address is outside it), with the nop it would point into the copy."""
+    from jprobe.trampolines.relocate import can_relocate, can_relocate_together
+    from jprobe.trampolines.x86_64 import decode
+    nop, lea = decode(b"\x90\x48\x8d\x3d\xf9\xff\xff\xff", 0x1000)
+    assert (lea.mnemonic, lea.address + lea.size - 7) == ("lea", 0x1001)
+    assert can_relocate(nop) is None and can_relocate(lea) is None
+    assert can_relocate_together([nop]) is None
+    assert "inside the displaced code" in can_relocate_together([nop, lea])

@@ -151,7 +151,7 @@ def test_a_chain_of_evictions_gives_every_jump_its_island(length, middle, last, 
         at += size
     memory = {at + i: b for i, b in enumerate(after)}
     isl = islands(fixed)
-    jump = tactics.chain(SITE, insns, reader(memory), isl)
+    jump = tactics.chain(SITE, length, insns[1:], reader(memory), isl)
     if jump is None:
         return           # windows are not guaranteed; what is found must be right
     code = jump.patched + after
@@ -171,5 +171,24 @@ def test_a_chain_finds_a_window_where_one_eviction_does_not():
              next(CS.disasm(b"\x0f\x1f\x80\x00\x00\x00\x00", SITE + 2))]
     memory = {SITE + 9 + i: 0 for i in range(8)}
     assert tactics.evict(SITE, 1, insns[1], reader({SITE + 2 + i: 0 for i in range(8)}), islands()) is None
-    jump = tactics.chain(SITE, insns, reader(memory), islands())
+    jump = tactics.chain(SITE, 1, insns[1:], reader(memory), islands())
     assert jump is not None and len(jump.more) == 1
+
+
+def test_a_chain_ends_an_earlier_rel32_on_a_prefix_where_an_e9_would_reach_below_zero():
+    """A 1-byte site, a 3-byte and a 5-byte instruction: without prefixes the site's rel32
+    ends on the E9 of the third one's jump (a target 370 MiB below a program linked at
+    4 MiB); prefixes in the moved instructions' jumps shift it onto a prefix byte."""
+    insns, at = [], SITE
+    for code in (b"\x90", b"\x0f\x1f\x00", b"\x0f\x1f\x44\x00\x00"):
+        insns.append(next(CS.disasm(code, at)))
+        at += len(code)
+    memory = {at + i: 0x10 for i in range(8)}
+    isl = islands()
+    jump = tactics.chain(SITE, 1, insns[1:], reader(memory), isl)
+    assert jump is not None
+    code = jump.patched + bytes([0x10] * 8)
+    assert code[4] in tactics.PADDINGS[2]               # the site's rel32 ends on a prefix
+    targets = [jump.island, jump.evicted_island] + [i for _, i in jump.more]
+    for insn, target in zip(insns, targets):
+        assert jump_target(code[insn.address - SITE:], insn.address)[0] == target and in_zone(isl, target)

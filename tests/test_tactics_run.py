@@ -78,3 +78,32 @@ def test_a_pun_returns_past_the_bytes_its_rel32_overlaps(build, tmp_path):
     inside = range(probe.address, probe.address + 5)
     assert not any(i.mnemonic.startswith("j") and i.op_str.startswith("0x") and int(i.op_str, 16) in inside
                    for i in insns)
+
+
+RUNS = {"ret_run+0xa": N - N // 4, "ret_run+0xf": N // 4}     # `pop rbx; ret`, then code
+
+
+@pytest.mark.parametrize("variant", SOME_VARIANTS, ids=str)
+def test_an_early_return_moves_whole_and_its_jump_runs_into_the_code_after_it(variant, build, tmp_path):
+    """`pop rbx; ret` (2 bytes) before a branch target and before the next function: the
+    jump covers both and puns or evicts into the bytes after the `ret`."""
+    prog = build("tactics.c", variant.flags)
+    expected = run_prog([prog, str(N)])
+    out = patch(prog, tmp_path / "p", list(RUNS))
+    got, report = run_with_report([out, str(N)], tmp_path / "r.json")
+    assert (got.returncode, got.stdout, got.stderr) == (expected.returncode, expected.stdout, "")
+    assert {p["probe"]: p["hits"] for p in report["probes"]} == RUNS
+    assert {p["mechanism"] for p in report["probes"]} <= {"pun", "evict"}, report["probes"]
+    at = symbol(prog, "ret_run")[0]
+    rows = [r for r in sites(prog, "ret_run")["instructions"] if int(r["address"], 16) - at in (10, 15)]
+    assert len(rows) == 2 and all("2 instructions moved together" in r["reason"] for r in rows), rows
+
+
+def test_the_run_mode_moves_early_returns_whole_too(build, tmp_path):
+    from test_run import jprobe_run
+    prog = build("tactics.c", ["-O0", "-fPIE", "-pie"])
+    expected = run_prog([prog, str(N)])
+    got, report = jprobe_run(tmp_path, [prog, N], list(RUNS))
+    assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout)
+    assert {p["probe"]: p["hits"] for p in report["probes"]} == RUNS
+    assert {p["mechanism"] for p in report["probes"]} <= {"pun", "evict"}

@@ -402,6 +402,18 @@ def can_relocate(insn: CsInsn) -> str | None:
     return None
 
 
+def can_relocate_together(insns: Sequence[CsInsn]) -> str | None:
+    """None if consecutive `insns` can move as one block, else a one-line reason: each may
+    move alone, yet one may take or branch to an address inside the others."""
+    span = _Span(insns[0].address, insns[-1].address + insns[-1].size, frozenset(i.address for i in insns))
+    try:
+        for insn in insns:
+            _plan(insn, span, insn is insns[-1])
+    except _Refused as refusal:
+        return f"`{insn.mnemonic} {insn.op_str}`".replace(" `", "`") + f" at {insn.address:#x}: {refusal}"
+    return None
+
+
 def relocate(insns: Sequence[CsInsn], dest: int) -> bytes:
     """Machine code that, placed at `dest`, has the same effect as `insns` at their original
     addresses.  It falls through at dest+len(result); the caller appends the `jmp` back to the

@@ -26,11 +26,13 @@ that the probed one falls through to, or one known to start an instruction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from itertools import product
+from random import Random
+from typing import Callable, Iterator, NamedTuple
 
 from capstone import CsInsn
 
-from ..islands import HOP, Family, Islands
+from ..islands import HOP, PAGE, Family, Islands
 
 JMP = 0xE9
 JMP8 = 0xEB
@@ -57,6 +59,13 @@ class Jump:
     @property
     def mechanism(self) -> str:
         return "evict" if self.evicted is not None else "pun"
+
+
+class Span(NamedTuple):
+    """Bytes a chain moves out that are not one instruction: another probe's patch."""
+
+    address: int
+    size: int
 
 
 def _le(value: int) -> bytes:
@@ -166,37 +175,113 @@ def neighbour(address: int, length: int, n: CsInsn, gap: bytes, following: Reade
 
 
 _CHAIN_TRIES = 16
+_CHAIN_BUDGET = 2048                # island slots (and spread windows) one chain may try
 
 
-def chain(address: int, insns: list[CsInsn], following: Reader, islands: Islands) -> Jump | None:
-    """T2 twice: the probed instruction and the next ones (`insns[1:]`, moved out) each get a
-    jump, every rel32 running into the jumps after it. Chosen from the last jump back, each
-    a punned jump over the bytes the later ones settled, retrying the later ones' islands
-    when an earlier jump finds no window."""
-    starts = [i.address for i in insns]
-    end = insns[-1].address + insns[-1].size
-    tail = max(0, starts[-1] + HOP - end)
-    after = following(end, tail) if tail else (b"", None)
-    if after is None:
-        return None
-    code = bytearray(end - address) + bytearray(after[0])
-    for insn in insns:                              # E9, then room for the rel32, int3 past it
-        at = insn.address - address
-        code[at] = JMP
-        code[at + min(HOP, insn.size):at + insn.size] = bytes([INT3]) * max(0, insn.size - HOP)
-    chosen: list[int] = [0] * len(insns)
+def chain(address: int, length: int, moved: list[CsInsn | Span], following: Reader, islands: Islands) -> Jump | None:
+    """T2 once or more: the `length` probed bytes and each instruction after them (`moved`,
+    moved out) get a jump, every rel32 running into the jumps after it.
+
+    Each jump may start with 0-2 prefixes (as in T1): a rel32 whose last byte would be a
+    later jump's E9 (a window 370 MiB below, out of reach for code linked low) ends on a
+    prefix or a free byte instead. Layouts are tried with the fewest prefixes first; in
+    each, jumps are chosen from the last one back, each a punned jump over the bytes the
+    later ones settled, retrying the later ones' islands when an earlier one finds no window.
+    """
+    pieces = [(address, length)] + [(i.address, i.size) for i in moved]
+    end = pieces[-1][0] + pieces[-1][1]
+    choices = [range(min(len(PADDINGS), size)) for _, size in pieces]
+    # Held to pages already in use, most layouts find nothing: a quick look only.
+    budget = [_CHAIN_BUDGET if islands.new_pages else _CHAIN_BUDGET // 16]
+    for pads in sorted(product(*choices), key=sum):
+        if budget[0] <= 0:
+            break
+        tail = max(0, pieces[-1][0] + pads[-1] + HOP - end)
+        after = following(end, tail) if tail else (b"", None)
+        if after is None:
+            continue
+        if not _signs_reach(address, pieces, pads, after[0], islands):
+            continue
+        chosen = _chain_layout(address, pieces, pads, after[0], islands, budget)
+        if chosen is not None:
+            code, targets = chosen
+            return Jump("T2", code, targets[0], moved[0], targets[1], depends=after[1], prefixes=pads[0],
+                        more=list(zip(moved[1:], targets[2:])))
+    return None
+
+
+def _signs_reach(address: int, pieces: list[tuple[int, int]], pads: tuple[int, ...], after: bytes,
+                 islands: Islands) -> bool:
+    """False when some jump's rel32 ends on a byte the layout fixes (a prefix, an E9, the
+    bytes after the chain) that puts all its targets outside the zones: a cheap test
+    that spares most hopeless layouts their island search."""
+    end = pieces[-1][0] + pieces[-1][1] - address
+    fixed = {end + i: b for i, b in enumerate(after)}
+    for (start, size), pad in zip(pieces, pads):
+        at = start - address
+        for i, b in enumerate(PADDINGS[pad] + bytes([JMP])):
+            fixed[at + i] = b
+        for i in range(at + pad + HOP, at + size):
+            fixed[i] = INT3
+    zones = islands.zones()
+    for (start, _), pad in zip(pieces, pads):
+        top = fixed.get(start - address + pad + HOP - 1)
+        if top is not None:
+            lo = start + pad + HOP + ((top ^ 0x80) - 0x80) * (1 << 24)
+            if not any(max(lo, zlo) <= min(lo + (1 << 24) - 1, zhi - HOP) for zlo, zhi in zones):
+                return False
+    return True
+
+
+def _chain_layout(address: int, pieces: list[tuple[int, int]], pads: tuple[int, ...], after: bytes,
+                  islands: Islands, budget: list[int]) -> tuple[bytes, list[int]] | None:
+    """The chain's bytes and islands for one padding layout, or None; islands taken.
+    `budget`: island slots left to try, shared by all layouts of one chain."""
+    end = pieces[-1][0] + pieces[-1][1]
+    code = bytearray(end - address) + bytearray(after)
+    for (start, size), pad in zip(pieces, pads):    # prefixes, E9, room for the rel32, int3 past it
+        at = start - address
+        code[at:at + pad] = PADDINGS[pad]
+        code[at + pad] = JMP
+        code[at + min(pad + HOP, size):at + size] = bytes([INT3]) * max(0, size - pad - HOP)
+    chosen: list[int] = [0] * len(pieces)
+    # Where each earlier jump's rel32 ends: a later jump's free byte there sets its sign.
+    tops = {start - address + pad + HOP - 1 for (start, _), pad in zip(pieces, pads)}
+
+    def candidates(t: int, origin: int, at: int, free: int, fixed: bytes) -> Iterator[int]:
+        family = Family(origin, int.from_bytes(bytes(free) + fixed, "little"), 1 << 32, 256 ** free)
+        yield from islands.slots(family)
+        if t == 0 or free < 2:
+            return
+        # The islands near the zones' edges share their middle rel32 bytes, which earlier
+        # jumps read: also try spread values, kept positive where they end an earlier rel32.
+        spread = Random(origin)
+        for _ in range(_CHAIN_TRIES):
+            budget[0] -= 1
+            mid = bytes(spread.randrange(0x80 if at + 1 + k in tops else 0x100) for k in range(1, free))
+            c = int.from_bytes(b"\0" + mid + fixed, "little")
+            yield from islands.slots(Family(origin, c, 1 << 32, 256))
 
     def solve(t: int) -> bool:
         if t < 0:
             return True
-        at = insns[t].address - address
-        free = min(insns[t].size - 1, 4)
+        start, size = pieces[t]
+        at = start - address + pads[t]
+        origin = start + pads[t] + HOP
+        free = min(size - 1 - pads[t], 4)
         fixed = bytes(code[at + 1 + free:at + HOP])
-        family = Family(insns[t].address + HOP, int.from_bytes(bytes(free) + fixed, "little"), 1 << 32, 256 ** free)
-        for n, island in enumerate(islands.slots(family)):
-            if n >= (1 if t == 0 else _CHAIN_TRIES):
+        tries = 0
+        seen_pages: dict[int, int] = {}
+        for island in candidates(t, origin, at, free, fixed):
+            budget[0] -= 1
+            if tries >= (1 if t == 0 else _CHAIN_TRIES) or budget[0] < 0:
                 break
-            code[at + 1:at + 1 + free] = _le(island - (insns[t].address + HOP))[:free]
+            page = island // PAGE
+            seen_pages[page] = seen_pages.get(page, 0) + 1
+            if seen_pages[page] > 2:          # a page gives its rel32s the same middle bytes
+                continue
+            tries += 1
+            code[at + 1:at + 1 + free] = _le(island - origin)[:free]
             islands.take(island)
             chosen[t] = island
             if solve(t - 1):
@@ -204,7 +289,6 @@ def chain(address: int, insns: list[CsInsn], following: Reader, islands: Islands
             islands.release(island)
         return False
 
-    if not solve(len(insns) - 1):
+    if not solve(len(pieces) - 1):
         return None
-    return Jump("T2", bytes(code[:end - address]), chosen[0], insns[1], chosen[1], depends=after[1],
-                more=list(zip(insns[2:], chosen[2:])))
+    return bytes(code[:end - address]), chosen
