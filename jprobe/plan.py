@@ -40,6 +40,9 @@ class ModulePlan:
     # Offsets in `text` of the int32 fields that reach the module itself (not the added
     # regions): an applier that places text elsewhere than text_vaddr adjusts them.
     text_fixups: list[int] = field(default_factory=list)
+    # What a file applier writes instead of text and data when the runtime unpacks them
+    # (packing.py); empty when they are written as they are.
+    packed: bytes = b""
 
     def to_json(self) -> str:
         def encode(value):
@@ -57,4 +60,5 @@ class ModulePlan:
         raw = json.loads(text)
         probes = [ProbePlan(**{**p, "original": bytes.fromhex(p["original"]), "patched": bytes.fromhex(p["patched"])})
                   for p in raw.pop("probes")]
-        return cls(**{**raw, "text": bytes.fromhex(raw["text"]), "data": bytes.fromhex(raw["data"])}, probes=probes)
+        return cls(**{**raw, "text": bytes.fromhex(raw["text"]), "data": bytes.fromhex(raw["data"]),
+                      "packed": bytes.fromhex(raw.get("packed", ""))}, probes=probes)

@@ -8,6 +8,7 @@ from . import layout
 from .elf import ElfModule
 from .callbacks import Callback, resolve_callback
 from .errors import SiteError, SymbolError
+from .packing import address_spec
 from .plan import ModulePlan, ProbePlan
 from .sites import Overlay, Site, SiteAnalyzer, is_entry
 from .trampolines import tactics
@@ -197,6 +198,11 @@ class _Strings:
             self.data += text.encode() + b"\0"
         return self._index[text]
 
+    def append(self, text: str) -> int:
+        """A string of its own at the end, shared with none (packing.address_spec)."""
+        self.data += text.encode() + b"\0"
+        return len(self.data) - len(text.encode()) - 1
+
 
 def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, data_vaddr: int,
                strict: bool = False, islands: bool = True, room: int | None = None) -> ModulePlan:
@@ -234,7 +240,8 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
         d = descs[i]
         d.address = probe.address
         d.resume = plan.resume or 0
-        d.spec = strings.add(probe.spec.target())
+        if probe.spec.target() != address_spec(probe.address):
+            d.spec = strings.add(probe.spec.target())
         d.handler = layout.HANDLERS["callback" if probe.spec.handler.kind == "callback" else "count"]
         d.mechanism = layout.MECHANISMS[plan.mechanism]
         d.id = i
@@ -262,6 +269,12 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     table.nislands = len(islands)
     table.strings = table.islands + len(islands) * ISLAND_SIZE
     table.module = strings.add(os.path.abspath(module.path))
+    # Last, in id order: the specs that name only their address, which a packed table
+    # leaves out (the runtime writes them back, in this order).
+    for i, probe in enumerate(probes):
+        if probe.spec.target() == address_spec(probe.address):
+            descs[i].spec = strings.append(probe.spec.target())
+    table.strings_size = len(strings.data)
     data = (bytes(ffi.buffer(table)) + bytes(ffi.buffer(descs))[:len(probes) * PROBE_SIZE]
             + bytes(ffi.buffer(records))[:len(islands) * ISLAND_SIZE] + bytes(strings.data))
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]

@@ -12,7 +12,7 @@ import os
 
 import lief
 
-from .. import layout
+from .. import layout, packing
 from ..elf import ElfModule
 from ..errors import JprobeError, OutputError
 from ..islands import REACH, text_room
@@ -24,6 +24,7 @@ from ..spec import ProbeSpec, check_supported
 from ..trampolines import x86_64 as arch
 
 PAGE = 0x1000
+TABLE_SIZE = layout.sizeof("jp_table")
 # Dynamic-linking tables LIEF rebuilds to add DT_NEEDED; all other sections keep their place.
 _REBUILT = {".dynamic", ".dynstr", ".dynsym", ".gnu.hash", ".hash", ".gnu.version", ".gnu.version_r",
             ".gnu.version_d"}
@@ -76,22 +77,46 @@ def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -
     # are mapped: its short sites keep the trap (`jprobe run` gives them puns).
     islands = not module.is_library
     draft = build_plan(module, probes, text, text + room // 2, strict, islands)
+    # A program's runtime unpacks its table before any of its code runs; a library's
+    # trampolines must be there as soon as it is loaded (see islands above).
+    packed = _room(len(packing.pack(draft, module.read, check=False))) if not module.is_library else 0
+    if packed >= _room(len(draft.text)):
+        packed = 0                                  # a few probes: packing saves nothing
     binary = lief.ELF.parse(module.path)
     _make_room_for_segments(binary, module.path)
     R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
-    text = binary.add(_segment(_room(len(draft.text)), R | X))
-    data = binary.add(_segment(_room(len(draft.data)), R | W))
+    text = _add(binary, _room(len(draft.text)), packed or None, R | X)
+    data = _add(binary, _room(len(draft.data)), TABLE_SIZE if packed else None, R | W)
     # LIEF places the segments where it sees fit (for a fixed-address program, megabytes
     # past the image): the islands go beyond wherever that is.
     room = data.virtual_address + data.virtual_size - module.end_of_image() + PAGE
     plan = build_plan(module, probes, text.virtual_address, data.virtual_address, strict, islands, room)
     if len(plan.text) > text.virtual_size or len(plan.data) > data.virtual_size:
         raise JprobeError(f"{module.path}: internal error: the trampolines outgrew the room the draft made")
-    text.content = list(plan.text + arch.FILL_BYTE * (text.virtual_size - len(plan.text)))
-    data.content = list(plan.data + bytes(data.virtual_size - len(plan.data)))
+    if packed:
+        blob = packing.pack(plan, module.read)
+        if len(blob) > text.physical_size:
+            raise JprobeError(f"{module.path}: internal error: the packed table outgrew the room the draft made")
+        plan.packed = blob
+        for seg, content, file_size in ((text, blob, packed), (data, packing.packed_header(plan), TABLE_SIZE)):
+            size = seg.virtual_size
+            seg.content = list(content + bytes(file_size - len(content)))
+            seg.physical_size, seg.virtual_size = file_size, size      # the rest of the memory is zero
+    else:
+        text.content = list(plan.text + arch.FILL_BYTE * (text.virtual_size - len(plan.text)))
+        data.content = list(plan.data + bytes(data.virtual_size - len(plan.data)))
     if not module.is_library and any(p.islands for p in plan.probes):
         _fence_the_heap(binary, module)
     return plan, binary
+
+
+def _add(binary: lief.ELF.Binary, size: int, file_size: int | None, flags) -> lief.ELF.Segment:
+    """A segment of `size` bytes of memory, of which `file_size` (all by default) are in the file."""
+    if file_size is None:
+        return binary.add(_segment(size, flags))
+    seg = binary.add(_segment(file_size, flags))
+    seg.physical_size, seg.virtual_size = file_size, size
+    return seg
 
 
 def apply_plan(plan: ModulePlan, binary: lief.ELF.Binary) -> None:
@@ -146,7 +171,8 @@ def _verify(out: lief.ELF.Binary | None, plan: ModulePlan, original: lief.ELF.Bi
                           f"{', '.join(sorted(m[0] for m in moved))}; please report it")
     ok = (out is not None
           and bytes(out.get_content_from_virtual_address(plan.data_vaddr, len(layout.MAGIC))) == layout.MAGIC
-          and bytes(out.get_content_from_virtual_address(plan.text_vaddr, len(plan.text))) == plan.text)
+          and bytes(out.get_content_from_virtual_address(plan.text_vaddr, len(plan.packed or plan.text)))
+          == (plan.packed or plan.text))
     if not ok:
         raise JprobeError(f"{plan.module}: internal error: LIEF moved the added segments; please report it")
 

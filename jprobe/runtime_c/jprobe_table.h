@@ -18,7 +18,7 @@
 
 #define JP_MAGIC	"JPROBE\0\1"
 #define JP_MAGIC_LEN	8
-#define JP_TABLE_VERSION 2
+#define JP_TABLE_VERSION 3
 
 /* JPROBE_LAYOUT_BEGIN: read by jprobe's planner (via cffi). */
 struct jp_table {
@@ -34,6 +34,12 @@ struct jp_table {
 	uint64_t islands;	/* vaddr of struct jp_island[nislands] */
 	uint32_t nislands;
 	uint32_t pad;
+	uint64_t packed;	/* vaddr of a struct jp_packed, 0 = none (see below) */
+	uint64_t packed_size;	/* its bytes, header included */
+	uint64_t text;		/* vaddr of the trampolines a packed table unpacks */
+	uint64_t text_size;
+	uint64_t strings_size;	/* bytes of the string pool once unpacked */
+	uint64_t unpacked;	/* runtime: 1 once unpacked */
 };
 
 struct jp_probe {
@@ -71,7 +77,77 @@ struct jp_island {
 	uint8_t pad[2];
 	uint8_t code[8];
 };
+/*
+ * A packed table.  A rewritten program probed at many sites would carry
+ * ~200 bytes a probe (88-byte descriptors, ~80 bytes of trampoline); packed,
+ * it carries ~15.  The file then holds, at t->packed (the start of the
+ * trampolines' segment, whose memory is otherwise zero), this header and
+ * four streams; the runtime unpacks them before anything else reads the
+ * table: the probes, islands and strings to their places in the table's
+ * segment, the trampolines over the packed bytes themselves (from a copy).
+ * Unpacking reproduces exactly the bytes the planner laid out.
+ *
+ * Integers in the streams are LEB128 (u: unsigned, s: zigzag-signed).
+ *
+ * probes, in id order: s address - previous address; a kind byte:
+ *   mechanism | handler << 2 | flags << 3 | JP_KIND_STRINGS | JP_KIND_DEPENDS;
+ *   with JP_KIND_STRINGS, u spec, u lib, u func (string offsets; a spec of 0,
+ *   and every spec without JP_KIND_STRINGS, is the address itself, "0x%lx",
+ *   which the runtime appends to the pool); with JP_KIND_DEPENDS, s depends
+ *   - 1 - id; u len, then len bytes of original; then 8 bytes of
+ *   cb_build_id when flags has JP_PROBE_NOVEC.
+ * islands: s probe less the previous island's; u off (at most JP_PATCH_MAX):
+ *   the island is where the rel32 at probe's address + off (in the module's
+ *   patched code) lands; s target less the previous island's.  Its code is
+ *   a `jmp rel32` to target.
+ * strings: the pool's first bytes, copied as they are.
+ * text: operations, until text_size bytes are out.  An operation is a byte,
+ *   op << 5 | arg, arg being the argument when below JP_OP_ARG, else
+ *   followed by it (u):
+ *   JP_OP_LIT n, then n bytes: copied;
+ *   JP_OP_COUNT k: template k for the current probe, its holes filled;
+ *   JP_OP_COPY n, then u off: bytes off.. of the current probe's original;
+ *   JP_OP_JMP z: `jmp rel32` to the current probe's address + z (zigzag);
+ *   JP_OP_PROBE z: the current probe becomes current + z (zigzag);
+ *   JP_OP_FILL n: n int3 bytes;
+ *   JP_OP_RESUME z: probe current + z (zigzag) resumes here (its `resume`);
+ *   JP_OP_COPY0 n: bytes 0..n of the current probe's original.
+ */
+struct jp_hole {
+	uint8_t at;		/* offset of the 32-bit field in the template */
+	uint8_t end;		/* end of its instruction (rip-relative base) */
+	uint8_t kind;		/* JP_HOLE_* */
+	uint8_t pad;
+};
+
+struct jp_template {
+	uint8_t len;
+	uint8_t nholes;
+	uint8_t pad[2];
+	struct jp_hole holes[6];
+	uint8_t code[128];
+};
+
+struct jp_packed {
+	char magic[8];
+	uint32_t ntemplates;
+	uint32_t pad;
+	uint64_t templates;	/* offsets from the header: struct jp_template[] */
+	uint64_t probes, probes_size;
+	uint64_t islands, islands_size;
+	uint64_t strings, strings_size;
+	uint64_t text, text_size;
+};
 /* JPROBE_LAYOUT_END */
+
+#define JP_PACKED_MAGIC	"JPPACK\0\1"
+enum { JP_OP_LIT = 0, JP_OP_COUNT = 1, JP_OP_COPY = 2, JP_OP_JMP = 3, JP_OP_PROBE = 4, JP_OP_FILL = 5,
+       JP_OP_RESUME = 6, JP_OP_COPY0 = 7, JP_OP_ARG = 31 };
+#define JP_KIND_STRINGS	0x20
+#define JP_KIND_DEPENDS	0x40
+/* What fills a hole: hits of the probe, table's tls_off (rel32 from the
+ * instruction's end), or 8 * the probe's id (a disp32). */
+enum { JP_HOLE_HITS = 0, JP_HOLE_TLS = 1, JP_HOLE_SLOT = 2 };
 
 /*
  * Per-thread counters.  A locked increment of one shared counter costs more

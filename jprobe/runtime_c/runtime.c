@@ -544,6 +544,13 @@ static int find_tables(struct dl_phdr_info *info, size_t size, void *data)
 		s->found[s->n].table = t;
 		s->found[s->n].phdr = info->dlpi_phdr;
 		s->found[s->n].phnum = info->dlpi_phnum;
+		if (t->version == JP_TABLE_VERSION && t->packed &&
+		    !unpack_table(info, t, ph->p_vaddr)) {
+			/* Its sites jump to trampolines that are not there. */
+			dprintf(STDERR_FILENO, "jprobe: %s: damaged packed probe table; rewrite the file with `jprobe patch`\n",
+				info->dlpi_name && *info->dlpi_name ? info->dlpi_name : "the program");
+			_exit(127);
+		}
 		s->found[s->n].bad = !file_table_valid(info, ph, t);
 		s->n++;
 	}
