@@ -1,4 +1,4 @@
-"""Packed tables: a rewritten file that carries its trampolines and probe table in ~15 bytes
+"""Packed tables: a rewritten file that carries its trampolines and probe table in ~16 bytes
 a probe instead of ~200 (the format is in runtime_c/jprobe_table.h, "A packed table").
 
 The packer knows nothing of x86: it encodes the bytes the planner laid out, and `unpack`
@@ -39,6 +39,8 @@ _ARG = layout.CONST["JP_OP_ARG"]          # an operation's argument inline below
 
 @dataclass(frozen=True)
 class Template:
+    """Code that is the same for every probe but for 32-bit fields (holes)."""
+
     code: bytes                              # holes zeroed
     holes: tuple[tuple[int, int, int], ...]  # (at, end, kind)
 
@@ -78,11 +80,11 @@ def count_templates() -> list[Template]:
                 for at in diff[::4]:
                     assert diff[diff.index(at):diff.index(at) + 4] == list(range(at, at + 4))
                     value = int.from_bytes(base[at:at + 4], "little", signed=True)
-                    end = {HOLE["HITS"]: hits - pos - value, HOLE["TLS"]: tls - pos - value,
-                           HOLE["SLOT"]: None}[kind]
                     if kind == HOLE["SLOT"]:
                         assert value == 8 * pid
-                        end = at + 4
+                        end = at + 4                 # a disp32: no instruction end needed
+                    else:
+                        end = (hits if kind == HOLE["HITS"] else tls) - pos - value
                     holes.append((at, end, kind))
             code = bytearray(base)
             for at, _, _ in holes:
@@ -101,8 +103,16 @@ def _u(value: int) -> bytes:
             return bytes(out)
 
 
+def _zigzag(value: int) -> int:
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+def _unzigzag(value: int) -> int:
+    return value >> 1 if not value & 1 else -(value >> 1) - 1
+
+
 def _s(value: int) -> bytes:
-    return _u(value * 2 if value >= 0 else -value * 2 - 1)
+    return _u(_zigzag(value))
 
 
 class _Reader:
@@ -120,8 +130,7 @@ class _Reader:
                 return value
 
     def s(self) -> int:
-        v = self.u()
-        return v >> 1 if not v & 1 else -(v >> 1) - 1
+        return _unzigzag(self.u())
 
     def take(self, n: int) -> bytes:
         out = self.data[self.at:self.at + n]
@@ -271,10 +280,6 @@ def _op(op: int, arg: int) -> bytes:
     return bytes([op << 5 | arg]) if arg < _ARG else bytes([op << 5 | _ARG]) + _u(arg)
 
 
-def _zigzag(value: int) -> int:
-    return value * 2 if value >= 0 else -value * 2 - 1
-
-
 def _pack_text(plan: ModulePlan, probes, tab: _Table, templates: list[Template]) -> bytes:
     """Operations that lay out plan.text again."""
     text, base = plan.text, plan.text_vaddr
@@ -415,10 +420,6 @@ def unpack(blob: bytes, plan: ModulePlan, read: Reader) -> tuple[bytes, bytes]:
     text = bytearray()
     r = _Reader(blob[h.text:h.text + h.text_size])
     owner = 0
-
-    def zigzag(v: int) -> int:
-        return v >> 1 if not v & 1 else -(v >> 1) - 1
-
     while r.at < len(r.data):
         byte = r.take(1)[0]
         op, arg = byte >> 5, byte & 0x1F
@@ -427,16 +428,16 @@ def unpack(blob: bytes, plan: ModulePlan, read: Reader) -> tuple[bytes, bytes]:
         if op == OP["LIT"]:
             text += r.take(arg)
         elif op == OP["PROBE"]:
-            owner += zigzag(arg)
+            owner += _unzigzag(arg)
         elif op == OP["RESUME"]:
-            probes[owner + zigzag(arg)].resume = base + len(text)
+            probes[owner + _unzigzag(arg)].resume = base + len(text)
         elif op == OP["COUNT"]:
             text += templates[arg].fill(base + len(text), owner, hits + owner * _PROBE_SIZE, tls)
         elif op in (OP["COPY"], OP["COPY0"]):
             k = r.u() if op == OP["COPY"] else 0
             text += bytes(probes[owner].original)[k:k + arg]
         elif op == OP["JMP"]:
-            text += arch.jump_bytes(base + len(text), probes[owner].address + zigzag(arg), arch.JUMP_SIZE)
+            text += arch.jump_bytes(base + len(text), probes[owner].address + _unzigzag(arg), arch.JUMP_SIZE)
         elif op == OP["FILL"]:
             text += bytes([_INT3]) * arg
         else:

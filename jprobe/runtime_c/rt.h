@@ -106,6 +106,8 @@ const char *table_string(const struct jp_module *m, uint64_t off);
 size_t align_up(size_t n, size_t align);
 size_t object_build_id(const struct dl_phdr_info *info, uint8_t *id, size_t max);
 int prot_of(ElfW(Word) flags);
+bool in_segment(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len,
+		ElfW(Word) flags);
 struct jp_module *add_module(char *dl_name, uintptr_t bias,
 			     struct jp_table *table, uintptr_t tbias,
 			     struct placement *placed);

@@ -467,19 +467,25 @@ static bool within(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
 	return at >= lo && at - lo <= size && len <= size - (at - lo);
 }
 
-/* Whether `[vaddr, vaddr + len)` is in one executable segment of the object. */
-static bool in_code(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len)
+/* Whether `[vaddr, vaddr + len)` is in one segment of the object with all of `flags`. */
+bool in_segment(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len,
+		ElfW(Word) flags)
 {
 	int i;
 
 	for (i = 0; i < info->dlpi_phnum; i++) {
 		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
 
-		if (ph->p_type == PT_LOAD && (ph->p_flags & PF_X) &&
+		if (ph->p_type == PT_LOAD && (ph->p_flags & flags) == flags &&
 		    within(vaddr, len, ph->p_vaddr, ph->p_memsz))
 			return true;
 	}
 	return false;
+}
+
+static bool in_code(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len)
+{
+	return in_segment(info, vaddr, len, PF_X);
 }
 
 /*

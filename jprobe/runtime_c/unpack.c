@@ -54,23 +54,6 @@ static const uint8_t *get_bytes(struct stream *s, uint64_t n)
 	return at;
 }
 
-/* [vaddr, vaddr + len) inside one PT_LOAD segment of the module with `flags`. */
-static bool in_segment(const struct dl_phdr_info *info, uint64_t vaddr,
-		       uint64_t len, ElfW(Word) flags)
-{
-	int i;
-
-	for (i = 0; i < info->dlpi_phnum; i++) {
-		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
-
-		if (ph->p_type == PT_LOAD && (ph->p_flags & flags) == flags &&
-		    vaddr >= ph->p_vaddr && len <= ph->p_memsz &&
-		    vaddr - ph->p_vaddr <= ph->p_memsz - len)
-			return true;
-	}
-	return false;
-}
-
 static struct stream part(const uint8_t *blob, uint64_t size, uint64_t at,
 			  uint64_t len)
 {
