@@ -18,22 +18,24 @@ from .trampolines import x86_64 as arch
 from .trampolines.asm import CodeBuffer
 from .trampolines.tactics import JMP
 
-OP = {name: layout.CONST[f"JP_OP_{name}"] for name in ("LIT", "COUNT", "COPY", "JMP", "PROBE", "FILL", "RESUME",
+OP = {name: layout.CONST[f"JP_OP_{name}"] for name in ("LIT", "COUNT", "COPY", "JMP", "PROBE", "COPYJMP", "RESUME",
                                                         "COPY0")}
 HOLE = {name: layout.CONST[f"JP_HOLE_{name}"] for name in ("HITS", "TLS", "SLOT")}
 MAGIC = b"JPPACK\0\1"
-_INT3 = arch.INT3
 _PROBE_SIZE = layout.sizeof("jp_probe")
 _HITS = layout.offsetof("jp_probe", "hits")
 _TLS = layout.offsetof("jp_table", "tls_off")
 _NOVEC = layout.CONST["JP_PROBE_NOVEC"]
 _MAX_HOLES = 6
 _MAX_CODE = 128
-# A probe record's kind byte: mechanism (2 bits), handler (1), flags (2), then whether
-# strings and a dependency follow.
+# A probe record's kind byte and its extension (jprobe_table.h).
 _FLAG_BITS = layout.CONST["JP_PROBE_X87"] | _NOVEC
-_KIND_STRINGS = layout.CONST["JP_KIND_STRINGS"]
-_KIND_DEPENDS = layout.CONST["JP_KIND_DEPENDS"]
+_KIND_NEXT = layout.CONST["JP_KIND_NEXT"]
+_KIND_LEN = layout.CONST["JP_KIND_LEN_SHIFT"]
+_KIND_EXT = layout.CONST["JP_KIND_EXT"]
+_EXT_STRINGS = layout.CONST["JP_EXT_STRINGS"]
+_EXT_DEPENDS = layout.CONST["JP_EXT_DEPENDS"]
+_COUNT_RESUMES = layout.CONST["JP_COUNT_RESUMES"]
 _ARG = layout.CONST["JP_OP_ARG"]          # an operation's argument inline below this, else a LEB128 after
 
 
@@ -211,14 +213,17 @@ def pack(plan: ModulePlan, read: Reader, check: bool = True) -> bytes:
         if p.flags & ~_FLAG_BITS or p.mechanism > 3 or p.handler > 1:
             raise ValueError("a probe the packed format cannot describe")
         strings = i not in by_spec or p.lib or p.func
-        kind = (p.mechanism | p.handler << 2 | p.flags << 3 | (_KIND_STRINGS if strings else 0)
-                | (_KIND_DEPENDS if p.depends else 0))
-        stream += _s(p.address - previous) + bytes([kind])
+        follows = i and p.address == previous + probes[i - 1].len
+        ext = (p.handler | p.flags << 1 | (_EXT_STRINGS if strings else 0)
+               | (_EXT_DEPENDS if p.depends else 0))
+        kind = (p.mechanism | (_KIND_NEXT if follows else 0) | (p.len if p.len < 16 else 0) << _KIND_LEN
+                | (_KIND_EXT if ext else 0))
+        stream += bytes([kind]) + (bytes([ext]) if ext else b"") + (b"" if follows else _s(p.address - previous))
         if strings:
             stream += _u(0 if i in by_spec else p.spec) + _u(p.lib) + _u(p.func)
         if p.depends:
             stream += _s(p.depends - 1 - i)
-        stream += _u(p.len) + bytes(p.original)[:p.len]
+        stream += (b"" if 0 < p.len < 16 else _u(p.len)) + bytes(p.original)[:p.len]
         if p.flags & _NOVEC:
             stream += p.cb_build_id.to_bytes(8, "little")
         previous = p.address
@@ -228,7 +233,7 @@ def pack(plan: ModulePlan, read: Reader, check: bool = True) -> bytes:
     # code, so the island is the offset of that jump's rel32 from the probe's address.
     code = _patched_code(plan, read)
     stream = bytearray()
-    prev_target = prev_probe = 0
+    prev_probe = 0
     for isl in islands:
         if bytes(isl.code)[:isl.len] != arch.jump_bytes(isl.at, isl.target, arch.JUMP_SIZE) or isl.fixup != arch.JUMP_FIXUP:
             raise ValueError("an island that is not a jmp rel32")
@@ -237,8 +242,14 @@ def pack(plan: ModulePlan, read: Reader, check: bool = True) -> bytes:
                  and site + k + 4 + int.from_bytes(code(site + k, 4), "little", signed=True) == isl.at]
         if not lands:
             raise ValueError("an island no jump of its probe's patch lands on")
-        stream += _s(isl.probe - prev_probe) + _u(lands[0]) + _s(isl.target - prev_target)
-        prev_target, prev_probe = isl.target, isl.probe
+        # Most islands hop to their probe's trampoline; others (an evicted instruction's
+        # own way) to a place a little further in its code.
+        entry = plan.probes[isl.probe].trampoline
+        if isl.target == entry:
+            stream += _s(isl.probe - prev_probe) + _u(lands[0] << 1)
+        else:
+            stream += _s(isl.probe - prev_probe) + _u(lands[0] << 1 | 1) + _s(isl.target - (entry or 0))
+        prev_probe = isl.probe
     island_stream = bytes(stream)
 
     templates = count_templates()
@@ -305,7 +316,7 @@ def _pack_text(plan: ModulePlan, probes, tab: _Table, templates: list[Template])
     def boundary(at: int) -> bool:
         return at in starts or at in resumes
 
-    owner = 0
+    owner = -1                          # none yet: the code before any probe's
     original = b""
     pos = 0
     end = len(text)
@@ -314,31 +325,41 @@ def _pack_text(plan: ModulePlan, probes, tab: _Table, templates: list[Template])
         if boundary(pos) and entered != pos:
             entered = pos
             flush()
-            if pos in starts:
-                out.extend(_op(OP["PROBE"], _zigzag(starts[pos] - owner)))
-                owner = starts[pos]
+            new = starts.get(pos, owner)
+            p = probes[new]
+            original = bytes(p.original)[:p.len]
+            # A count trampoline's first operation names its probe too.
+            k = next((k for k, t in enumerate(templates) if text[pos:pos + len(t.code)]
+                      == t.fill(base + pos, new, hits + new * _PROBE_SIZE, tls)), None)
+            if (pos in starts and plan.probes[new].trampoline == base + pos and pos not in resumes
+                    and p.handler == layout.HANDLERS["count"] and k is not None):
+                after = pos + len(templates[k].code)
+                resumes_after = resumes.get(after) == [new]
+                out.extend(_op(OP["COUNT"], k | (_COUNT_RESUMES if resumes_after else 0) | _zigzag(new - owner) << 3))
+                owner = new
+                pos = after
+                entered = pos if resumes_after else entered        # that resume is said
+                continue
+            if new != owner:
+                out.extend(_op(OP["PROBE"], _zigzag(new - owner)))
+                owner = new
             for i in resumes.get(pos, ()):
                 out.extend(_op(OP["RESUME"], _zigzag(i - owner)))
-            p = probes[owner]
-            original = bytes(p.original)[:p.len]
-            if (pos in starts and plan.probes[owner].trampoline == base + pos
-                    and p.handler == layout.HANDLERS["count"]):
-                for k, t in enumerate(templates):
-                    if text[pos:pos + len(t.code)] == t.fill(base + pos, owner, hits + owner * _PROBE_SIZE, tls):
-                        out.extend(_op(OP["COUNT"], k))
-                        pos += len(t.code)
-                        break
             continue
-        if text[pos] == _INT3 and (pos + 1 == end or text[pos + 1] == _INT3):
-            n = 1
-            while pos + n < end and text[pos + n] == _INT3 and not boundary(pos + n):
+        if original:
+            # The displaced instruction as it was, and the jump back after it: one byte.
+            n = 0
+            while n < len(original) and pos + n < end and text[pos + n] == original[n] and not boundary(pos + n + 1):
                 n += 1
-            if n >= 3:
+            back = pos + n
+            if (n and back + 5 <= end and text[back] == JMP and not any(boundary(back + k) for k in range(1, 5))
+                    and base + back + 5 + int.from_bytes(text[back + 1:back + 5], "little", signed=True)
+                    == probes[owner].address + n):
                 flush()
-                out.extend(_op(OP["FILL"], n))
-                pos += n
+                out.extend(_op(OP["COPYJMP"], n))
+                pos = back + 5
                 continue
-        if text[pos] == JMP and pos + 5 <= end and not any(boundary(pos + k) for k in range(1, 5)):
+        if owner >= 0 and text[pos] == JMP and pos + 5 <= end and not any(boundary(pos + k) for k in range(1, 5)):
             target = base + pos + 5 + int.from_bytes(text[pos + 1:pos + 5], "little", signed=True)
             flush()
             out.extend(_op(OP["JMP"], _zigzag(target - probes[owner].address)))
@@ -383,43 +404,30 @@ def unpack(blob: bytes, plan: ModulePlan, read: Reader) -> tuple[bytes, bytes]:
     address = 0
     for i in range(tab.nprobes):
         p = probes[i]
-        address += r.s()
         kind = r.take(1)[0]
-        p.address, p.mechanism, p.handler, p.flags = address, kind & 3, kind >> 2 & 1, kind >> 3 & _FLAG_BITS
+        ext = r.take(1)[0] if kind & _KIND_EXT else 0
+        address = address + probes[i - 1].len if kind & _KIND_NEXT else address + r.s()
+        p.address, p.mechanism, p.handler, p.flags = address, kind & 3, ext & 1, ext >> 1 & _FLAG_BITS
         spec = 0
-        if kind & _KIND_STRINGS:
+        if ext & _EXT_STRINGS:
             spec, p.lib, p.func = r.u(), r.u(), r.u()
         if not spec:
             spec = len(pool)
             pool += (address_spec(address) + "\0").encode()
-        p.depends = 1 + i + r.s() if kind & _KIND_DEPENDS else 0
-        n = r.u()
+        p.depends = 1 + i + r.s() if ext & _EXT_DEPENDS else 0
+        n = kind >> _KIND_LEN & 15 or r.u()
         p.spec, p.id, p.len = spec, i, n
         p.original = r.take(n) + bytes(16 - n)
         if p.flags & _NOVEC:
             p.cb_build_id = int.from_bytes(r.take(8), "little")
-
-    islands = ffi.new("struct jp_island[]", max(tab.nislands, 1))
-    r = _Reader(blob[h.islands:h.islands + h.islands_size])
-    target = probe = 0
-    code = _patched_code(plan, read)
-    for k in range(tab.nislands):
-        isl = islands[k]
-        probe += r.s()
-        site = probes[probe].address
-        rel = r.u()
-        at = site + rel + 4 + int.from_bytes(code(site + rel, 4), "little", signed=True)
-        target += r.s()
-        isl.at, isl.target, isl.probe = at, target, probe
-        isl.len, isl.fixup = arch.JUMP_SIZE, arch.JUMP_FIXUP
-        isl.code = arch.jump_bytes(at, target, arch.JUMP_SIZE) + bytes(3)
 
     base = plan.text_vaddr
     hits = plan.data_vaddr + tab.probes_at + _HITS
     tls = plan.data_vaddr + _TLS
     text = bytearray()
     r = _Reader(blob[h.text:h.text + h.text_size])
-    owner = 0
+    owner = -1
+    entry: dict[int, int] = {}                     # where each probe's code starts
     while r.at < len(r.data):
         byte = r.take(1)[0]
         op, arg = byte >> 5, byte & 0x1F
@@ -429,19 +437,40 @@ def unpack(blob: bytes, plan: ModulePlan, read: Reader) -> tuple[bytes, bytes]:
             text += r.take(arg)
         elif op == OP["PROBE"]:
             owner += _unzigzag(arg)
+            entry.setdefault(owner, base + len(text))
         elif op == OP["RESUME"]:
             probes[owner + _unzigzag(arg)].resume = base + len(text)
         elif op == OP["COUNT"]:
-            text += templates[arg].fill(base + len(text), owner, hits + owner * _PROBE_SIZE, tls)
+            owner += _unzigzag(arg >> 3)
+            entry.setdefault(owner, base + len(text))
+            text += templates[arg & 3].fill(base + len(text), owner, hits + owner * _PROBE_SIZE, tls)
+            if arg & _COUNT_RESUMES:
+                probes[owner].resume = base + len(text)
         elif op in (OP["COPY"], OP["COPY0"]):
             k = r.u() if op == OP["COPY"] else 0
             text += bytes(probes[owner].original)[k:k + arg]
         elif op == OP["JMP"]:
             text += arch.jump_bytes(base + len(text), probes[owner].address + _unzigzag(arg), arch.JUMP_SIZE)
-        elif op == OP["FILL"]:
-            text += bytes([_INT3]) * arg
+        elif op == OP["COPYJMP"]:
+            text += bytes(probes[owner].original)[:arg]
+            text += arch.jump_bytes(base + len(text), probes[owner].address + arg, arch.JUMP_SIZE)
         else:
             raise ValueError(f"unknown operation {op}")
+
+    islands = ffi.new("struct jp_island[]", max(tab.nislands, 1))
+    r = _Reader(blob[h.islands:h.islands + h.islands_size])
+    probe = 0
+    code = _patched_code(plan, read)
+    for k in range(tab.nislands):
+        isl = islands[k]
+        probe += r.s()
+        site = probes[probe].address
+        off = r.u()
+        at = site + (off >> 1) + 4 + int.from_bytes(code(site + (off >> 1), 4), "little", signed=True)
+        target = entry.get(probe, 0) + (r.s() if off & 1 else 0)
+        isl.at, isl.target, isl.probe = at, target, probe
+        isl.len, isl.fixup = arch.JUMP_SIZE, arch.JUMP_FIXUP
+        isl.code = arch.jump_bytes(at, target, arch.JUMP_SIZE) + bytes(3)
     data = (bytes(ffi.buffer(probes))[:tab.nprobes * _PROBE_SIZE]
             + bytes(ffi.buffer(islands))[:tab.nislands * layout.sizeof("jp_island")] + bytes(pool))
     return bytes(text), data

@@ -89,27 +89,33 @@ struct jp_island {
  *
  * Integers in the streams are LEB128 (u: unsigned, s: zigzag-signed).
  *
- * probes, in id order: s address - previous address; a kind byte:
- *   mechanism | handler << 2 | flags << 3 | JP_KIND_STRINGS | JP_KIND_DEPENDS;
- *   with JP_KIND_STRINGS, u spec, u lib, u func (string offsets; a spec of 0,
- *   and every spec without JP_KIND_STRINGS, is the address itself, "0x%lx",
- *   which the runtime appends to the pool); with JP_KIND_DEPENDS, s depends
- *   - 1 - id; u len, then len bytes of original; then 8 bytes of
- *   cb_build_id when flags has JP_PROBE_NOVEC.
- * islands: s probe less the previous island's; u off (at most JP_PATCH_MAX):
- *   the island is where the rel32 at probe's address + off (in the module's
- *   patched code) lands; s target less the previous island's.  Its code is
- *   a `jmp rel32` to target.
+ * probes, in id order: a kind byte, mechanism | JP_KIND_NEXT | len <<
+ *   JP_KIND_LEN_SHIFT (0: a u len follows the address) | JP_KIND_EXT; with
+ *   JP_KIND_EXT a byte handler | flags << 1 | JP_EXT_STRINGS | JP_EXT_DEPENDS
+ *   (else all 0); without JP_KIND_NEXT (at the previous probe's address +
+ *   len), s address - previous address; with JP_EXT_STRINGS, u spec, u lib,
+ *   u func (string offsets; a spec of 0, and every spec without it, is the
+ *   address itself, "0x%lx", which the runtime appends to the pool); with
+ *   JP_EXT_DEPENDS, s depends - 1 - id; len bytes of original; then 8 bytes
+ *   of cb_build_id when flags has JP_PROBE_NOVEC.
+ * islands, unpacked after the text: s probe less the previous island's;
+ *   u off << 1 | explicit: the island is where the rel32 at probe's address
+ *   + off (at most JP_PATCH_MAX; in the module's patched code) lands; its
+ *   code is a `jmp rel32` to where the probe's code starts in the text
+ *   (its first JP_OP_PROBE or JP_OP_COUNT), plus s delta when explicit.
  * strings: the pool's first bytes, copied as they are.
  * text: operations, until text_size bytes are out.  An operation is a byte,
  *   op << 5 | arg, arg being the argument when below JP_OP_ARG, else
  *   followed by it (u):
  *   JP_OP_LIT n, then n bytes: copied;
- *   JP_OP_COUNT k: template k for the current probe, its holes filled;
+ *   JP_OP_COUNT k | r << 2 | z << 3: the current probe becomes current + z
+ *     (zigzag), then template k for it, its holes filled; r: the probe
+ *     resumes right after it (its `resume`);
  *   JP_OP_COPY n, then u off: bytes off.. of the current probe's original;
  *   JP_OP_JMP z: `jmp rel32` to the current probe's address + z (zigzag);
  *   JP_OP_PROBE z: the current probe becomes current + z (zigzag);
- *   JP_OP_FILL n: n int3 bytes;
+ *   JP_OP_COPYJMP n: bytes 0..n of the current probe's original, then a
+ *     `jmp rel32` to its address + n (a displaced instruction and the way back);
  *   JP_OP_RESUME z: probe current + z (zigzag) resumes here (its `resume`);
  *   JP_OP_COPY0 n: bytes 0..n of the current probe's original.
  */
@@ -141,10 +147,14 @@ struct jp_packed {
 /* JPROBE_LAYOUT_END */
 
 #define JP_PACKED_MAGIC	"JPPACK\0\1"
-enum { JP_OP_LIT = 0, JP_OP_COUNT = 1, JP_OP_COPY = 2, JP_OP_JMP = 3, JP_OP_PROBE = 4, JP_OP_FILL = 5,
+enum { JP_OP_LIT = 0, JP_OP_COUNT = 1, JP_OP_COPY = 2, JP_OP_JMP = 3, JP_OP_PROBE = 4, JP_OP_COPYJMP = 5,
        JP_OP_RESUME = 6, JP_OP_COPY0 = 7, JP_OP_ARG = 31 };
-#define JP_KIND_STRINGS	0x20
-#define JP_KIND_DEPENDS	0x40
+#define JP_KIND_NEXT	0x04
+#define JP_KIND_LEN_SHIFT 3
+#define JP_KIND_EXT	0x80
+#define JP_EXT_STRINGS	0x08
+#define JP_EXT_DEPENDS	0x10
+#define JP_COUNT_RESUMES 0x04
 /* What fills a hole: hits of the probe, table's tls_off (rel32 from the
  * instruction's end), or 8 * the probe's id (a disp32). */
 enum { JP_HOLE_HITS = 0, JP_HOLE_TLS = 1, JP_HOLE_SLOT = 2 };

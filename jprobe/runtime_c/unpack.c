@@ -79,22 +79,35 @@ static bool unpack_probes(struct jp_table *t, uintptr_t bias,
 	for (i = 0; i < t->nprobes && !s.bad; i++) {
 		uint64_t spec = 0, len;
 		const uint8_t *kind, *orig;
+		uint8_t ext = 0;
 
-		address += get_s(&s);
 		kind = get_bytes(&s, 1);
 		if (!kind)
 			return false;
+		if (*kind & JP_KIND_EXT) {
+			const uint8_t *e = get_bytes(&s, 1);
+
+			if (!e)
+				return false;
+			ext = *e;
+		}
+		if (*kind & JP_KIND_NEXT)
+			address += i ? p[i - 1].len : 0;
+		else
+			address += get_s(&s);
 		p[i].address = address;
 		p[i].mechanism = *kind & 3;
-		p[i].handler = *kind >> 2 & 1;
-		p[i].flags = *kind >> 3 & (JP_PROBE_X87 | JP_PROBE_NOVEC);
-		if (*kind & JP_KIND_STRINGS) {
+		p[i].handler = ext & 1;
+		p[i].flags = ext >> 1 & (JP_PROBE_X87 | JP_PROBE_NOVEC);
+		if (ext & JP_EXT_STRINGS) {
 			spec = get_u(&s);
 			p[i].lib = get_u(&s);
 			p[i].func = get_u(&s);
 		}
-		p[i].depends = *kind & JP_KIND_DEPENDS ? 1 + i + get_s(&s) : 0;
-		len = get_u(&s);
+		p[i].depends = ext & JP_EXT_DEPENDS ? 1 + i + get_s(&s) : 0;
+		len = *kind >> JP_KIND_LEN_SHIFT & 15;
+		if (!len)
+			len = get_u(&s);
 		orig = get_bytes(&s, len);
 		if (s.bad || len > sizeof(p[i].original) || p[i].depends > t->nprobes)
 			return false;
@@ -123,15 +136,19 @@ static bool unpack_probes(struct jp_table *t, uintptr_t bias,
 	return !s.bad && s.p == s.end;
 }
 
-/* Each island is where a rel32 in its probe's patched code lands. */
+/*
+ * Each island is where a rel32 in its probe's patched code lands, and hops
+ * to where its probe's code starts (`entry`, from the text) or a little on.
+ */
 static bool unpack_islands(const struct dl_phdr_info *info, struct jp_table *t,
-			   const struct jp_packed *h, const uint8_t *blob)
+			   const struct jp_packed *h, const uint8_t *blob,
+			   const uint64_t *entry)
 {
 	struct stream s = part(blob, t->packed_size, h->islands, h->islands_size);
 	uintptr_t bias = info->dlpi_addr;
 	struct jp_island *isl = (struct jp_island *)(bias + t->islands);
 	const struct jp_probe *p = (const struct jp_probe *)(bias + t->probes);
-	int64_t target = 0, probe = 0;
+	int64_t probe = 0;
 	uint32_t i;
 
 	for (i = 0; i < t->nislands && !s.bad; i++) {
@@ -140,20 +157,20 @@ static bool unpack_islands(const struct dl_phdr_info *info, struct jp_table *t,
 
 		probe += get_s(&s);
 		off = get_u(&s);
-		target += get_s(&s);
-		if (s.bad || probe < 0 || (uint64_t)probe >= t->nprobes || off > JP_PATCH_MAX)
+		if (s.bad || probe < 0 || (uint64_t)probe >= t->nprobes ||
+		    off >> 1 > JP_PATCH_MAX || !entry[probe])
 			return false;
-		site = p[probe].address + off;
+		site = p[probe].address + (off >> 1);
 		if (!in_segment(info, site, 4, PF_R | PF_X))
 			return false;
 		memcpy(&rel, (const void *)(bias + site), 4);
 		isl[i].at = site + 4 + rel;
-		isl[i].target = target;
+		isl[i].target = entry[probe] + (off & 1 ? get_s(&s) : 0);
 		isl[i].probe = probe;
 		isl[i].len = 5;
 		isl[i].fixup = 1;
 		isl[i].code[0] = 0xe9;
-		rel = (int32_t)(target - (isl[i].at + 5));
+		rel = (int32_t)(isl[i].target - (isl[i].at + 5));
 		memcpy(&isl[i].code[1], &rel, 4);
 	}
 	return !s.bad && s.p == s.end;
@@ -206,13 +223,13 @@ static uint64_t fill_template(struct jp_table *t, uint64_t table_vaddr,
 /* The trampolines, into `out` (text_size bytes, at link-time address t->text). */
 static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr,
 			const struct jp_packed *h, const uint8_t *blob,
-			uint8_t *out)
+			uint8_t *out, uint64_t *entry)
 {
 	struct stream s = part(blob, t->packed_size, h->text, h->text_size);
 	const struct jp_template *tpl;
 	struct jp_probe *p = (struct jp_probe *)(bias + t->probes);
 	uint64_t pos = 0;
-	int64_t owner = 0;
+	int64_t owner = -1;		/* none yet */
 
 	if (!t->nprobes || h->templates > t->packed_size ||
 	    h->ntemplates > (t->packed_size - h->templates) / sizeof(*tpl))
@@ -226,6 +243,15 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
 
 		if (arg == JP_OP_ARG)
 			arg = get_u(&s);
+		if (op == JP_OP_PROBE || op == JP_OP_COUNT) {
+			owner += unzigzag(op == JP_OP_COUNT ? arg >> 3 : arg);
+			if (owner < 0 || (uint64_t)owner >= t->nprobes)
+				return false;
+			if (!entry[owner])
+				entry[owner] = t->text + pos;
+		} else if (owner < 0 && op != JP_OP_LIT) {
+			return false;
+		}
 		switch (op) {
 		case JP_OP_LIT:
 			n = arg;
@@ -235,9 +261,6 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
 			memcpy(out + pos, src, n);
 			break;
 		case JP_OP_PROBE:
-			owner += unzigzag(arg);
-			if (owner < 0 || (uint64_t)owner >= t->nprobes)
-				return false;
 			break;
 		case JP_OP_RESUME:
 			probe = owner + unzigzag(arg);
@@ -246,11 +269,13 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
 			p[probe].resume = t->text + pos;
 			break;
 		case JP_OP_COUNT:
-			if (arg >= h->ntemplates)
+			if ((arg & 3) >= h->ntemplates)
 				return false;
-			n = fill_template(t, table_vaddr, &tpl[arg], owner, out, pos);
+			n = fill_template(t, table_vaddr, &tpl[arg & 3], owner, out, pos);
 			if (!n)
 				return false;
+			if (arg & JP_COUNT_RESUMES)
+				p[owner].resume = t->text + pos + n;
 			break;
 		case JP_OP_COPY:
 			k = get_u(&s);
@@ -268,11 +293,14 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
 			out[pos] = 0xe9;
 			put32(out + pos + 1, p[owner].address + unzigzag(arg) - (t->text + pos + 5));
 			break;
-		case JP_OP_FILL:
-			n = arg;
-			if (n > t->text_size - pos)
+		case JP_OP_COPYJMP:
+			n = arg + 5;
+			if (arg > p[owner].len || n > t->text_size - pos)
 				return false;
-			memset(out + pos, 0xcc, n);
+			memcpy(out + pos, p[owner].original, arg);
+			out[pos + arg] = 0xe9;
+			put32(out + pos + arg + 1,
+			      p[owner].address + arg - (t->text + pos + arg + 5));
 			break;
 		default:
 			return false;
@@ -291,7 +319,7 @@ bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
 {
 	uintptr_t bias = info->dlpi_addr;
 	const struct jp_packed *h;
-	uint64_t pool_len, lo, hi, page = 4096;
+	uint64_t pool_len, lo, hi, page = 4096, *entry;
 	uint8_t *blob;
 	bool ok;
 
@@ -316,17 +344,20 @@ bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
 	     pool_len <= t->strings_size;
 	if (ok) {
 		memcpy((void *)(bias + t->strings), blob + h->strings, pool_len);
-		ok = unpack_probes(t, bias, h, blob, &pool_len) &&
-		     unpack_islands(info, t, h, blob);
+		ok = unpack_probes(t, bias, h, blob, &pool_len);
 	}
 	lo = (bias + t->text) & ~(page - 1);
 	hi = (bias + t->text + t->text_size + page - 1) & ~(page - 1);
-	if (ok)
-		ok = !mprotect((void *)lo, hi - lo, PROT_READ | PROT_WRITE);
+	entry = mmap(NULL, (t->nprobes + 1) * sizeof(*entry), PROT_READ | PROT_WRITE,
+		     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	ok = ok && entry != MAP_FAILED && !mprotect((void *)lo, hi - lo, PROT_READ | PROT_WRITE);
 	if (ok) {
-		ok = unpack_text(t, bias, table_vaddr, h, blob, (uint8_t *)(bias + t->text));
+		ok = unpack_text(t, bias, table_vaddr, h, blob, (uint8_t *)(bias + t->text), entry) &&
+		     unpack_islands(info, t, h, blob, entry);
 		mprotect((void *)lo, hi - lo, PROT_READ | PROT_EXEC);
 	}
+	if (entry != MAP_FAILED)
+		munmap(entry, (t->nprobes + 1) * sizeof(*entry));
 	munmap(blob, t->packed_size);
 	if (ok)
 		t->unpacked = 1;
