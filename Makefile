@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install demo test bench coverage clean
+.PHONY: all install demo test bench coverage dense clean
 
 all: install
 
@@ -28,6 +28,10 @@ bench: install
 
 coverage: install
 	$(PY) benchmarks/coverage.py
+
+# Every instruction of python3 probed at once, run (slow: ~10 minutes). BINARIES="..." for others.
+dense: install
+	$(PY) benchmarks/dense.py $(BINARIES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info jprobe/runtime_c/*.so examples/build benchmarks/build

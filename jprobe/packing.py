@@ -1,4 +1,4 @@
-"""Packed tables: a rewritten file that carries its trampolines and probe table in ~16 bytes
+"""Packed tables: a rewritten file that carries its trampolines and probe table in ~12 bytes
 a probe instead of ~200 (the format is in runtime_c/jprobe_table.h, "A packed table").
 
 The packer knows nothing of x86: it encodes the bytes the planner laid out, and `unpack`

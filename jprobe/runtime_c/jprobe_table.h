@@ -80,7 +80,7 @@ struct jp_island {
 /*
  * A packed table.  A rewritten program probed at many sites would carry
  * ~200 bytes a probe (88-byte descriptors, ~80 bytes of trampoline); packed,
- * it carries ~15.  The file then holds, at t->packed (the start of the
+ * it carries ~12.  The file then holds, at t->packed (the start of the
  * trampolines' segment, whose memory is otherwise zero), this header and
  * four streams; the runtime unpacks them before anything else reads the
  * table: the probes, islands and strings to their places in the table's
