@@ -77,11 +77,7 @@ def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -
     # are mapped: its short sites keep the trap (`jprobe run` gives them puns).
     islands = not module.is_library
     draft = build_plan(module, probes, text, text + room // 2, strict, islands)
-    # A program's runtime unpacks its table before any of its code runs; a library's
-    # trampolines must be there as soon as it is loaded (see islands above).
-    packed = _room(len(packing.pack(draft, module.read, check=False))) if not module.is_library else 0
-    if packed >= _room(len(draft.text)):
-        packed = 0                                  # a few probes: packing saves nothing
+    packed = _packed_room(draft, module)
     binary = lief.ELF.parse(module.path)
     _make_room_for_segments(binary, module.path)
     R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
@@ -108,6 +104,22 @@ def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -
     if not module.is_library and any(p.islands for p in plan.probes):
         _fence_the_heap(binary, module)
     return plan, binary
+
+
+def _packed_room(draft: ModulePlan, module: ElfModule) -> int:
+    """Room for the packed table in the file, or 0 to write the plan as it is.
+
+    A program's runtime unpacks its table before any of its code runs; a library's
+    trampolines must be there as soon as it is loaded (see islands above). A few probes
+    gain nothing from packing.
+    """
+    if module.is_library:
+        return 0
+    try:
+        room = _room(len(packing.pack(draft, module.read, check=False)))
+    except ValueError:                              # what the format cannot say stays unpacked
+        return 0
+    return room if room < _room(len(draft.text)) else 0
 
 
 def _add(binary: lief.ELF.Binary, size: int, file_size: int | None, flags) -> lief.ELF.Segment:

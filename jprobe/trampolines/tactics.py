@@ -200,50 +200,53 @@ def chain(address: int, length: int, moved: list[CsInsn | Span], following: Read
         after = following(end, tail) if tail else (b"", None)
         if after is None:
             continue
-        if not _signs_reach(address, pieces, pads, after[0], islands):
+        code, free = _skeleton(address, pieces, pads, after[0])
+        if not _signs_reach(code, free, address, pieces, pads, islands):
             continue
-        chosen = _chain_layout(address, pieces, pads, after[0], islands, budget)
+        chosen = _chain_layout(code, address, pieces, pads, islands, budget)
         if chosen is not None:
-            code, targets = chosen
-            return Jump("T2", code, targets[0], moved[0], targets[1], depends=after[1], prefixes=pads[0],
+            patched, targets = chosen
+            return Jump("T2", patched, targets[0], moved[0], targets[1], depends=after[1], prefixes=pads[0],
                         more=list(zip(moved[1:], targets[2:])))
     return None
 
 
-def _signs_reach(address: int, pieces: list[tuple[int, int]], pads: tuple[int, ...], after: bytes,
-                 islands: Islands) -> bool:
+def _skeleton(address: int, pieces: list[tuple[int, int]], pads: tuple[int, ...],
+              after: bytes) -> tuple[bytearray, set[int]]:
+    """The chain's bytes with every jump's prefixes, E9 and int3 fill in place (the bytes
+    after it too), and the offsets of the rel32 bytes still to choose."""
+    end = pieces[-1][0] + pieces[-1][1]
+    code = bytearray(end - address) + bytearray(after)
+    free: set[int] = set()
+    for (start, size), pad in zip(pieces, pads):
+        at = start - address
+        code[at:at + pad] = PADDINGS[pad]
+        code[at + pad] = JMP
+        free.update(range(at + pad + 1, at + min(size, pad + HOP)))
+        code[at + min(pad + HOP, size):at + size] = bytes([INT3]) * max(0, size - pad - HOP)
+    return code, free
+
+
+def _signs_reach(code: bytearray, free: set[int], address: int, pieces: list[tuple[int, int]],
+                 pads: tuple[int, ...], islands: Islands) -> bool:
     """False when some jump's rel32 ends on a byte the layout fixes (a prefix, an E9, the
     bytes after the chain) that puts all its targets outside the zones: a cheap test
     that spares most hopeless layouts their island search."""
-    end = pieces[-1][0] + pieces[-1][1] - address
-    fixed = {end + i: b for i, b in enumerate(after)}
-    for (start, size), pad in zip(pieces, pads):
-        at = start - address
-        for i, b in enumerate(PADDINGS[pad] + bytes([JMP])):
-            fixed[at + i] = b
-        for i in range(at + pad + HOP, at + size):
-            fixed[i] = INT3
     zones = islands.zones()
     for (start, _), pad in zip(pieces, pads):
-        top = fixed.get(start - address + pad + HOP - 1)
-        if top is not None:
-            lo = start + pad + HOP + ((top ^ 0x80) - 0x80) * (1 << 24)
+        top = start - address + pad + HOP - 1
+        if top not in free:
+            lo = start + pad + HOP + ((code[top] ^ 0x80) - 0x80) * (1 << 24)
             if not any(max(lo, zlo) <= min(lo + (1 << 24) - 1, zhi - HOP) for zlo, zhi in zones):
                 return False
     return True
 
 
-def _chain_layout(address: int, pieces: list[tuple[int, int]], pads: tuple[int, ...], after: bytes,
+def _chain_layout(code: bytearray, address: int, pieces: list[tuple[int, int]], pads: tuple[int, ...],
                   islands: Islands, budget: list[int]) -> tuple[bytes, list[int]] | None:
-    """The chain's bytes and islands for one padding layout, or None; islands taken.
-    `budget`: island slots left to try, shared by all layouts of one chain."""
+    """The chain's bytes (from its `_skeleton`) and islands for one padding layout, or None;
+    islands taken. `budget`: island slots left to try, shared by all layouts of one chain."""
     end = pieces[-1][0] + pieces[-1][1]
-    code = bytearray(end - address) + bytearray(after)
-    for (start, size), pad in zip(pieces, pads):    # prefixes, E9, room for the rel32, int3 past it
-        at = start - address
-        code[at:at + pad] = PADDINGS[pad]
-        code[at + pad] = JMP
-        code[at + min(pad + HOP, size):at + size] = bytes([INT3]) * max(0, size - pad - HOP)
     chosen: list[int] = [0] * len(pieces)
     # Where each earlier jump's rel32 ends: a later jump's free byte there sets its sign.
     tops = {start - address + pad + HOP - 1 for (start, _), pad in zip(pieces, pads)}
