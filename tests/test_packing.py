@@ -108,3 +108,23 @@ def test_packing_gives_back_every_byte_of_a_plan():
     blob = packing.pack(plan, module.read)
     assert packing.unpack(blob, plan, module.read) == (plan.text, plan.data[layout.sizeof("jp_table"):])
     assert len(blob) < (len(plan.text) + len(plan.data)) / 4
+
+
+def test_a_final_plan_that_outgrows_its_packed_room_is_written_unpacked(build, tmp_path, monkeypatch):
+    """The draft sizes the packed room; should the final plan pack larger, the file is
+    planned again without packing, and runs the same."""
+    import jprobe.patcher.static as static
+    from conftest import run_with_report
+    real = static.packing.pack
+
+    def larger(plan, read, check=True):
+        blob = real(plan, read, check)
+        return blob + bytes(1 << 20) if check else blob
+    monkeypatch.setattr(static.packing, "pack", larger)
+    prog = build("packed.c", ["-O2", "-fPIE", "-pie"])
+    plan = patch_file(str(prog), str(tmp_path / "p"), every_instruction(prog))
+    assert not plan.packed
+    got, report = run_with_report([tmp_path / "p", str(N)], tmp_path / "r.json")
+    assert got.stdout == run_prog([prog, str(N)]).stdout
+    hits = hits_by_address(report)
+    assert {name: hits[symbol(prog, name)[0]] for name in ("walk", "mix")} == expected_walk_calls()
