@@ -238,8 +238,9 @@ def pack(plan: ModulePlan, read: Reader, check: bool = True) -> bytes:
         if bytes(isl.code)[:isl.len] != arch.jump_bytes(isl.at, isl.target, arch.JUMP_SIZE) or isl.fixup != arch.JUMP_FIXUP:
             raise ValueError("an island that is not a jmp rel32")
         site = probes[isl.probe].address
-        lands = [k for k in range(1, layout.CONST["JP_PATCH_MAX"] + 1) if len(code(site + k, 4)) == 4
-                 and site + k + 4 + int.from_bytes(code(site + k, 4), "little", signed=True) == isl.at]
+        window = code(site + 1, layout.CONST["JP_PATCH_MAX"] + 3)     # every rel32 that may land
+        lands = [k for k in range(1, len(window) - 2)
+                 if site + k + 4 + int.from_bytes(window[k - 1:k + 3], "little", signed=True) == isl.at]
         if not lands:
             raise ValueError("an island no jump of its probe's patch lands on")
         # Most islands hop to their probe's trampoline; others (an evicted instruction's
@@ -329,10 +330,12 @@ def _pack_text(plan: ModulePlan, probes, tab: _Table, templates: list[Template])
             p = probes[new]
             original = bytes(p.original)[:p.len]
             # A count trampoline's first operation names its probe too.
-            k = next((k for k, t in enumerate(templates) if text[pos:pos + len(t.code)]
-                      == t.fill(base + pos, new, hits + new * _PROBE_SIZE, tls)), None)
+            k = None
             if (pos in starts and plan.probes[new].trampoline == base + pos and pos not in resumes
-                    and p.handler == layout.HANDLERS["count"] and k is not None):
+                    and p.handler == layout.HANDLERS["count"]):
+                k = next((k for k, t in enumerate(templates) if text[pos:pos + len(t.code)]
+                          == t.fill(base + pos, new, hits + new * _PROBE_SIZE, tls)), None)
+            if k is not None:
                 after = pos + len(templates[k].code)
                 resumes_after = resumes.get(after) == [new]
                 out.extend(_op(OP["COUNT"], k | (_COUNT_RESUMES if resumes_after else 0) | _zigzag(new - owner) << 3))
