@@ -26,6 +26,7 @@
  * made for, nor to an object that is not the file that was planned.
  */
 #include "rt.h"
+#include "sys.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -899,7 +900,7 @@ static bool other_threads(void)
 
 static long membarrier(int cmd)
 {
-	return syscall(__NR_membarrier, cmd, 0, 0);
+	return jp_sysret(jp_syscall(__NR_membarrier, cmd, 0, 0));
 }
 
 /*

@@ -12,6 +12,7 @@
  *	exec.c		the report written before an exec replaces the program
  *	islands.c	islands for punned and evicting jumps, their trap fall-back, code writes
  *	unpack.c	packed probe tables of rewritten programs, made whole at start-up
+ *	freestanding.c	the libc functions the runtime calls, its own hidden copies
  *
  * The library is built with -fvisibility=hidden: nothing here is exported.
  * JP_EXPORT marks what a program or a tool may call, and the functions the
@@ -181,6 +182,9 @@ uint32_t *sites_down(const struct jp_probe *p, uint32_t n);
 void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 		      const bool *written, uint8_t *fate);
 void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum);
+
+/* freestanding.c */
+void jp_heap_child_fork(void);
 
 /* unpack.c */
 bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t, uint64_t table_vaddr);

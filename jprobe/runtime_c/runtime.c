@@ -828,6 +828,7 @@ static void atfork_child(void)
 {
 	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
 
+	jp_heap_child_fork();
 	forked_child = true;
 	own_pid = getpid();
 	for (i = 0; i < n; i++) {
