@@ -300,7 +300,7 @@ static const char *plan_table_string(const struct jp_plan_module *pm, uint64_t o
  * dlopen()ed.  This also keeps the libraries' allocations ahead of any
  * probe on malloc().
  */
-void load_planned_callbacks(void)
+static void load_planned_callbacks(void)
 {
 	uint32_t i, j;
 
@@ -329,14 +329,32 @@ void load_planned_callbacks(void)
 
 static void install_callbacks(struct jp_module *m)
 {
-	const struct planned_callback *cb = planned_callbacks[m->placed->index];
+	const struct planned_callback *cb;
 	struct jp_probe *p = probes_of(m);
 	uint32_t i;
 
+	cb = planned_callbacks[m->placed->index];
 	for (i = 0; cb && i < m->table->nprobes; i++)
 		if (cb[i].fn)
 			install_callback(&p[i], cb[i].fn, cb[i].novec,
 					 table_string(m, p[i].lib));
+}
+
+/*
+ * From the constructor: the plans went live before the program's
+ * initialisers (jprobe_rt_start()), their callbacks are loaded and
+ * installed now, so that they run from here on.
+ */
+void install_planned_callbacks(void)
+{
+	int i;
+
+	load_planned_callbacks();
+	pthread_mutex_lock(&scan_lock);
+	for (i = 0; i < nmodules; i++)
+		if (modules[i].placed && modules[i].live && !modules[i].foreign)
+			install_callbacks(&modules[i]);
+	pthread_mutex_unlock(&scan_lock);
 }
 
 /* ---- which loaded objects are planned modules ------------------------ */

@@ -9,12 +9,13 @@
  * object it maps, before it relocates it: before any of the object's code
  * can run, IFUNC resolvers and constructors included.
  *
- * The audit copy does no work.  It hands each object of the program's
- * namespace to the preloaded copy, which serves the probes, through that
- * copy's jprobe_rt_audit_hook: NULL until the preloaded copy has applied
- * the plans to what was loaded at start-up (its constructor), then
- * apply.c's entry point.  The two copies are one file, so the hook lies at
- * the same offset from either copy's load address.
+ * The audit copy does no work of its own.  Once the loader has mapped and
+ * relocated the program's objects, before any of their initialisers, it
+ * calls the preloaded copy's jprobe_rt_start(), which applies the plans to
+ * them; then it hands each object loaded later to that copy through its
+ * jprobe_rt_audit_hook (apply.c's entry point, set by jprobe_rt_start()).
+ * The two copies are one file, so both lie at the same offsets from either
+ * copy's load address.
  *
  * Inside the loader nothing may dlopen(): the callbacks of every planned
  * module were loaded in the program's namespace by the preloaded copy's
@@ -26,9 +27,12 @@
 #include <sys/stat.h>
 
 typedef void (*hook_fn)(uintptr_t bias, const char *name);
+typedef void (*start_fn)(char **env);
 
 /* The preloaded copy's jprobe_rt_audit_hook, once that copy is mapped. */
 static hook_fn *hook;
+/* The preloaded copy's jprobe_rt_start(), until it is called. */
+static start_fn start;
 
 static struct link_map *self_map(void)
 {
@@ -79,13 +83,35 @@ JP_EXPORT unsigned int la_objopen(struct link_map *map, Lmid_t lmid,
 		return 0;
 	if (!hook) {
 		self = self_map();
-		if (self && same_file(self, map))
+		if (self && same_file(self, map)) {
 			hook = (hook_fn *)(map->l_addr +
 					   ((uintptr_t)&jprobe_rt_audit_hook - self->l_addr));
+			start = (start_fn)(map->l_addr +
+					   ((uintptr_t)jprobe_rt_start - self->l_addr));
+		}
 		return 0;
 	}
 	fn = __atomic_load_n(hook, __ATOMIC_ACQUIRE);
 	if (fn)
 		fn(map->l_addr, map->l_name);
 	return 0;
+}
+
+/*
+ * The program's objects are all mapped and relocated, and none of their
+ * initialisers has run: the preloaded copy sets the probes up now
+ * (runtime.c, jprobe_rt_start()), so that hits from any initialiser count.
+ * libc's `environ` is set by its own initialiser, which has not run yet:
+ * this copy's (its libc was initialised when the loader opened it) is the
+ * same environment.
+ */
+JP_EXPORT void la_activity(uintptr_t *cookie, unsigned int flag)
+{
+	start_fn fn = start;
+
+	(void)cookie;
+	if (flag != LA_ACT_CONSISTENT || !fn)
+		return;
+	start = NULL;
+	fn(environ);
 }

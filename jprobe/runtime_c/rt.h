@@ -122,6 +122,7 @@ void end_set_up(struct jp_module *m);
 bool module_mapped(const struct jp_module *m);
 long status_field(const char *name, long dflt);
 void report_own_hits(void);
+void jprobe_rt_start(char **env);
 
 /* threads.c */
 extern __thread uint64_t *tls_blocks[JP_TLS_SLOTS]
@@ -192,7 +193,7 @@ bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t, uint64_t 
 /* apply.c */
 JP_EXPORT extern void (*jprobe_rt_audit_hook)(uintptr_t bias, const char *name);
 bool plan_open(const char *path);
-void load_planned_callbacks(void);
+void install_planned_callbacks(void);
 void apply_plans(void);
 void open_audit_hook(void);
 uint64_t *placed_block(struct jp_module *m);

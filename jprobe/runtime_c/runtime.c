@@ -63,6 +63,8 @@ static char *report_path;	/* absolute: the program may chdir() */
 char exe_path[PATH_MAX];
 static uint64_t vec_mode;
 static bool atfork_done;
+/* Callback libraries may be opened: the program's initialisers have begun. */
+static bool callbacks_ready;
 bool forked_child;		/* set in a child of fork() */
 bool ud_traps;
 
@@ -619,8 +621,25 @@ static void set_up_module(struct jp_module *m, const struct found *f)
 		return;
 	land_file_islands(m, f->phdr, f->phnum);
 	publish_traps(m, build_trap_index(m));
-	resolve_callbacks(m);
+	if (callbacks_ready)
+		resolve_callbacks(m);
 	end_set_up(m);
+}
+
+/*
+ * The callbacks of the modules set up before the program's initialisers
+ * ran (start_up()): their libraries can be opened now.  Until now their
+ * probes only counted.
+ */
+static void resolve_early_callbacks(void)
+{
+	int i;
+
+	pthread_mutex_lock(&scan_lock);
+	for (i = 0; i < nmodules; i++)
+		if (modules[i].live && !modules[i].foreign && !modules[i].placed)
+			resolve_callbacks(&modules[i]);
+	pthread_mutex_unlock(&scan_lock);
 }
 
 /*
@@ -849,15 +868,16 @@ static void atfork_child(void)
 }
 
 /*
- * Pin the runtime: it installs a signal handler and fork handler, so it
- * must outlive a dlclose() of the patched library that brought it in.
+ * Fork handlers, once there is something to serve: before the sites are
+ * written, since registering one may allocate.  (The runtime also stays
+ * loaded whatever is dlclose()d: it installs signal and fork handlers, so
+ * it is linked with -z nodelete.)
  */
-static void pin_self(void)
+static void stay(void)
 {
-	Dl_info info;
-
-	if (dladdr((void *)pin_self, &info) && info.dli_fname)
-		dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+	if ((nmodules || run_mode) && !atfork_done)
+		atfork_done = !pthread_atfork(atfork_prepare, atfork_parent,
+					      atfork_child);
 }
 
 /* Exported for tools and tests: how many modules with probes are loaded. */
@@ -879,11 +899,7 @@ static void rescan(void)
 {
 	watch_thread_exits();
 	scan_modules(true);
-	if ((nmodules || run_mode) && !atfork_done) {
-		atfork_done = !pthread_atfork(atfork_prepare, atfork_parent,
-					      atfork_child);
-		pin_self();
-	}
+	stay();
 	if (run_mode)
 		apply_plans();
 }
@@ -943,24 +959,26 @@ static bool traced(void)
  * so that a problem with the plan goes into it.
  */
 /*
- * An environment variable, read from `environ` itself: a program may define
- * its own getenv() (bash does), which must not run, or count, before main.
+ * An environment variable, read from the environment itself: a program may
+ * define its own getenv() (bash does), which must not run, or count, before
+ * main.  Before the initialisers libc's `environ` is not set yet: the
+ * caller of jprobe_rt_start() passes the environment.
  */
-static const char *env_value(const char *name)
+static const char *env_value(char **env, const char *name)
 {
 	size_t len = strlen(name);
 	char **e;
 
-	for (e = environ; e && *e; e++)
+	for (e = env; e && *e; e++)
 		if (!strncmp(*e, name, len) && (*e)[len] == '=')
 			return *e + len + 1;
 	return NULL;
 }
 
-static void open_run_files(void)
+static void open_run_files(char **env)
 {
-	const char *plan = env_value("JPROBE_PLAN");
-	const char *counters = env_value("JPROBE_COUNTERS");
+	const char *plan = env_value(env, "JPROBE_PLAN");
+	const char *counters = env_value(env, "JPROBE_COUNTERS");
 
 	if (!plan || !*plan || !counters || !*counters || !counters_open(counters))
 		return;
@@ -968,40 +986,62 @@ static void open_run_files(void)
 	plan_open(plan);
 }
 
-static void read_environment(void)
+static void read_environment(char **env)
 {
 	own_pid = getpid();
-	const char *s = env_value("JPROBE_DEBUG");
+	const char *s = env_value(env, "JPROBE_DEBUG");
 	ssize_t n;
 
 	debug = s && *s && strcmp(s, "0");
-	s = env_value("JPROBE_REPORT");
+	s = env_value(env, "JPROBE_REPORT");
 	if (s && *s)
 		report_path = absolute(s);
-	s = env_value("JPROBE_TRAP");
+	s = env_value(env, "JPROBE_TRAP");
 	ud_traps = (s && !strcmp(s, "ud")) || traced();
 	n = readlink("/proc/self/exe", exe_path, PATH_MAX - 1);
 	exe_path[n > 0 ? n : 0] = '\0';
 }
 
 /*
- * Under `jprobe run` the callbacks are loaded before anything is patched
- * (apply.c), and modules loaded from here on are the audit hook's.
+ * Everything but the callbacks, once: the probes count from here on.
+ *
+ * It runs before any initialiser of the program's objects, from the first
+ * of: the audit copy of the runtime once the loader has mapped and
+ * relocated every object of the program (`jprobe run`, audit.c), a
+ * rewritten executable's DT_PREINIT_ARRAY (jprobe_rt_preinit()), or our
+ * own constructor.  So nothing it calls may be the program's (the
+ * program's own malloc() is not set up yet and may itself be probed):
+ * freestanding.c has the runtime's own copies of what it uses.  Callback
+ * libraries are opened only from our constructor (dlopen() inside the
+ * loader is not allowed, and the library's own initialisers must see an
+ * initialised libc): until then their probes count without calling.
  */
+void jprobe_rt_start(char **env)
+{
+	static bool started;
+
+	if (started)
+		return;
+	started = true;
+	read_environment(env);
+	resolve_signal_functions();
+	vec_mode = detect_vec_mode();
+	open_run_files(env);
+	rescan();
+	if (run_mode)
+		open_audit_hook();
+}
+
 __attribute__((constructor))
 static void jprobe_rt_init(void)
 {
 	if (audit_copy())
 		return;
-	read_environment();
-	resolve_signal_functions();
-	vec_mode = detect_vec_mode();
-	open_run_files();
+	jprobe_rt_start(environ);
+	callbacks_ready = true;
+	resolve_early_callbacks();
 	if (run_mode)
-		load_planned_callbacks();
-	rescan();
-	if (run_mode)
-		open_audit_hook();
+		install_planned_callbacks();
 }
 
 /*
