@@ -121,6 +121,27 @@ def _kernel_crosscheck(report, argv, probes):
 LIBC_PROBES = ["libc.so.6:malloc", "libc.so.6:free"]
 
 
+@pytest.mark.parametrize("source", ["ctor_alloc.c", "cxx_static_init.cpp"])
+def test_hits_in_library_initialisers_count(build, tmp_path, source):
+    """Initialisers that run before the runtime's constructor: their allocations count.
+
+    The probes go live once the loader has relocated the program, before any initialiser,
+    so malloc and free count what kernel uprobes count (the C library: 5 pairs in its
+    constructor; the C++ one: a map of 16 vectors built by its static initialisers).
+    """
+    lib = build(source, ["-shared", "-fPIC", "-O2"], out_name=f"lib{Path(source).stem}.so")
+    prog = build("hello.c", ["-O2", "-Wl,--no-as-needed", str(lib)], out_name=f"hello_{Path(source).stem}")
+    argv = [prog]
+    got, report = jprobe_run(tmp_path, argv, LIBC_PROBES)
+    assert (got.returncode, got.stdout) == (0, "hello\n")
+    assert report["errors"] == []
+    least = 5 if source.endswith(".c") else 32
+    assert hits(report, "libc.so.6:malloc") >= least and hits(report, "libc.so.6:free") >= 5
+    if not tracefs_usable():
+        pytest.skip("tracefs is not usable here: counts not compared with kernel uprobes")
+    _kernel_crosscheck(report, argv, LIBC_PROBES)
+
+
 def test_libc_malloc_free_in_sort(tmp_path):
     sort = shutil.which("sort")
     data = tmp_path / "lines.txt"
