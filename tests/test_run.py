@@ -142,6 +142,24 @@ def test_hits_in_library_initialisers_count(build, tmp_path, source):
     _kernel_crosscheck(report, argv, LIBC_PROBES)
 
 
+@pytest.mark.parametrize("opt", ["-O0", "-O2"])
+def test_program_with_its_own_allocator(build, tmp_path, opt):
+    """An executable that defines malloc/free/calloc/realloc serves every library's calls.
+
+    The runtime's set-up calls none of them (freestanding.c), so the probes count exactly
+    the calls the program counts itself, a library constructor's (before main) included.
+    """
+    lib = build("ctor_alloc.c", ["-shared", "-fPIC", "-O2"], out_name="libctor_alloc.so")
+    prog = build("own_malloc.c", [opt, "-fno-builtin", "-rdynamic", "-Wl,--no-as-needed", str(lib)],
+                 out_name=f"own_malloc{opt}")
+    got, report = jprobe_run(tmp_path, [prog, 300], ["malloc", "calloc", "realloc", "free"])
+    assert got.returncode == 0, got.stderr
+    own = dict(pair.split("=") for pair in got.stdout.split())
+    assert own == {"malloc": "305", "calloc": "300", "realloc": "300", "free": "605"}
+    assert {name: hits(report, name) for name in own} == {name: int(n) for name, n in own.items()}
+    assert report["errors"] == []
+
+
 def test_libc_malloc_free_in_sort(tmp_path):
     sort = shutil.which("sort")
     data = tmp_path / "lines.txt"
