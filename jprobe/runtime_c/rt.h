@@ -14,6 +14,10 @@
  *	unpack.c	packed probe tables of rewritten programs, made whole at start-up
  *	freestanding.c	the libc functions the runtime calls, its own hidden copies
  *
+ * Start-up: jprobe_rt_start() (runtime.c) runs once, before the program's
+ * initialisers, and calls nothing of the program's; callbacks are loaded
+ * from the constructor.
+ *
  * The library is built with -fvisibility=hidden: nothing here is exported.
  * JP_EXPORT marks what a program or a tool may call, and the functions the
  * runtime interposes.
