@@ -68,6 +68,11 @@ struct placement {
 	uint32_t *order;		/* probes from the highest address down */
 	struct trap_index *traps;	/* its trap sites, built before they are written */
 	struct trap_index *jumps;	/* its jump sites, likewise */
+	struct trap_index *bounds;	/* every relocated instruction: where its copy is */
+	struct trap_index *interior;	/* those strictly inside a site's patch */
+	bool *removed;			/* per probe: taken out (jprobe_rt_set_probe()) */
+	uint64_t **claimed;		/* every BLOCK record it counts in, for live reads */
+	size_t nclaimed, cap_claimed;
 	uint64_t *spare[JP_SPARE_BLOCKS];	/* under blocks_lock */
 	int nspare;
 };
@@ -126,6 +131,11 @@ static const struct jp_probe *plan_probes(const struct jp_plan_module *pm)
 }
 
 /* The islands of the plan's table, in the plan file; NULL when none. */
+static const struct jp_plan_boundary *plan_bounds(const struct jp_plan_module *pm)
+{
+	return (const struct jp_plan_boundary *)(plan + pm->bounds);
+}
+
 static const struct jp_island *plan_islands(const struct jp_plan_module *pm)
 {
 	if (!plan_table(pm)->nislands)
@@ -210,8 +220,15 @@ static bool module_valid(const struct jp_plan_module *pm)
 	 * moves with the trampolines: a punned or evicting one reaches an
 	 * island, which stays where the plan put it.
 	 */
+	if (!plan_bytes(pm->bounds, pm->nbounds * sizeof(struct jp_plan_boundary)) ||
+	    pm->bounds % 8 || pm->nbounds > plan_len)
+		return false;
+	for (i = 0; i < pm->nbounds; i++)
+		if (!inside(plan_bounds(pm)[i].reloc, 1, 0, pm->text_size))
+			return false;
 	for (i = 0; i < pm->npatches; i++)
 		if (pp[i].len == 0 || pp[i].len > JP_PATCH_MAX ||
+		    (uint64_t)pp[i].first_bound + pp[i].nbounds > pm->nbounds ||
 		    p[i].address != pp[i].vaddr ||
 		    (p[i].mechanism == JP_MECH_JUMP) != (pp[i].patch_fixup != JP_NO_FIXUP) ||
 		    (pp[i].patch_fixup != JP_NO_FIXUP &&
@@ -772,6 +789,44 @@ static struct trap_index *jump_index(struct jp_module *m)
 	return idx;
 }
 
+/*
+ * Where each instruction a site's patch displaces runs relocated (at run
+ * time), sorted by its original address: for the trap handler, which
+ * resumes a thread that meets a placeholder at the relocated copy, and
+ * (`interior`: only the instructions strictly inside a patch) for moving
+ * threads out of bytes about to change (quiesce.c).  Sites that fell back
+ * to a trap have no relocated copies in use.
+ */
+static struct trap_index *boundary_index(struct jp_module *m, bool interior)
+{
+	const struct placement *pl = m->placed;
+	const struct jp_plan_patch *pp = plan_patches(pl->plan);
+	const struct jp_plan_boundary *b = plan_bounds(pl->plan);
+	struct trap_index *idx;
+	uint32_t i, k;
+
+	idx = malloc(sizeof(*idx) + pl->plan->nbounds * sizeof(idx->site[0]));
+	if (!idx)
+		return NULL;
+	idx->n = 0;
+	for (i = 0; i < pl->plan->npatches; i++) {
+		if (!pl->site_ok[i] || pl->fate[i] == JP_FATE_TRAP)
+			continue;
+		for (k = pp[i].first_bound; k < pp[i].first_bound + pp[i].nbounds; k++) {
+			uint64_t at = b[k].vaddr - pp[i].vaddr;
+
+			if (interior && (at == 0 || at >= pp[i].len))
+				continue;
+			idx->site[idx->n].pc = m->bias + b[k].vaddr;
+			idx->site[idx->n].resume = pl->text + b[k].reloc;
+			idx->site[idx->n].probe = &probes_of(m)[i];
+			idx->n++;
+		}
+	}
+	qsort(idx->site, idx->n, sizeof(idx->site[0]), compare_sites);
+	return idx;
+}
+
 /* The module's trap sites that will be written. */
 static struct trap_index *trap_index(struct jp_module *m)
 {
@@ -891,6 +946,9 @@ static struct jp_module *prepare(struct candidate *c)
 	fall_back(m);
 	pl->traps = trap_index(m);
 	pl->jumps = jump_index(m);
+	pl->bounds = boundary_index(m, false);
+	pl->interior = boundary_index(m, true);
+	pl->removed = calloc(pm->npatches, sizeof(bool));
 	keep_served_sites(m);
 	return m;
 unmap:
@@ -940,12 +998,40 @@ static bool sync_cores(void)
  * are the original ones already (check_sites).  Only a plain jump's rel32
  * moves with the trampolines.
  *
- * What this cannot see is a thread stopped between two of the instructions
- * a jump replaces (not in a system call: the planner never moves one) for
- * the whole time the site is written: it would resume inside the jump.
- * Only stopping every thread would tell, and that would interrupt their
- * system calls.  At start-up there is rarely another thread.
+ * No thread can be stopped between two of the instructions a jump
+ * replaces: at start-up the sites are written before any initialiser runs
+ * (jprobe_rt_start()), and a module loaded later is written before any of
+ * its code runs.  Probes changed while the program runs go through
+ * change_site(), which moves such threads.
  */
+/*
+ * The bytes probe i's site gets in this process: the plan's, with a plain
+ * jump's rel32 moved with the trampolines, or the original ones behind a
+ * trap.  How many of them change: 1 for a trap.
+ */
+static uint8_t final_bytes(const struct jp_module *m, uint32_t i, uint8_t *code)
+{
+	const struct placement *pl = m->placed;
+	const struct jp_plan_patch *pp = &plan_patches(pl->plan)[i];
+
+	if (pl->fate[i] == JP_FATE_TRAP || probes_of(m)[i].mechanism == JP_MECH_TRAP) {
+		memcpy(code, pp->original, pp->len);
+		code[0] = ud_traps ? JP_UD : JP_INT3;
+		return 1;
+	}
+	memcpy(code, pp->patched, pp->len);
+	if (pp->patch_fixup != JP_NO_FIXUP)
+		put32(code + pp->patch_fixup, get32(code + pp->patch_fixup) + pl->delta);
+	return pp->len;
+}
+
+static int site_prot(const struct jp_module *m, uint32_t i)
+{
+	const struct jp_plan_patch *pp = &plan_patches(m->placed->plan)[i];
+
+	return prot_of(segment_of(m->placed, pp->vaddr, pp->len)->p_flags);
+}
+
 static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
 {
 	const struct placement *pl = m->placed;
@@ -953,17 +1039,10 @@ static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
 	uint8_t code[JP_PATCH_MAX], busy = ud_traps ? JP_UD : JP_INT3;
 	uintptr_t site = m->bias + pp->vaddr;
 	bool ok;
-	int prot = prot_of(segment_of(pl, pp->vaddr, pp->len)->p_flags);
+	int prot = site_prot(m, i);
 
-	if (pl->fate[i] == JP_FATE_TRAP)
-		return poke(site, &busy, 1, prot);
-	memcpy(code, pp->patched, pp->len);
-	if (probes_of(m)[i].mechanism == JP_MECH_TRAP) {
-		code[0] = busy;
-		return poke(site, code, pp->len, prot);
-	}
-	if (pp->patch_fixup != JP_NO_FIXUP)
-		put32(code + pp->patch_fixup, get32(code + pp->patch_fixup) + pl->delta);
+	if (final_bytes(m, i, code) == 1)
+		return poke(site, code, 1, prot);
 	if (!careful)
 		return poke(site, code, pp->len, prot);
 	if (!poke(site, &busy, 1, prot))
@@ -977,6 +1056,186 @@ static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
 	ok = poke(site, code, 1, prot);
 	sync_cores();
 	return ok;
+}
+
+/* ---- probes changed while the program runs ----------------------------- */
+
+/* Whether sync_cores() works here (registered once). */
+static bool cores_syncable(void)
+{
+	static int state;	/* 0 unknown, 1 yes, -1 no */
+
+	if (!state)
+		state = membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) ? -1 : 1;
+	return state > 0;
+}
+
+/*
+ * Whether probe i can be taken out and put back here: its patch is one
+ * instruction at the site (a jump or a trap; a retargeted 6-byte call is a
+ * `nop` and a `call`, an evicting jump is several), and no other probe's
+ * jump reads its bytes.
+ */
+static bool changeable(const struct jp_module *m, uint32_t i)
+{
+	const struct jp_plan_patch *pp = &plan_patches(m->placed->plan)[i];
+	const struct jp_probe *p = probes_of(m);
+	uint32_t j;
+
+	if (!m->placed->site_ok[i] || p[i].depends ||
+	    !(p[i].mechanism == JP_MECH_JUMP || p[i].mechanism == JP_MECH_PUN ||
+	      p[i].mechanism == JP_MECH_TRAP) ||
+	    (p[i].mechanism != JP_MECH_TRAP && pp->patched[0] == 0x90))
+		return false;
+	for (j = 0; j < m->table->nprobes; j++)
+		if (p[j].depends == i + 1)
+			return false;
+	return true;
+}
+
+/* The bytes a probe's site has out (`in` false) or in. */
+static uint8_t site_bytes(const struct jp_module *m, uint32_t i, bool in,
+			  uint8_t *code)
+{
+	const struct jp_plan_patch *pp = &plan_patches(m->placed->plan)[i];
+	uint8_t len = final_bytes(m, i, code);
+
+	if (!in)
+		memcpy(code, pp->original, len);
+	return len;
+}
+
+static void write_all(const struct jp_module *m, const uint32_t *ids, size_t n,
+		      bool in, size_t from, size_t len)
+{
+	const struct jp_plan_patch *pp = plan_patches(m->placed->plan);
+	uint8_t code[JP_PATCH_MAX];
+	size_t j;
+
+	for (j = 0; j < n; j++) {
+		uint8_t have = site_bytes(m, ids[j], in, code);
+
+		if (from < have)
+			poke(m->bias + pp[ids[j]].vaddr + from, code + from,
+			     (len < have - from ? len : have - from),
+			     site_prot(m, ids[j]));
+	}
+	sync_cores();
+}
+
+/*
+ * Put the probes `ids` in (or take them out) while other threads run, as
+ * quiesce.c argues: placeholders on the first byte of every instruction
+ * that changes (the site; putting a probe in, also the displaced
+ * instructions strictly inside it), threads moved out of those, then the
+ * bytes behind the first, then the first ones.  When a thread does not
+ * answer, the sites go back as they were.
+ */
+static int change_sites(const struct jp_module *m, const uint32_t *ids,
+			size_t n, bool in)
+{
+	const struct placement *pl = m->placed;
+	const struct jp_plan_patch *pp = plan_patches(pl->plan);
+	const struct jp_plan_boundary *b = plan_bounds(pl->plan);
+	uint8_t busy = ud_traps ? JP_UD : JP_INT3, code[JP_PATCH_MAX];
+	bool ok = true;
+	size_t j;
+	uint32_t k;
+
+	for (j = 0; j < n; j++) {
+		const struct jp_plan_patch *p = &pp[ids[j]];
+		uint8_t len = site_bytes(m, ids[j], true, code);
+
+		ok &= poke(m->bias + p->vaddr, &busy, 1, site_prot(m, ids[j]));
+		for (k = p->first_bound; in && k < p->first_bound + p->nbounds; k++)
+			if (b[k].vaddr > p->vaddr && b[k].vaddr < p->vaddr + len)
+				ok &= poke(m->bias + b[k].vaddr, &busy, 1,
+					   site_prot(m, ids[j]));
+	}
+	sync_cores();
+	if (!ok || (in && !jp_move_threads(pl->interior, ud_traps ? SIGILL : SIGTRAP))) {
+		write_all(m, ids, n, !in, 1, JP_PATCH_MAX);
+		write_all(m, ids, n, !in, 0, 1);
+		return ok ? -EAGAIN : -EIO;
+	}
+	write_all(m, ids, n, in, 1, JP_PATCH_MAX);
+	write_all(m, ids, n, in, 0, 1);
+	return 0;
+}
+
+static struct jp_module *planned(uint32_t index)
+{
+	int i;
+
+	for (i = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE) - 1; i >= 0; i--)
+		if (modules[i].placed && modules[i].placed->index == index &&
+		    __atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE) &&
+		    !modules[i].foreign)
+			return &modules[i];
+	return NULL;
+}
+
+/*
+ * Exported, for tests and for attaching to a running process: take the
+ * probes `ids` of plan module `module` out (on = 0) or put them back
+ * (on = 1) while the program's threads run, all in one move of the threads;
+ * their trampolines stay, so a thread still in one runs on.  0, or a
+ * negative errno: EINVAL no such patched probe, ENOTSUP a patch of several
+ * instructions or one another probe reads, or no way to synchronise the
+ * cores, EAGAIN a thread did not answer (quiesce.c), EIO the code could not
+ * be written.  A probe counts only while it is in.
+ */
+JP_EXPORT int jprobe_rt_set_probes(uint32_t module, const uint32_t *ids,
+				   size_t n, int on)
+{
+	uint32_t *todo = NULL;
+	struct jp_module *m;
+	size_t j, k = 0;
+	int rc = 0;
+
+	pthread_mutex_lock(&scan_lock);
+	m = planned(module);
+	if (!m || !m->placed->removed || !(todo = malloc(n * sizeof(*todo) + 1))) {
+		rc = m ? -ENOMEM : -EINVAL;
+		goto out;
+	}
+	for (j = 0; j < n && !rc; j++) {
+		if (ids[j] >= m->table->nprobes)
+			rc = -EINVAL;
+		else if (!changeable(m, ids[j]))
+			rc = -ENOTSUP;
+		else if (m->placed->removed[ids[j]] == !on)
+			todo[k++] = ids[j];
+	}
+	if (!rc && k && (!serve_traps() || !cores_syncable()))
+		rc = -ENOTSUP;
+	if (!rc && k)
+		rc = change_sites(m, todo, k, on);
+	for (j = 0; !rc && j < k; j++)
+		m->placed->removed[todo[j]] = !on;
+out:
+	free(todo);
+	pthread_mutex_unlock(&scan_lock);
+	return rc;
+}
+
+/* Exported, for tests: probe `probe`'s hits so far, read live, in this process. */
+JP_EXPORT uint64_t jprobe_rt_hits(uint32_t module, uint32_t probe)
+{
+	struct jp_module *m = planned(module);
+	const struct placement *pl;
+	uint64_t n;
+	size_t i;
+
+	if (!m || probe >= m->table->nprobes)
+		return 0;
+	pl = m->placed;
+	n = __atomic_load_n(&probes_of(m)[probe].hits, __ATOMIC_RELAXED);
+	pthread_mutex_lock(&blocks_lock);
+	for (i = 0; i < pl->nclaimed; i++)
+		n += __atomic_load_n(&pl->claimed[i][probe], __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&blocks_lock);
+	return n;
 }
 
 /*
@@ -1049,6 +1308,7 @@ static void go_live(struct jp_module *m)
 	install_callbacks(m);
 	publish_traps(m, m->placed->traps);
 	__atomic_store_n(&m->jumps, m->placed->jumps, __ATOMIC_RELEASE);
+	__atomic_store_n(&m->bounds, m->placed->bounds, __ATOMIC_RELEASE);
 	patch_sites(m);
 	end_set_up(m);
 }
@@ -1152,8 +1412,22 @@ uint64_t *placed_block(struct jp_module *m)
 		return counts;
 	counts = counters_claim(pl->index, m->table->nprobes * sizeof(uint64_t),
 				false, &rec);
-	if (counts)
-		counters_publish(rec, JP_SHM_BLOCK);
+	if (!counts)
+		return NULL;
+	counters_publish(rec, JP_SHM_BLOCK);
+	pthread_mutex_lock(&blocks_lock);
+	if (pl->nclaimed == pl->cap_claimed) {
+		size_t cap = pl->cap_claimed ? 2 * pl->cap_claimed : 16;
+		uint64_t **more = realloc(pl->claimed, cap * sizeof(*more));
+
+		if (more) {
+			pl->claimed = more;
+			pl->cap_claimed = cap;
+		}
+	}
+	if (pl->nclaimed < pl->cap_claimed)
+		pl->claimed[pl->nclaimed++] = counts;
+	pthread_mutex_unlock(&blocks_lock);
 	return counts;
 }
 

@@ -13,6 +13,7 @@
  *	islands.c	islands for punned and evicting jumps, their trap fall-back, code writes
  *	unpack.c	packed probe tables of rewritten programs, made whole at start-up
  *	freestanding.c	the libc functions the runtime calls, its own hidden copies
+ *	quiesce.c	moving other threads out of code about to change
  *
  * Start-up: jprobe_rt_start() (runtime.c) runs once, before the program's
  * initialisers, and calls nothing of the program's; callbacks are loaded
@@ -31,6 +32,7 @@
 #include <link.h>
 #include <pthread.h>
 #include <signal.h>
+#include <ucontext.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -78,6 +80,7 @@ struct jp_module {
 	void *dl_base;			/* dladdr()'s base, to check liveness */
 	struct trap_index *traps;	/* atomic: read by the trap handler */
 	struct trap_index *jumps;	/* atomic: placed jump sites (traps.c) */
+	struct trap_index *bounds;	/* atomic: placed sites' relocated instructions */
 	struct placement *placed;	/* NULL: the table is in the module's file */
 	struct islands *islands;	/* mapped for it, NULL: none (under scan_lock) */
 	int live;			/* atomic: 0 once its object is gone */
@@ -187,6 +190,10 @@ uint32_t *sites_down(const struct jp_probe *p, uint32_t n);
 void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 		      const bool *written, uint8_t *fate);
 void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum);
+
+/* quiesce.c */
+bool jp_move_request(const siginfo_t *si, ucontext_t *uc);
+bool jp_move_threads(const struct trap_index *moves, int sig);
 
 /* freestanding.c */
 void jp_heap_child_fork(void);

@@ -224,6 +224,29 @@ static bool is_jump_site(uint64_t pc)
 }
 
 /*
+ * Where the instruction at pc, one of a placed site's, runs relocated; 0
+ * if it is none.  A placeholder there (quiesce.c) sends the thread on to
+ * run that copy, which is the same as running the instruction.
+ */
+static uint64_t relocated(uint64_t pc)
+{
+	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
+	size_t count;
+
+	for (i = 0; i < n; i++) {
+		const struct trap_index *idx;
+		const struct trap_site *s;
+
+		if (!__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE))
+			continue;
+		idx = __atomic_load_n(&modules[i].bounds, __ATOMIC_ACQUIRE);
+		if (idx && (s = search(idx, pc, &count)))
+			return s->resume;
+	}
+	return 0;
+}
+
+/*
  * Run a callback as the trampolines would: it sees the registers at the
  * probe (rip = the probe site) and may change any but rsp and rip.  The
  * kernel's signal frame already keeps the vector and x87 state, and gives
@@ -338,8 +361,10 @@ static void forward(struct chain *c, siginfo_t *si, void *uc)
  *
  * An int3 or #UD (si_code SI_KERNEL or ILL_ILLOPN, not a single-step) at a
  * jump site is the placeholder apply.c writes while it changes the bytes
- * behind it: the thread goes back to run the site again, and finds either
- * the placeholder again or the finished jump.
+ * behind it: the thread runs the relocated copy of the instruction there
+ * (quiesce.c), or, where the plan has none, goes back to run the site
+ * again and finds either the placeholder again or the finished jump.
+ * Our own request to move out of changing code comes first (quiesce.c).
  */
 static void trap_handler(int sig, siginfo_t *si, void *ucv)
 {
@@ -349,13 +374,20 @@ static void trap_handler(int sig, siginfo_t *si, void *ucv)
 	const struct trap_site *site = NULL;
 	int saved_errno = errno;
 	size_t i, n = 0;
+	uint64_t resume;
 
+	if (jp_move_request(si, uc)) {
+		errno = saved_errno;
+		return;
+	}
 	if (si->si_code > 0)
 		site = find_trap(pc, &n);
-	if (!site && (si->si_code == (sig == SIGTRAP ? SI_KERNEL : ILL_ILLOPN)) &&
-	    is_jump_site(pc)) {
-		gr[REG_RIP] = pc;
-		return;
+	if (!site && (si->si_code == (sig == SIGTRAP ? SI_KERNEL : ILL_ILLOPN))) {
+		resume = relocated(pc);
+		if (resume || is_jump_site(pc)) {
+			gr[REG_RIP] = resume ? resume : pc;
+			return;
+		}
 	}
 	if (!site) {
 		forward(chain_of(sig), si, ucv);
