@@ -77,6 +77,7 @@ struct jp_module {
 	struct islands *islands;	/* mapped for it, NULL: none (under scan_lock) */
 	int live;			/* atomic: 0 once its object is gone */
 	int slot;			/* its per-thread counter slot, or -1 */
+	bool landed;			/* islands mapped, traps armed */
 	bool resolved;			/* vec_mode, callbacks and traps set up */
 	bool foreign;			/* set up by another copy of the runtime */
 	bool seen;			/* scratch for rescans */

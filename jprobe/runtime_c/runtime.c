@@ -607,25 +607,40 @@ void end_set_up(struct jp_module *m)
 	m->resolved = true;
 }
 
+/* What scan_modules() does with a table it has not set up yet. */
+enum scan_mode {
+	SCAN_REPORT,		/* at exit: only read it for the report */
+	SCAN_LAND,		/* before library initialisers: all but callbacks */
+	SCAN_SET_UP,		/* make it fully working */
+};
+
 /*
  * A table that came in its module's file (found as `f`).  Its islands come
  * first: they decide which sites are traps.  Trap sites are armed before
  * any callback library is opened, since its constructors may already run
- * through them.
+ * through them.  That first half is all jprobe_rt_preinit() does (SCAN_LAND):
+ * a callback library's constructors need the other libraries initialised.
  */
-static void set_up_module(struct jp_module *m, const struct found *f)
+static void set_up_module(struct jp_module *m, const struct found *f,
+			  enum scan_mode mode)
 {
-	if (!begin_set_up(m))
+	if (!m->landed) {
+		if (!begin_set_up(m))
+			return;
+		land_file_islands(m, f->phdr, f->phnum);
+		publish_traps(m, build_trap_index(m));
+		m->landed = true;
+	}
+	if (mode != SCAN_SET_UP)
 		return;
-	land_file_islands(m, f->phdr, f->phnum);
-	publish_traps(m, build_trap_index(m));
 	resolve_callbacks(m);
 	end_set_up(m);
 }
 
 /*
  * A module found only at exit (dlopen()ed after start-up and never set
- * up): report its shared counts, and say why its callbacks never ran.
+ * up, or landed by jprobe_rt_preinit() in a program that ended before our
+ * constructor): report its shared counts, and say why its callbacks never ran.
  */
 static void note_unresolved(struct jp_module *m)
 {
@@ -633,14 +648,16 @@ static void note_unresolved(struct jp_module *m)
 	uint32_t i;
 
 	m->resolved = true;
-	if (__atomic_load_n(&m->table->ready, __ATOMIC_ACQUIRE)) {
+	if (!m->landed && __atomic_load_n(&m->table->ready, __ATOMIC_ACQUIRE)) {
 		m->foreign = true;
 		return;
 	}
 
 	for (i = 0; i < m->table->nprobes; i++)
 		if (p[i].handler == JP_HANDLER_CALLBACK && !p[i].callback) {
-			record_error("%s: loaded after the jprobe runtime started; its callbacks were not resolved",
+			record_error(m->landed ?
+				     "%s: the program ended before the jprobe runtime's constructor; its callbacks were not resolved" :
+				     "%s: loaded after the jprobe runtime started; its callbacks were not resolved",
 				     m->name);
 			return;
 		}
@@ -741,6 +758,7 @@ static void revive_module(struct jp_module *m)
 	if (dladdr(m->table, &info))
 		m->dl_base = info.dli_fbase;
 	forget_blocks(m);
+	m->landed = false;
 	m->resolved = false;
 	m->foreign = false;
 	__atomic_store_n(&m->live, 1, __ATOMIC_RELEASE);
@@ -748,12 +766,11 @@ static void revive_module(struct jp_module *m)
 
 /*
  * Bring the list of tables that came in files up to date with what is
- * loaded.  With `set_up`, new tables are made fully working (callbacks,
- * traps); without it (at exit) they are only read for the report.  Tables
+ * loaded, doing with new tables what `mode` says.  Tables
  * that are no longer mapped are marked dead and never touched again.  (A
  * placed table is ours and stays mapped whatever becomes of its module.)
  */
-static void scan_modules(bool set_up)
+static void scan_modules(enum scan_mode mode)
 {
 	struct scan *s = calloc(1, sizeof(*s));
 	int i;
@@ -774,9 +791,9 @@ static void scan_modules(bool set_up)
 		if (!m)
 			continue;
 		m->seen = true;
-		if (set_up && !m->resolved)
-			set_up_module(m, &s->found[i]);
-		else if (!set_up && !m->resolved)
+		if (mode != SCAN_REPORT && !m->resolved)
+			set_up_module(m, &s->found[i], mode);
+		else if (mode == SCAN_REPORT && !m->resolved)
 			note_unresolved(m);
 	}
 	for (i = 0; i < nmodules; i++)
@@ -877,7 +894,7 @@ JP_EXPORT int jprobe_rt_nmodules(void)
 static void rescan(void)
 {
 	watch_thread_exits();
-	scan_modules(true);
+	scan_modules(SCAN_SET_UP);
 	if ((nmodules || run_mode) && !atfork_done) {
 		atfork_done = !pthread_atfork(atfork_prepare, atfork_parent,
 					      atfork_child);
@@ -938,28 +955,29 @@ static bool traced(void)
 }
 
 /*
- * `jprobe run` started us: run mode as soon as the counters file is usable,
- * so that a problem with the plan goes into it.
+ * A variable of the environment `env`, read from the array itself: a
+ * program may define its own getenv() (bash does), which must not run, or
+ * count, before main.
  */
-/*
- * An environment variable, read from `environ` itself: a program may define
- * its own getenv() (bash does), which must not run, or count, before main.
- */
-static const char *env_value(const char *name)
+static const char *env_value(char **env, const char *name)
 {
 	size_t len = strlen(name);
 	char **e;
 
-	for (e = environ; e && *e; e++)
+	for (e = env; e && *e; e++)
 		if (!strncmp(*e, name, len) && (*e)[len] == '=')
 			return *e + len + 1;
 	return NULL;
 }
 
-static void open_run_files(void)
+/*
+ * `jprobe run` started us: run mode as soon as the counters file is usable,
+ * so that a problem with the plan goes into it.
+ */
+static void open_run_files(char **env)
 {
-	const char *plan = env_value("JPROBE_PLAN");
-	const char *counters = env_value("JPROBE_COUNTERS");
+	const char *plan = env_value(env, "JPROBE_PLAN");
+	const char *counters = env_value(env, "JPROBE_COUNTERS");
 
 	if (!plan || !*plan || !counters || !*counters || !counters_open(counters))
 		return;
@@ -967,35 +985,71 @@ static void open_run_files(void)
 	plan_open(plan);
 }
 
-static void read_environment(void)
+static void read_environment(char **env)
 {
 	own_pid = getpid();
-	const char *s = env_value("JPROBE_DEBUG");
+	const char *s = env_value(env, "JPROBE_DEBUG");
 	ssize_t n;
 
 	debug = s && *s && strcmp(s, "0");
-	s = env_value("JPROBE_REPORT");
+	s = env_value(env, "JPROBE_REPORT");
 	if (s && *s)
 		report_path = absolute(s);
-	s = env_value("JPROBE_TRAP");
+	s = env_value(env, "JPROBE_TRAP");
 	ud_traps = (s && !strcmp(s, "ud")) || traced();
 	n = readlink("/proc/self/exe", exe_path, PATH_MAX - 1);
 	exe_path[n > 0 ? n : 0] = '\0';
 }
 
 /*
+ * What the runtime needs before it sets up any table, once: from
+ * jprobe_rt_preinit() in a program `jprobe patch` rewrote, else from our
+ * constructor.  `env` is the environment: libc publishes it in `environ`
+ * only in its own initialiser, after the program's DT_PREINIT_ARRAY ran.
+ */
+static void start_up(char **env)
+{
+	static bool started;
+
+	if (started)
+		return;
+	started = true;
+	read_environment(env);
+	resolve_signal_functions();
+	vec_mode = detect_vec_mode();
+	open_run_files(env);
+}
+
+/*
+ * Exported: the first entry of the DT_PREINIT_ARRAY `jprobe patch` gives a
+ * program, which glibc calls (with main's arguments) after relocation and
+ * before any library's initialiser.  Such an initialiser may call into the
+ * program's probed code (a function of an -rdynamic program, or the free()
+ * a program defines) before our constructor runs: the program's islands
+ * must be mapped, its packed trampolines laid out and its traps armed by
+ * then.  Callbacks wait for the constructor (their libraries' constructors
+ * need the others initialised); their probes' hits until then are counted.
+ */
+JP_EXPORT void jprobe_rt_preinit(int argc, char **argv, char **envp)
+{
+	(void)argc;
+	(void)argv;
+	start_up(envp);
+	watch_thread_exits();
+	scan_modules(SCAN_LAND);
+}
+
+/*
  * Under `jprobe run` the callbacks are loaded before anything is patched
- * (apply.c), and modules loaded from here on are the audit hook's.
+ * (apply.c), and modules loaded from here on are the audit hook's.  What
+ * jprobe_rt_preinit() did already is not done again.
  */
 __attribute__((constructor))
 static void jprobe_rt_init(void)
 {
 	if (audit_copy())
 		return;
-	read_environment();
-	resolve_signal_functions();
-	vec_mode = detect_vec_mode();
-	open_run_files();
+	start_up(environ);
 	if (run_mode)
 		load_planned_callbacks();
 	rescan();
@@ -1012,7 +1066,7 @@ void report_own_hits(void)
 {
 	if (!report_path || run_mode || getpid() != own_pid)
 		return;
-	scan_modules(false);
+	scan_modules(SCAN_REPORT);
 	write_report(report_path);
 }
 
