@@ -525,25 +525,32 @@ def test_error_leaves_existing_output_untouched(build, tmp_path):
 # 9. static rewrite integrity
 # --------------------------------------------------------------------------
 
-# The dynamic-linking tables LIEF rebuilds to add the runtime's DT_NEEDED: .dynstr grows
-# (and so moves to a new segment; its old bytes stay in place), the others are rewritten
-# in place. They are checked for equivalence instead (_dynamic_view below).
+# The dynamic-linking tables LIEF rebuilds to add the runtime's DT_NEEDED and, in a program,
+# the symbol and relocation of its DT_PREINIT_ARRAY entry: .dynstr, .dynsym, .gnu.version and
+# .rela.dyn grow (and so move to a new segment; their old bytes stay in place), the others
+# are rewritten in place. They are checked for equivalence instead (_dynamic_view below).
 REBUILDABLE = {".dynamic", ".dynstr", ".dynsym", ".gnu.hash", ".hash", ".gnu.version",
                ".gnu.version_r", ".gnu.version_d", ".rela.dyn", ".rela.plt"}
-MAY_MOVE = {".dynstr"}
+MAY_MOVE = {".dynstr", ".dynsym", ".gnu.version", ".rela.dyn"}
+PREINIT = "jprobe_rt_preinit"
 
 
 def _dynamic_view(path):
-    """What the dynamic linker sees: symbols, needed libraries, relocations."""
+    """What the dynamic linker sees: symbols, needed libraries, relocations (with their
+    symbols' names: adding one renumbers the others), and DT_PREINIT_ARRAY."""
     from elftools.elf.elffile import ELFFile
     with open(path, "rb") as f:
         elf = ELFFile(f)
+        dynsym = elf.get_section_by_name(".dynsym")
         syms = [(s.name, s["st_value"], s["st_size"], s["st_info"]["type"], s["st_info"]["bind"])
-                for s in elf.get_section_by_name(".dynsym").iter_symbols()]
-        needed = [t.needed for t in elf.get_section_by_name(".dynamic").iter_tags() if t.entry.d_tag == "DT_NEEDED"]
-        relocs = sorted((r["r_offset"], r["r_info_type"]) for sec in elf.iter_sections()
+                for s in dynsym.iter_symbols()]
+        tags = list(elf.get_section_by_name(".dynamic").iter_tags())
+        needed = [t.needed for t in tags if t.entry.d_tag == "DT_NEEDED"]
+        relocs = sorted((r["r_offset"], r["r_info_type"], dynsym.get_symbol(r["r_info_sym"]).name)
+                        for sec in elf.iter_sections()
                         if sec.name.startswith(".rela") for r in sec.iter_relocations())
-    return syms, needed, relocs
+        preinit = [t.entry.d_val for t in tags if t.entry.d_tag in ("DT_PREINIT_ARRAY", "DT_PREINIT_ARRAYSZ")]
+    return syms, needed, relocs, preinit
 
 
 def _alloc_sections(path):
@@ -598,8 +605,11 @@ def test_static_rewrite_integrity(variant, build, tmp_path):
         if name == ".text" and not diff:
             problems.append("no byte of .text changed: where are the probes?")
     assert not problems, "; ".join(problems)
-    (syms0, needed0, relocs0), (syms1, needed1, relocs1) = _dynamic_view(b), _dynamic_view(out)
-    assert syms1 == syms0 and relocs1 == relocs0
+    (syms0, needed0, relocs0, preinit0), (syms1, needed1, relocs1, preinit) = _dynamic_view(b), _dynamic_view(out)
+    # what the program gains: the runtime's set-up first of all initialisers
+    assert not preinit0 and preinit[1] == 8
+    assert [s for s in syms1 if s[0] != PREINIT] == syms0 and (PREINIT, 0, 0, "STT_FUNC", "STB_GLOBAL") in syms1
+    assert relocs1 == sorted(relocs0 + [(preinit[0], 1, PREINIT)])      # R_X86_64_64
     assert needed1[1:] == needed0 and "libjprobe_rt" in needed1[0]
     nm = subprocess.run(["nm", str(out)], capture_output=True, text=True)
     assert nm.returncode == 0, nm.stderr

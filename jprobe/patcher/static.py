@@ -3,8 +3,9 @@
 Two PT_LOAD segments are added after the image (trampolines R+X, probe table
 R+W), and for a program with islands a one-page fence that keeps its heap past
 them; the probe sites are overwritten, and the runtime library is added as the
-first DT_NEEDED. Every original section keeps its address; only the dynamic
-linking tables that DT_NEEDED touches are rebuilt by LIEF.
+first DT_NEEDED; a program's DT_PREINIT_ARRAY starts with the runtime's set-up.
+Every original section keeps its address, but for the dynamic linking tables
+these additions make grow: LIEF writes those anew in a segment of its own.
 """
 from __future__ import annotations
 
@@ -24,10 +25,15 @@ from ..spec import ProbeSpec, check_supported
 from ..trampolines import x86_64 as arch
 
 PAGE = 0x1000
+POINTER = 8
 TABLE_SIZE = layout.sizeof("jp_table")
-# Dynamic-linking tables LIEF rebuilds to add DT_NEEDED; all other sections keep their place.
+# Dynamic-linking tables LIEF rebuilds to add DT_NEEDED, and the symbol and relocation of the
+# preinit entry; all other sections keep their place.
 _REBUILT = {".dynamic", ".dynstr", ".dynsym", ".gnu.hash", ".hash", ".gnu.version", ".gnu.version_r",
-            ".gnu.version_d"}
+            ".gnu.version_d", ".rela.dyn"}
+# The runtime's set-up before any library initialiser (runtime_c/runtime.c).
+PREINIT = "jprobe_rt_preinit"
+TAG = lief.ELF.DynamicEntry.TAG
 
 
 def _segment(size: int, flags: lief.ELF.Segment.FLAGS) -> lief.ELF.Segment:
@@ -82,14 +88,16 @@ def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False,
     packed = _packed_room(draft, module) if pack else 0
     binary = lief.ELF.parse(module.path)
     _make_room_for_segments(binary, module.path)
+    preinit = 0 if module.is_library else _preinit_size(binary)
     R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
     text = _add(binary, _room(len(draft.text)), packed or None, R | X)
-    data = _add(binary, _room(len(draft.data)), TABLE_SIZE if packed else None, R | W)
+    data = _add(binary, _room(len(draft.data)) + preinit, TABLE_SIZE if packed else None, R | W)
     # LIEF places the segments where it sees fit (for a fixed-address program, megabytes
     # past the image): the islands go beyond wherever that is.
     room = data.virtual_address + data.virtual_size - module.end_of_image() + PAGE
     plan = build_plan(module, probes, text.virtual_address, data.virtual_address, strict, islands, room)
-    if len(plan.text) > text.virtual_size or len(plan.data) > data.virtual_size:
+    data_end = data.virtual_address + data.virtual_size
+    if len(plan.text) > text.virtual_size or preinit_array_at(plan) + preinit > data_end:
         raise JprobeError(f"{module.path}: internal error: the trampolines outgrew the room the draft made")
     if packed:
         blob = packing.pack(plan, module.read)
@@ -136,20 +144,99 @@ def _add(binary: lief.ELF.Binary, size: int, file_size: int | None, flags) -> li
     return seg
 
 
-def apply_plan(plan: ModulePlan, binary: lief.ELF.Binary) -> None:
-    """Site patches and the runtime dependency."""
+def apply_plan(plan: ModulePlan, binary: lief.ELF.Binary, program: bool) -> None:
+    """Site patches and the runtime dependency; a program also runs the runtime's set-up first."""
     for probe in plan.probes:
         binary.patch_address(probe.address, list(probe.patched))
     binary.add_library(runtime_library())
+    if program:
+        _run_runtime_first(binary, preinit_array_at(plan))
+
+
+def _preinit_size(binary: lief.ELF.Binary) -> int:
+    """Bytes of the program's DT_PREINIT_ARRAY once the runtime's entry leads it."""
+    entry = binary.get(TAG.PREINIT_ARRAY)
+    return POINTER * (1 + (len(entry.array) if entry is not None else 0))
+
+
+def preinit_array_at(plan: ModulePlan) -> int:
+    """Where the program's new DT_PREINIT_ARRAY goes: in the table's segment, past the table,
+    whose memory is the program's own (the runtime never writes past the table)."""
+    return plan.data_vaddr + -(-len(plan.data) // POINTER) * POINTER
+
+
+def _run_runtime_first(binary: lief.ELF.Binary, at: int) -> None:
+    """Make jprobe_rt_preinit the first entry of the program's DT_PREINIT_ARRAY, at `at`.
+
+    A library's initialiser may call into probed code (a function of an -rdynamic program,
+    or the free() a program defines) before the runtime's constructor has mapped islands
+    or unpacked trampolines; glibc runs a program's DT_PREINIT_ARRAY after relocation and
+    before every library's initialiser. Each entry is written by its own dynamic
+    relocation, so the array may lie in memory the file does not hold (a packed table's).
+    """
+    entry = binary.get(TAG.PREINIT_ARRAY)
+    relocations = [_runtime_entry(binary)] + (_entries_of(binary, entry) if entry is not None else [])
+    _relocation_table(binary)
+    for k, relocation in enumerate(relocations):
+        relocation.address = at + k * POINTER
+        binary.add_dynamic_relocation(relocation)
+    if entry is None:
+        entry = binary.add(lief.ELF.DynamicEntryArray(TAG.PREINIT_ARRAY, []))
+        binary.add(lief.ELF.DynamicEntry(TAG.PREINIT_ARRAYSZ, 0))
+    entry.value = at
+    entry.array = [0] * len(relocations)        # what LIEF writes where the file holds the array
+    binary.get(TAG.PREINIT_ARRAYSZ).value = POINTER * len(relocations)
+
+
+def _relocation_table(binary: lief.ELF.Binary) -> None:
+    """A DT_RELA table for a program that has none (its only relocations are its PLT's):
+    LIEF writes dynamic relocations only where the tag is."""
+    if binary.get(TAG.RELA) is None:
+        for tag, value in ((TAG.RELA, 0), (TAG.RELASZ, 0), (TAG.RELAENT, 24)):
+            binary.add(lief.ELF.DynamicEntry(tag, value))
+
+
+def _runtime_entry(binary: lief.ELF.Binary) -> lief.ELF.Relocation:
+    """A pointer to the runtime's jprobe_rt_preinit: an undefined symbol the loader resolves.
+
+    The symbol is the binary's own before a relocation names it: a relocation keeps a
+    pointer to its symbol, which must outlive the Python object it was made from.
+    """
+    symbol = lief.ELF.Symbol()
+    symbol.name = PREINIT
+    symbol.type = lief.ELF.Symbol.TYPE.FUNC
+    symbol.binding = lief.ELF.Symbol.BINDING.GLOBAL
+    relocation = lief.ELF.Relocation(0, lief.ELF.Relocation.TYPE.X86_64_64, lief.ELF.Relocation.ENCODING.RELA)
+    relocation.symbol = binary.add_dynamic_symbol(symbol)
+    return relocation
+
+
+def _entries_of(binary: lief.ELF.Binary, entry: lief.ELF.DynamicEntryArray) -> list[lief.ELF.Relocation]:
+    """The program's own preinit functions, to run after the runtime's: each entry's relocation
+    again, or where the file holds the address itself (no PIE, where the load bias is 0) a
+    RELATIVE one."""
+    by_address = {r.address: r for r in binary.dynamic_relocations}
+    out = []
+    for k, value in enumerate(entry.array):
+        old = by_address.get(entry.value + k * POINTER)
+        new = lief.ELF.Relocation(0, old.type if old else lief.ELF.Relocation.TYPE.X86_64_RELATIVE,
+                                  lief.ELF.Relocation.ENCODING.RELA)
+        new.addend = old.addend if old else value
+        if old is not None and old.has_symbol and old.symbol.name:
+            new.symbol = old.symbol
+        out.append(new)
+    return out
 
 
 def write_atomically(binary: lief.ELF.Binary, plan: ModulePlan, module: ElfModule, output: str) -> None:
     """Write next to `output`, check the result, then rename: never a half-written file."""
     if os.path.abspath(output) == os.path.abspath(module.path):
         raise OutputError(f"{output}: refusing to overwrite the input; choose another -o")
+    config = lief.ELF.Builder.config_t()
+    config.preinit_array = False        # else LIEF moves a DT_PREINIT_ARRAY that grew elsewhere
     with replacing(output, "-o") as tmp:
-        binary.write(tmp)
-        _verify(_restore_nobits_headers(tmp, module.binary), plan, module.binary)
+        binary.write(tmp, config)
+        _verify(_restore_nobits_headers(tmp, module.binary), plan, module)
         os.chmod(tmp, os.stat(module.path).st_mode & 0o777)       # no set-id bits on a rewritten file
 
 
@@ -177,9 +264,10 @@ def _restore_nobits_headers(path: str, original: lief.ELF.Binary) -> lief.ELF.Bi
     return out
 
 
-def _verify(out: lief.ELF.Binary | None, plan: ModulePlan, original: lief.ELF.Binary) -> None:
+def _verify(out: lief.ELF.Binary | None, plan: ModulePlan, module: ElfModule) -> None:
     """The written file holds the table and trampolines where the code expects them,
-    and every original section is where it was."""
+    every original section is where it was, and a program sets the runtime up first."""
+    original = module.binary
     where = {(s.name, s.virtual_address, s.size) for s in original.sections if s.virtual_address}
     moved = where - {(s.name, s.virtual_address, s.size) for s in out.sections} if out is not None else where
     moved = {m for m in moved if m[0] not in _REBUILT}
@@ -192,6 +280,17 @@ def _verify(out: lief.ELF.Binary | None, plan: ModulePlan, original: lief.ELF.Bi
           == (plan.packed or plan.text))
     if not ok:
         raise JprobeError(f"{plan.module}: internal error: LIEF moved the added segments; please report it")
+    if not module.is_library and not _runs_runtime_first(out, preinit_array_at(plan)):
+        raise JprobeError(f"{plan.module}: internal error: LIEF did not write the DT_PREINIT_ARRAY entry "
+                          f"that sets the runtime up; please report it")
+
+
+def _runs_runtime_first(out: lief.ELF.Binary, at: int) -> bool:
+    """Whether the written program's DT_PREINIT_ARRAY starts with the runtime's entry."""
+    entry = out.get(TAG.PREINIT_ARRAY)
+    return (entry is not None and entry.value == at
+            and any(r.address == at and r.has_symbol and r.symbol.name == PREINIT
+                    for r in out.dynamic_relocations))
 
 
 def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: bool = False) -> ModulePlan:
@@ -205,6 +304,6 @@ def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: boo
                               f"prefix, or use `jprobe run` to probe a loaded library")
     module = ElfModule(input_path)
     plan, binary = plan_file(module, specs, strict)
-    apply_plan(plan, binary)
+    apply_plan(plan, binary, not module.is_library)
     write_atomically(binary, plan, module, output)
     return plan

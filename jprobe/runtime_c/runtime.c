@@ -1008,8 +1008,8 @@ static void read_environment(char **env)
  * It runs before any initialiser of the program's objects, from the first
  * of: the audit copy of the runtime once the loader has mapped and
  * relocated every object of the program (`jprobe run`, audit.c), a
- * rewritten executable's DT_PREINIT_ARRAY (jprobe_rt_preinit()), or our
- * own constructor.  So nothing it calls may be the program's (the
+ * rewritten executable's DT_PREINIT_ARRAY (jprobe_rt_preinit(), after the
+ * loader relocated everything), or our own constructor.  So nothing it calls may be the program's (the
  * program's own malloc() is not set up yet and may itself be probed):
  * freestanding.c has the runtime's own copies of what it uses.  Callback
  * libraries are opened only from our constructor (dlopen() inside the
@@ -1030,6 +1030,22 @@ void jprobe_rt_start(char **env)
 	rescan();
 	if (run_mode)
 		open_audit_hook();
+}
+
+/*
+ * Exported: the first entry of the DT_PREINIT_ARRAY `jprobe patch` gives a
+ * program, which glibc calls (with main's arguments) after relocation and
+ * before any library's initialiser.  Such an initialiser may call into the
+ * program's probed code (a function of an -rdynamic program, or the free()
+ * a program defines) before our constructor runs: the program's islands
+ * must be mapped, its packed trampolines laid out and its traps armed by
+ * then.
+ */
+JP_EXPORT void jprobe_rt_preinit(int argc, char **argv, char **envp)
+{
+	(void)argc;
+	(void)argv;
+	jprobe_rt_start(envp);
 }
 
 __attribute__((constructor))
