@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install demo test bench coverage dense clean
+.PHONY: all install demo test stress bench coverage dense clean
 
 all: install
 
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -n 2 tests
+
+# Probes changed 1,000 times while 8 threads run through them (tests marked stress).
+stress: install
+	$(PY) -m pytest -q -m stress tests
 
 bench: install
 	$(PY) -m pip install -q -e '.[bench]' || echo "frida not installed: its row is skipped"

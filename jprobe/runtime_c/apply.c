@@ -1153,7 +1153,7 @@ static int change_sites(const struct jp_module *m, const uint32_t *ids,
 					   site_prot(m, ids[j]));
 	}
 	sync_cores();
-	if (!ok || (in && !jp_move_threads(pl->interior, ud_traps ? SIGILL : SIGTRAP))) {
+	if (!ok || (in && !jp_move_threads(pl->interior))) {
 		write_all(m, ids, n, !in, 1, JP_PATCH_MAX);
 		write_all(m, ids, n, !in, 0, 1);
 		return ok ? -EAGAIN : -EIO;
@@ -1207,7 +1207,7 @@ JP_EXPORT int jprobe_rt_set_probes(uint32_t module, const uint32_t *ids,
 		else if (m->placed->removed[ids[j]] == !on)
 			todo[k++] = ids[j];
 	}
-	if (!rc && k && (!serve_traps() || !cores_syncable()))
+	if (!rc && k && (!serve_traps() || !serve_moves() || !cores_syncable()))
 		rc = -ENOTSUP;
 	if (!rc && k)
 		rc = change_sites(m, todo, k, on);

@@ -42,10 +42,11 @@
  * signal handler, interrupted at such an instruction start) is not
  * followed yet: it resumes there when the handler returns.
  *
- * The signal is the one trap probes raise (SIGTRAP, or SIGILL with #UD),
- * which the runtime serves and keeps unblocked (traps.c), queued with a
- * value only this process can know, so the program's own signals of that
- * number still go to its handler.
+ * The signal is a real-time one, SIGRTMAX - 1 (JP_MOVE_SIG): queued, so
+ * it is not lost when the thread has a trap's SIGTRAP pending.  The runtime
+ * serves it like the traps' signals and keeps it unblocked (traps.c); it
+ * carries a value only this process can know, so the program's own
+ * signals of that number still go to the program's handler.
  */
 #include "rt.h"
 #include "sys.h"
@@ -129,22 +130,22 @@ static bool running(const char *tid)
 	return state[0] == 'r' || state[0] == '-';
 }
 
-static bool ask(int tid, int sig)
+static bool ask(int tid)
 {
 	siginfo_t si;
 
 	memset(&si, 0, sizeof(si));
-	si.si_signo = sig;
+	si.si_signo = JP_MOVE_SIG;
 	si.si_code = SI_QUEUE;
 	si.si_pid = getpid();
 	si.si_uid = jp_syscall(__NR_getuid, 0, 0, 0);
 	si.si_value.sival_ptr = &token;
-	return jp_sysret(jp_syscall6(__NR_rt_tgsigqueueinfo, getpid(), tid, sig,
+	return jp_sysret(jp_syscall6(__NR_rt_tgsigqueueinfo, getpid(), tid, JP_MOVE_SIG,
 				     (long)&si, 0, 0)) == 0;
 }
 
 /* Ask every other running thread to answer; how many were asked, or -1. */
-static int ask_all(int sig)
+static int ask_all(void)
 {
 	char buf[4096];
 	int fd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -166,7 +167,7 @@ static int ask_all(int sig)
 			tid = (int)strtol(name, NULL, 10);
 			if (tid <= 0 || tid == self || !running(name))
 				continue;
-			if (ask(tid, sig))
+			if (ask(tid))
 				asked++;
 		}
 	}
@@ -179,7 +180,7 @@ static int ask_all(int sig)
  * address (step 2 above).  False when some thread did not answer in time
  * (it blocks the signal, or is stopped): the caller then writes nothing.
  */
-bool jp_move_threads(const struct trap_index *moves, int sig)
+bool jp_move_threads(const struct trap_index *moves)
 {
 	const struct timespec pause = { 0, 50000 };
 	long waited = 0;
@@ -189,7 +190,7 @@ bool jp_move_threads(const struct trap_index *moves, int sig)
 		return false;
 	__atomic_store_n(&answers, 0, __ATOMIC_RELEASE);
 	__atomic_store_n(&moving, moves, __ATOMIC_RELEASE);
-	asked = ask_all(sig);
+	asked = ask_all();
 	if (asked < 0)
 		return false;
 	while (__atomic_load_n(&answers, __ATOMIC_ACQUIRE) < asked) {

@@ -148,9 +148,11 @@ void blocks_child_fork(void);
 /* traps.c */
 #define JP_INT3	0xcc
 #define JP_UD	0xd6		/* one byte, no instruction in 64-bit mode: #UD */
+#define JP_MOVE_SIG	63	/* SIGRTMAX - 1: threads, move out (quiesce.c) */
 void resolve_signal_functions(void);
 void arm_traps(struct jp_module *m, struct trap_index *idx);
 bool serve_traps(void);
+bool serve_moves(void);
 
 /* report.c */
 void write_report(const char *path);
@@ -193,7 +195,7 @@ void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum);
 
 /* quiesce.c */
 bool jp_move_request(const siginfo_t *si, ucontext_t *uc);
-bool jp_move_threads(const struct trap_index *moves, int sig);
+bool jp_move_threads(const struct trap_index *moves);
 
 /* freestanding.c */
 void jp_heap_child_fork(void);

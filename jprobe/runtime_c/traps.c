@@ -40,10 +40,11 @@ struct chain {
 	struct sigaction act[2];
 };
 
-enum { CHAIN_TRAP, CHAIN_ILL, NCHAINS };
+enum { CHAIN_TRAP, CHAIN_ILL, CHAIN_MOVE, NCHAINS };
 static struct chain chains[NCHAINS] = {
 	[CHAIN_TRAP] = { .sig = SIGTRAP, .name = "SIGTRAP" },
 	[CHAIN_ILL] = { .sig = SIGILL, .name = "SIGILL" },
+	[CHAIN_MOVE] = { .sig = JP_MOVE_SIG, .name = "SIGRTMAX-1" },
 };
 
 typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
@@ -517,6 +518,17 @@ void arm_traps(struct jp_module *m, struct trap_index *idx)
 
 	if (serve_traps() && ud_traps && !m->placed)
 		dl_iterate_phdr(arm_ud_object, &q);
+}
+
+/*
+ * Serve the signal that asks threads to move out of changing code
+ * (quiesce.c): a real-time one, queued even while the thread has a trap's
+ * SIGTRAP pending (a second SIGTRAP would be lost).
+ */
+bool serve_moves(void)
+{
+	serve(&chains[CHAIN_MOVE]);
+	return serving(&chains[CHAIN_MOVE]);
 }
 
 /* Serve the signals trap sites raise here: SIGTRAP, and SIGILL with #UD. */
