@@ -38,9 +38,15 @@
  * that call interrupted: with SA_RESTART most restart, but epoll_wait,
  * poll, select, nanosleep and sigtimedwait then return EINTR.  The window
  * is the time between reading the thread's state and the signal's arrival
- * (microseconds).  A PC saved in a signal frame (a thread inside its own
- * signal handler, interrupted at such an instruction start) is not
- * followed yet: it resumes there when the handler returns.
+ * (microseconds).
+ *
+ * A rip saved in a signal frame counts too: a thread inside a handler of
+ * the program's (even one blocked in a system call there) resumes at it
+ * when the handler returns.  The runtime lists those frames (traps.c,
+ * program_handler()), and the writer moves their saved rips itself, before
+ * it asks the running threads: a thread that returns from its handler
+ * before that write is running, and is asked.  Handlers installed by raw
+ * system calls, or through sigset()/sysv_signal(), are not listed.
  *
  * The signal is a real-time one, SIGRTMAX - 1 (JP_MOVE_SIG): queued, so
  * it is not lost when the thread has a trap's SIGTRAP pending.  The runtime
@@ -87,6 +93,14 @@ static const struct trap_site *lookup(const struct trap_index *idx, uint64_t pc)
 			hi = mid;
 	}
 	return lo < idx->n && idx->site[lo].pc == pc ? &idx->site[lo] : NULL;
+}
+
+/* Where a thread at pc goes, or 0 when it stays. */
+uint64_t jp_moved_to(const struct trap_index *moves, uint64_t pc)
+{
+	const struct trap_site *s = lookup(moves, pc);
+
+	return s ? s->resume : 0;
 }
 
 /* In the trap handler: whether the signal is our request; if so, serve it. */
@@ -190,6 +204,7 @@ bool jp_move_threads(const struct trap_index *moves)
 		return false;
 	__atomic_store_n(&answers, 0, __ATOMIC_RELEASE);
 	__atomic_store_n(&moving, moves, __ATOMIC_RELEASE);
+	jp_move_frames(moves);
 	asked = ask_all();
 	if (asked < 0)
 		return false;

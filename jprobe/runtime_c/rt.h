@@ -153,6 +153,7 @@ void resolve_signal_functions(void);
 void arm_traps(struct jp_module *m, struct trap_index *idx);
 bool serve_traps(void);
 bool serve_moves(void);
+void jp_move_frames(const struct trap_index *moves);
 
 /* report.c */
 void write_report(const char *path);
@@ -196,6 +197,7 @@ void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum);
 /* quiesce.c */
 bool jp_move_request(const siginfo_t *si, ucontext_t *uc);
 bool jp_move_threads(const struct trap_index *moves);
+uint64_t jp_moved_to(const struct trap_index *moves, uint64_t pc);
 
 /* freestanding.c */
 void jp_heap_child_fork(void);

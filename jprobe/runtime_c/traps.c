@@ -10,6 +10,10 @@
  * writing it back to run the site again.
  */
 #include "rt.h"
+#include "sys.h"
+
+#include <sys/syscall.h>
+#include <sys/uio.h>
 
 #include <errno.h>
 #include <inttypes.h>
@@ -321,6 +325,167 @@ static void die_of(int sig)
 	raise(sig);
 }
 
+/*
+ * ---- the program's signal frames, for quiesce.c ------------------------
+ *
+ * A thread inside a signal handler of the program resumes, when the
+ * handler returns, at the rip saved in its frame: if that is an
+ * instruction a site's patch is about to overwrite, it must be moved like
+ * a running thread's (quiesce.c), even while the handler is blocked in a
+ * system call.  So every handler the program installs runs through
+ * program_handler(), which lists its frame here for the time it runs, and
+ * the writer moves the saved rips itself.  A frame left by siglongjmp()
+ * stays listed until the same thread lists a frame above it on its stack,
+ * or until its mark no longer reads back (its stack reused or unmapped:
+ * marks are read with process_vm_readv, which cannot fault).
+ */
+#define JP_FRAME_SLOTS	1024
+#define JP_FRAME_MAGIC	UINT64_C(0x6a70726f62656672)
+
+struct frame_mark {
+	uint64_t magic;
+	pid_t tid;
+	ucontext_t *uc;
+};
+
+static struct frame_mark *frame_slots[JP_FRAME_SLOTS];
+static struct chain wraps[NSIG];	/* the program's handlers we run */
+
+static void list_frame(struct frame_mark *mark)
+{
+	size_t i;
+
+	for (i = 0; i < JP_FRAME_SLOTS; i++) {
+		struct frame_mark *s = __atomic_load_n(&frame_slots[i], __ATOMIC_ACQUIRE);
+
+		/* Deeper on this thread's stack than a frame being entered: gone. */
+		if (s && s->tid == mark->tid && (uintptr_t)s < (uintptr_t)mark)
+			__atomic_compare_exchange_n(&frame_slots[i], &s, NULL, false,
+						    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+	}
+	for (i = 0; i < JP_FRAME_SLOTS; i++) {
+		struct frame_mark *none = NULL;
+
+		if (__atomic_compare_exchange_n(&frame_slots[i], &none, mark, false,
+						__ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+			return;
+	}
+}
+
+static void unlist_frame(struct frame_mark *mark)
+{
+	size_t i;
+
+	for (i = 0; i < JP_FRAME_SLOTS; i++) {
+		struct frame_mark *s = mark;
+
+		if (__atomic_compare_exchange_n(&frame_slots[i], &s, NULL, false,
+						__ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+			return;
+	}
+}
+
+/* Whether `len` bytes at `at` read back into `out` (never a fault). */
+static bool read_back(const void *at, void *out, size_t len)
+{
+	struct iovec local = { out, len }, remote = { (void *)at, len };
+
+	return jp_syscall6(__NR_process_vm_readv, getpid(), (long)&local, 1,
+			   (long)&remote, 1, 0) == (long)len;
+}
+
+/*
+ * Move the saved rip of every listed frame that is one of `moves`' pcs
+ * (quiesce.c, from the thread that writes the code).
+ */
+void jp_move_frames(const struct trap_index *moves)
+{
+	size_t i;
+
+	for (i = 0; i < JP_FRAME_SLOTS; i++) {
+		struct frame_mark *s = __atomic_load_n(&frame_slots[i], __ATOMIC_ACQUIRE);
+		struct frame_mark mark;
+		greg_t rip;
+		uint64_t to;
+
+		if (!s || !read_back(s, &mark, sizeof(mark)) ||
+		    mark.magic != JP_FRAME_MAGIC ||
+		    !read_back(&mark.uc->uc_mcontext.gregs[REG_RIP], &rip, sizeof(rip)))
+			continue;
+		to = jp_moved_to(moves, (uint64_t)rip);
+		if (to)
+			__atomic_compare_exchange_n(&mark.uc->uc_mcontext.gregs[REG_RIP],
+						    &rip, (greg_t)to, false,
+						    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+	}
+}
+
+/* A handler the program installed, with its frame listed while it runs. */
+static void call_listed(const struct sigaction *act, int sig, siginfo_t *si,
+			void *uc)
+{
+	struct frame_mark mark = { JP_FRAME_MAGIC, gettid(), uc };
+
+	list_frame(&mark);
+	if (act->sa_flags & SA_SIGINFO)
+		act->sa_sigaction(sig, si, uc);
+	else
+		act->sa_handler(sig);
+	unlist_frame(&mark);
+	__atomic_store_n(&mark.magic, 0, __ATOMIC_RELEASE);
+}
+
+static void program_handler(int sig, siginfo_t *si, void *uc)
+{
+	struct chain *w = &wraps[sig];
+	struct sigaction act;
+
+	chained_get(w, &act);
+	if (act.sa_flags & SA_RESETHAND) {
+		struct sigaction dfl;
+
+		memset(&dfl, 0, sizeof(dfl));
+		dfl.sa_handler = SIG_DFL;
+		chained_try_set(w, &dfl);
+		__atomic_store_n(&w->active, 0, __ATOMIC_RELEASE);
+	}
+	if (act.sa_handler != SIG_DFL && act.sa_handler != SIG_IGN)
+		call_listed(&act, sig, si, uc);
+}
+
+/*
+ * sigaction() for a signal the traps do not use: a handler of the
+ * program's is installed as program_handler() (SA_SIGINFO), and reported
+ * back as the program's own.
+ */
+static int wrapped_sigaction(int sig, const struct sigaction *act,
+			     struct sigaction *oldact)
+{
+	struct chain *w = &wraps[sig];
+	bool was = serving(w);
+	struct sigaction before, prev, ours;
+
+	if (was)
+		chained_get(w, &before);
+	if (act && act->sa_handler != SIG_DFL && act->sa_handler != SIG_IGN) {
+		ours = *act;
+		ours.sa_sigaction = program_handler;
+		ours.sa_flags |= SA_SIGINFO;
+		chained_set(w, act);
+		if (real_sigaction(sig, &ours, &prev))
+			return -1;
+		__atomic_store_n(&w->active, 1, __ATOMIC_RELEASE);
+	} else {
+		if (real_sigaction(sig, act, &prev))
+			return -1;
+		if (act)
+			__atomic_store_n(&w->active, 0, __ATOMIC_RELEASE);
+	}
+	if (oldact)
+		*oldact = was ? before : prev;
+	return 0;
+}
+
 /* Hand a signal that is not a probe's to the handler the program installed. */
 static void forward(struct chain *c, siginfo_t *si, void *uc)
 {
@@ -345,10 +510,7 @@ static void forward(struct chain *c, siginfo_t *si, void *uc)
 	}
 	/* The mask the kernel would have applied, but never a probe's signal. */
 	real_pthread_sigmask(SIG_BLOCK, without_ours(&act.sa_mask, &mask), &saved);
-	if (act.sa_flags & SA_SIGINFO)
-		act.sa_sigaction(c->sig, si, uc);
-	else
-		act.sa_handler(c->sig);
+	call_listed(&act, c->sig, si, uc);
 	real_pthread_sigmask(SIG_SETMASK, &saved, NULL);
 }
 
@@ -560,6 +722,8 @@ JP_EXPORT int sigaction(int sig, const struct sigaction *act,
 		without_ours(&act->sa_mask, &copy.sa_mask);
 		act = &copy;
 	}
+	if (!c && sig > 0 && sig < NSIG && sig != SIGKILL && sig != SIGSTOP)
+		return wrapped_sigaction(sig, act, oldact);
 	if (!serving(c))
 		return real_sigaction(sig, act, oldact);
 	if (oldact)
@@ -575,6 +739,15 @@ JP_EXPORT sighandler_t signal(int sig, sighandler_t handler)
 	struct sigaction sa, old;
 	signal_fn fn;
 
+	if (!c && sig > 0 && sig < NSIG && sig != SIGKILL && sig != SIGSTOP) {
+		/* glibc's signal(): BSD semantics, restartable, the signal masked. */
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_handler = handler;
+		sa.sa_flags = SA_RESTART;
+		sigemptyset(&sa.sa_mask);
+		sigaddset(&sa.sa_mask, sig);
+		return wrapped_sigaction(sig, &sa, &old) ? SIG_ERR : old.sa_handler;
+	}
 	if (!serving(c)) {
 		fn = next_symbol((void **)&real_signal_fn, "signal");
 		if (!fn) {
