@@ -26,6 +26,10 @@ class ProbePlan:
     target: str = ""                   # the spec without its handler, as reports name the probe
     islands: list[int] = field(default_factory=list)   # pun / evict: where its hops are
     depends: int | None = None         # the probe site whose patched bytes this jump's rel32 reads
+    # (original instruction start, link-time address of its relocated copy in the text) for
+    # every copy the trampoline holds, sorted: where an applier moves a thread stopped at one
+    # of them while it patches or unpatches the site (planner._boundaries says which).
+    boundaries: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -58,7 +62,8 @@ class ModulePlan:
     @classmethod
     def from_json(cls, text: str) -> "ModulePlan":
         raw = json.loads(text)
-        probes = [ProbePlan(**{**p, "original": bytes.fromhex(p["original"]), "patched": bytes.fromhex(p["patched"])})
+        probes = [ProbePlan(**{**p, "original": bytes.fromhex(p["original"]), "patched": bytes.fromhex(p["patched"]),
+                               "boundaries": [tuple(pair) for pair in p.get("boundaries", [])]})
                   for p in raw.pop("probes")]
         return cls(**{**raw, "text": bytes.fromhex(raw["text"]), "data": bytes.fromhex(raw["data"]),
                       "packed": bytes.fromhex(raw.get("packed", ""))}, probes=probes)

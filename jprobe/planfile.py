@@ -52,13 +52,17 @@ def encode(modules: list[PlannedModule]) -> bytes:
         fixups = b"".join(off.to_bytes(4, "little") for off in plan.text_fixups)
         entry.nfixups, entry.fixups = len(plan.text_fixups), put(fixups)
         patches = ffi.new("struct jp_plan_patch[]", max(len(plan.probes), 1))
+        bounds: list[tuple[int, int]] = []
         for patch, probe in zip(patches, plan.probes):
             patch.vaddr, patch.len = probe.address, len(probe.patched)
             patch.patch_fixup = NO_FIXUP if probe.patch_fixup is None else probe.patch_fixup
             patch.original = probe.original + bytes(16 - len(probe.original))
             patch.patched = probe.patched + bytes(16 - len(probe.patched))
+            patch.first_bound, patch.nbounds = len(bounds), len(probe.boundaries)
+            bounds += [(vaddr, reloc - plan.text_vaddr) for vaddr, reloc in probe.boundaries]
         entry.npatches = len(plan.probes)
         entry.patches = put(bytes(ffi.buffer(patches))[:len(plan.probes) * layout.sizeof("jp_plan_patch")])
+        entry.nbounds, entry.bounds = len(bounds), put(_boundaries(bounds))
     header.magic = b"JPPLAN\0\1"
     header.version = layout.CONST["JP_PLAN_VERSION"]
     header.nmodules = len(modules)
@@ -66,6 +70,14 @@ def encode(modules: list[PlannedModule]) -> bytes:
     header.strings = base + len(body)
     table = bytes(ffi.buffer(entries))[:len(modules) * layout.sizeof("jp_plan_module")]
     return bytes(ffi.buffer(header)) + table + bytes(body) + bytes(strings)
+
+
+def _boundaries(bounds: list[tuple[int, int]]) -> bytes:
+    """struct jp_plan_boundary[]: reloc as an offset in the text, which moves with it."""
+    records = layout.ffi.new("struct jp_plan_boundary[]", max(len(bounds), 1))
+    for record, (vaddr, reloc) in zip(records, bounds):
+        record.vaddr, record.reloc = vaddr, reloc
+    return bytes(layout.ffi.buffer(records))[:len(bounds) * layout.sizeof("jp_plan_boundary")]
 
 
 def identity(path: str) -> tuple[int, int]:

@@ -169,7 +169,7 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
         plans[j] = ProbePlan(old.spec, old.address, "pun", f"{old.reason}, re-aimed through an island for the "
                              f"probe at {first.address:#x}", old.handler, old.original, theirs,
                              trampoline=old.trampoline, resume=old.resume, target=old.target,
-                             islands=[jump.evicted_island], depends=jump.depends)
+                             islands=[jump.evicted_island], depends=jump.depends, boundaries=old.boundaries)
         rejumped[j] = (jump.evicted_island, old.trampoline, j)
     else:
         old_jump = decided[j].jump
@@ -304,10 +304,11 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
 
     original = module.read(probe.address, site.length)
     if site.mechanism == "trap":
-        arch.emit_displaced(buf, site.displaced)
+        copies = arch.emit_displaced(buf, site.displaced)
         patched = arch.trap_bytes(site.length, original)
         return ProbePlan(probe.spec.text, probe.address, "trap", site.reason, str(probe.spec.handler),
-                         original, patched, trampoline=None, resume=start, target=probe.spec.target())
+                         original, patched, trampoline=None, resume=start, target=probe.spec.target(),
+                         boundaries=_boundaries(copies))
     probe_work()
     if site.jump is not None:
         return _emit_short(buf, probe, site, index, start, original, islands)
@@ -316,11 +317,12 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         patched, fixup = arch.call_bytes(probe.address, start, site.length), arch.call_fixup(site.length)
     else:
         resume = buf.here if len(site.displaced) == 1 and not site.padding else None
-        arch.emit_displaced(buf, site.displaced)
+        copies = arch.emit_displaced(buf, site.displaced)
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
         return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
                          original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target(),
-                         resume=resume)
+                         resume=resume, boundaries=_boundaries(copies))
+    # A retargeted call has no copy to map (_boundaries says why none is needed).
     return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
                      original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target())
 
@@ -354,17 +356,63 @@ def _emit_short(buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, s
     jump = site.jump
     if jump.evicted is None:
         resume = buf.here                    # the work falls through into its own resume copy
-        arch.emit_displaced(buf, _past_the_pun(probe, site))
+        copies = arch.emit_displaced(buf, _past_the_pun(probe, site))
     else:
-        arch.emit_displaced(buf, site.displaced)
+        copies = arch.emit_displaced(buf, site.displaced)
         resume = buf.here
-        arch.emit_displaced(buf, site.displaced[:1])
+        copies += arch.emit_displaced(buf, site.displaced[:1])
         for insn, island in [(jump.evicted, jump.evicted_island)] + jump.more:
             islands.append((island, buf.here, index))
-            arch.emit_displaced(buf, [insn])
+            copies += arch.emit_displaced(buf, [insn])
     islands.append((jump.island, start, index))
     return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
                      original, jump.patched, trampoline=start, resume=resume, target=probe.spec.target(),
                      islands=[jump.island] + ([jump.evicted_island] if jump.evicted is not None else [])
                      + [island for _, island in jump.more],
-                     depends=jump.depends)
+                     depends=jump.depends, boundaries=_boundaries(copies))
+
+
+def _boundaries(copies: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """A probe's map between original instruction starts and their relocated copies: every
+    (original, copy) pair its trampoline's emit_displaced calls laid out, sorted.
+
+    What it is for: patching while other threads run, a thread stopped at an instruction
+    start strictly inside the written bytes [site, site + len(patched)) would resume in the
+    middle of the new jump, so the applier moves it to a copy; unpatching, a thread stopped
+    at a copy goes back to its original. A thread at the site itself needs no move when
+    patching (it runs the new jump and is counted); the site's pairs serve the way back.
+    Count and callback code has no pair: a thread inside it has pushed onto the stack, and
+    is let run out. So is one inside an emulated `call` or `loop` or at a jump back: it
+    reaches original code or a copy's start within a few instructions.
+
+    The copies, per mechanism:
+    - B1 jump: each displaced instruction's, after the probe work.
+    - pun (B2, T1, a punned jump over a re-aimed one): the run's, then those of the
+      instructions the jump's rel32 overlaps (_past_the_pun). Those lie past the written
+      bytes and run in place; their pairs are for the way back only.
+    - a re-aimed jump (_rejump): the copies it had, as only its rel32 changes.
+    - evict (T2, chains, T3): the displaced block's (the run, and the evicted instructions
+      moved with it), the site's resume copy for the trap fallback, and each evicted
+      instruction's own copy, which its new jump reaches through an island. An instruction
+      with two copies has two pairs, both equivalent. The resume copy returns into bytes
+      the jump covers: it is the original only with the fallback's trap written alone, the
+      one state in which a thread can be there (after the trap).
+    - trap: the out-of-line copy the SIGTRAP handler resumes at.
+    - a retargeted call: none; see below.
+
+    Instruction starts inside the written bytes without a copy, and why none needs one:
+    - A retargeted call is the only instruction there, and it runs in place, rewritten as a
+      call to the trampoline with the same return address: a thread at it runs the new call.
+    - T3: the instructions between the site and the neighbour N keep their bytes (the patch
+      writes them as they were) and run in place: a thread at one runs on into N, whose new
+      jump reaches N's copy; unpatched, it is in original code again.
+    - A B1 jump spilling into the fill after a function (sites._fill_after): nothing executes
+      or jumps to those bytes (after a `ret` or `jmp`, no symbol, no branch target, no probe),
+      so no thread is ever there.
+    Every other instruction start in the written bytes is the run's or an evicted one's, and
+    has a copy. Not in this map, as they are no original instruction starts: the starts that
+    only patched code has, `call rel32` at site + 1 after the `nop` of a retargeted 6-byte
+    call, and T3's long jump at N + 5. A thread stopped at either when unpatching is where
+    one at the site is (a `nop` and a `jmp rel8` done, nothing else).
+    """
+    return sorted(copies)

@@ -48,12 +48,15 @@
  * `resume`, run after the trap the site falls back to when an island page
  * is taken) returns into bytes the eviction's jump covers, and is the same
  * as the original once only that trap is written, the one state in which a
- * thread can be there.  Every other pair holds with the patch written and
- * with the trap alone.
+ * thread can be there.  Every other pair holds with the patch written; a
+ * pun's resume copy (run both after its jump's probe work and after its
+ * fallback trap) holds with the trap alone too.
  *
  * Not in the map: count and callback code (a thread there has pushed onto
- * its stack: let it run out); a retargeted call (it runs in place, as the
- * call to the trampoline, and has no copy); and starts that only patched
+ * its stack: let it run out), the inside of a copy that emulates a `call`
+ * or `loop`, and the jumps back (let run out too: within a few instructions
+ * they reach original code or a reloc); a retargeted call (it runs in place,
+ * as the call to the trampoline, and has no copy); and starts that only patched
  * code has, which are no original instruction's: the `call rel32` at
  * site + 1 of a retargeted 6-byte call (after its `nop`), and the site's
  * long jump at N + 5 inside a T3 neighbour N.  A thread at either when

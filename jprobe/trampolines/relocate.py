@@ -28,7 +28,7 @@ from capstone import CS_GRP_BRANCH_RELATIVE, CS_GRP_INT, CS_GRP_IRET, CsInsn, x8
 
 from jprobe.errors import RelocationError
 
-__all__ = ["decoder", "relocate", "can_relocate"]
+__all__ = ["decoder", "relocate", "relocate_with_copies", "can_relocate"]
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -419,8 +419,19 @@ def relocate(insns: Sequence[CsInsn], dest: int) -> bytes:
     addresses.  It falls through at dest+len(result); the caller appends the `jmp` back to the
     end of `insns`.  A branch to an instruction inside `insns` goes to its relocated copy, except
     one to the first instruction: that is the probe site, which the original code re-enters."""
+    return relocate_with_copies(insns, dest)[0]
+
+
+def relocate_with_copies(insns: Sequence[CsInsn], dest: int) -> tuple[bytes, list[int]]:
+    """`relocate`, and the offset in its result where each instruction's copy starts.
+
+    Running the result from the copy of instruction k is running the originals from k on:
+    the copies lie in order, each falls through into the next, and a branch back inside
+    the range reaches a copy.  So a thread stopped before an original instruction may go
+    on from its copy, and one stopped at a copy may go back to the original.
+    """
     if not insns:
-        return b""
+        return b"", []
     for before, after in zip(insns, insns[1:]):
         if before.address + before.size != after.address:
             raise ValueError(f"instructions are not consecutive at {after.address:#x}")
@@ -444,7 +455,7 @@ def relocate(insns: Sequence[CsInsn], dest: int) -> bytes:
             code += plan.encode(dest + len(code), place)
         except _Refused as refusal:
             raise RelocationError(f"cannot relocate {_describe(insn)}: {refusal}") from None
-    return bytes(code)
+    return bytes(code), [offsets[insn.address] for insn in insns]
 
 
 def _planned(insn: CsInsn, span: _Span, is_last: bool) -> _Plan:

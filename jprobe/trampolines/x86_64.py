@@ -32,7 +32,7 @@ from capstone import x86_const as X
 from .. import layout
 from ..errors import RelocationError
 from .asm import CodeBuffer
-from .relocate import decoder, relocate
+from .relocate import decoder, relocate_with_copies
 
 JUMP_SIZE = 5
 FILL = {X.X86_INS_NOP, X.X86_INS_INT3}         # what compilers put between functions
@@ -409,13 +409,20 @@ def _restore_flags(buf: CodeBuffer, at: int) -> None:
     buf.emit(f"shl al, 4; and al, 0x80; add al, 0x80; mov ah, byte ptr [rsp + {at}]; sahf")
 
 
-def emit_displaced(buf: CodeBuffer, insns: Sequence[CsInsn]) -> None:
-    """The displaced instructions, relocated, then a jump back after them when they fall through."""
-    code = relocate(insns, buf.here)
-    buf.raw(code, references(code, buf.here))
+def emit_displaced(buf: CodeBuffer, insns: Sequence[CsInsn]) -> list[tuple[int, int]]:
+    """The displaced instructions, relocated, then a jump back after them when they fall through.
+
+    Returns (original address, address of its copy) for each: running the copy from there
+    is running the original from there (relocate_with_copies), which is what lets an applier
+    move a thread between the two while it patches or unpatches a site.
+    """
+    at = buf.here
+    code, starts = relocate_with_copies(insns, at)
+    buf.raw(code, references(code, at))
     if not ends_flow(insns[-1]):
         last = insns[-1]
         buf.jmp(last.address + last.size)
+    return [(insn.address, at + offset) for insn, offset in zip(insns, starts)]
 
 
 def emit_call_continuation(buf: CodeBuffer, call: CsInsn) -> None:
