@@ -325,8 +325,8 @@ def differences(orig: Outcome, moved: Outcome, ignored: list[range]) -> list[str
     for page, contents in orig.memory.items():
         other = moved.memory[page]
         if contents != other:
-            bad = [page + i for i in range(PAGE) if contents[i] != other[i]
-                   and not any(page + i in r for r in ignored)]
+            changed = [page + i for i in range(PAGE) if contents[i] != other[i]]
+            bad = [at for at in changed if not any(at in r for r in ignored)]
             if bad:
                 found.append(f"memory differs at {', '.join(hex(a) for a in bad[:4])}")
     return found
