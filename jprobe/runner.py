@@ -68,7 +68,9 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
         for var in ("LD_PRELOAD", "LD_AUDIT"):
             env[var] = _prepend(runtime_library(), os.environ.get(var))
         env.pop("JPROBE_REPORT", None)
-        proc = subprocess.Popen(command, executable=program, env=env)
+        # close_fds=False: the program inherits every descriptor jprobe was given (make's
+        # jobserver, `5>file`), as under perf stat or strace; jprobe's own are close-on-exec.
+        proc = subprocess.Popen(command, executable=program, env=env, close_fds=False)
         with _ignoring(signal.SIGINT), _ignoring(signal.SIGQUIT):
             status = proc.wait()
         report = counters.build_report(counters_path, modules, proc.pid, program)
