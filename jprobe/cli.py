@@ -66,6 +66,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise JprobeError("run: no command given; usage: jprobe run -p PROBE -- CMD [ARGS...]")
     if not args.probe:
         raise JprobeError("run: no probe given; add at least one -p PROBE (e.g. -p libc.so.6:malloc)")
+    if args.report:
+        from .output import check_writable
+        check_writable(args.report, "--report")    # before the program's side effects, not after
     status, report = run(command, parse_probes(args.probe), strict=args.strict)
     text = json.dumps(report, indent=1) + "\n" if args.json or args.report else format_report(report)
     if args.report:

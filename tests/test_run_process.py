@@ -1,6 +1,7 @@
 """`jprobe run` as a process between the user and the program (SPEC §2, issue 11):
 
-- the program inherits every file descriptor jprobe was given, as under `perf stat`.
+- the program inherits every file descriptor jprobe was given, as under `perf stat`;
+- a `--report` that cannot be written is refused before the program starts.
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import re
 import subprocess
 import sys
+
+import pytest
 
 from conftest import _env
 from test_run import hits
@@ -46,3 +49,23 @@ def test_inherited_descriptors_pass_through(tmp_path):
     assert (fd5, fd7) == (b"ok\n", b"jobs\n")
     assert _descriptors(got.stdout) == _descriptors(orig.stdout) == {0, 1, 2, 5, 7}
     assert hits(json.loads((tmp_path / "r.json").read_text()), "libc.so.6:malloc") > 0
+
+
+# --------------------------------------------------------------------------
+# --report checked before the program runs
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["missing-dir", "directory", "read-only-fs"])
+def test_bad_report_path_is_refused_before_the_program_runs(tmp_path, where):
+    report = {"missing-dir": tmp_path / "no" / "such" / "r.json",
+              "directory": tmp_path,
+              "read-only-fs": "/proc/r.json"}[where]
+    marker = tmp_path / "ran"
+    r = subprocess.run(_jprobe_cmd("run", "-p", "libc.so.6:malloc", "--report", report, "--",
+                                   "sh", "-c", f"touch {marker}; exit 7"),
+                       capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert not marker.exists(), "the program ran although its report could not be written"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(report) in lines[0] and "--report" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
