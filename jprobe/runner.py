@@ -57,7 +57,7 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
     """Run `command` under the probes; its exit status (as a shell reports it) and the report."""
     program = find_program(command[0])
     modules = plan_modules(program, specs, strict)
-    with tempfile.TemporaryDirectory(prefix="jprobe-run-") as work:
+    with _Forwarding() as forwarding, tempfile.TemporaryDirectory(prefix="jprobe-run-") as work:
         plan_path, counters_path = os.path.join(work, "plan"), os.path.join(work, "counters")
         with open(plan_path, "wb") as f:
             f.write(encode(modules))
@@ -71,8 +71,7 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
         # close_fds=False: the program inherits every descriptor jprobe was given (make's
         # jobserver, `5>file`), as under perf stat or strace; jprobe's own are close-on-exec.
         proc = subprocess.Popen(command, executable=program, env=env, close_fds=False)
-        with _ignoring(signal.SIGINT), _ignoring(signal.SIGQUIT):
-            status = proc.wait()
+        status = forwarding.wait(proc)
         report = counters.build_report(counters_path, modules, proc.pid, program)
     return (128 - status if status < 0 else status), report
 
@@ -83,14 +82,48 @@ def _prepend(library: str, search_list: str | None) -> str:
     return ":".join([library, *others])
 
 
-class _ignoring:
-    """While the program runs, terminal signals are its business (like `time` and `perf stat`)."""
+class _Forwarding:
+    """Signals sent to `jprobe run` go to the program, as `timeout` and `perf stat` do; jprobe
+    itself lives on to write the report and remove its files once the program has ended.
 
-    def __init__(self, sig: int):
-        self.sig = sig
+    A terminal's ^C and ^\\, and the hang-up of its foreground group, come from the kernel
+    (SI_KERNEL) to the whole group, the program with it: those are not sent a second time.
+    Signals that come before the program has started are sent to it once it has.
+    """
 
-    def __enter__(self):
-        self.old = signal.signal(self.sig, signal.SIG_IGN)
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+    SI_KERNEL = 0x80               # siginfo.si_code of a signal the kernel sent (a terminal's)
 
-    def __exit__(self, *exc):
-        signal.signal(self.sig, self.old)
+    def __enter__(self) -> "_Forwarding":
+        self.pending: list[int] = []
+        self.old = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def _record(self, sig: int, frame) -> None:
+        self.pending.append(sig)
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        """The program's wait status (negative: killed by that signal), signals passed on.
+
+        With the signals blocked, sigtimedwait() tells who sent each one; SIGCHLD (blocked
+        too) ends the wait when the program ends.
+        """
+        waited = (*self.SIGNALS, signal.SIGCHLD)
+        signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+        try:
+            while True:
+                while self.pending:
+                    proc.send_signal(self.pending.pop(0))
+                if proc.poll() is not None:
+                    return proc.returncode
+                info = signal.sigtimedwait(waited, 1.0)
+                if info is not None and info.si_signo != signal.SIGCHLD and info.si_code != self.SI_KERNEL:
+                    proc.send_signal(info.si_signo)
+        finally:
+            while signal.sigtimedwait(waited, 0) is not None:
+                pass               # the program has ended: nobody to pass them to
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, waited)
