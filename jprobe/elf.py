@@ -190,9 +190,13 @@ class ElfModule:
 
     @property
     def is_library(self) -> bool:
-        """A shared library (no program interpreter), as opposed to an executable."""
-        return (self.binary.header.file_type == lief.ELF.Header.FILE_TYPE.DYN
-                and not any(s.type == lief.ELF.Segment.TYPE.INTERP for s in self.binary.segments))
+        """A shared library, as opposed to an executable, as the loader tells them apart: a
+        PIE executable carries DF_1_PIE (glibc refuses to dlopen() it). A PT_INTERP alone
+        does not make a program: Debian's libc.so.6 and ld.so have one to run on their own."""
+        if self.binary.header.file_type != lief.ELF.Header.FILE_TYPE.DYN:
+            return False
+        flags_1 = self.binary.get(lief.ELF.DynamicEntry.TAG.FLAGS_1)
+        return flags_1 is None or not flags_1.has(lief.ELF.DynamicEntryFlags.FLAG.PIE)
 
     def end_of_image(self) -> int:
         """The first address past every loaded segment."""

@@ -1,0 +1,84 @@
+"""What jprobe takes as input, decided as the loader decides it (issue 11):
+
+- a shared library is one whatever its PT_INTERP says (Debian's libc.so.6 and ld.so can run
+  as programs); a PIE executable is one that carries DF_1_PIE. A library gets what libraries
+  get from `jprobe patch`: no packed tables, no islands.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import elf_symbols, hits_by_address, patch, run_with_report
+
+TRUE = "/bin/true"
+
+
+def _loaded_by(program: str, soname: str) -> str:
+    """The path of `soname` that `program` loads (ldd)."""
+    r = subprocess.run(["ldd", program], capture_output=True, text=True)
+    m = re.search(rf"{re.escape(soname)} => (\S+)", r.stdout)
+    if not m:
+        pytest.skip(f"{program} does not load {soname}")
+    return m[1]
+
+
+@pytest.fixture(scope="module")
+def libc() -> str:
+    return _loaded_by(TRUE, "libc.so.6")
+
+
+def test_library_or_program_as_the_loader_decides(libc, build):
+    from jprobe.elf import ElfModule
+
+    interp = re.search(r"\s(/\S*ld-linux\S*) \(", subprocess.run(["ldd", TRUE], capture_output=True,
+                                                                    text=True).stdout)
+    assert ElfModule(libc).is_library                      # PT_INTERP, no DF_1_PIE
+    if interp:
+        assert ElfModule(interp[1]).is_library             # the loader itself
+    assert not ElfModule(str(build("basic.c", ["-O2", "-fPIE", "-pie"]))).is_library
+    assert not ElfModule(str(build("basic.c", ["-O2", "-fno-pie", "-no-pie"]))).is_library
+    assert ElfModule(str(build.lib("cb.c"))).is_library
+
+
+def _jump_entries(libc: str, first: str, count: int) -> list[tuple[str, int]]:
+    """`first` and other exported functions of libc whose entry gets a plain jump in a library
+    (no trap: libc runs before the runtime could serve one), one name per address."""
+    from jprobe.elf import ElfModule
+    from jprobe.sites import SiteAnalyzer
+
+    analyzer = SiteAnalyzer(ElfModule(libc))
+    by_address = {}
+    for name, (address, size) in sorted(elf_symbols(libc).items()):
+        if size and "@" not in name and not name.startswith("_") and address not in by_address.values():
+            by_address[name] = address
+    chosen = [(first, by_address.pop(first))]
+    for name, address in by_address.items():
+        if len(chosen) == count:
+            break
+        if analyzer.analyse(address, tactics=False).mechanism == "jump":
+            chosen.append((name, address))
+    return chosen
+
+
+def test_patched_libc_runs_every_program(libc, build, tmp_path):
+    """`jprobe patch libc.so.6` with 40 probes including malloc (issue 11, defect 3): planned
+    as a program (punned jumps, a packed table), it crashed every program loading it."""
+    probes = _jump_entries(libc, "malloc", 40)
+    patch(libc, tmp_path / "libc.so.6", [name for name, _ in probes])
+    malloc = probes[0][1]
+    env = {"LD_LIBRARY_PATH": str(tmp_path)}
+    r, rep = run_with_report([TRUE], tmp_path / "true.json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert {p["mechanism"] for p in rep["probes"]} == {"jump"}
+    assert len(rep["probes"]) == 40 and hits_by_address(rep)[malloc] > 0
+    # exact: N more calls of malloc, N more hits
+    prog = build("mallocs.c", ["-O0"])
+    per_run = []
+    for n in (1000, 3000):
+        r, rep = run_with_report([prog, n], tmp_path / f"{n}.json", env=env)
+        assert (r.returncode, r.stdout) == (0, f"mallocs={n}\n"), r.stderr
+        per_run.append(hits_by_address(rep)[malloc])
+    assert per_run[1] - per_run[0] == 2000
