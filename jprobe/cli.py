@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -34,14 +35,18 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 def _cmd_sites(args: argparse.Namespace) -> int:
     from .coverage import site_table
+    from .elf import STATIC_REASON
 
     module, rows = site_table(args.input, args.symbol)
+    if module.is_static:
+        sys.stderr.write(f"jprobe: note: {module.path}: {STATIC_REASON}: `jprobe patch` and `jprobe run` "
+                         f"refuse it\n")
     summary = Counter(r["mechanism"] for r in rows)
     for mechanism in ("jump", "pun", "evict", "trap"):
         summary.setdefault(mechanism, 0)
     tactics = Counter(r["tactic"] for r in rows if r["tactic"])
     if args.json:
-        json.dump({"module": module, "instructions": rows, "summary": dict(summary),
+        json.dump({"module": os.path.abspath(module.path), "instructions": rows, "summary": dict(summary),
                    "tactics": dict(sorted(tactics.items()))}, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0

@@ -1,8 +1,6 @@
 """`jprobe sites`: the mechanism every instruction of a function, or of a whole module, would get."""
 from __future__ import annotations
 
-import os
-
 from .elf import ElfModule
 from .errors import JprobeError
 from .sites import SiteAnalyzer
@@ -31,8 +29,8 @@ def _loose_code(module: ElfModule, start: int, end: int):
         address += insn.size
 
 
-def site_table(path: str, symbol: str | None) -> tuple[str, list[dict]]:
-    """(module path, one row per instruction) for `symbol`, or for all executable code."""
+def site_table(path: str, symbol: str | None) -> tuple[ElfModule, list[dict]]:
+    """(the module, one row per instruction) for `symbol`, or for all executable code."""
     module = ElfModule(path)
     analyzer = SiteAnalyzer(module)
     if symbol is not None:
@@ -41,7 +39,7 @@ def site_table(path: str, symbol: str | None) -> tuple[str, list[dict]]:
             raise JprobeError(f"{path}: {sym.name} has no size in the symbol table, so its instructions "
                               f"are unknown; probe it by address (`objdump -d` shows them)")
         facts = analyzer.facts(sym)
-        return os.path.abspath(path), [_row(analyzer, i) for i in facts.insns]
+        return module, [_row(analyzer, i) for i in facts.insns]
     rows = []
     for _, start, end in module.code_sections():
         address = start
@@ -52,4 +50,4 @@ def site_table(path: str, symbol: str | None) -> tuple[str, list[dict]]:
             rows += [_row(analyzer, i) for i in analyzer.facts(sym).insns]
             address = max(address, sym.end)
         rows += [_row(analyzer, i) for i in _loose_code(module, address, end)]
-    return os.path.abspath(path), rows
+    return module, rows

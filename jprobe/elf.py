@@ -15,6 +15,8 @@ from .errors import ElfError, SymbolError
 lief.logging.disable()
 
 _COLD_SUFFIX = re.compile(r"\.cold(?:\.\d+)?$")
+STATIC_REASON = ("statically linked (no dynamic loader), so the jprobe runtime cannot be loaded into it "
+                 "and its probes would never fire")
 
 
 def function_owner(name: str) -> str:
@@ -197,6 +199,17 @@ class ElfModule:
             return False
         flags_1 = self.binary.get(lief.ELF.DynamicEntry.TAG.FLAGS_1)
         return flags_1 is None or not flags_1.has(lief.ELF.DynamicEntryFlags.FLAG.PIE)
+
+    @property
+    def is_static(self) -> bool:
+        """A program without a dynamic loader (`gcc -static`, `-static-pie`)."""
+        return not self.is_library and not self.binary.has_interpreter
+
+    def check_runtime_loads(self) -> None:
+        """Refuse a program nothing can load the jprobe runtime into: patched or run, its probes
+        would never fire and no report would say so."""
+        if self.is_static:
+            raise ElfError(f"{self.path}: {STATIC_REASON}; probe a dynamically linked build of it")
 
     def end_of_image(self) -> int:
         """The first address past every loaded segment."""

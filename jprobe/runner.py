@@ -28,6 +28,8 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     """
     needs_main = any(spec.module is None for spec in specs)
     main = ElfModule(program) if needs_main or _is_elf(program) else None
+    if main is not None:
+        main.check_runtime_loads()             # LD_PRELOAD means nothing to a static program
     by_module: dict[str, tuple[str, list[ProbeSpec]]] = {}
     for spec in specs:
         check_supported(spec)

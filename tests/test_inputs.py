@@ -2,7 +2,9 @@
 
 - a shared library is one whatever its PT_INTERP says (Debian's libc.so.6 and ld.so can run
   as programs); a PIE executable is one that carries DF_1_PIE. A library gets what libraries
-  get from `jprobe patch`: no packed tables, no islands.
+  get from `jprobe patch`: no packed tables, no islands;
+- a statically linked program has no dynamic loader to load the runtime: `patch` and `run`
+  refuse it (exit 2, one line, nothing written, nothing run), `sites` says so.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import elf_symbols, hits_by_address, patch, run_with_report
+from conftest import elf_symbols, hits_by_address, jprobe, patch, run_prog, run_with_report
 
 TRUE = "/bin/true"
 
@@ -82,3 +84,41 @@ def test_patched_libc_runs_every_program(libc, build, tmp_path):
         assert (r.returncode, r.stdout) == (0, f"mallocs={n}\n"), r.stderr
         per_run.append(hits_by_address(rep)[malloc])
     assert per_run[1] - per_run[0] == 2000
+
+
+@pytest.fixture(params=[["-static"], ["-static-pie"]], ids=["static", "static-pie"])
+def static_prog(build, request):
+    try:
+        return build("basic.c", ["-O2", "-g", *request.param])
+    except AssertionError as e:
+        pytest.skip(f"cannot link a {request.param[0]} program here (no libc.a?): {str(e)[:200]}")
+
+
+def _one_line_naming(r, path) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_static_program_is_refused_by_patch(static_prog, tmp_path):
+    """`gcc -static` (issue 11, defect 2): patched, it ran unprobed and reported nothing."""
+    out = tmp_path / "prog.p"
+    line = _one_line_naming(jprobe("patch", static_prog, "-o", out, "-p", "compute"), static_prog)
+    assert "statically linked" in line and "runtime" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("probe", ["compute", "libc.so.6:malloc"])
+def test_static_program_is_refused_by_run(static_prog, tmp_path, probe):
+    r = jprobe("run", "-p", probe, "--", static_prog, 10, 2)
+    assert "statically linked" in _one_line_naming(r, static_prog)
+    assert r.stdout == "", "the program ran"
+    assert run_prog([static_prog, 10, 2]).stdout == "compute calls=2 total=671\n"
+
+
+def test_sites_of_a_static_program_says_no_applier_can_load(static_prog):
+    r = jprobe("sites", static_prog, "compute")
+    assert r.returncode == 0
+    assert "jump" in r.stdout
+    assert "statically linked" in r.stderr and str(static_prog) in r.stderr

@@ -204,6 +204,7 @@ def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: boo
             raise JprobeError(f"'{spec.text}': `jprobe patch` rewrites one file; drop the '{spec.module}:' "
                               f"prefix, or use `jprobe run` to probe a loaded library")
     module = ElfModule(input_path)
+    module.check_runtime_loads()
     plan, binary = plan_file(module, specs, strict)
     apply_plan(plan, binary)
     write_atomically(binary, plan, module, output)
