@@ -37,7 +37,7 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     from .coverage import site_table
     from .elf import STATIC_REASON
 
-    module, rows = site_table(args.input, args.symbol)
+    module, rows = site_table(args.input, args.location)
     if module.is_static:
         sys.stderr.write(f"jprobe: note: {module.path}: {STATIC_REASON}: `jprobe patch` and `jprobe run` "
                          f"refuse it\n")
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sites", parents=[common], help="the mechanism each instruction would get")
     s.add_argument("input")
-    s.add_argument("symbol", nargs="?")
+    s.add_argument("location", nargs="?", metavar="LOCATION",
+                   help="SYMBOL, SYMBOL+OFFSET or ADDRESS, as -p takes them: that function's instructions")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_sites)
 
