@@ -34,10 +34,11 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_sites(args: argparse.Namespace) -> int:
-    from .coverage import site_table
+    from .coverage import predicted_applier, site_table
     from .elf import STATIC_REASON
 
-    module, rows = site_table(args.input, args.location)
+    module, rows = site_table(args.input, args.location, args.applier)
+    applier = predicted_applier(module, args.applier)
     if module.is_static:
         sys.stderr.write(f"jprobe: note: {module.path}: {STATIC_REASON}: `jprobe patch` and `jprobe run` "
                          f"refuse it\n")
@@ -46,19 +47,28 @@ def _cmd_sites(args: argparse.Namespace) -> int:
         summary.setdefault(mechanism, 0)
     tactics = Counter(r["tactic"] for r in rows if r["tactic"])
     if args.json:
-        json.dump({"module": os.path.abspath(module.path), "instructions": rows, "summary": dict(summary),
-                   "tactics": dict(sorted(tactics.items()))}, sys.stdout, indent=1)
+        json.dump({"module": os.path.abspath(module.path), "for": applier, "instructions": rows,
+                   "summary": dict(summary), "tactics": dict(sorted(tactics.items()))}, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     for r in rows:
         print(f"{r['address']:>12}  {r['mechanism']:<5}  {r['instruction']:<40}  {r['reason']}")
     total = len(rows) or 1
     shown = ("jump", "pun", "evict", "trap") + (("none",) if summary.get("none") else ())   # none: refused
-    print(f"{len(rows)} instructions: " + ", ".join(
+    print(f"{len(rows)} instructions, {_applier_note(applier, args.applier)}: " + ", ".join(
         f"{m} {summary[m]} ({100.0 * summary[m] / total:.2f}%)" for m in shown))
     if tactics:
         print("tactics: " + ", ".join(f"{t} {n} ({100.0 * n / total:.2f}%)" for t, n in sorted(tactics.items())))
     return 0
+
+
+def _applier_note(applier: str, asked: str | None) -> str:
+    """Which applier a site table predicts, and how to ask for the other."""
+    if applier == "patch and run":
+        return "as `jprobe patch` and `jprobe run` both decide them"
+    other = "patch" if applier == "run" else "run"
+    how = "" if asked else f"; `--for {other}` for `jprobe {other}`"
+    return f"as `jprobe {applier}` decides them{how}"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -121,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input")
     s.add_argument("location", nargs="?", metavar="LOCATION",
                    help="SYMBOL, SYMBOL+OFFSET or ADDRESS, as -p takes them: that function's instructions")
+    s.add_argument("--for", dest="applier", choices=("patch", "run"),
+                   help="decide as this applier would (they differ for a library's short sites)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_sites)
 

@@ -11,9 +11,9 @@ from .sites import SiteAnalyzer
 from .spec import COUNT, ProbeSpec, parse_probe
 from .trampolines import x86_64 as arch
 
-def _row(analyzer: SiteAnalyzer, insn) -> dict:
+def _row(analyzer: SiteAnalyzer, insn, tactics: bool) -> dict:
     try:
-        site = analyzer.analyse(insn.address)
+        site = analyzer.analyse(insn.address, tactics=tactics)
         mechanism, reason, tactic = site.mechanism, site.reason, site.tactic
     except JprobeError as e:
         mechanism, reason, tactic = "none", str(e), None
@@ -33,22 +33,35 @@ def _loose_code(module: ElfModule, start: int, end: int):
         address += insn.size
 
 
-def site_table(path: str, location: str | None) -> tuple[ElfModule, list[dict]]:
-    """(the module, one row per instruction) for LOCATION's function, or for all executable code."""
+def predicted_applier(module: ElfModule, applier: str | None) -> str:
+    """The applier a site table is for: the one asked for, else `jprobe run` for a library
+    (whose short sites only `run` can give islands), else both (they decide alike)."""
+    if applier is not None:
+        return applier
+    return "run" if module.is_library else "patch and run"
+
+
+def site_table(path: str, location: str | None, applier: str | None = None) -> tuple[ElfModule, list[dict]]:
+    """(the module, one row per instruction) for LOCATION's function, or for all executable code,
+    as `applier` ("patch", "run", None: see predicted_applier) would decide each site.
+
+    `jprobe patch` gives a library no islands (they would not be mapped before its code runs),
+    so its short sites trap; for a program both appliers place islands."""
     module = ElfModule(path)
     analyzer = SiteAnalyzer(module)
+    tactics = not (module.is_library and applier == "patch")
     if location is not None:
-        return module, [_row(analyzer, i) for i in _instructions_at(analyzer, location)]
+        return module, [_row(analyzer, i, tactics) for i in _instructions_at(analyzer, location)]
     rows = []
     for _, start, end in module.code_sections():
         address = start
         for sym in (s for s in module.functions if start <= s.address < end):
             if sym.address < address:
                 continue                       # nested or overlapping symbol: already covered
-            rows += [_row(analyzer, i) for i in _loose_code(module, address, sym.address)]
-            rows += [_row(analyzer, i) for i in analyzer.facts(sym).insns]
+            rows += [_row(analyzer, i, tactics) for i in _loose_code(module, address, sym.address)]
+            rows += [_row(analyzer, i, tactics) for i in analyzer.facts(sym).insns]
             address = max(address, sym.end)
-        rows += [_row(analyzer, i) for i in _loose_code(module, address, end)]
+        rows += [_row(analyzer, i, tactics) for i in _loose_code(module, address, end)]
     return module, rows
 
 

@@ -2,18 +2,23 @@
 
 - every command an error message suggests runs (`jprobe sites FILE frame@0x4fe0` for stripped
   code was refused), and LOCATION is what `-p` takes: SYMBOL, SYMBOL+OFFSET, ADDRESS, or a
-  name jprobe itself prints (`frame@0x...` for code only the unwind table describes).
+  name jprobe itself prints (`frame@0x...` for code only the unwind table describes);
+- on a library the two appliers differ (`jprobe patch` gives short sites a trap, `jprobe run`
+  a pun): `sites` says which one it predicts, `--for patch|run` chooses, and the prediction is
+  what the applier then does.
 """
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import jprobe, symbol
+from conftest import _env, jprobe, symbol
 
 DASH = Path("/usr/bin/dash")
 
@@ -100,3 +105,51 @@ def test_bad_location_is_one_line(build, location, words):
     assert len(lines) == 1 and words in lines[0] and location.split("=")[0].split("%")[0] in lines[0], r.stderr
     for args in _suggested_commands(r.stderr):
         assert _rows(args)
+
+
+# --------------------------------------------------------------------------
+# which applier: --for patch|run
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_lib(build):
+    return build.lib("short_lib.c", ["-O2"])
+
+
+def _mechanism(args) -> tuple[str, str]:
+    r = jprobe("sites", *args, "--json", check=True)
+    out = json.loads(r.stdout)
+    [row] = [row for row in out["instructions"] if row["instruction"].startswith("lea")]
+    return out["for"], row["mechanism"]
+
+
+def test_sites_of_a_library_says_which_applier(short_lib):
+    """`jprobe sites` on a library showed what `run` does (a pun), not what `patch` does (a trap)."""
+    assert _mechanism([short_lib, "tiny"]) == ("run", _mechanism([short_lib, "tiny", "--for", "run"])[1])
+    r = jprobe("sites", short_lib, "tiny", check=True)
+    [summary] = [line for line in r.stdout.splitlines() if re.match(r"\d+ instructions", line)]
+    assert "`jprobe run`" in summary and "--for patch" in summary, summary
+
+
+def test_sites_for_patch_is_what_patch_does(short_lib, tmp_path):
+    assert _mechanism([short_lib, "tiny", "--for", "patch"]) == ("patch", "trap")
+    r = jprobe("patch", short_lib, "-o", tmp_path / "lib.so", "-p", "tiny", check=True)
+    assert r.stdout.split()[2] == "trap"
+
+
+def test_sites_for_run_is_what_run_does(short_lib, tmp_path):
+    applier, predicted = _mechanism([short_lib, "tiny", "--for", "run"])
+    assert predicted in ("pun", "evict")
+    report = tmp_path / "r.json"
+    # the library preloaded into `true` (jprobe puts its runtime first)
+    r = subprocess.run([sys.executable, "-m", "jprobe", "run", "-p", f"{short_lib}:tiny", "--report", str(report),
+                        "--", "true"], capture_output=True, text=True, env=_env({"LD_PRELOAD": str(short_lib)}))
+    assert r.returncode == 0, r.stderr
+    [entry] = json.loads(report.read_text())["probes"]
+    assert entry["mechanism"] == predicted and entry.get("loaded", True), entry
+
+
+def test_sites_of_a_program_predicts_both(build):
+    prog = build("tiny.c", ["-O2", "-fPIE", "-pie"])
+    assert _mechanism([prog, "tiny"])[0] == "patch and run"
+    assert _mechanism([prog, "tiny", "--for", "patch"])[1] == _mechanism([prog, "tiny", "--for", "run"])[1]
