@@ -201,6 +201,12 @@ class ElfModule:
         return flags_1 is None or not flags_1.has(lief.ELF.DynamicEntryFlags.FLAG.PIE)
 
     @property
+    def soname(self) -> str | None:
+        """DT_SONAME: the name other modules' DT_NEEDED give this library."""
+        entry = self.binary.get(lief.ELF.DynamicEntry.TAG.SONAME)
+        return entry.name if entry is not None else None
+
+    @property
     def is_static(self) -> bool:
         """A program without a dynamic loader (`gcc -static`, `-static-pie`)."""
         return not self.is_library and not self.binary.has_interpreter

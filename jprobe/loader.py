@@ -90,6 +90,11 @@ def _search(soname: str, program: ElfModule | None) -> str | None:
     return None
 
 
+def find_library(soname: str) -> str | None:
+    """Where the loader finds `soname` for a program without RPATH or RUNPATH, if anywhere."""
+    return _search(soname, None)
+
+
 def find_module(name: str, program: ElfModule | None) -> str:
     """The file MODULE `name` (a path, or a soname or file name) stands for in `program`
     (None: a program that is no ELF file, such as a script: the default search only)."""

@@ -4,16 +4,19 @@
   as programs); a PIE executable is one that carries DF_1_PIE. A library gets what libraries
   get from `jprobe patch`: no packed tables, no islands;
 - a statically linked program has no dynamic loader to load the runtime: `patch` and `run`
-  refuse it (exit 2, one line, nothing written, nothing run), `sites` says so.
+  refuse it (exit 2, one line, nothing written, nothing run), `sites` says so;
+- a trap in a library the runtime itself loads (libc.so.6) would fire before the runtime can
+  serve it: `patch` refuses it.
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
 import pytest
 
-from conftest import elf_symbols, hits_by_address, jprobe, patch, run_prog, run_with_report
+from conftest import elf_symbols, hits_by_address, jprobe, patch, run_prog, run_with_report, symbol
 
 TRUE = "/bin/true"
 
@@ -122,3 +125,19 @@ def test_sites_of_a_static_program_says_no_applier_can_load(static_prog):
     assert r.returncode == 0
     assert "jump" in r.stdout
     assert "statically linked" in r.stderr and str(static_prog) in r.stderr
+
+
+def test_trap_in_libc_is_refused_by_patch(libc, tmp_path):
+    """`-p malloc -p malloc+0x4`: malloc can only trap in a library file (its 4 bytes end at the
+    other probe), and libc runs malloc before the runtime can serve a trap (the loader and the
+    runtime's own start-up call it): every program died of SIGTRAP. Refused, with a command
+    that shows which instructions get a jump."""
+    out = tmp_path / "libc.so.6"
+    r = jprobe("patch", libc, "-o", out, "-p", "malloc", "-p", "malloc+0x4")
+    line = _one_line_naming(r, "'malloc'")
+    assert "libc.so.6" in line and "trap" in line
+    assert not out.exists()
+    [command] = re.findall(r"`jprobe (sites [^`]+)`", line)
+    shown = jprobe(*command.split(), "--json", check=True)
+    rows = {row["address"]: row["mechanism"] for row in json.loads(shown.stdout)["instructions"]}
+    assert rows[hex(symbol(libc, "malloc")[0])] == "jump"       # alone; the trap came with malloc+0x4

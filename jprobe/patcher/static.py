@@ -14,8 +14,9 @@ import lief
 
 from .. import layout, packing
 from ..elf import ElfModule
-from ..errors import JprobeError, OutputError
+from ..errors import JprobeError, OutputError, SiteError
 from ..islands import REACH, text_room
+from ..loader import find_library
 from ..output import replacing
 from ..plan import ModulePlan
 from ..planner import build_plan, resolve_probes
@@ -194,6 +195,33 @@ def _verify(out: lief.ELF.Binary | None, plan: ModulePlan, original: lief.ELF.Bi
         raise JprobeError(f"{plan.module}: internal error: LIEF moved the added segments; please report it")
 
 
+def _runtime_needs() -> set[str]:
+    """Sonames of the libraries the runtime loads, itself and through them (libc.so.6, ld.so)."""
+    needed: set[str] = set()
+    todo = [runtime_library()]
+    while todo:
+        for soname in ElfModule(todo.pop()).binary.libraries:
+            if soname not in needed:
+                needed.add(soname)
+                path = find_library(soname)
+                todo += [path] if path else []
+    return needed
+
+
+def _refuse_traps_before_the_runtime(module: ElfModule, plan: ModulePlan) -> None:
+    """A library the runtime itself loads (libc.so.6) runs before the runtime's constructor: the
+    loader and the runtime's own start-up call its malloc. A trap there would kill the program
+    at its first hit; a jump needs nothing from the runtime."""
+    traps = [p for p in plan.probes if p.mechanism == "trap"]
+    if not traps or not module.is_library or module.soname not in _runtime_needs():
+        return
+    probe = traps[0]
+    raise SiteError(f"'{probe.spec}': needs a trap at {probe.address:#x} ({probe.reason}), and {module.soname} "
+                    f"runs before the jprobe runtime can serve traps (the runtime loads it), so its first hit "
+                    f"would kill the program; probe an instruction that gets a jump "
+                    f"(`jprobe sites {module.path} {probe.target} --for patch`)")
+
+
 def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: bool = False) -> ModulePlan:
     """Rewrite `input_path` into `output` with the probes of `specs`."""
     if not specs:
@@ -206,6 +234,7 @@ def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: boo
     module = ElfModule(input_path)
     module.check_runtime_loads()
     plan, binary = plan_file(module, specs, strict)
+    _refuse_traps_before_the_runtime(module, plan)
     apply_plan(plan, binary)
     write_atomically(binary, plan, module, output)
     return plan
