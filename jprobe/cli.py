@@ -87,9 +87,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     status, report = run(command, parse_probes(args.probe), strict=args.strict)
     text = json.dumps(report, indent=1) + "\n" if args.json or args.report else format_report(report)
     if args.report:
+        from .counters import never_loaded
         from .output import replacing
         with replacing(args.report, "--report") as tmp, open(tmp, "w") as f:
             f.write(text)
+        for module, probes in never_loaded(report).items():
+            sys.stderr.write(f"jprobe: note: {module} was never loaded, so its probes were not placed: "
+                             f"{', '.join(probes)}\n")
     else:
         sys.stderr.write(text)
     return status

@@ -181,3 +181,29 @@ def test_unprobed_program_behaves_the_same(sigprog):
     proc.send_signal(signal.SIGHUP)
     out, _ = proc.communicate(timeout=30)
     assert (proc.returncode, out) == (40 + signal.SIGHUP, f"signal={int(signal.SIGHUP)} count=1\n")
+
+
+# --------------------------------------------------------------------------
+# a module that never loaded
+# --------------------------------------------------------------------------
+
+def test_probe_on_a_module_never_loaded_is_marked(build, tmp_path):
+    """It showed as `jump ... 0 hits` with no note (issue 11, silent gap): SPEC §3's
+    `"loaded": false`, a note in the text report, and a line on stderr with --report."""
+    lib = build.lib("short_lib.c", ["-O2"])
+    prog = build("basic.c", ["-O2", "-g", "-fPIE", "-pie"])
+    report = tmp_path / "r.json"
+    r = subprocess.run(_jprobe_cmd("run", "-p", f"{lib}:tiny", "-p", "compute", "--report", report,
+                                   "--", prog, 100, 3), capture_output=True, text=True, env=_env())
+    assert r.returncode == subprocess.run([prog, "100", "3"]).returncode, r.stderr
+    rep = json.loads(report.read_text())
+    never = [p for p in rep["probes"] if p["module"] == str(lib)]
+    assert [(p["probe"], p["hits"], p["loaded"]) for p in never] == [(f"{lib}:tiny", 0, False)]
+    [loaded] = [p for p in rep["probes"] if p["probe"] == "compute"]
+    assert loaded["hits"] == 3 and "loaded" not in loaded
+    lines = [line for line in r.stderr.splitlines() if "never loaded" in line]
+    assert len(lines) == 1 and str(lib) in lines[0], r.stderr
+    text = subprocess.run(_jprobe_cmd("report", report), capture_output=True, text=True, env=_env()).stdout
+    assert "never loaded" in text
+    row = [line for line in text.splitlines() if line.startswith(f"{lib}:tiny")]
+    assert row and " jump " not in row[0] and " pun " not in row[0], text
