@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 
@@ -235,6 +236,17 @@ static bool write_all(int fd, const char *p, size_t len)
 }
 
 /*
+ * The user asked for a report and gets none: one line on stderr whatever
+ * JPROBE_DEBUG says.  Not from a forked child: its parent says the same.
+ */
+static void no_report(const char *path, const char *why)
+{
+	if (!forked_child)
+		dprintf(STDERR_FILENO, "jprobe: no report written to JPROBE_REPORT=%s: %s; "
+			"set it to the path of a file that can be written\n", path, why);
+}
+
+/*
  * Write atomically: a temporary file, then link() to PATH, which fails if
  * PATH exists, so two processes exiting together cannot both take it.  If
  * PATH holds another process's report, ours goes to PATH.PID; anything else
@@ -246,19 +258,25 @@ static void publish_report(const char *report_path, const char *text, size_t len
 {
 	char tmp[PATH_MAX], alt[PATH_MAX];
 	const char *target = report_path;
+	struct stat st;
 	long other;
-	int fd;
+	int fd, err;
 
+	if (!stat(report_path, &st) && S_ISDIR(st.st_mode)) {
+		no_report(report_path, "it is a directory");
+		return;
+	}
 	snprintf(tmp, sizeof(tmp), "%s.tmp.%d", report_path, (int)getpid());
 	snprintf(alt, sizeof(alt), "%s.%d", report_path, (int)getpid());
 	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
 	if (fd < 0) {
-		warn("cannot write the report");
+		no_report(report_path, strerror(errno));
 		return;
 	}
 	if (!write_all(fd, text, len) || close(fd)) {
-		warn("cannot write the report");
+		err = errno;
 		unlink(tmp);
+		no_report(report_path, strerror(err));
 		return;
 	}
 	if (forked_child) {
@@ -272,8 +290,9 @@ static void publish_report(const char *report_path, const char *text, size_t len
 			target = alt;
 	}
 	if (rename(tmp, target)) {
-		warn("cannot rename the report into place");
+		err = errno;
 		unlink(tmp);
+		no_report(target, strerror(err));
 	}
 }
 
@@ -289,4 +308,29 @@ void write_report(const char *path)
 	if (ok)
 		publish_report(path, b.p, b.len);
 	free(b.p);
+}
+
+/* A module whose probes the report would list. */
+static bool any_live_module(void)
+{
+	int i;
+
+	for (i = 0; i < nmodules; i++)
+		if (modules[i].live && !modules[i].foreign)
+			return true;
+	return false;
+}
+
+/*
+ * JPROBE_REPORT set to the empty string names no file; the start-up takes it
+ * for unset (runtime.c), so say it here, at exit, in the process that would
+ * have written the report.
+ */
+__attribute__((destructor))
+static void report_path_empty(void)
+{
+	const char *s = secure_getenv("JPROBE_REPORT");
+
+	if (s && !*s && any_live_module())
+		no_report("", "it is empty");
 }
