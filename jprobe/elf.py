@@ -15,6 +15,7 @@ from .errors import ElfError, SymbolError
 lief.logging.disable()
 
 _COLD_SUFFIX = re.compile(r"\.cold(?:\.\d+)?$")
+RUNTIME_STEM = "libjprobe_rt"          # the runtime's file name (runtime.py), in DT_NEEDED of what jprobe patch wrote
 STATIC_REASON = ("statically linked (no dynamic loader), so the jprobe runtime cannot be loaded into it "
                  "and its probes would never fire")
 
@@ -205,6 +206,11 @@ class ElfModule:
         """DT_SONAME: the name other modules' DT_NEEDED give this library."""
         entry = self.binary.get(lief.ELF.DynamicEntry.TAG.SONAME)
         return entry.name if entry is not None else None
+
+    @property
+    def rewritten(self) -> bool:
+        """Written by `jprobe patch`: it loads the jprobe runtime itself (a DT_NEEDED on it)."""
+        return any(os.path.basename(lib).startswith(RUNTIME_STEM) for lib in self.binary.libraries)
 
     @property
     def is_static(self) -> bool:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 
 from . import counters
 from .elf import ElfModule
 from .errors import JprobeError
 from .islands import text_room
-from .loader import find_module, find_program
+from .loader import find_module, find_program, needed_closure
 from .planfile import PlannedModule, encode, identity
 from .planner import build_plan, resolve_probes
 from .runtime import runtime_library
@@ -38,6 +39,10 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     planned = []
     for path, (name, module_specs) in by_module.items():
         module = main if path == program and main is not None else ElfModule(path)
+        if module.rewritten:
+            raise JprobeError(f"{path}: rewritten by `jprobe patch`, so `jprobe run` would count its probes "
+                              f"in place of the file's own, which count nowhere; probe the original file, or "
+                              f"run the rewritten one alone with JPROBE_REPORT=FILE")
         probes = resolve_probes(module, module_specs, strict)
         text = -(-module.end_of_image() // ALIGN) * ALIGN
         draft = len(build_plan(module, probes, text, text, strict).text)
@@ -50,6 +55,19 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     return planned
 
 
+def rewritten_elsewhere(program: str, modules: list[PlannedModule]) -> list[str]:
+    """A note for each module the program loads at start-up (itself included) that `jprobe
+    patch` rewrote and no probe names: under `jprobe run` its own probes count nowhere.
+    (One dlopen()ed later only the runtime sees.)"""
+    if not _is_elf(program):
+        return []
+    main = ElfModule(program)
+    planned = {m.plan.module for m in modules}
+    found = [p for p in [program, *needed_closure(main)] if p not in planned and ElfModule(p).rewritten]
+    return [f"{p} was rewritten by `jprobe patch`: its own probes are not counted under `jprobe run`; "
+            f"run it alone with JPROBE_REPORT=FILE to count them" for p in found]
+
+
 def _is_elf(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"\x7fELF"
@@ -59,6 +77,9 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
     """Run `command` under the probes; its exit status (as a shell reports it) and the report."""
     program = find_program(command[0])
     modules = plan_modules(program, specs, strict)
+    notes = rewritten_elsewhere(program, modules)
+    for note in notes:
+        sys.stderr.write(f"jprobe: note: {note}\n")
     with _Forwarding() as forwarding, tempfile.TemporaryDirectory(prefix="jprobe-run-") as work:
         plan_path, counters_path = os.path.join(work, "plan"), os.path.join(work, "counters")
         with open(plan_path, "wb") as f:
@@ -75,6 +96,7 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
         proc = subprocess.Popen(command, executable=program, env=env, close_fds=False)
         status = forwarding.wait(proc)
         report = counters.build_report(counters_path, modules, proc.pid, program)
+    report["errors"] = notes + report["errors"]
     return (128 - status if status < 0 else status), report
 
 

@@ -141,3 +141,46 @@ def test_trap_in_libc_is_refused_by_patch(libc, tmp_path):
     shown = jprobe(*command.split(), "--json", check=True)
     rows = {row["address"]: row["mechanism"] for row in json.loads(shown.stdout)["instructions"]}
     assert rows[hex(symbol(libc, "malloc")[0])] == "jump"       # alone; the trap came with malloc+0x4
+
+
+# --------------------------------------------------------------------------
+# files jprobe patch already rewrote
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rewritten(build, tmp_path_factory):
+    prog = build("basic.c", ["-O2", "-g", "-fPIE", "-pie"])
+    return prog, patch(prog, tmp_path_factory.mktemp("rewritten") / "basic.p", ["compute"])
+
+
+def test_patching_a_patched_file_is_refused(rewritten, tmp_path):
+    """It was accepted and `main` appeared twice in the report (issue 11, silent gap)."""
+    _, once = rewritten
+    out = tmp_path / "twice"
+    line = _one_line_naming(jprobe("patch", once, "-o", out, "-p", "main"), once)
+    assert "already rewritten by `jprobe patch`" in line and "original" in line
+    assert not out.exists()
+
+
+def test_running_a_named_rewritten_module_is_refused(rewritten, build, tmp_path):
+    """`jprobe run -p compute -- ./basic.p`: the file's own probes counted nowhere."""
+    _, once = rewritten
+    lib = build.lib("short_lib.c", ["-O2"])
+    twice = patch(lib, tmp_path / "short_lib.so", ["lib_calls"])
+    for probe, command, path in ((f"compute", [once, 10, 3], once), (f"{twice}:tiny", ["true"], twice)):
+        r = jprobe("run", "-p", probe, "--", *command)
+        assert "rewritten by `jprobe patch`" in _one_line_naming(r, path)
+        assert r.stdout == "", "the program ran"
+
+
+def test_running_an_unnamed_rewritten_program_says_so(rewritten, tmp_path):
+    """Probing libc in a program that `jprobe patch` rewrote: its own probes are not counted
+    under `jprobe run`; stderr and the report's errors say so, and the program runs."""
+    prog, once = rewritten
+    report = tmp_path / "r.json"
+    r = jprobe("run", "-p", "libc.so.6:malloc", "--report", report, "--", once, 10, 3)
+    assert (r.returncode, r.stdout) == (run_prog([prog, 10, 3]).returncode, "compute calls=3 total=1177\n")
+    lines = [line for line in r.stderr.splitlines() if str(once) in line]
+    assert len(lines) == 1 and "not counted" in lines[0], r.stderr
+    errors = json.loads(report.read_text())["errors"]
+    assert any(str(once) in e and "not counted" in e for e in errors), errors

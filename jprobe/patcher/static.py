@@ -233,6 +233,9 @@ def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: boo
                               f"prefix, or use `jprobe run` to probe a loaded library")
     module = ElfModule(input_path)
     module.check_runtime_loads()
+    if module.rewritten:
+        raise JprobeError(f"{input_path}: already rewritten by `jprobe patch` (it loads the jprobe runtime); "
+                          f"patch the original file, with every probe in one `jprobe patch`")
     plan, binary = plan_file(module, specs, strict)
     _refuse_traps_before_the_runtime(module, plan)
     apply_plan(plan, binary)
