@@ -26,7 +26,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
     plan = patch_file(args.input, args.output, parse_probes(args.probe), strict=args.strict)
     for p in plan.probes:
-        print(f"{p.spec:<32} {p.address:#10x}  {p.mechanism:<5}  {p.reason}")
+        for name in [p.spec, *p.target.split("\n")[1:]]:        # aliases: one site, each name
+            print(f"{name:<32} {p.address:#10x}  {p.mechanism:<5}  {p.reason}")
     traps = [p.spec for p in plan.probes if p.mechanism == "trap"]
     if traps:
         sys.stderr.write(f"jprobe: {len(traps)} probe(s) use the int3 fallback (trap): {', '.join(traps)}\n")

@@ -85,10 +85,12 @@ def build_report(path: str, modules: list[PlannedModule], pid: int, executable: 
              if i not in placed and not any(m.plan.module in e for e in errors)}
 
     def report_of(one_pid: int) -> dict:
-        probes = [{"probe": probe.target, "module": m.plan.module, "address": f"{probe.address:#x}",
+        # one entry per name: aliases at one address are one site (planner.ResolvedProbe.names)
+        probes = [{"probe": name, "module": m.plan.module, "address": f"{probe.address:#x}",
                    "mechanism": settled.get((i, j), probe.mechanism), "handler": probe.handler,
                    "hits": hits[(i, j)].get(one_pid, 0), "lost": 0, **({"loaded": False} if i in never else {})}
-                  for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)]
+                  for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)
+                  for name in probe.target.split("\n")]
         return {"pid": one_pid, "executable": executable, "probes": probes, "errors": []}
 
     merged = merge_reports([report_of(p) for p in [pid, *pids]])

@@ -94,15 +94,17 @@ static size_t utf8_len(const unsigned char *s)
 }
 
 /*
- * A JSON string.  Paths are bytes, not text: a byte that is not valid
- * UTF-8 becomes U+FFFD so that the report always parses.
+ * A JSON string of the first `len` bytes of `str`.  Paths are bytes, not
+ * text: a byte that is not valid UTF-8 becomes U+FFFD so that the report
+ * always parses.
  */
-static void put_json_string(struct buf *b, const char *str)
+static void put_json_chars(struct buf *b, const char *str, size_t len)
 {
 	const unsigned char *s = (const unsigned char *)str;
+	const unsigned char *end = s + len;
 
 	put(b, "\"", 1);
-	while (*s) {
+	while (s < end) {
 		size_t n = utf8_len(s);
 
 		if (*s == '"' || *s == '\\') {
@@ -127,6 +129,11 @@ static void put_json_string(struct buf *b, const char *str)
 	put(b, "\"", 1);
 }
 
+static void put_json_string(struct buf *b, const char *str)
+{
+	put_json_chars(b, str, strlen(str));
+}
+
 static const char *mechanism_name(unsigned int mech)
 {
 	switch (mech) {
@@ -138,11 +145,12 @@ static const char *mechanism_name(unsigned int mech)
 	}
 }
 
+/* The entry of one name of probe `p` (the first `len` bytes of `name`). */
 static void put_probe(struct buf *b, const struct jp_module *m,
-		      const struct jp_probe *p)
+		      const struct jp_probe *p, const char *name, size_t len)
 {
 	puts_(b, "{\"probe\": ");
-	put_json_string(b, table_string(m, p->spec));
+	put_json_chars(b, name, len);
 	puts_(b, ", \"module\": ");
 	put_json_string(b, m->name);
 	putf(b, ", \"address\": \"0x%" PRIx64 "\", \"mechanism\": \"%s\", \"handler\": ",
@@ -180,9 +188,17 @@ static bool build_report(struct buf *b)
 			continue;
 		any = true;
 		for (j = 0; j < m->table->nprobes; j++) {
-			puts_(b, first ? "\n  " : ",\n  ");
-			put_probe(b, m, &probes_of(m)[j]);
-			first = false;
+			/* aliases at one address: one site, one line of its spec per name */
+			const struct jp_probe *p = &probes_of(m)[j];
+			const char *name = table_string(m, p->spec), *end;
+
+			do {
+				end = strchrnul(name, '\n');
+				puts_(b, first ? "\n  " : ",\n  ");
+				put_probe(b, m, p, name, end - name);
+				first = false;
+				name = end + 1;
+			} while (*end);
 		}
 	}
 	puts_(b, "],\n \"errors\": [");
