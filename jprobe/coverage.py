@@ -11,6 +11,7 @@ from .sites import SiteAnalyzer
 from .spec import COUNT, ProbeSpec, parse_probe
 from .trampolines import x86_64 as arch
 
+
 def _row(analyzer: SiteAnalyzer, insn, tactics: bool) -> dict:
     try:
         site = analyzer.analyse(insn.address, tactics=tactics)

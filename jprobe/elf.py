@@ -15,7 +15,8 @@ from .errors import ElfError, SymbolError
 lief.logging.disable()
 
 _COLD_SUFFIX = re.compile(r"\.cold(?:\.\d+)?$")
-RUNTIME_STEM = "libjprobe_rt"          # the runtime's file name (runtime.py), in DT_NEEDED of what jprobe patch wrote
+# The runtime's file name (runtime.py): a DT_NEEDED on it marks what `jprobe patch` wrote.
+RUNTIME_STEM = "libjprobe_rt"
 STATIC_REASON = ("statically linked (no dynamic loader), so the jprobe runtime cannot be loaded into it "
                  "and its probes would never fire")
 

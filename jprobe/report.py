@@ -3,8 +3,8 @@
 A report is ``{"pid": ..., "executable": ..., "probes": [PROBE, ...], "errors": [...]}`` where
 each PROBE holds ``probe``, ``module``, ``address``, ``mechanism``, ``handler``, ``hits``,
 ``lost`` and optionally ``by_pid`` (``{"1234": N, ...}``), ``events`` (trace records),
-``events_file`` (where the trace records went) or ``loaded: false`` (its module never loaded).  A merged report (``jprobe run``) adds
-``"pids"``: every process that wrote a report.
+``events_file`` (where the trace records went) or ``loaded: false`` (its module never
+loaded).  A merged report (``jprobe run``) adds ``"pids"``: every process that wrote a report.
 """
 
 from __future__ import annotations
