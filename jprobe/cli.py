@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -25,7 +26,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
     plan = patch_file(args.input, args.output, parse_probes(args.probe), strict=args.strict)
     for p in plan.probes:
-        print(f"{p.spec:<32} {p.address:#10x}  {p.mechanism:<5}  {p.reason}")
+        for name in [p.spec, *p.target.split("\n")[1:]]:        # aliases: one site, each name
+            print(f"{name:<32} {p.address:#10x}  {p.mechanism:<5}  {p.reason}")
     traps = [p.spec for p in plan.probes if p.mechanism == "trap"]
     if traps:
         sys.stderr.write(f"jprobe: {len(traps)} probe(s) use the int3 fallback (trap): {', '.join(traps)}\n")
@@ -33,27 +35,41 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_sites(args: argparse.Namespace) -> int:
-    from .coverage import site_table
+    from .coverage import predicted_applier, site_table
+    from .elf import STATIC_REASON
 
-    module, rows = site_table(args.input, args.symbol)
+    module, rows = site_table(args.input, args.location, args.applier)
+    applier = predicted_applier(module, args.applier)
+    if module.is_static:
+        sys.stderr.write(f"jprobe: note: {module.path}: {STATIC_REASON}: `jprobe patch` and `jprobe run` "
+                         f"refuse it\n")
     summary = Counter(r["mechanism"] for r in rows)
     for mechanism in ("jump", "pun", "evict", "trap"):
         summary.setdefault(mechanism, 0)
     tactics = Counter(r["tactic"] for r in rows if r["tactic"])
     if args.json:
-        json.dump({"module": module, "instructions": rows, "summary": dict(summary),
-                   "tactics": dict(sorted(tactics.items()))}, sys.stdout, indent=1)
+        json.dump({"module": os.path.abspath(module.path), "for": applier, "instructions": rows,
+                   "summary": dict(summary), "tactics": dict(sorted(tactics.items()))}, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     for r in rows:
         print(f"{r['address']:>12}  {r['mechanism']:<5}  {r['instruction']:<40}  {r['reason']}")
     total = len(rows) or 1
     shown = ("jump", "pun", "evict", "trap") + (("none",) if summary.get("none") else ())   # none: refused
-    print(f"{len(rows)} instructions: " + ", ".join(
+    print(f"{len(rows)} instructions, {_applier_note(applier, args.applier)}: " + ", ".join(
         f"{m} {summary[m]} ({100.0 * summary[m] / total:.2f}%)" for m in shown))
     if tactics:
         print("tactics: " + ", ".join(f"{t} {n} ({100.0 * n / total:.2f}%)" for t, n in sorted(tactics.items())))
     return 0
+
+
+def _applier_note(applier: str, asked: str | None) -> str:
+    """Which applier a site table predicts, and how to ask for the other."""
+    if applier == "patch and run":
+        return "as `jprobe patch` and `jprobe run` both decide them"
+    other = "patch" if applier == "run" else "run"
+    how = "" if asked else f"; `--for {other}` for `jprobe {other}`"
+    return f"as `jprobe {applier}` decides them{how}"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -66,12 +82,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise JprobeError("run: no command given; usage: jprobe run -p PROBE -- CMD [ARGS...]")
     if not args.probe:
         raise JprobeError("run: no probe given; add at least one -p PROBE (e.g. -p libc.so.6:malloc)")
+    if args.report:
+        from .output import check_writable
+        check_writable(args.report, "--report")    # before the program's side effects, not after
     status, report = run(command, parse_probes(args.probe), strict=args.strict)
     text = json.dumps(report, indent=1) + "\n" if args.json or args.report else format_report(report)
     if args.report:
+        from .counters import never_loaded
         from .output import replacing
         with replacing(args.report, "--report") as tmp, open(tmp, "w") as f:
             f.write(text)
+        for module, probes in never_loaded(report).items():
+            sys.stderr.write(f"jprobe: note: {module} was never loaded, so its probes were not placed: "
+                             f"{', '.join(probes)}\n")
     else:
         sys.stderr.write(text)
     return status
@@ -111,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sites", parents=[common], help="the mechanism each instruction would get")
     s.add_argument("input")
-    s.add_argument("symbol", nargs="?")
+    s.add_argument("location", nargs="?", metavar="LOCATION",
+                   help="SYMBOL, SYMBOL+OFFSET or ADDRESS, as -p takes them: that function's instructions")
+    s.add_argument("--for", dest="applier", choices=("patch", "run"),
+                   help="decide as this applier would (they differ for a library's short sites)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_sites)
 

@@ -38,16 +38,17 @@ def _records(data: bytes):
         at += -at % 8
 
 
-def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str], dict]:
-    """{(module index, probe index): {pid: hits}}, the error messages the processes left, and
+def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str], dict, set[int]]:
+    """{(module index, probe index): {pid: hits}}, the error messages the processes left,
     {(module index, probe index): mechanism} as the runtime settled it (a pun whose island
-    was taken became a trap)."""
+    was taken became a trap), and the modules some process placed (a TABLE record)."""
     with open(path, "rb") as f:
         data = f.read()
     table_size, probe_size = layout.sizeof("jp_table"), layout.sizeof("jp_probe")
     hits: dict = defaultdict(lambda: defaultdict(int))
     errors: list[str] = []
     settled: dict = {}
+    placed: set[int] = set()
     names = {v: k for k, v in layout.MECHANISMS.items()}
     mech_at = layout.offsetof("jp_probe", "mechanism")
     for kind, module, pid, payload in _records(data):
@@ -58,6 +59,7 @@ def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str
             continue
         n = len(modules[module].plan.probes)
         if kind == layout.CONST["JP_SHM_TABLE"]:
+            placed.add(module)
             counts = [struct.unpack_from("<Q", payload, table_size + i * probe_size)[0] for i in range(n)]
             for i in range(n):
                 (mech,) = struct.unpack_from("<H", payload, table_size + i * probe_size + mech_at)
@@ -69,21 +71,37 @@ def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str
             continue
         for i, c in enumerate(counts):
             hits[(module, i)][pid] += c
-    return hits, errors, settled
+    return hits, errors, settled, placed
 
 
 def build_report(path: str, modules: list[PlannedModule], pid: int, executable: str) -> dict:
-    """The SPEC §3 report of a whole `jprobe run` process tree (`by_pid` when several hit)."""
-    hits, errors, settled = hits_by_pid(path, modules)
+    """The SPEC §3 report of a whole `jprobe run` process tree (`by_pid` when several hit).
+
+    A module no process placed and no error names never loaded: its probes say `"loaded":
+    false` rather than pass for probes that were never hit."""
+    hits, errors, settled, placed = hits_by_pid(path, modules)
     pids = sorted({p for per_pid in hits.values() for p in per_pid} - {pid})
+    never = {i for i, m in enumerate(modules)
+             if i not in placed and not any(m.plan.module in e for e in errors)}
 
     def report_of(one_pid: int) -> dict:
-        probes = [{"probe": probe.target, "module": m.plan.module, "address": f"{probe.address:#x}",
+        # one entry per name: aliases at one address are one site (planner.ResolvedProbe.names)
+        probes = [{"probe": name, "module": m.plan.module, "address": f"{probe.address:#x}",
                    "mechanism": settled.get((i, j), probe.mechanism), "handler": probe.handler,
-                   "hits": hits[(i, j)].get(one_pid, 0), "lost": 0}
-                  for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)]
+                   "hits": hits[(i, j)].get(one_pid, 0), "lost": 0, **({"loaded": False} if i in never else {})}
+                  for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)
+                  for name in probe.target.split("\n")]
         return {"pid": one_pid, "executable": executable, "probes": probes, "errors": []}
 
     merged = merge_reports([report_of(p) for p in [pid, *pids]])
     merged["errors"] = errors
     return merged
+
+
+def never_loaded(report: dict) -> dict[str, list[str]]:
+    """{module: its probes} of the modules a report says never loaded."""
+    out: dict[str, list[str]] = {}
+    for p in report["probes"]:
+        if p.get("loaded") is False:
+            out.setdefault(p["module"], []).append(p["probe"])
+    return out

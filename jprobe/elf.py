@@ -15,6 +15,10 @@ from .errors import ElfError, SymbolError
 lief.logging.disable()
 
 _COLD_SUFFIX = re.compile(r"\.cold(?:\.\d+)?$")
+# The runtime's file name (runtime.py): a DT_NEEDED on it marks what `jprobe patch` wrote.
+RUNTIME_STEM = "libjprobe_rt"
+STATIC_REASON = ("statically linked (no dynamic loader), so the jprobe runtime cannot be loaded into it "
+                 "and its probes would never fire")
 
 
 def function_owner(name: str) -> str:
@@ -190,9 +194,35 @@ class ElfModule:
 
     @property
     def is_library(self) -> bool:
-        """A shared library (no program interpreter), as opposed to an executable."""
-        return (self.binary.header.file_type == lief.ELF.Header.FILE_TYPE.DYN
-                and not any(s.type == lief.ELF.Segment.TYPE.INTERP for s in self.binary.segments))
+        """A shared library, as opposed to an executable, as the loader tells them apart: a
+        PIE executable carries DF_1_PIE (glibc refuses to dlopen() it). A PT_INTERP alone
+        does not make a program: Debian's libc.so.6 and ld.so have one to run on their own."""
+        if self.binary.header.file_type != lief.ELF.Header.FILE_TYPE.DYN:
+            return False
+        flags_1 = self.binary.get(lief.ELF.DynamicEntry.TAG.FLAGS_1)
+        return flags_1 is None or not flags_1.has(lief.ELF.DynamicEntryFlags.FLAG.PIE)
+
+    @property
+    def soname(self) -> str | None:
+        """DT_SONAME: the name other modules' DT_NEEDED give this library."""
+        entry = self.binary.get(lief.ELF.DynamicEntry.TAG.SONAME)
+        return entry.name if entry is not None else None
+
+    @property
+    def rewritten(self) -> bool:
+        """Written by `jprobe patch`: it loads the jprobe runtime itself (a DT_NEEDED on it)."""
+        return any(os.path.basename(lib).startswith(RUNTIME_STEM) for lib in self.binary.libraries)
+
+    @property
+    def is_static(self) -> bool:
+        """A program without a dynamic loader (`gcc -static`, `-static-pie`)."""
+        return not self.is_library and not self.binary.has_interpreter
+
+    def check_runtime_loads(self) -> None:
+        """Refuse a program nothing can load the jprobe runtime into: patched or run, its probes
+        would never fire and no report would say so."""
+        if self.is_static:
+            raise ElfError(f"{self.path}: {STATIC_REASON}; probe a dynamically linked build of it")
 
     def end_of_image(self) -> int:
         """The first address past every loaded segment."""

@@ -51,7 +51,7 @@ def _dynamic_dirs(binary: lief.ELF.Binary, tag: lief.ELF.DynamicEntry.TAG, origi
     return [p.replace("$ORIGIN", origin).replace("${ORIGIN}", origin) for p in paths.split(":") if p]
 
 
-def _needed_closure(program: ElfModule) -> list[str]:
+def needed_closure(program: ElfModule) -> list[str]:
     """Sonames the program loads at start-up (breadth first), resolved to paths."""
     seen: dict[str, str] = {}
     todo = [program]
@@ -90,6 +90,11 @@ def _search(soname: str, program: ElfModule | None) -> str | None:
     return None
 
 
+def find_library(soname: str) -> str | None:
+    """Where the loader finds `soname` for a program without RPATH or RUNPATH, if anywhere."""
+    return _search(soname, None)
+
+
 def find_module(name: str, program: ElfModule | None) -> str:
     """The file MODULE `name` (a path, or a soname or file name) stands for in `program`
     (None: a program that is no ELF file, such as a script: the default search only)."""
@@ -99,7 +104,7 @@ def find_module(name: str, program: ElfModule | None) -> str:
         return os.path.realpath(name)
     path = _search(name, program)
     if path is None and program is not None:
-        loaded = [p for p in _needed_closure(program) if os.path.basename(p).startswith(name + ".so")]
+        loaded = [p for p in needed_closure(program) if os.path.basename(p).startswith(name + ".so")]
         if loaded:
             return loaded[0]
     if path is None:

@@ -9,12 +9,15 @@ from contextlib import contextmanager
 from .errors import OutputError
 
 
-@contextmanager
-def replacing(output: str, option: str) -> Iterator[str]:
-    """A temporary path beside `output`, renamed over it if the block succeeds, removed if not.
+def check_writable(output: str, option: str) -> None:
+    """Refuse `output` unless a file can be made in its place, before work whose result would
+    be lost (`jprobe run` checks --report before the program runs). `option` names the
+    command-line option that chose `output`, for the error messages."""
+    os.unlink(_temporary_beside(output, option))
 
-    `option` names the command-line option that chose `output`, for the error messages.
-    """
+
+def _temporary_beside(output: str, option: str) -> str:
+    """A new empty file in `output`'s directory (so that a rename replaces `output`)."""
     directory = os.path.dirname(os.path.abspath(output)) or "."
     if not os.path.isdir(directory):
         raise OutputError(f"{output}: directory {directory} does not exist; create it or choose another {option}")
@@ -26,6 +29,16 @@ def replacing(output: str, option: str) -> Iterator[str]:
         raise OutputError(f"{output}: cannot create a file in {directory} ({e.strerror}); "
                           f"choose another {option}") from None
     os.close(fd)
+    return tmp
+
+
+@contextmanager
+def replacing(output: str, option: str) -> Iterator[str]:
+    """A temporary path beside `output`, renamed over it if the block succeeds, removed if not.
+
+    `option` names the command-line option that chose `output`, for the error messages.
+    """
+    tmp = _temporary_beside(output, option)
     try:
         yield tmp
         try:

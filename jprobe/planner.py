@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import layout
 from .elf import ElfModule
@@ -29,6 +29,12 @@ class ResolvedProbe:
     site: Site                         # as analysed alone, before any pun or eviction
     analyzer: SiteAnalyzer
     callback: Callback | None = None
+    aliases: list[ProbeSpec] = field(default_factory=list)   # other names of this site (same handler)
+
+    def names(self) -> str:
+        """Every name of the site, as the table and the report give them: one per line (a
+        spec cannot hold a newline)."""
+        return "\n".join(s.target() for s in [self.spec, *self.aliases])
 
 
 def resolve_address(module: ElfModule, spec: ProbeSpec) -> int:
@@ -48,21 +54,26 @@ def resolve_address(module: ElfModule, spec: ProbeSpec) -> int:
 def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> list[ResolvedProbe]:
     """Addresses and site decisions for every spec, conflicts refused."""
     analyzer = SiteAnalyzer(module)
-    addresses = [resolve_address(module, s) for s in specs]
-    seen: set[int] = set()
-    for spec, address in zip(specs, addresses):
+    first: dict[int, ProbeSpec] = {}
+    aliases: dict[int, list[ProbeSpec]] = {}
+    for spec in specs:
+        address = resolve_address(module, spec)
         analyzer.instruction_at(address)          # boundary check with a clear error
-        if address in seen:
-            raise SiteError(f"'{spec.text}': another probe is at the same address {address:#x}; "
-                            f"keep one probe per address")
-        seen.add(address)
-    analyzer.reserved = set(addresses)
+        if address not in first:
+            first[address] = spec
+            aliases[address] = []
+        elif spec.handler != first[address].handler:
+            raise SiteError(f"'{spec.text}': at the same address {address:#x} as '{first[address].text}' "
+                            f"(aliases, as `nm -D` lists them), with another handler; give both one handler")
+        else:
+            aliases[address].append(spec)         # one site, reported under each name
+    analyzer.reserved = set(first)
     resolved = []
-    for spec, address in zip(specs, addresses):
+    for address, spec in first.items():
         site = analyzer.analyse(address, tactics=False)
         if strict and site.mechanism == "trap":
             _refuse_trap(spec, analyzer.shorten(site, analyzer.islands(), Overlay(module)))
-        resolved.append(ResolvedProbe(spec, address, site, analyzer, resolve_callback(spec)))
+        resolved.append(ResolvedProbe(spec, address, site, analyzer, resolve_callback(spec), aliases[address]))
     # Outside any function symbol nothing says where instructions start, so one probe's
     # bytes may cover another's address: both patches would corrupt each other.
     by_address = sorted(resolved, key=lambda p: p.address)
@@ -240,8 +251,9 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
         d = descs[i]
         d.address = probe.address
         d.resume = plan.resume or 0
-        if probe.spec.target() != address_spec(probe.address):
-            d.spec = strings.add(probe.spec.target())
+        plan.target = probe.names()
+        if plan.target != address_spec(probe.address):
+            d.spec = strings.add(plan.target)
         d.handler = layout.HANDLERS["callback" if probe.spec.handler.kind == "callback" else "count"]
         d.mechanism = layout.MECHANISMS[plan.mechanism]
         d.id = i
@@ -272,8 +284,8 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     # Last, in id order: the specs that name only their address, which a packed table
     # leaves out (the runtime writes them back, in this order).
     for i, probe in enumerate(probes):
-        if probe.spec.target() == address_spec(probe.address):
-            descs[i].spec = strings.append(probe.spec.target())
+        if probe.names() == address_spec(probe.address):
+            descs[i].spec = strings.append(probe.names())
     table.strings_size = len(strings.data)
     data = (bytes(ffi.buffer(table)) + bytes(ffi.buffer(descs))[:len(probes) * PROBE_SIZE]
             + bytes(ffi.buffer(records))[:len(islands) * ISLAND_SIZE] + bytes(strings.data))

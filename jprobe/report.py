@@ -2,9 +2,9 @@
 
 A report is ``{"pid": ..., "executable": ..., "probes": [PROBE, ...], "errors": [...]}`` where
 each PROBE holds ``probe``, ``module``, ``address``, ``mechanism``, ``handler``, ``hits``,
-``lost`` and optionally ``by_pid`` (``{"1234": N, ...}``), ``events`` (trace records) or
-``events_file`` (where the trace records went).  A merged report (``jprobe run``) adds
-``"pids"``: every process that wrote a report.
+``lost`` and optionally ``by_pid`` (``{"1234": N, ...}``), ``events`` (trace records),
+``events_file`` (where the trace records went) or ``loaded: false`` (its module never
+loaded).  A merged report (``jprobe run``) adds ``"pids"``: every process that wrote a report.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def format_report(report: dict) -> str:
             _text(p.get("probe")),
             _module_name(p.get("module")),
             _address(p.get("address")),
-            _text(p.get("mechanism")),
+            "-" if p.get("loaded") is False else _text(p.get("mechanism")),
             _text(p.get("handler")),
             str(_int(p.get("hits"))),
         ]
@@ -98,6 +98,8 @@ def format_report(report: dict) -> str:
         for pid, n in _sorted_pids(p.get("by_pid")):
             label = f"  pid {pid}"
             lines.append(label.ljust(indent) + str(n).rjust(widths[hits_col]))
+        if p.get("loaded") is False:
+            lines.append("  never loaded: its module was not loaded, so the probe was not placed")
         events = p.get("events")
         if isinstance(events, list):
             noun = "event" if len(events) == 1 else "events"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 
 from . import counters
 from .elf import ElfModule
 from .errors import JprobeError
 from .islands import text_room
-from .loader import find_module, find_program
+from .loader import find_module, find_program, needed_closure
 from .planfile import PlannedModule, encode, identity
 from .planner import build_plan, resolve_probes
 from .runtime import runtime_library
@@ -28,6 +29,8 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     """
     needs_main = any(spec.module is None for spec in specs)
     main = ElfModule(program) if needs_main or _is_elf(program) else None
+    if main is not None:
+        main.check_runtime_loads()             # LD_PRELOAD means nothing to a static program
     by_module: dict[str, tuple[str, list[ProbeSpec]]] = {}
     for spec in specs:
         check_supported(spec)
@@ -36,6 +39,10 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     planned = []
     for path, (name, module_specs) in by_module.items():
         module = main if path == program and main is not None else ElfModule(path)
+        if module.rewritten:
+            raise JprobeError(f"{path}: rewritten by `jprobe patch`, so `jprobe run` would count its probes "
+                              f"in place of the file's own, which count nowhere; probe the original file, or "
+                              f"run the rewritten one alone with JPROBE_REPORT=FILE")
         probes = resolve_probes(module, module_specs, strict)
         text = -(-module.end_of_image() // ALIGN) * ALIGN
         draft = len(build_plan(module, probes, text, text, strict).text)
@@ -48,6 +55,19 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     return planned
 
 
+def rewritten_elsewhere(program: str, modules: list[PlannedModule]) -> list[str]:
+    """A note for each module the program loads at start-up (itself included) that `jprobe
+    patch` rewrote and no probe names: under `jprobe run` its own probes count nowhere.
+    (One dlopen()ed later only the runtime sees.)"""
+    if not _is_elf(program):
+        return []
+    main = ElfModule(program)
+    planned = {m.plan.module for m in modules}
+    found = [p for p in [program, *needed_closure(main)] if p not in planned and ElfModule(p).rewritten]
+    return [f"{p} was rewritten by `jprobe patch`: its own probes are not counted under `jprobe run`; "
+            f"run it alone with JPROBE_REPORT=FILE to count them" for p in found]
+
+
 def _is_elf(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"\x7fELF"
@@ -57,7 +77,10 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
     """Run `command` under the probes; its exit status (as a shell reports it) and the report."""
     program = find_program(command[0])
     modules = plan_modules(program, specs, strict)
-    with tempfile.TemporaryDirectory(prefix="jprobe-run-") as work:
+    notes = rewritten_elsewhere(program, modules)
+    for note in notes:
+        sys.stderr.write(f"jprobe: note: {note}\n")
+    with _Forwarding() as forwarding, tempfile.TemporaryDirectory(prefix="jprobe-run-") as work:
         plan_path, counters_path = os.path.join(work, "plan"), os.path.join(work, "counters")
         with open(plan_path, "wb") as f:
             f.write(encode(modules))
@@ -68,10 +91,12 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
         for var in ("LD_PRELOAD", "LD_AUDIT"):
             env[var] = _prepend(runtime_library(), os.environ.get(var))
         env.pop("JPROBE_REPORT", None)
-        proc = subprocess.Popen(command, executable=program, env=env)
-        with _ignoring(signal.SIGINT), _ignoring(signal.SIGQUIT):
-            status = proc.wait()
+        # close_fds=False: the program inherits every descriptor jprobe was given (make's
+        # jobserver, `5>file`), as under perf stat or strace; jprobe's own are close-on-exec.
+        proc = subprocess.Popen(command, executable=program, env=env, close_fds=False)
+        status = forwarding.wait(proc)
         report = counters.build_report(counters_path, modules, proc.pid, program)
+    report["errors"] = notes + report["errors"]
     return (128 - status if status < 0 else status), report
 
 
@@ -81,14 +106,48 @@ def _prepend(library: str, search_list: str | None) -> str:
     return ":".join([library, *others])
 
 
-class _ignoring:
-    """While the program runs, terminal signals are its business (like `time` and `perf stat`)."""
+class _Forwarding:
+    """Signals sent to `jprobe run` go to the program, as `timeout` and `perf stat` do; jprobe
+    itself lives on to write the report and remove its files once the program has ended.
 
-    def __init__(self, sig: int):
-        self.sig = sig
+    A terminal's ^C and ^\\, and the hang-up of its foreground group, come from the kernel
+    (SI_KERNEL) to the whole group, the program with it: those are not sent a second time.
+    Signals that come before the program has started are sent to it once it has.
+    """
 
-    def __enter__(self):
-        self.old = signal.signal(self.sig, signal.SIG_IGN)
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+    SI_KERNEL = 0x80               # siginfo.si_code of a signal the kernel sent (a terminal's)
 
-    def __exit__(self, *exc):
-        signal.signal(self.sig, self.old)
+    def __enter__(self) -> "_Forwarding":
+        self.pending: list[int] = []
+        self.old = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def _record(self, sig: int, frame) -> None:
+        self.pending.append(sig)
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        """The program's wait status (negative: killed by that signal), signals passed on.
+
+        With the signals blocked, sigtimedwait() tells who sent each one; SIGCHLD (blocked
+        too) ends the wait when the program ends.
+        """
+        waited = (*self.SIGNALS, signal.SIGCHLD)
+        signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+        try:
+            while True:
+                while self.pending:
+                    proc.send_signal(self.pending.pop(0))
+                if proc.poll() is not None:
+                    return proc.returncode
+                info = signal.sigtimedwait(waited, 1.0)
+                if info is not None and info.si_signo != signal.SIGCHLD and info.si_code != self.SI_KERNEL:
+                    proc.send_signal(info.si_signo)
+        finally:
+            while signal.sigtimedwait(waited, 0) is not None:
+                pass               # the program has ended: nobody to pass them to
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, waited)

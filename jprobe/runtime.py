@@ -1,13 +1,14 @@
 """Where the installed C runtime and its header are."""
 from __future__ import annotations
 
+from .elf import RUNTIME_STEM
 from .errors import JprobeError
 from .layout import RUNTIME_DIR
 
 
 def runtime_library() -> str:
     """Absolute path of libjprobe_rt (built by `pip install`), for DT_NEEDED and LD_PRELOAD."""
-    found = sorted(RUNTIME_DIR.glob("libjprobe_rt*.so"))
+    found = sorted(RUNTIME_DIR.glob(f"{RUNTIME_STEM}*.so"))
     if not found:
         raise JprobeError(f"the jprobe runtime is not built in {RUNTIME_DIR}; reinstall with `pip install .`")
     return str(found[0])

@@ -15,8 +15,9 @@ import lief
 
 from .. import layout, packing
 from ..elf import ElfModule
-from ..errors import JprobeError, OutputError
+from ..errors import JprobeError, OutputError, SiteError
 from ..islands import REACH, text_room
+from ..loader import find_library
 from ..output import replacing
 from ..plan import ModulePlan
 from ..planner import build_plan, resolve_probes
@@ -293,6 +294,33 @@ def _runs_runtime_first(out: lief.ELF.Binary, at: int) -> bool:
                     for r in out.dynamic_relocations))
 
 
+def _runtime_needs() -> set[str]:
+    """Sonames of the libraries the runtime loads, itself and through them (libc.so.6, ld.so)."""
+    needed: set[str] = set()
+    todo = [runtime_library()]
+    while todo:
+        for soname in ElfModule(todo.pop()).binary.libraries:
+            if soname not in needed:
+                needed.add(soname)
+                path = find_library(soname)
+                todo += [path] if path else []
+    return needed
+
+
+def _refuse_traps_before_the_runtime(module: ElfModule, plan: ModulePlan) -> None:
+    """A library the runtime itself loads (libc.so.6) runs before the runtime's constructor: the
+    loader and the runtime's own start-up call its malloc. A trap there would kill the program
+    at its first hit; a jump needs nothing from the runtime."""
+    traps = [p for p in plan.probes if p.mechanism == "trap"]
+    if not traps or not module.is_library or module.soname not in _runtime_needs():
+        return
+    probe = traps[0]
+    raise SiteError(f"'{probe.spec}': needs a trap at {probe.address:#x} ({probe.reason}), and {module.soname} "
+                    f"runs before the jprobe runtime can serve traps (the runtime loads it), so its first hit "
+                    f"would kill the program; probe an instruction that gets a jump "
+                    f"(`jprobe sites {module.path} {probe.target} --for patch`)")
+
+
 def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: bool = False) -> ModulePlan:
     """Rewrite `input_path` into `output` with the probes of `specs`."""
     if not specs:
@@ -303,7 +331,12 @@ def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: boo
             raise JprobeError(f"'{spec.text}': `jprobe patch` rewrites one file; drop the '{spec.module}:' "
                               f"prefix, or use `jprobe run` to probe a loaded library")
     module = ElfModule(input_path)
+    module.check_runtime_loads()
+    if module.rewritten:
+        raise JprobeError(f"{input_path}: already rewritten by `jprobe patch` (it loads the jprobe runtime); "
+                          f"patch the original file, with every probe in one `jprobe patch`")
     plan, binary = plan_file(module, specs, strict)
+    _refuse_traps_before_the_runtime(module, plan)
     apply_plan(plan, binary, not module.is_library)
     write_atomically(binary, plan, module, output)
     return plan

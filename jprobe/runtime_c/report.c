@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 
@@ -93,15 +94,17 @@ static size_t utf8_len(const unsigned char *s)
 }
 
 /*
- * A JSON string.  Paths are bytes, not text: a byte that is not valid
- * UTF-8 becomes U+FFFD so that the report always parses.
+ * A JSON string of the first `len` bytes of `str`.  Paths are bytes, not
+ * text: a byte that is not valid UTF-8 becomes U+FFFD so that the report
+ * always parses.
  */
-static void put_json_string(struct buf *b, const char *str)
+static void put_json_chars(struct buf *b, const char *str, size_t len)
 {
 	const unsigned char *s = (const unsigned char *)str;
+	const unsigned char *end = s + len;
 
 	put(b, "\"", 1);
-	while (*s) {
+	while (s < end) {
 		size_t n = utf8_len(s);
 
 		if (*s == '"' || *s == '\\') {
@@ -126,6 +129,11 @@ static void put_json_string(struct buf *b, const char *str)
 	put(b, "\"", 1);
 }
 
+static void put_json_string(struct buf *b, const char *str)
+{
+	put_json_chars(b, str, strlen(str));
+}
+
 static const char *mechanism_name(unsigned int mech)
 {
 	switch (mech) {
@@ -137,11 +145,12 @@ static const char *mechanism_name(unsigned int mech)
 	}
 }
 
+/* The entry of one name of probe `p` (the first `len` bytes of `name`). */
 static void put_probe(struct buf *b, const struct jp_module *m,
-		      const struct jp_probe *p)
+		      const struct jp_probe *p, const char *name, size_t len)
 {
 	puts_(b, "{\"probe\": ");
-	put_json_string(b, table_string(m, p->spec));
+	put_json_chars(b, name, len);
 	puts_(b, ", \"module\": ");
 	put_json_string(b, m->name);
 	putf(b, ", \"address\": \"0x%" PRIx64 "\", \"mechanism\": \"%s\", \"handler\": ",
@@ -179,9 +188,17 @@ static bool build_report(struct buf *b)
 			continue;
 		any = true;
 		for (j = 0; j < m->table->nprobes; j++) {
-			puts_(b, first ? "\n  " : ",\n  ");
-			put_probe(b, m, &probes_of(m)[j]);
-			first = false;
+			/* aliases at one address: one site, one line of its spec per name */
+			const struct jp_probe *p = &probes_of(m)[j];
+			const char *name = table_string(m, p->spec), *end;
+
+			do {
+				end = strchrnul(name, '\n');
+				puts_(b, first ? "\n  " : ",\n  ");
+				put_probe(b, m, p, name, end - name);
+				first = false;
+				name = end + 1;
+			} while (*end);
 		}
 	}
 	puts_(b, "],\n \"errors\": [");
@@ -235,6 +252,17 @@ static bool write_all(int fd, const char *p, size_t len)
 }
 
 /*
+ * The user asked for a report and gets none: one line on stderr whatever
+ * JPROBE_DEBUG says.  Not from a forked child: its parent says the same.
+ */
+static void no_report(const char *path, const char *why)
+{
+	if (!forked_child)
+		dprintf(STDERR_FILENO, "jprobe: no report written to JPROBE_REPORT=%s: %s; "
+			"set it to the path of a file that can be written\n", path, why);
+}
+
+/*
  * Write atomically: a temporary file, then link() to PATH, which fails if
  * PATH exists, so two processes exiting together cannot both take it.  If
  * PATH holds another process's report, ours goes to PATH.PID; anything else
@@ -246,19 +274,25 @@ static void publish_report(const char *report_path, const char *text, size_t len
 {
 	char tmp[PATH_MAX], alt[PATH_MAX];
 	const char *target = report_path;
+	struct stat st;
 	long other;
-	int fd;
+	int fd, err;
 
+	if (!stat(report_path, &st) && S_ISDIR(st.st_mode)) {
+		no_report(report_path, "it is a directory");
+		return;
+	}
 	snprintf(tmp, sizeof(tmp), "%s.tmp.%d", report_path, (int)getpid());
 	snprintf(alt, sizeof(alt), "%s.%d", report_path, (int)getpid());
 	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
 	if (fd < 0) {
-		warn("cannot write the report");
+		no_report(report_path, strerror(errno));
 		return;
 	}
 	if (!write_all(fd, text, len) || close(fd)) {
-		warn("cannot write the report");
+		err = errno;
 		unlink(tmp);
+		no_report(report_path, strerror(err));
 		return;
 	}
 	if (forked_child) {
@@ -272,8 +306,9 @@ static void publish_report(const char *report_path, const char *text, size_t len
 			target = alt;
 	}
 	if (rename(tmp, target)) {
-		warn("cannot rename the report into place");
+		err = errno;
 		unlink(tmp);
+		no_report(target, strerror(err));
 	}
 }
 
@@ -289,4 +324,29 @@ void write_report(const char *path)
 	if (ok)
 		publish_report(path, b.p, b.len);
 	free(b.p);
+}
+
+/* A module whose probes the report would list. */
+static bool any_live_module(void)
+{
+	int i;
+
+	for (i = 0; i < nmodules; i++)
+		if (modules[i].live && !modules[i].foreign)
+			return true;
+	return false;
+}
+
+/*
+ * JPROBE_REPORT set to the empty string names no file; the start-up takes it
+ * for unset (runtime.c), so say it here, at exit, in the process that would
+ * have written the report.
+ */
+__attribute__((destructor))
+static void report_path_empty(void)
+{
+	const char *s = secure_getenv("JPROBE_REPORT");
+
+	if (s && !*s && any_live_module())
+		no_report("", "it is empty");
 }
