@@ -427,7 +427,13 @@ def run_all(program: Program, plans: list[ModulePlan], tally: Tally) -> None:
 # The differential tests
 
 
-@pytest.mark.parametrize("variant", ALL_VARIANTS, ids=str)
+# Two builds in `make test` (PIE at -O0, not PIE at -O3: ~1 minute of emulation each); the
+# other four under `make stress`.
+QUICK = {"O0-pie", "O3-nopie"}
+
+
+@pytest.mark.parametrize("variant", [v if str(v) in QUICK else pytest.param(v, marks=pytest.mark.stress)
+                                     for v in ALL_VARIANTS], ids=str)
 def test_every_pair_runs_like_the_original(variant: Variant, build) -> None:
     tally = Tally()
     for source in SOURCES:

@@ -70,6 +70,7 @@ struct placement {
 	struct trap_index *jumps;	/* its jump sites, likewise */
 	struct trap_index *bounds;	/* every relocated instruction: where its copy is */
 	struct trap_index *interior;	/* those strictly inside a site's patch */
+	struct trap_index *copies;	/* the same read backwards: copy -> original */
 	bool *removed;			/* per probe: taken out (jprobe_rt_set_probe()) */
 	uint64_t **claimed;		/* every BLOCK record it counts in, for live reads */
 	size_t nclaimed, cap_claimed;
@@ -794,10 +795,13 @@ static struct trap_index *jump_index(struct jp_module *m)
  * time), sorted by its original address: for the trap handler, which
  * resumes a thread that meets a placeholder at the relocated copy, and
  * (`interior`: only the instructions strictly inside a patch) for moving
- * threads out of bytes about to change (quiesce.c).  Sites that fell back
+ * threads out of bytes about to change (quiesce.c); `backwards`, sorted by
+ * the copies' addresses, for moving threads back out of a removed probe's
+ * copies.  Sites that fell back
  * to a trap have no relocated copies in use.
  */
-static struct trap_index *boundary_index(struct jp_module *m, bool interior)
+static struct trap_index *boundary_index(struct jp_module *m, bool interior,
+					 bool backwards)
 {
 	const struct placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
@@ -819,6 +823,10 @@ static struct trap_index *boundary_index(struct jp_module *m, bool interior)
 				continue;
 			idx->site[idx->n].pc = m->bias + b[k].vaddr;
 			idx->site[idx->n].resume = pl->text + b[k].reloc;
+			if (backwards) {
+				idx->site[idx->n].pc = pl->text + b[k].reloc;
+				idx->site[idx->n].resume = m->bias + b[k].vaddr;
+			}
 			idx->site[idx->n].probe = &probes_of(m)[i];
 			idx->n++;
 		}
@@ -946,8 +954,9 @@ static struct jp_module *prepare(struct candidate *c)
 	fall_back(m);
 	pl->traps = trap_index(m);
 	pl->jumps = jump_index(m);
-	pl->bounds = boundary_index(m, false);
-	pl->interior = boundary_index(m, true);
+	pl->bounds = boundary_index(m, false, false);
+	pl->interior = boundary_index(m, true, false);
+	pl->copies = boundary_index(m, false, true);
 	pl->removed = calloc(pm->npatches, sizeof(bool));
 	keep_served_sites(m);
 	return m;
@@ -1153,13 +1162,18 @@ static int change_sites(const struct jp_module *m, const uint32_t *ids,
 					   site_prot(m, ids[j]));
 	}
 	sync_cores();
-	if (!ok || (in && !jp_move_threads(pl->interior))) {
+	if (!ok || (in && !jp_move_threads(pl->interior, NULL))) {
 		write_all(m, ids, n, !in, 1, JP_PATCH_MAX);
 		write_all(m, ids, n, !in, 0, 1);
 		return ok ? -EAGAIN : -EIO;
 	}
 	write_all(m, ids, n, in, 1, JP_PATCH_MAX);
 	write_all(m, ids, n, in, 0, 1);
+	for (j = 0; j < n; j++)
+		pl->removed[ids[j]] = !in;
+	/* Out of the removed probes' copies (a thread that does not answer stays: they stay mapped). */
+	if (!in)
+		jp_move_threads(pl->copies, pl->removed);
 	return 0;
 }
 
@@ -1211,8 +1225,6 @@ JP_EXPORT int jprobe_rt_set_probes(uint32_t module, const uint32_t *ids,
 		rc = -ENOTSUP;
 	if (!rc && k)
 		rc = change_sites(m, todo, k, on);
-	for (j = 0; !rc && j < k; j++)
-		m->placed->removed[todo[j]] = !on;
 out:
 	free(todo);
 	pthread_mutex_unlock(&scan_lock);

@@ -28,10 +28,13 @@
  *  3. The bytes behind the placeholders are written, cores synchronised,
  *     then each placeholder byte gets its final value.
  *
- * Removing a probe needs no move: the patch it removes is one instruction
- * (a jump or a trap, apply.c refuses the others), so no thread can be
- * inside it, and the trampolines stay mapped for threads still running
- * their relocated copies or callbacks.
+ * Removing a probe, no thread can be inside the patch (apply.c removes
+ * only patches of one instruction: a jump or a trap), so a placeholder on
+ * its first byte is enough while the original bytes go back.  Then the
+ * threads running relocated copies of its instructions are moved back to
+ * the originals, by the same signal, with the map read the other way; the
+ * trampolines stay mapped for those in count or callback code, which run
+ * out by themselves.
  *
  * What is left open, and written down: a thread that /proc shows running
  * and that enters a blocking system call before the signal arrives has
@@ -68,8 +71,13 @@
 /* How long a running thread may take to answer (it may be descheduled). */
 #define JP_ANSWER_NS	(2 * 1000000000L)
 
-/* The move under way: its index is never freed (a late answer may read it). */
+/*
+ * The move under way: its index is never freed (a late answer may read
+ * it), and when `moving_only` is set, only its entries whose probe id is
+ * true there apply.
+ */
 static const struct trap_index *moving;
+static const bool *moving_only;
 static int answers;
 /*
  * A thread did not answer in time: its answer may still come and be taken
@@ -96,26 +104,27 @@ static const struct trap_site *lookup(const struct trap_index *idx, uint64_t pc)
 }
 
 /* Where a thread at pc goes, or 0 when it stays. */
-uint64_t jp_moved_to(const struct trap_index *moves, uint64_t pc)
+uint64_t jp_moved_to(const struct trap_index *moves, const bool *only, uint64_t pc)
 {
 	const struct trap_site *s = lookup(moves, pc);
 
-	return s ? s->resume : 0;
+	return s && (!only || only[s->probe->id]) ? s->resume : 0;
 }
 
 /* In the trap handler: whether the signal is our request; if so, serve it. */
 bool jp_move_request(const siginfo_t *si, ucontext_t *uc)
 {
 	const struct trap_index *idx;
-	const struct trap_site *s;
 	greg_t *gr = uc->uc_mcontext.gregs;
+	uint64_t to;
 
 	if (si->si_code != SI_QUEUE || si->si_value.sival_ptr != &token ||
 	    si->si_pid != getpid())
 		return false;
 	idx = __atomic_load_n(&moving, __ATOMIC_ACQUIRE);
-	if (idx && (s = lookup(idx, (uint64_t)gr[REG_RIP])))
-		gr[REG_RIP] = s->resume;
+	if (idx && (to = jp_moved_to(idx, __atomic_load_n(&moving_only, __ATOMIC_ACQUIRE),
+				     (uint64_t)gr[REG_RIP])))
+		gr[REG_RIP] = to;
 	__atomic_fetch_add(&answers, 1, __ATOMIC_RELEASE);
 	return true;
 }
@@ -190,11 +199,11 @@ static int ask_all(void)
 }
 
 /*
- * Move every other thread whose rip is one of `moves`' pcs to its resume
- * address (step 2 above).  False when some thread did not answer in time
+ * Move every other thread whose rip is one of `moves`' pcs (of a probe
+ * `only` marks, if given) to its resume address (step 2 above).  False when some thread did not answer in time
  * (it blocks the signal, or is stopped): the caller then writes nothing.
  */
-bool jp_move_threads(const struct trap_index *moves)
+bool jp_move_threads(const struct trap_index *moves, const bool *only)
 {
 	const struct timespec pause = { 0, 50000 };
 	long waited = 0;
@@ -203,8 +212,9 @@ bool jp_move_threads(const struct trap_index *moves)
 	if (unanswered)
 		return false;
 	__atomic_store_n(&answers, 0, __ATOMIC_RELEASE);
+	__atomic_store_n(&moving_only, only, __ATOMIC_RELEASE);
 	__atomic_store_n(&moving, moves, __ATOMIC_RELEASE);
-	jp_move_frames(moves);
+	jp_move_frames(moves, only);
 	asked = ask_all();
 	if (asked < 0)
 		return false;

@@ -345,7 +345,7 @@ static bool any_live_module(void)
 __attribute__((destructor))
 static void report_path_empty(void)
 {
-	const char *s = secure_getenv("JPROBE_REPORT");
+	const char *s = env_value(environ, "JPROBE_REPORT");
 
 	if (s && !*s && any_live_module())
 		no_report("", "it is empty");

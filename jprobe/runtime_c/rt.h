@@ -130,6 +130,7 @@ bool module_mapped(const struct jp_module *m);
 long status_field(const char *name, long dflt);
 void report_own_hits(void);
 void jprobe_rt_start(char **env);
+const char *env_value(char **env, const char *name);
 
 /* threads.c */
 extern __thread uint64_t *tls_blocks[JP_TLS_SLOTS]
@@ -153,7 +154,7 @@ void resolve_signal_functions(void);
 void arm_traps(struct jp_module *m, struct trap_index *idx);
 bool serve_traps(void);
 bool serve_moves(void);
-void jp_move_frames(const struct trap_index *moves);
+void jp_move_frames(const struct trap_index *moves, const bool *only);
 
 /* report.c */
 void write_report(const char *path);
@@ -196,8 +197,8 @@ void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum);
 
 /* quiesce.c */
 bool jp_move_request(const siginfo_t *si, ucontext_t *uc);
-bool jp_move_threads(const struct trap_index *moves);
-uint64_t jp_moved_to(const struct trap_index *moves, uint64_t pc);
+bool jp_move_threads(const struct trap_index *moves, const bool *only);
+uint64_t jp_moved_to(const struct trap_index *moves, const bool *only, uint64_t pc);
 
 /* freestanding.c */
 void jp_heap_child_fork(void);

@@ -964,7 +964,7 @@ static bool traced(void)
  * main.  Before the initialisers libc's `environ` is not set yet: the
  * caller of jprobe_rt_start() passes the environment.
  */
-static const char *env_value(char **env, const char *name)
+const char *env_value(char **env, const char *name)
 {
 	size_t len = strlen(name);
 	char **e;

@@ -398,7 +398,7 @@ static bool read_back(const void *at, void *out, size_t len)
  * Move the saved rip of every listed frame that is one of `moves`' pcs
  * (quiesce.c, from the thread that writes the code).
  */
-void jp_move_frames(const struct trap_index *moves)
+void jp_move_frames(const struct trap_index *moves, const bool *only)
 {
 	size_t i;
 
@@ -412,7 +412,7 @@ void jp_move_frames(const struct trap_index *moves)
 		    mark.magic != JP_FRAME_MAGIC ||
 		    !read_back(&mark.uc->uc_mcontext.gregs[REG_RIP], &rip, sizeof(rip)))
 			continue;
-		to = jp_moved_to(moves, (uint64_t)rip);
+		to = jp_moved_to(moves, only, (uint64_t)rip);
 		if (to)
 			__atomic_compare_exchange_n(&mark.uc->uc_mcontext.gregs[REG_RIP],
 						    &rip, (greg_t)to, false,
