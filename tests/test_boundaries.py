@@ -29,6 +29,7 @@ import unicorn
 from capstone import CS_GRP_CALL
 from conftest import ALL_VARIANTS, Variant
 from elftools.elf.elffile import ELFFile
+from emulation import contiguous
 from unicorn import x86_const as R
 
 from jprobe import layout
@@ -223,17 +224,6 @@ class Outcome:
     flags: int = 0
     xmms: tuple[int, ...] = ()
     memory: dict[int, bytes] = field(default_factory=dict)
-
-
-def contiguous(pages: dict[int, bytes]) -> list[tuple[int, bytes]]:
-    """Pages merged into runs: one mapping each."""
-    runs: list[tuple[int, bytes]] = []
-    for page in sorted(pages):
-        if runs and runs[-1][0] + len(runs[-1][1]) == page:
-            runs[-1] = (runs[-1][0], runs[-1][1] + pages[page])
-        else:
-            runs.append((page, pages[page]))
-    return runs
 
 
 def emulate(pages: dict[int, bytes], state: State, start: int, stop: Callable[[int, int], bool],

@@ -26,6 +26,7 @@ import pytest
 import unicorn
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from emulation import contiguous
 from unicorn import x86_const as R
 
 from jprobe.errors import RelocationError
@@ -98,17 +99,6 @@ class Outcome:
     flags: int
     xmms: tuple[int, ...]
     memory: dict[int, bytes]
-
-
-def contiguous(pages: dict[int, bytes]) -> list[tuple[int, bytes]]:
-    """Pages merged into contiguous runs: one unicorn mapping each (mapping is the slow part)."""
-    runs: list[tuple[int, bytes]] = []
-    for page in sorted(pages):
-        if runs and runs[-1][0] + len(runs[-1][1]) == page:
-            runs[-1] = (runs[-1][0], runs[-1][1] + pages[page])
-        else:
-            runs.append((page, pages[page]))
-    return runs
 
 
 def execute(state: State, code: bytes, start: int, exits: set[int], poison: range) -> Outcome:

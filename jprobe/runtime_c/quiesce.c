@@ -87,26 +87,11 @@ static bool unanswered;
 /* Its address is the value the signal carries: no other sender has it. */
 static int token;
 
-/* The entry of a sorted index at pc, or NULL. */
-static const struct trap_site *lookup(const struct trap_index *idx, uint64_t pc)
-{
-	size_t lo = 0, hi = idx->n;
-
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo) / 2;
-
-		if (idx->site[mid].pc < pc)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	return lo < idx->n && idx->site[lo].pc == pc ? &idx->site[lo] : NULL;
-}
-
 /* Where a thread at pc goes, or 0 when it stays. */
 uint64_t jp_moved_to(const struct trap_index *moves, const bool *only, uint64_t pc)
 {
-	const struct trap_site *s = lookup(moves, pc);
+	size_t count;
+	const struct trap_site *s = index_search(moves, pc, &count);
 
 	return s && (!only || only[s->probe->id]) ? s->resume : 0;
 }

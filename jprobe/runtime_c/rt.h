@@ -152,6 +152,8 @@ void blocks_child_fork(void);
 #define JP_MOVE_SIG	63	/* SIGRTMAX - 1: threads, move out (quiesce.c) */
 void resolve_signal_functions(void);
 void arm_traps(struct jp_module *m, struct trap_index *idx);
+const struct trap_site *index_search(const struct trap_index *idx, uint64_t pc,
+				     size_t *count);
 bool serve_traps(void);
 bool serve_moves(void);
 void jp_move_frames(const struct trap_index *moves, const bool *only);

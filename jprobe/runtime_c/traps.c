@@ -167,8 +167,8 @@ static void chained_try_set(struct chain *c, const struct sigaction *act)
 }
 
 /* The first site at `pc` in a sorted index, and how many there are; NULL if none. */
-static const struct trap_site *search(const struct trap_index *idx, uint64_t pc,
-				      size_t *count)
+const struct trap_site *index_search(const struct trap_index *idx, uint64_t pc,
+				     size_t *count)
 {
 	size_t lo = 0, hi = idx->n, end;
 
@@ -189,43 +189,40 @@ static const struct trap_site *search(const struct trap_index *idx, uint64_t pc,
 }
 
 /*
- * The first of the trap sites at `pc` (several probes may share one site),
- * and how many there are.  Lock-free: modules and indexes only grow, and
- * an index is never freed once published.
+ * The first entry at `pc` of the index each live module keeps at `which`
+ * (traps, jumps, bounds), and how many there are.  Lock-free: modules and
+ * indexes only grow, and an index is never freed once published.
  */
-static const struct trap_site *find_trap(uint64_t pc, size_t *count)
+static const struct trap_site *find_in(size_t which, uint64_t pc, size_t *count)
 {
 	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
 
 	for (i = 0; i < n; i++) {
+		struct trap_index **slot = (struct trap_index **)((char *)&modules[i] + which);
 		const struct trap_index *idx;
 		const struct trap_site *site;
 
 		if (!__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE))
 			continue;
-		idx = __atomic_load_n(&modules[i].traps, __ATOMIC_ACQUIRE);
-		if (idx && (site = search(idx, pc, count)))
+		idx = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+		if (idx && (site = index_search(idx, pc, count)))
 			return site;
 	}
 	return NULL;
 }
 
+/* The trap sites at `pc` (several probes may share one site), and how many. */
+static const struct trap_site *find_trap(uint64_t pc, size_t *count)
+{
+	return find_in(offsetof(struct jp_module, traps), pc, count);
+}
+
 /* Whether pc is a jump site apply.c patches (or has patched) in this process. */
 static bool is_jump_site(uint64_t pc)
 {
-	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
 	size_t count;
 
-	for (i = 0; i < n; i++) {
-		const struct trap_index *idx;
-
-		if (!__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE))
-			continue;
-		idx = __atomic_load_n(&modules[i].jumps, __ATOMIC_ACQUIRE);
-		if (idx && search(idx, pc, &count))
-			return true;
-	}
-	return false;
+	return find_in(offsetof(struct jp_module, jumps), pc, &count);
 }
 
 /*
@@ -235,20 +232,10 @@ static bool is_jump_site(uint64_t pc)
  */
 static uint64_t relocated(uint64_t pc)
 {
-	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
 	size_t count;
+	const struct trap_site *s = find_in(offsetof(struct jp_module, bounds), pc, &count);
 
-	for (i = 0; i < n; i++) {
-		const struct trap_index *idx;
-		const struct trap_site *s;
-
-		if (!__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE))
-			continue;
-		idx = __atomic_load_n(&modules[i].bounds, __ATOMIC_ACQUIRE);
-		if (idx && (s = search(idx, pc, &count)))
-			return s->resume;
-	}
-	return 0;
+	return s ? s->resume : 0;
 }
 
 /*
