@@ -628,7 +628,7 @@ static void set_up_module(struct jp_module *m, const struct found *f)
 
 /*
  * The callbacks of the modules set up before the program's initialisers
- * ran (start_up()): their libraries can be opened now.  Until now their
+ * ran (jprobe_rt_start()): their libraries can be opened now.  Until now their
  * probes only counted.
  */
 static void resolve_early_callbacks(void)
@@ -955,10 +955,6 @@ static bool traced(void)
 }
 
 /*
- * `jprobe run` started us: run mode as soon as the counters file is usable,
- * so that a problem with the plan goes into it.
- */
-/*
  * An environment variable, read from the environment itself: a program may
  * define its own getenv() (bash does), which must not run, or count, before
  * main.  Before the initialisers libc's `environ` is not set yet: the
@@ -975,6 +971,10 @@ const char *env_value(char **env, const char *name)
 	return NULL;
 }
 
+/*
+ * `jprobe run` started us: run mode as soon as the counters file is usable,
+ * so that a problem with the plan goes into it.
+ */
 static void open_run_files(char **env)
 {
 	const char *plan = env_value(env, "JPROBE_PLAN");
