@@ -1461,7 +1461,7 @@ static void move_table(struct jp_module *m)
 	memcpy(copy, (void *)pl->data, pm->data_size);
 	p = (struct jp_probe *)(copy + (m->table->probes - pm->data_vaddr));
 	for (j = 0; j < m->table->nprobes; j++)
-		p[j].hits = 0;
+		zero_counts(&p[j]);
 	counters_publish(rec, JP_SHM_TABLE);
 	if (mmap((void *)pl->data, pl->data_len, PROT_READ | PROT_WRITE,
 		 MAP_SHARED | MAP_FIXED, counters_fd(), counters_offset(copy)) == MAP_FAILED)

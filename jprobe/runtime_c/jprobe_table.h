@@ -18,7 +18,7 @@
 
 #define JP_MAGIC	"JPROBE\0\1"
 #define JP_MAGIC_LEN	8
-#define JP_TABLE_VERSION 3
+#define JP_TABLE_VERSION 4
 
 /* JPROBE_LAYOUT_BEGIN: read by jprobe's planner (via cffi). */
 struct jp_table {
@@ -31,6 +31,7 @@ struct jp_table {
 	uint64_t module;	/* string offset: module path at patch time */
 	uint64_t ready;		/* runtime: 1 once callbacks are resolved */
 	int64_t tls_off;	/* runtime: see "Per-thread counters" below; 0 = none */
+	int64_t guard_off;	/* runtime: see "Callbacks are not re-entered" below */
 	uint64_t islands;	/* vaddr of struct jp_island[nislands] */
 	uint32_t nislands;
 	uint32_t pad;
@@ -59,6 +60,8 @@ struct jp_probe {
 	uint8_t len;		/* bytes the site's patch covers */
 	uint8_t pad[3];
 	uint8_t original[16];	/* JP_PATCH_MAX: the site's bytes before patching */
+	uint64_t missed;	/* callback: hits while the thread was in a callback */
+	uint64_t skipped;	/* callback: hits before the callback was resolved */
 };
 
 /*
@@ -79,7 +82,7 @@ struct jp_island {
 };
 /*
  * A packed table.  A rewritten program probed at many sites would carry
- * ~200 bytes a probe (88-byte descriptors, ~80 bytes of trampoline); packed,
+ * ~200 bytes a probe (104-byte descriptors, ~80 bytes of trampoline); packed,
  * it carries ~12.  The file then holds, at t->packed (the start of the
  * trampolines' segment, whose memory is otherwise zero), this header and
  * four streams; the runtime unpacks them before anything else reads the
@@ -167,6 +170,19 @@ enum { JP_HOLE_HITS = 0, JP_HOLE_TLS = 1, JP_HOLE_SLOT = 2 };
  * that block when there is one, and to jp_probe.hits with a locked increment
  * otherwise, so a hit is counted exactly once either way.  The runtime adds
  * the blocks into the totals when a thread exits and when it reports.
+ */
+
+/*
+ * Callbacks are not re-entered.  A callback that reaches a probed function
+ * (a malloc() probe whose callback allocates) would otherwise recurse until
+ * the stack overflows.  guard_off is the %fs-relative offset of a byte of
+ * the runtime's static TLS that is non-zero while the thread runs a
+ * callback of any probe (as kprobes and Frida's interceptor do): a hit
+ * meanwhile is counted, its callback is not run, and jp_probe.missed says
+ * so.  A hit before the callback is resolved (before the runtime's
+ * constructor opened its library, or when it could not) counts in
+ * jp_probe.skipped.  So for a callback probe: hits = the callback's calls +
+ * missed + skipped.  The runtime sets guard_off before it sets any callback.
  */
 
 enum { JP_HANDLER_COUNT = 0, JP_HANDLER_CALLBACK = 1 };

@@ -164,8 +164,13 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 	} else {
 		puts_(b, "\"count\"");
 	}
-	putf(b, ", \"hits\": %" PRIu64 ", \"lost\": 0}",
+	putf(b, ", \"hits\": %" PRIu64 ", \"lost\": 0",
 	     probe_hits(m, p - probes_of(m)));
+	if (p->handler == JP_HANDLER_CALLBACK)
+		putf(b, ", \"missed\": %" PRIu64 ", \"callback_skipped\": %" PRIu64,
+		     __atomic_load_n(&p->missed, __ATOMIC_RELAXED),
+		     __atomic_load_n(&p->skipped, __ATOMIC_RELAXED));
+	puts_(b, "}");
 }
 
 /*

@@ -3,7 +3,7 @@
  * rt.h - what the files of the runtime share.
  *
  *	runtime.c	start-up and exit, the module list, probe tables, callbacks, fork
- *	threads.c	per-thread counter blocks
+ *	threads.c	per-thread counter blocks, the callback guard
  *	traps.c		trap-fallback probes and the signal functions around them
  *	report.c	the JSON report of a patched program (JPROBE_REPORT)
  *	shm.c		the counters file of `jprobe run` (jprobe_shm.h)
@@ -127,6 +127,7 @@ bool begin_set_up(struct jp_module *m);
 void publish_traps(struct jp_module *m, struct trap_index *idx);
 void end_set_up(struct jp_module *m);
 bool module_mapped(const struct jp_module *m);
+void zero_counts(struct jp_probe *p);
 long status_field(const char *name, long dflt);
 void report_own_hits(void);
 void jprobe_rt_start(char **env);
@@ -134,9 +135,12 @@ void jprobe_rt_start(char **env);
 /* threads.c */
 extern __thread uint64_t *tls_blocks[JP_TLS_SLOTS]
 	__attribute__((tls_model("initial-exec")));
+extern __thread uint8_t in_callback
+	__attribute__((tls_model("initial-exec")));
 extern pthread_mutex_t blocks_lock;
 extern int counting;
 int64_t tls_offset(int slot);
+int64_t guard_offset(void);
 void watch_thread_exits(void);
 void attach_block(struct jp_module *m);
 void forget_blocks(struct jp_module *m);

@@ -568,9 +568,10 @@ static int find_tables(struct dl_phdr_info *info, size_t size, void *data)
 /*
  * The first half of what the running process must fill in before the
  * module's probes are complete: claim the table, and make it count per
- * thread.  vec_mode goes first: a callback becomes callable as soon as its
- * pointer is stored, and its trampoline must then save the right registers.
- * False when another copy of the runtime serves the table.
+ * thread.  vec_mode and guard_off go first: a callback becomes callable as
+ * soon as its pointer is stored, and its trampoline must then save the
+ * right registers and find the thread's guard.  False when another copy of
+ * the runtime serves the table.
  */
 bool begin_set_up(struct jp_module *m)
 {
@@ -584,6 +585,7 @@ bool begin_set_up(struct jp_module *m)
 		return false;
 	}
 	__atomic_store_n(&m->table->vec_mode, vec_mode, __ATOMIC_RELEASE);
+	__atomic_store_n(&m->table->guard_off, guard_offset(), __ATOMIC_RELEASE);
 	if (m->slot >= 0) {
 		attach_block(m);
 		__atomic_store_n(&m->table->tls_off, tls_offset(m->slot),
@@ -827,6 +829,14 @@ bool module_mapped(const struct jp_module *m)
 
 /* ---- fork ------------------------------------------------------------- */
 
+/* A forked child's probe starts from zero: its hits and why callbacks did not run. */
+void zero_counts(struct jp_probe *p)
+{
+	__atomic_store_n(&p->hits, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&p->missed, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&p->skipped, 0, __ATOMIC_RELAXED);
+}
+
 static void atfork_prepare(void)
 {
 	blocks_prepare_fork();
@@ -859,7 +869,7 @@ static void atfork_child(void)
 			continue;
 		p = probes_of(m);
 		for (j = 0; j < m->table->nprobes; j++)
-			__atomic_store_n(&p[j].hits, 0, __ATOMIC_RELAXED);
+			zero_counts(&p[j]);
 	}
 	blocks_child_fork();
 	placed_child_fork();
