@@ -321,6 +321,13 @@ char *strrchr(const char *s, int c)
 	return (char *)last;
 }
 
+char *strchrnul(const char *s, int c)
+{
+	while (*s && *s != (char)c)
+		s++;
+	return (char *)s;
+}
+
 char *strstr(const char *hay, const char *needle)
 {
 	size_t n = strlen(needle);

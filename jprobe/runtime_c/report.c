@@ -348,10 +348,8 @@ static bool any_live_module(void)
  * have written the report.
  */
 __attribute__((destructor))
-static void report_path_empty(void)
+static void say_report_path_empty(void)
 {
-	const char *s = secure_getenv("JPROBE_REPORT");
-
-	if (s && !*s && any_live_module())
+	if (report_path_empty && any_live_module())
 		no_report("", "it is empty");
 }

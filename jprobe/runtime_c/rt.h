@@ -100,6 +100,7 @@ extern pthread_mutex_t scan_lock;
 
 extern bool ud_traps;		/* trap sites raise #UD, not int3 */
 extern bool forked_child;
+extern bool report_path_empty;
 extern char exe_path[];
 
 /* runtime.c */

@@ -60,6 +60,7 @@ static bool debug;
 static pid_t own_pid;		/* getpid() at start-up and after fork() */
 static bool run_mode;		/* `jprobe run` started us (JPROBE_COUNTERS) */
 static char *report_path;	/* absolute: the program may chdir() */
+bool report_path_empty;		/* JPROBE_REPORT is set, to "" */
 char exe_path[PATH_MAX];
 static uint64_t vec_mode;
 static bool atfork_done;
@@ -1006,6 +1007,7 @@ static void read_environment(char **env)
 	s = env_value(env, "JPROBE_REPORT");
 	if (s && *s)
 		report_path = absolute(s);
+	report_path_empty = s && !*s;
 	s = env_value(env, "JPROBE_TRAP");
 	ud_traps = (s && !strcmp(s, "ud")) || traced();
 	n = readlink("/proc/self/exe", exe_path, PATH_MAX - 1);
