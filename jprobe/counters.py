@@ -52,6 +52,7 @@ class Tally:
     skipped: defaultdict = field(default_factory=_per_pid)    # callback not run: not resolved yet
     errors: list[str] = field(default_factory=list)           # the messages the processes left
     settled: dict = field(default_factory=dict)               # {key: "trap"}: fell back at run time
+    unpatched: set = field(default_factory=set)               # keys whose site a process left alone
     placed: set[int] = field(default_factory=set)             # modules some process placed (TABLE)
 
 
@@ -68,7 +69,7 @@ def tally(path: str, modules: list[PlannedModule]) -> Tally:
     with open(path, "rb") as f:
         data = f.read()
     out = Tally()
-    trap = layout.MECHANISMS["trap"]
+    trap, unpatched = layout.MECHANISMS["trap"], layout.CONST["JP_PROBE_UNPATCHED"]
     for kind, module, pid, payload in _records(data):
         if kind == layout.CONST["JP_SHM_ERROR"]:
             out.errors.append(payload.split(b"\0", 1)[0].decode(errors="replace"))
@@ -85,6 +86,8 @@ def tally(path: str, modules: list[PlannedModule]) -> Tally:
                 out.skipped[key][pid] += probe.skipped
                 if probe.mechanism == trap:
                     out.settled[key] = "trap"
+                if probe.flags & unpatched:
+                    out.unpatched.add(key)
         elif kind == layout.CONST["JP_SHM_BLOCK"]:
             for i, c in enumerate(struct.unpack_from(f"<{n}Q", payload)):
                 out.hits[(module, i)][pid] += c
@@ -103,7 +106,8 @@ def build_report(path: str, modules: list[PlannedModule], pid: int, executable: 
 
     A module no process placed and no error names never loaded: its probes say `"loaded":
     false` rather than pass for probes that were never hit. A callback probe says why its
-    callback did not run for some hits (`missed`, `callback_skipped`)."""
+    callback did not run for some hits (`missed`, `callback_skipped`); a probe some process
+    left unpatched says `"patched": false`."""
     t = tally(path, modules)
     callbacks = _callback_probes(modules)
     pids = sorted({p for per_pid in t.hits.values() for p in per_pid} - {pid})
@@ -120,6 +124,8 @@ def build_report(path: str, modules: list[PlannedModule], pid: int, executable: 
             e["callback_skipped"] = t.skipped[key].get(one_pid, 0)
         if i in never:
             e["loaded"] = False
+        elif key in t.unpatched:
+            e["patched"] = False
         return e
 
     def report_of(one_pid: int) -> dict:
@@ -131,6 +137,11 @@ def build_report(path: str, modules: list[PlannedModule], pid: int, executable: 
     merged = merge_reports([report_of(p) for p in [pid, *pids]])
     merged["errors"] = t.errors
     return merged
+
+
+def unpatched(report: dict) -> list[str]:
+    """The probes a report says were left unpatched."""
+    return [p["probe"] for p in report["probes"] if p.get("patched") is False]
 
 
 def never_loaded(report: dict) -> dict[str, list[str]]:

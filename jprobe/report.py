@@ -4,9 +4,10 @@ A report is ``{"pid": ..., "executable": ..., "probes": [PROBE, ...], "errors": 
 each PROBE holds ``probe``, ``module``, ``address``, ``mechanism``, ``handler``, ``hits``,
 ``lost`` and optionally ``by_pid`` (``{"1234": N, ...}``), ``events`` (trace records),
 ``events_file`` (where the trace records went), ``loaded: false`` (its module never
-loaded), and for a C callback ``missed`` and ``callback_skipped`` (hits whose callback did
-not run: the thread was already in a callback, or the callback was not resolved yet).  A
-merged report (``jprobe run``) adds ``"pids"``: every process that wrote a report.
+loaded), ``patched: false`` (its site was left as it was), and for a C callback ``missed``
+and ``callback_skipped`` (hits whose callback did not run: the thread was already in a
+callback, or the callback was not resolved yet).  A merged report (``jprobe run``) adds
+``"pids"``: every process that wrote a report.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def format_report(report: dict) -> str:
     numeric = {"hits", *extra}
     rows: list[list[str]] = []
     for p in probes:
-        placed = p.get("loaded") is not False
+        placed = p.get("loaded") is not False and p.get("patched") is not False
         row = [
             _text(p.get("probe")),
             _module_name(p.get("module")),
@@ -104,6 +105,8 @@ def format_report(report: dict) -> str:
             lines.append(label.ljust(indent) + str(n).rjust(widths[hits_col]))
         if p.get("loaded") is False:
             lines.append("  never loaded: its module was not loaded, so the probe was not placed")
+        elif p.get("patched") is False:
+            lines.append("  not patched: its site was left as it was (the errors say why)")
         events = p.get("events")
         if isinstance(events, list):
             noun = "event" if len(events) == 1 else "events"

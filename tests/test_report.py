@@ -80,6 +80,14 @@ def test_format_callback_counts_only_when_nonzero():
     assert lines[3][:end].endswith("2") and lines[2].split()[-1] == "1523"
 
 
+def test_format_unpatched_probe():
+    report = copy.deepcopy(SAMPLE)
+    report["probes"][0]["patched"] = False
+    lines = format_report(report).splitlines()
+    assert lines[2].split()[3] == "-"
+    assert lines[3] == "  not patched: its site was left as it was (the errors say why)"
+
+
 def test_format_by_pid_indented():
     report = copy.deepcopy(SAMPLE)
     report["probes"][0]["by_pid"] = {"1240": 23, "1234": 1500}

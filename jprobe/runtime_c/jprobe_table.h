@@ -34,7 +34,7 @@ struct jp_table {
 	int64_t guard_off;	/* runtime: see "Callbacks are not re-entered" below */
 	uint64_t islands;	/* vaddr of struct jp_island[nislands] */
 	uint32_t nislands;
-	uint32_t pad;
+	uint32_t flags;		/* JP_TABLE_* */
 	uint64_t packed;	/* vaddr of a struct jp_packed, 0 = none (see below) */
 	uint64_t packed_size;	/* its bytes, header included */
 	uint64_t text;		/* vaddr of the trampolines a packed table unpacks */
@@ -207,5 +207,18 @@ enum { JP_VEC_NONE = 0, JP_VEC_SSE = 1, JP_VEC_AVX = 2, JP_VEC_AVX512 = 3 };
  * clears the flag when the library it loads has another build-id.
  */
 #define JP_PROBE_NOVEC	0x2
+/*
+ * Runtime: the site was left as it was (its code differs from the plan's,
+ * it could not be written, or under --strict it would have fallen back to
+ * a trap): the probe counts nothing, and the report says so.
+ */
+#define JP_PROBE_UNPATCHED	0x4
+
+/*
+ * Planned with --strict: no probe may become a trap at run time either.  A
+ * probe that would fall back to one (its island's page taken, or its jump
+ * reading a site that is not as planned) is left as it was instead.
+ */
+#define JP_TABLE_STRICT	0x1
 
 #endif /* JPROBE_TABLE_H */

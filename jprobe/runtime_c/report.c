@@ -170,6 +170,8 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 		putf(b, ", \"missed\": %" PRIu64 ", \"callback_skipped\": %" PRIu64,
 		     __atomic_load_n(&p->missed, __ATOMIC_RELAXED),
 		     __atomic_load_n(&p->skipped, __ATOMIC_RELAXED));
+	if (__atomic_load_n(&p->flags, __ATOMIC_RELAXED) & JP_PROBE_UNPATCHED)
+		puts_(b, ", \"patched\": false");
 	puts_(b, "}");
 }
 

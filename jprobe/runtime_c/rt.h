@@ -181,6 +181,7 @@ enum {
 	JP_FATE_PLANNED,		/* written as the planner wrote it */
 	JP_FATE_CHANGED,		/* not written, or a trap made #UD */
 	JP_FATE_TRAP,			/* falls back: original bytes, first one a trap */
+	JP_FATE_LEFT,			/* would fall back, under --strict: left as it was */
 };
 void *map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
 		  uint64_t off);
