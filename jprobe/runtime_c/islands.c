@@ -10,8 +10,9 @@
  * The runtime maps the islands' pages, never over anything already there
  * (MAP_FIXED_NOREPLACE), before any of the module's code runs.  A probe
  * whose island cannot be had gets its site's original bytes back, with a
- * trap on the first, and so does every probe whose jump reads bytes of a
- * site that is not as planned (`depends`).
+ * trap on the first (under --strict, without: the probe is out), and so
+ * does every probe whose jump reads bytes of a site that is not as planned
+ * (`depends`).
  *
  * Both ways the runtime meets a table go through here: a patched file's
  * (land_file_islands(), whose sites are patched already) and a plan's
@@ -354,6 +355,7 @@ static uint8_t fallback(const struct jp_module *m)
 	return strict(m) ? JP_FATE_LEFT : JP_FATE_TRAP;
 }
 
+/* What the errors say became of it. */
 static const char *fallback_words(const struct jp_module *m)
 {
 	return strict(m) ? "left unpatched, since --strict allows no trap" :
