@@ -97,7 +97,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
                              f"{', '.join(probes)}\n")
     else:
         sys.stderr.write(text)
-    return status
+    return _strict_status(report, status) if args.strict else status
+
+
+def _strict_status(report: dict, status: int) -> int:
+    """Under --strict, a probe the runtime left unpatched (it would have become a trap once
+    the program ran: an island's page taken, a module loaded later) fails the run, after the
+    program, whose own status is then only named."""
+    from .counters import unpatched
+
+    left = unpatched(report)
+    if not left:
+        return status
+    sys.stderr.write(f"jprobe: error: --strict: {', '.join(left)} left unpatched (the report's errors say why; "
+                     f"drop --strict to accept the int3 fallback); the program exited with status {status}\n")
+    return EXIT_BAD_INPUT
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import mmap
 import struct
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from . import layout
 from .planfile import PlannedModule
@@ -38,64 +39,109 @@ def _records(data: bytes):
         at += -at % 8
 
 
-def hits_by_pid(path: str, modules: list[PlannedModule]) -> tuple[dict, list[str], dict, set[int]]:
-    """{(module index, probe index): {pid: hits}}, the error messages the processes left,
-    {(module index, probe index): mechanism} as the runtime settled it (a pun whose island
-    was taken became a trap), and the modules some process placed (a TABLE record)."""
+def _per_pid() -> defaultdict:
+    return defaultdict(lambda: defaultdict(int))
+
+
+@dataclass
+class Tally:
+    """What the processes of a run left in the counters file, by (module index, probe index)."""
+
+    hits: defaultdict = field(default_factory=_per_pid)       # {key: {pid: n}}
+    missed: defaultdict = field(default_factory=_per_pid)     # callback not run: already in one
+    skipped: defaultdict = field(default_factory=_per_pid)    # callback not run: not resolved yet
+    errors: list[str] = field(default_factory=list)           # the messages the processes left
+    settled: dict = field(default_factory=dict)               # {key: "trap"}: fell back at run time
+    unpatched: set = field(default_factory=set)               # keys whose site a process left alone
+    placed: set[int] = field(default_factory=set)             # modules some process placed (TABLE)
+
+
+def _table_probes(payload: bytes, n: int):
+    """The struct jp_probe records of a TABLE record's table."""
+    at = layout.sizeof("jp_table")
+    return layout.ffi.from_buffer("struct jp_probe[]", payload[at:at + n * layout.sizeof("jp_probe")])
+
+
+def tally(path: str, modules: list[PlannedModule]) -> Tally:
+    """Everything the counters file says: hits per pid (TABLE and BLOCK records), why
+    callbacks did not run (TABLE records: missed and skipped are counted only there), which
+    probes the runtime settled otherwise than planned, and the errors."""
     with open(path, "rb") as f:
         data = f.read()
-    table_size, probe_size = layout.sizeof("jp_table"), layout.sizeof("jp_probe")
-    hits: dict = defaultdict(lambda: defaultdict(int))
-    errors: list[str] = []
-    settled: dict = {}
-    placed: set[int] = set()
-    names = {v: k for k, v in layout.MECHANISMS.items()}
-    mech_at = layout.offsetof("jp_probe", "mechanism")
+    out = Tally()
+    trap, unpatched = layout.MECHANISMS["trap"], layout.CONST["JP_PROBE_UNPATCHED"]
     for kind, module, pid, payload in _records(data):
         if kind == layout.CONST["JP_SHM_ERROR"]:
-            errors.append(payload.split(b"\0", 1)[0].decode(errors="replace"))
+            out.errors.append(payload.split(b"\0", 1)[0].decode(errors="replace"))
             continue
         if module >= len(modules):
             continue
         n = len(modules[module].plan.probes)
         if kind == layout.CONST["JP_SHM_TABLE"]:
-            placed.add(module)
-            counts = [struct.unpack_from("<Q", payload, table_size + i * probe_size)[0] for i in range(n)]
-            for i in range(n):
-                (mech,) = struct.unpack_from("<H", payload, table_size + i * probe_size + mech_at)
-                if mech in names and names[mech] == "trap":
-                    settled[(module, i)] = "trap"
+            out.placed.add(module)
+            for i, probe in enumerate(_table_probes(payload, n)):
+                key = (module, i)
+                out.hits[key][pid] += probe.hits
+                out.missed[key][pid] += probe.missed
+                out.skipped[key][pid] += probe.skipped
+                if probe.mechanism == trap:
+                    out.settled[key] = "trap"
+                if probe.flags & unpatched:
+                    out.unpatched.add(key)
         elif kind == layout.CONST["JP_SHM_BLOCK"]:
-            counts = list(struct.unpack_from(f"<{n}Q", payload))
-        else:
-            continue
-        for i, c in enumerate(counts):
-            hits[(module, i)][pid] += c
-    return hits, errors, settled, placed
+            for i, c in enumerate(struct.unpack_from(f"<{n}Q", payload)):
+                out.hits[(module, i)][pid] += c
+    return out
+
+
+def _callback_probes(modules: list[PlannedModule]) -> set[tuple[int, int]]:
+    """The probes whose handler is a C callback, as their plans' tables say."""
+    callback = layout.HANDLERS["callback"]
+    return {(i, j) for i, m in enumerate(modules)
+            for j, probe in enumerate(_table_probes(m.plan.data, len(m.plan.probes))) if probe.handler == callback}
 
 
 def build_report(path: str, modules: list[PlannedModule], pid: int, executable: str) -> dict:
     """The SPEC §3 report of a whole `jprobe run` process tree (`by_pid` when several hit).
 
     A module no process placed and no error names never loaded: its probes say `"loaded":
-    false` rather than pass for probes that were never hit."""
-    hits, errors, settled, placed = hits_by_pid(path, modules)
-    pids = sorted({p for per_pid in hits.values() for p in per_pid} - {pid})
+    false` rather than pass for probes that were never hit. A callback probe says why its
+    callback did not run for some hits (`missed`, `callback_skipped`); a probe some process
+    left unpatched says `"patched": false`."""
+    t = tally(path, modules)
+    callbacks = _callback_probes(modules)
+    pids = sorted({p for per_pid in t.hits.values() for p in per_pid} - {pid})
     never = {i for i, m in enumerate(modules)
-             if i not in placed and not any(m.plan.module in e for e in errors)}
+             if i not in t.placed and not any(m.plan.module in e for e in t.errors)}
+
+    def entry(i: int, j: int, name: str, one_pid: int) -> dict:
+        probe, key = modules[i].plan.probes[j], (i, j)
+        e = {"probe": name, "module": modules[i].plan.module, "address": f"{probe.address:#x}",
+             "mechanism": t.settled.get(key, probe.mechanism), "handler": probe.handler,
+             "hits": t.hits[key].get(one_pid, 0), "lost": 0}
+        if key in callbacks:
+            e["missed"] = t.missed[key].get(one_pid, 0)
+            e["callback_skipped"] = t.skipped[key].get(one_pid, 0)
+        if i in never:
+            e["loaded"] = False
+        elif key in t.unpatched:
+            e["patched"] = False
+        return e
 
     def report_of(one_pid: int) -> dict:
         # one entry per name: aliases at one address are one site (planner.ResolvedProbe.names)
-        probes = [{"probe": name, "module": m.plan.module, "address": f"{probe.address:#x}",
-                   "mechanism": settled.get((i, j), probe.mechanism), "handler": probe.handler,
-                   "hits": hits[(i, j)].get(one_pid, 0), "lost": 0, **({"loaded": False} if i in never else {})}
-                  for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)
+        probes = [entry(i, j, name, one_pid) for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)
                   for name in probe.target.split("\n")]
         return {"pid": one_pid, "executable": executable, "probes": probes, "errors": []}
 
     merged = merge_reports([report_of(p) for p in [pid, *pids]])
-    merged["errors"] = errors
+    merged["errors"] = t.errors
     return merged
+
+
+def unpatched(report: dict) -> list[str]:
+    """The probes a report says were left unpatched."""
+    return [p["probe"] for p in report["probes"] if p.get("patched") is False]
 
 
 def never_loaded(report: dict) -> dict[str, list[str]]:

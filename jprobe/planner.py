@@ -92,7 +92,8 @@ def _refuse_trap(spec: ProbeSpec, site: Site) -> None:
 
 
 def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: dict[int, ProbePlan],
-                        strict: bool, tactics: bool, room: int | None) -> tuple[dict[int, Site], list[tuple[int, int, int]]]:
+                        strict: bool, tactics: bool, room: int | None,
+                        movable: bool) -> tuple[dict[int, Site], list[tuple[int, int, int]]]:
     """Puns and evictions for the sites that would trap, highest address first.
 
     A punned rel32 reads the bytes after its instruction as they will be, so every
@@ -100,11 +101,17 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
     When nothing else fits and the next instruction is a probe with a jump of its own,
     that jump is re-aimed through an island chosen together with this one (`_rejump`).
     Returns the decisions and the islands of re-aimed jumps.
+
+    `movable` (`jprobe run`): the applier may place the trampolines elsewhere, which
+    changes the rel32 of every jump that reaches them, and a pun that read such a jump's
+    bytes falls back to a trap. Under `strict` no pun may read them: the jump is
+    re-aimed through an island, or the probe refused here, before the program starts.
     """
     analyzer = probes[0].analyzer
     overlay = Overlay(module)
     for i, plan in plans.items():
-        overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism == "trap")
+        overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism == "trap",
+                    unstable=strict and movable and plan.patch_fixup is not None)
     islands = analyzer.islands(len(probes), room)
     at_address = {p.address: i for i, p in enumerate(probes)}
     decided: dict[int, Site] = {}
@@ -216,14 +223,17 @@ class _Strings:
 
 
 def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, data_vaddr: int,
-               strict: bool = False, islands: bool = True, room: int | None = None) -> ModulePlan:
+               strict: bool = False, islands: bool = True, room: int | None = None,
+               movable: bool = False) -> ModulePlan:
     """Trampolines at text_vaddr, the probe table at data_vaddr, and the site patches.
 
     Jumps first (their bytes depend on where their trampolines are), then the sites that
     need a pun or an eviction (their rel32 may read those bytes). Without `islands` (an
     applier that cannot map them before the code runs) those sites trap. `room`: how far
     past the image the added regions may reach (islands stay beyond), by default what
-    text_room() keeps for this many probes.
+    text_room() keeps for this many probes. `movable`: the applier may place text and data
+    elsewhere (`jprobe run`). `strict` is in the table too: the runtime then leaves a probe
+    that would fall back to a trap as it was (JP_TABLE_STRICT).
     """
     ffi = layout.ffi
     table_probes = data_vaddr + TABLE_SIZE
@@ -236,7 +246,8 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     for i, probe in enumerate(probes):
         if probe.site.mechanism != "trap" or probe.site.length >= arch.JUMP_SIZE:
             plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], data_vaddr, stubs)
-    short, rejumped = _decide_short_sites(module, probes, plans, strict, islands, room) if probes else ({}, [])
+    short, rejumped = (_decide_short_sites(module, probes, plans, strict, islands, room, movable)
+                       if probes else ({}, []))
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
         plans[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], data_vaddr, stubs, islands)
@@ -270,6 +281,7 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     table.magic = layout.MAGIC
     table.version = layout.TABLE_VERSION
     table.nprobes = len(probes)
+    table.flags = layout.CONST["JP_TABLE_STRICT"] if strict else 0
     table.probes = table_probes
     records = ffi.new("struct jp_island[]", max(len(islands), 1))
     for record, (at, target, owner) in zip(records, islands):

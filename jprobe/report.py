@@ -3,8 +3,11 @@
 A report is ``{"pid": ..., "executable": ..., "probes": [PROBE, ...], "errors": [...]}`` where
 each PROBE holds ``probe``, ``module``, ``address``, ``mechanism``, ``handler``, ``hits``,
 ``lost`` and optionally ``by_pid`` (``{"1234": N, ...}``), ``events`` (trace records),
-``events_file`` (where the trace records went) or ``loaded: false`` (its module never
-loaded).  A merged report (``jprobe run``) adds ``"pids"``: every process that wrote a report.
+``events_file`` (where the trace records went), ``loaded: false`` (its module never
+loaded), ``patched: false`` (its site was left as it was), and for a C callback ``missed``
+and ``callback_skipped`` (hits whose callback did not run: the thread was already in a
+callback, or the callback was not resolved yet).  A merged report (``jprobe run``) adds
+``"pids"``: every process that wrote a report.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from .errors import JprobeError
 __all__ = ["ReportError", "load_report", "format_report", "merge_reports"]
 
 _HINT = "pass a file written by --report, --json or JPROBE_REPORT"
+# A callback probe's hits whose callback did not run, and why (SPEC §3): summed like hits.
+_CALLBACK_COUNTS = ("missed", "callback_skipped")
 
 
 class ReportError(JprobeError):
@@ -61,23 +66,23 @@ def format_report(report: dict) -> str:
     header = _header(report)
     lines = [header] if header else []
     probes = report["probes"]
-    show_lost = any(_int(p.get("lost")) for p in probes)
+    # counts that are mostly zero: a column only when some probe has one
+    extra = [name for name in ("lost", *_CALLBACK_COUNTS) if any(_int(p.get(name)) for p in probes)]
 
-    columns = ["probe", "module", "address", "mechanism", "handler", "hits"] + (["lost"] if show_lost else [])
-    numeric = {"hits", "lost"}
+    columns = ["probe", "module", "address", "mechanism", "handler", "hits", *extra]
+    numeric = {"hits", *extra}
     rows: list[list[str]] = []
     for p in probes:
-        lost = _int(p.get("lost"))
+        placed = p.get("loaded") is not False and p.get("patched") is not False
         row = [
             _text(p.get("probe")),
             _module_name(p.get("module")),
             _address(p.get("address")),
-            "-" if p.get("loaded") is False else _text(p.get("mechanism")),
+            _text(p.get("mechanism")) if placed else "-",
             _text(p.get("handler")),
             str(_int(p.get("hits"))),
         ]
-        if show_lost:
-            row.append(str(lost) if lost else "")
+        row += [str(_int(p.get(name))) if _int(p.get(name)) else "" for name in extra]
         rows.append(row)
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
 
@@ -100,6 +105,8 @@ def format_report(report: dict) -> str:
             lines.append(label.ljust(indent) + str(n).rjust(widths[hits_col]))
         if p.get("loaded") is False:
             lines.append("  never loaded: its module was not loaded, so the probe was not placed")
+        elif p.get("patched") is False:
+            lines.append("  not patched: its site was left as it was (the errors say why)")
         events = p.get("events")
         if isinstance(events, list):
             noun = "event" if len(events) == 1 else "events"
@@ -112,7 +119,7 @@ def format_report(report: dict) -> str:
 
 
 def merge_reports(reports: list[dict]) -> dict:
-    """One report for a process tree: hits and lost summed per probe, ``by_pid`` when >1 pid hit.
+    """One report for a process tree: the counts summed per probe, ``by_pid`` when >1 pid hit.
 
     Probes are the same when probe, module, address and handler agree; the first report gives
     ``pid`` and ``executable``; ``pids`` lists every process; errors are kept once each.
@@ -146,12 +153,18 @@ def merge_reports(reports: list[dict]) -> dict:
                 entry.pop("by_pid", None)
                 entry["hits"] = 0
                 entry["lost"] = 0
+                for name in _CALLBACK_COUNTS:
+                    if name in entry:
+                        entry[name] = 0
                 if "events" in entry:
                     entry["events"] = []
                 per_pid[key] = {}
                 mechanisms[key] = []
             entry["hits"] += hits
             entry["lost"] += _int(p.get("lost"))
+            for name in _CALLBACK_COUNTS:
+                if name in p:
+                    entry[name] = entry.get(name, 0) + _int(p[name])
             mech = p.get("mechanism")
             if mech and mech not in mechanisms[key]:
                 mechanisms[key].append(mech)

@@ -45,10 +45,10 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
                               f"run the rewritten one alone with JPROBE_REPORT=FILE")
         probes = resolve_probes(module, module_specs, strict)
         text = -(-module.end_of_image() // ALIGN) * ALIGN
-        draft = len(build_plan(module, probes, text, text, strict).text)
+        draft = len(build_plan(module, probes, text, text, strict, movable=True).text)
         # Room for a little more: where the text lands decides some puns (planner.build_plan).
         data = text + -(-(draft + draft // 8 + 1) // ALIGN) * ALIGN
-        plan = build_plan(module, probes, text, data, strict)
+        plan = build_plan(module, probes, text, data, strict, movable=True)
         if text + len(plan.text) > data or data + len(plan.data) > module.end_of_image() + text_room(len(probes)):
             raise JprobeError(f"{path}: internal error: the trampolines outgrew the room the draft made")
         planned.append(PlannedModule(plan, name, *identity(path)))

@@ -100,16 +100,18 @@ class Overlay:
     """The module's bytes as the probes decided so far leave them, and whose patch each is.
 
     A trap site's first byte is unstable (under a debugger it becomes another trap
-    instruction), so no punned rel32 may rely on it.
+    instruction), so no punned rel32 may rely on it. So may a whole patch be: a plain jump's
+    rel32 changes when `jprobe run` places the trampolines elsewhere than planned.
     """
 
     def __init__(self, module: ElfModule):
         self.module = module
         self.bytes: dict[int, tuple[int | None, int]] = {}     # address -> (byte or None, owner)
 
-    def put(self, owner: int, address: int, data: bytes, unstable_first: bool = False) -> None:
+    def put(self, owner: int, address: int, data: bytes, unstable_first: bool = False,
+            unstable: bool = False) -> None:
         for i, b in enumerate(data):
-            self.bytes[address + i] = (None if unstable_first and i == 0 else b, owner)
+            self.bytes[address + i] = (None if unstable or (unstable_first and i == 0) else b, owner)
 
     def lift(self, address: int, size: int) -> dict[int, tuple[int | None, int]]:
         """Forget what the probes put at [address, address+size); returns it for `restore`."""

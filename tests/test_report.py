@@ -65,6 +65,29 @@ def test_format_lost_only_when_nonzero():
     assert lines[3].split()[-2:] == ["7", "12"]
 
 
+def test_format_callback_counts_only_when_nonzero():
+    """missed and callback_skipped (SPEC §3): columns like lost's, after it."""
+    report = copy.deepcopy(SAMPLE)
+    report["probes"][1].update(missed=3, callback_skipped=0)
+    lines = format_report(report).splitlines()
+    assert lines[1].split()[-2:] == ["hits", "missed"]
+    assert lines[3].split()[-2:] == ["7", "3"]
+    report["probes"][1]["callback_skipped"] = 2
+    lines = format_report(report).splitlines()
+    assert lines[1].split()[-3:] == ["hits", "missed", "callback_skipped"]
+    assert lines[3].split()[-3:] == ["7", "3", "2"]
+    end = lines[1].index("callback_skipped") + len("callback_skipped")
+    assert lines[3][:end].endswith("2") and lines[2].split()[-1] == "1523"
+
+
+def test_format_unpatched_probe():
+    report = copy.deepcopy(SAMPLE)
+    report["probes"][0]["patched"] = False
+    lines = format_report(report).splitlines()
+    assert lines[2].split()[3] == "-"
+    assert lines[3] == "  not patched: its site was left as it was (the errors say why)"
+
+
 def test_format_by_pid_indented():
     report = copy.deepcopy(SAMPLE)
     report["probes"][0]["by_pid"] = {"1240": 23, "1234": 1500}
@@ -134,6 +157,15 @@ def test_merge_totals_and_by_pid():
     assert (main["probe"], main["hits"]) == ("main", 1)
     assert "by_pid" not in main  # one process hit: no breakdown
     assert merged["errors"] == []
+
+
+def test_merge_sums_callback_counts():
+    cb = dict(name="compute", handler="./h.so:on_hit")
+    merged = merge_reports([report(100, probe(**cb, hits=10, missed=4, callback_skipped=1)),
+                            report(101, probe(**cb, hits=5, missed=2, callback_skipped=0))])
+    [e] = merged["probes"]
+    assert (e["hits"], e["missed"], e["callback_skipped"]) == (15, 6, 1)
+    assert "missed" not in merge_reports([report(100, probe(hits=1))])["probes"][0]
 
 
 def test_merge_keeps_distinct_probes_apart():

@@ -402,6 +402,7 @@ def test_site_that_differs_is_skipped(modes, tmp_path):
     assert got.returncode == 0, got.stderr
     report = read(0)
     assert (hits(report, "work"), hits(report, "main")) == (0, 1)
+    assert (entry(report, "work").get("patched"), entry(report, "main").get("patched")) == (False, None)
     [error] = report["errors"]
     assert re.fullmatch(rf"{modes}: the code at 0x[0-9a-f]+ differs from the plan's; probe work not patched",
                         error), error

@@ -880,7 +880,8 @@ static void keep_served_sites(struct jp_module *m)
 
 /*
  * Which probes fall back to a trap (decide_fallbacks()): the table says
- * so from now on, and their sites get a trap instead of the plan's bytes.
+ * so from now on, and their sites get a trap instead of the plan's bytes;
+ * under --strict their sites are not written at all.
  */
 static void fall_back(struct jp_module *m)
 {
@@ -903,6 +904,8 @@ static void fall_back(struct jp_module *m)
 	for (i = 0; i < pl->plan->npatches; i++)
 		if (pl->fate[i] == JP_FATE_TRAP)
 			p[i].mechanism = JP_MECH_TRAP;
+		else if (pl->fate[i] == JP_FATE_LEFT)
+			pl->site_ok[i] = false;
 }
 
 /*
@@ -1308,6 +1311,17 @@ static void patch_sites(struct jp_module *m)
 	}
 }
 
+/* The probes whose sites were left as they were say so, for the report. */
+static void note_unpatched(struct jp_module *m)
+{
+	struct jp_probe *p = probes_of(m);
+	uint32_t i;
+
+	for (i = 0; i < m->placed->plan->npatches; i++)
+		if (!m->placed->site_ok[i])
+			__atomic_or_fetch(&p[i].flags, JP_PROBE_UNPATCHED, __ATOMIC_RELAXED);
+}
+
 /*
  * Serve the module, then write its sites: its callbacks are set, its
  * traps served and its trampolines count per thread before the first site
@@ -1322,6 +1336,7 @@ static void go_live(struct jp_module *m)
 	__atomic_store_n(&m->jumps, m->placed->jumps, __ATOMIC_RELEASE);
 	__atomic_store_n(&m->bounds, m->placed->bounds, __ATOMIC_RELEASE);
 	patch_sites(m);
+	note_unpatched(m);
 	end_set_up(m);
 }
 
@@ -1473,7 +1488,7 @@ static void move_table(struct jp_module *m)
 	memcpy(copy, (void *)pl->data, pm->data_size);
 	p = (struct jp_probe *)(copy + (m->table->probes - pm->data_vaddr));
 	for (j = 0; j < m->table->nprobes; j++)
-		p[j].hits = 0;
+		zero_counts(&p[j]);
 	counters_publish(rec, JP_SHM_TABLE);
 	if (mmap((void *)pl->data, pl->data_len, PROT_READ | PROT_WRITE,
 		 MAP_SHARED | MAP_FIXED, counters_fd(), counters_offset(copy)) == MAP_FAILED)

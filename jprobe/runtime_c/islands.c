@@ -10,8 +10,9 @@
  * The runtime maps the islands' pages, never over anything already there
  * (MAP_FIXED_NOREPLACE), before any of the module's code runs.  A probe
  * whose island cannot be had gets its site's original bytes back, with a
- * trap on the first, and so does every probe whose jump reads bytes of a
- * site that is not as planned (`depends`).
+ * trap on the first (under --strict, without: the probe is out), and so
+ * does every probe whose jump reads bytes of a site that is not as planned
+ * (`depends`).
  *
  * Both ways the runtime meets a table go through here: a patched file's
  * (land_file_islands(), whose sites are patched already) and a plan's
@@ -342,6 +343,25 @@ uint32_t *sites_down(const struct jp_probe *p, uint32_t n)
 	return order;
 }
 
+/* Planned with --strict: no probe of m may become a trap. */
+static bool strict(const struct jp_module *m)
+{
+	return m->table->flags & JP_TABLE_STRICT;
+}
+
+/* What becomes of a probe that cannot have its jump: a trap, or under --strict nothing. */
+static uint8_t fallback(const struct jp_module *m)
+{
+	return strict(m) ? JP_FATE_LEFT : JP_FATE_TRAP;
+}
+
+/* What the errors say became of it. */
+static const char *fallback_words(const struct jp_module *m)
+{
+	return strict(m) ? "left unpatched, since --strict allows no trap" :
+			   "falling back to a trap";
+}
+
 /* The problem with an island, in the errors; its probe falls back. */
 static void say_why(const struct jp_module *m, const struct island_slot *sl)
 {
@@ -350,16 +370,16 @@ static void say_why(const struct jp_module *m, const struct island_slot *sl)
 
 	switch (sl->state) {
 	case ISLAND_TAKEN:
-		record_error("probe %s: island page %#lx is taken; falling back to a trap",
-			     spec, (unsigned long)sl->page);
+		record_error("probe %s: island page %#lx is taken; %s",
+			     spec, (unsigned long)sl->page, fallback_words(m));
 		break;
 	case ISLAND_FAR:
-		record_error("probe %s: the island at %#lx cannot reach its trampoline; falling back to a trap",
-			     spec, at);
+		record_error("probe %s: the island at %#lx cannot reach its trampoline; %s",
+			     spec, at, fallback_words(m));
 		break;
 	default:
-		record_error("probe %s: island page %#lx cannot be made executable; falling back to a trap",
-			     spec, (unsigned long)sl->page);
+		record_error("probe %s: island page %#lx cannot be made executable; %s",
+			     spec, (unsigned long)sl->page, fallback_words(m));
 		break;
 	}
 }
@@ -368,11 +388,12 @@ static void say_why(const struct jp_module *m, const struct island_slot *sl)
  * The fate of every probe of m (fate[nprobes], JP_FATE_*).  A probe whose
  * site is not written (`written`, NULL: all are) or is written with other
  * bytes than the planner's (a trap made #UD) is CHANGED; one with a failed
- * island falls back (TRAP); so does one whose jump reads the patched bytes
- * of a probe that is not PLANNED.  `order` is sites_down(): one pass from
- * the highest address down settles every chain, since a jump only reads
- * bytes after its own site; the loop only guards a table that says
- * otherwise.  Each probe that falls back is named in the errors.
+ * island falls back (TRAP, or LEFT as it was under --strict); so does one
+ * whose jump reads the patched bytes of a probe that is not PLANNED.
+ * `order` is sites_down(): one pass from the highest address down settles
+ * every chain, since a jump only reads bytes after its own site; the loop
+ * only guards a table that says otherwise.  Each probe that falls back is
+ * named in the errors.
  */
 void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 		      const bool *written, uint8_t *fate)
@@ -389,7 +410,7 @@ void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 		const struct island_slot *sl = &m->islands->slot[k];
 
 		if (sl->state != ISLAND_OK && fate[sl->island->probe] == JP_FATE_PLANNED) {
-			fate[sl->island->probe] = JP_FATE_TRAP;
+			fate[sl->island->probe] = fallback(m);
 			say_why(m, sl);
 		}
 	}
@@ -401,11 +422,11 @@ void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 			if (!d || fate[d - 1] == JP_FATE_PLANNED ||
 			    fate[i] != JP_FATE_PLANNED)
 				continue;
-			fate[i] = JP_FATE_TRAP;
+			fate[i] = fallback(m);
 			again = true;
-			record_error("probe %s: its jump overlaps the site of probe %s, which is not as planned; falling back to a trap",
+			record_error("probe %s: its jump overlaps the site of probe %s, which is not as planned; %s",
 				     table_string(m, p[i].spec),
-				     table_string(m, p[d - 1].spec));
+				     table_string(m, p[d - 1].spec), fallback_words(m));
 		}
 	}
 }
@@ -427,32 +448,38 @@ static const ElfW(Phdr) *segment_at(const ElfW(Phdr) *phdr, int phnum,
 }
 
 /*
- * Give a site of a patched file back its original bytes, with an int3 on
- * the first: arm_traps() trades it for JP_UD when need be, as it does the
- * planner's own trap sites.
+ * Give a site of a patched file back its original bytes: with an int3 on
+ * the first (`fate` JP_FATE_TRAP; arm_traps() trades it for JP_UD when need
+ * be, as it does the planner's own trap sites), or all of them
+ * (JP_FATE_LEFT: the probe is out).
  */
-static void trap_in_file(const struct jp_module *m, struct jp_probe *p,
-			 const ElfW(Phdr) *phdr, int phnum)
+static void restore_in_file(const struct jp_module *m, struct jp_probe *p,
+			    const ElfW(Phdr) *phdr, int phnum, uint8_t fate)
 {
 	const ElfW(Phdr) *ph = segment_at(phdr, phnum, p->address, p->len);
 	uint8_t code[JP_PATCH_MAX];
 
 	memcpy(code, p->original, p->len);
-	code[0] = JP_INT3;
+	if (fate == JP_FATE_TRAP)
+		code[0] = JP_INT3;
 	if (!ph || !poke(m->bias + p->address, code, p->len, prot_of(ph->p_flags))) {
 		record_error("%s: cannot write to its code at 0x%" PRIx64 " (%s); probe %s is broken",
 			     m->name, p->address, strerror(errno),
 			     table_string(m, p->spec));
 		return;
 	}
-	p->mechanism = JP_MECH_TRAP;
+	if (fate == JP_FATE_TRAP)
+		p->mechanism = JP_MECH_TRAP;
+	else
+		__atomic_or_fetch(&p->flags, JP_PROBE_UNPATCHED, __ATOMIC_RELAXED);
 }
 
 /*
  * A module whose table came in its file, before any of its code runs and
  * before its trap index is built: map its islands, and turn the sites that
- * cannot use them back into traps, from the highest address down.  Out of
- * memory, every punned and evicting jump falls back.
+ * cannot use them back into traps (under --strict, into their original
+ * code), from the highest address down.  Out of memory, every punned and
+ * evicting jump falls back.
  */
 void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum)
 {
@@ -470,17 +497,17 @@ void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum)
 	order = sites_down(p, n);
 	fate = malloc(n);
 	if (!m->islands || !order || !fate) {
-		record_error("%s: out of memory for its islands; its punned and evicting jumps fall back to traps",
-			     m->name);
+		record_error("%s: out of memory for its islands; its punned and evicting jumps: %s",
+			     m->name, fallback_words(m));
 		for (i = 0; i < n; i++)
 			if (can_fall_back(&p[i]))
-				trap_in_file(m, &p[i], phdr, phnum);
+				restore_in_file(m, &p[i], phdr, phnum, fallback(m));
 	} else {
 		fill_islands(m->islands, m->tbias);
 		decide_fallbacks(m, order, NULL, fate);
 		for (k = 0; k < n; k++)
-			if (fate[order[k]] == JP_FATE_TRAP)
-				trap_in_file(m, &p[order[k]], phdr, phnum);
+			if (fate[order[k]] == JP_FATE_TRAP || fate[order[k]] == JP_FATE_LEFT)
+				restore_in_file(m, &p[order[k]], phdr, phnum, fate[order[k]]);
 	}
 	free(order);
 	free(fate);

@@ -18,7 +18,7 @@
 
 #define JP_MAGIC	"JPROBE\0\1"
 #define JP_MAGIC_LEN	8
-#define JP_TABLE_VERSION 3
+#define JP_TABLE_VERSION 4
 
 /* JPROBE_LAYOUT_BEGIN: read by jprobe's planner (via cffi). */
 struct jp_table {
@@ -31,9 +31,10 @@ struct jp_table {
 	uint64_t module;	/* string offset: module path at patch time */
 	uint64_t ready;		/* runtime: 1 once callbacks are resolved */
 	int64_t tls_off;	/* runtime: see "Per-thread counters" below; 0 = none */
+	int64_t guard_off;	/* runtime: see "Callbacks are not re-entered" below */
 	uint64_t islands;	/* vaddr of struct jp_island[nislands] */
 	uint32_t nislands;
-	uint32_t pad;
+	uint32_t flags;		/* JP_TABLE_* */
 	uint64_t packed;	/* vaddr of a struct jp_packed, 0 = none (see below) */
 	uint64_t packed_size;	/* its bytes, header included */
 	uint64_t text;		/* vaddr of the trampolines a packed table unpacks */
@@ -59,6 +60,8 @@ struct jp_probe {
 	uint8_t len;		/* bytes the site's patch covers */
 	uint8_t pad[3];
 	uint8_t original[16];	/* JP_PATCH_MAX: the site's bytes before patching */
+	uint64_t missed;	/* callback: hits while the thread was in a callback */
+	uint64_t skipped;	/* callback: hits before the callback was resolved */
 };
 
 /*
@@ -79,7 +82,7 @@ struct jp_island {
 };
 /*
  * A packed table.  A rewritten program probed at many sites would carry
- * ~200 bytes a probe (88-byte descriptors, ~80 bytes of trampoline); packed,
+ * ~200 bytes a probe (104-byte descriptors, ~80 bytes of trampoline); packed,
  * it carries ~12.  The file then holds, at t->packed (the start of the
  * trampolines' segment, whose memory is otherwise zero), this header and
  * four streams; the runtime unpacks them before anything else reads the
@@ -169,6 +172,19 @@ enum { JP_HOLE_HITS = 0, JP_HOLE_TLS = 1, JP_HOLE_SLOT = 2 };
  * the blocks into the totals when a thread exits and when it reports.
  */
 
+/*
+ * Callbacks are not re-entered.  A callback that reaches a probed function
+ * (a malloc() probe whose callback allocates) would otherwise recurse until
+ * the stack overflows.  guard_off is the %fs-relative offset of a byte of
+ * the runtime's static TLS that is non-zero while the thread runs a
+ * callback of any probe (as kprobes and Frida's interceptor do): a hit
+ * meanwhile is counted, its callback is not run, and jp_probe.missed says
+ * so.  A hit before the callback is resolved (before the runtime's
+ * constructor opened its library, or when it could not) counts in
+ * jp_probe.skipped.  So for a callback probe: hits = the callback's calls +
+ * missed + skipped.  The runtime sets guard_off before it sets any callback.
+ */
+
 enum { JP_HANDLER_COUNT = 0, JP_HANDLER_CALLBACK = 1 };
 enum { JP_MECH_JUMP = 0, JP_MECH_PUN = 1, JP_MECH_EVICT = 2, JP_MECH_TRAP = 3 };
 /*
@@ -191,5 +207,18 @@ enum { JP_VEC_NONE = 0, JP_VEC_SSE = 1, JP_VEC_AVX = 2, JP_VEC_AVX512 = 3 };
  * clears the flag when the library it loads has another build-id.
  */
 #define JP_PROBE_NOVEC	0x2
+/*
+ * Runtime: the site was left as it was (its code differs from the plan's,
+ * it could not be written, or under --strict it would have fallen back to
+ * a trap): the probe counts nothing, and the report says so.
+ */
+#define JP_PROBE_UNPATCHED	0x4
+
+/*
+ * Planned with --strict: no probe may become a trap at run time either.  A
+ * probe that would fall back to one (its island's page taken, or its jump
+ * reading a site that is not as planned) is left as it was instead.
+ */
+#define JP_TABLE_STRICT	0x1
 
 #endif /* JPROBE_TABLE_H */

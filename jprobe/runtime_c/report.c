@@ -164,8 +164,15 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 	} else {
 		puts_(b, "\"count\"");
 	}
-	putf(b, ", \"hits\": %" PRIu64 ", \"lost\": 0}",
+	putf(b, ", \"hits\": %" PRIu64 ", \"lost\": 0",
 	     probe_hits(m, p - probes_of(m)));
+	if (p->handler == JP_HANDLER_CALLBACK)
+		putf(b, ", \"missed\": %" PRIu64 ", \"callback_skipped\": %" PRIu64,
+		     __atomic_load_n(&p->missed, __ATOMIC_RELAXED),
+		     __atomic_load_n(&p->skipped, __ATOMIC_RELAXED));
+	if (__atomic_load_n(&p->flags, __ATOMIC_RELAXED) & JP_PROBE_UNPATCHED)
+		puts_(b, ", \"patched\": false");
+	puts_(b, "}");
 }
 
 /*
@@ -343,10 +350,8 @@ static bool any_live_module(void)
  * have written the report.
  */
 __attribute__((destructor))
-static void report_path_empty(void)
+static void say_report_path_empty(void)
 {
-	const char *s = env_value(environ, "JPROBE_REPORT");
-
-	if (s && !*s && any_live_module())
+	if (report_path_empty && any_live_module())
 		no_report("", "it is empty");
 }

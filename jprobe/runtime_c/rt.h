@@ -3,7 +3,7 @@
  * rt.h - what the files of the runtime share.
  *
  *	runtime.c	start-up and exit, the module list, probe tables, callbacks, fork
- *	threads.c	per-thread counter blocks
+ *	threads.c	per-thread counter blocks, the callback guard
  *	traps.c		trap-fallback probes and the signal functions around them
  *	report.c	the JSON report of a patched program (JPROBE_REPORT)
  *	shm.c		the counters file of `jprobe run` (jprobe_shm.h)
@@ -100,6 +100,7 @@ extern pthread_mutex_t scan_lock;
 
 extern bool ud_traps;		/* trap sites raise #UD, not int3 */
 extern bool forked_child;
+extern bool report_path_empty;
 extern char exe_path[];
 
 /* runtime.c */
@@ -127,17 +128,20 @@ bool begin_set_up(struct jp_module *m);
 void publish_traps(struct jp_module *m, struct trap_index *idx);
 void end_set_up(struct jp_module *m);
 bool module_mapped(const struct jp_module *m);
+void zero_counts(struct jp_probe *p);
 long status_field(const char *name, long dflt);
 void report_own_hits(void);
 void jprobe_rt_start(char **env);
-const char *env_value(char **env, const char *name);
 
 /* threads.c */
 extern __thread uint64_t *tls_blocks[JP_TLS_SLOTS]
 	__attribute__((tls_model("initial-exec")));
+extern __thread uint8_t in_callback
+	__attribute__((tls_model("initial-exec")));
 extern pthread_mutex_t blocks_lock;
 extern int counting;
 int64_t tls_offset(int slot);
+int64_t guard_offset(void);
 void watch_thread_exits(void);
 void attach_block(struct jp_module *m);
 void forget_blocks(struct jp_module *m);
@@ -179,6 +183,7 @@ enum {
 	JP_FATE_PLANNED,		/* written as the planner wrote it */
 	JP_FATE_CHANGED,		/* not written, or a trap made #UD */
 	JP_FATE_TRAP,			/* falls back: original bytes, first one a trap */
+	JP_FATE_LEFT,			/* would fall back, under --strict: left as it was */
 };
 void *map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
 		  uint64_t off);

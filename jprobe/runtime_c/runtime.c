@@ -60,6 +60,7 @@ static bool debug;
 static pid_t own_pid;		/* getpid() at start-up and after fork() */
 static bool run_mode;		/* `jprobe run` started us (JPROBE_COUNTERS) */
 static char *report_path;	/* absolute: the program may chdir() */
+bool report_path_empty;		/* JPROBE_REPORT is set, to "" */
 char exe_path[PATH_MAX];
 static uint64_t vec_mode;
 static bool atfork_done;
@@ -568,9 +569,10 @@ static int find_tables(struct dl_phdr_info *info, size_t size, void *data)
 /*
  * The first half of what the running process must fill in before the
  * module's probes are complete: claim the table, and make it count per
- * thread.  vec_mode goes first: a callback becomes callable as soon as its
- * pointer is stored, and its trampoline must then save the right registers.
- * False when another copy of the runtime serves the table.
+ * thread.  vec_mode and guard_off go first: a callback becomes callable as
+ * soon as its pointer is stored, and its trampoline must then save the
+ * right registers and find the thread's guard.  False when another copy of
+ * the runtime serves the table.
  */
 bool begin_set_up(struct jp_module *m)
 {
@@ -584,6 +586,7 @@ bool begin_set_up(struct jp_module *m)
 		return false;
 	}
 	__atomic_store_n(&m->table->vec_mode, vec_mode, __ATOMIC_RELEASE);
+	__atomic_store_n(&m->table->guard_off, guard_offset(), __ATOMIC_RELEASE);
 	if (m->slot >= 0) {
 		attach_block(m);
 		__atomic_store_n(&m->table->tls_off, tls_offset(m->slot),
@@ -827,6 +830,14 @@ bool module_mapped(const struct jp_module *m)
 
 /* ---- fork ------------------------------------------------------------- */
 
+/* A forked child's probe starts from zero: its hits and why callbacks did not run. */
+void zero_counts(struct jp_probe *p)
+{
+	__atomic_store_n(&p->hits, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&p->missed, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&p->skipped, 0, __ATOMIC_RELAXED);
+}
+
 static void atfork_prepare(void)
 {
 	blocks_prepare_fork();
@@ -859,7 +870,7 @@ static void atfork_child(void)
 			continue;
 		p = probes_of(m);
 		for (j = 0; j < m->table->nprobes; j++)
-			__atomic_store_n(&p[j].hits, 0, __ATOMIC_RELAXED);
+			zero_counts(&p[j]);
 	}
 	blocks_child_fork();
 	placed_child_fork();
@@ -960,7 +971,7 @@ static bool traced(void)
  * main.  Before the initialisers libc's `environ` is not set yet: the
  * caller of jprobe_rt_start() passes the environment.
  */
-const char *env_value(char **env, const char *name)
+static const char *env_value(char **env, const char *name)
 {
 	size_t len = strlen(name);
 	char **e;
@@ -996,6 +1007,7 @@ static void read_environment(char **env)
 	s = env_value(env, "JPROBE_REPORT");
 	if (s && *s)
 		report_path = absolute(s);
+	report_path_empty = s && !*s;
 	s = env_value(env, "JPROBE_TRAP");
 	ud_traps = (s && !strcmp(s, "ud")) || traced();
 	n = readlink("/proc/self/exe", exe_path, PATH_MAX - 1);

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 /*
  * threads.c - per-thread counter blocks (see "Per-thread counters" in
- * jprobe_table.h).
+ * jprobe_table.h), and the flag that keeps a thread out of callbacks while
+ * it runs one.
  *
  * A module's table says where (tls_off) its trampolines find the calling
  * thread's block; a thread without one counts in the shared counters with a
@@ -24,6 +25,13 @@
  */
 __thread uint64_t *tls_blocks[JP_TLS_SLOTS]
 	__attribute__((tls_model("initial-exec")));
+
+/*
+ * Non-zero while this thread runs a callback (see "Callbacks are not
+ * re-entered" in jprobe_table.h): the trampolines test and set it through
+ * the tables' guard_off, the trap handler directly.
+ */
+__thread uint8_t in_callback __attribute__((tls_model("initial-exec")));
 
 /* A thread's malloc()ed counters for one module, listed until the thread ends. */
 struct block {
@@ -50,6 +58,15 @@ int64_t tls_offset(int slot)
 
 	__asm__("mov %%fs:0, %0" : "=r"(tp));
 	return (char *)&tls_blocks[slot] - tp;
+}
+
+/* %fs-relative offset of in_callback; the same in every thread. */
+int64_t guard_offset(void)
+{
+	char *tp;
+
+	__asm__("mov %%fs:0, %0" : "=r"(tp));
+	return (char *)&in_callback - tp;
 }
 
 static void thread_exit(void *unused);

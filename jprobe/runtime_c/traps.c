@@ -294,6 +294,33 @@ static void run_callback(const struct trap_site *site, uint64_t cb,
 }
 
 /*
+ * A callback probe's hit, as the trampolines' stub serves it: the callback
+ * runs unless it is not resolved yet (skipped) or the thread is already in
+ * a callback (missed; see "Callbacks are not re-entered" in jprobe_table.h).
+ */
+static void serve_callback(const struct trap_site *site, greg_t *gr)
+{
+	struct jp_probe *p = site->probe;
+	uint64_t cb = __atomic_load_n(&p->callback, __ATOMIC_ACQUIRE);
+
+	if (p->handler != JP_HANDLER_CALLBACK)
+		return;
+	if (!cb) {
+		__atomic_fetch_add(&p->skipped, 1, __ATOMIC_RELAXED);
+		return;
+	}
+	if (in_callback) {
+		__atomic_fetch_add(&p->missed, 1, __ATOMIC_RELAXED);
+		return;
+	}
+	in_callback = 1;
+	__atomic_signal_fence(__ATOMIC_SEQ_CST);
+	run_callback(site, cb, gr);
+	__atomic_signal_fence(__ATOMIC_SEQ_CST);
+	in_callback = 0;
+}
+
+/*
  * A signal the program's default disposition handles: it dies of it, as
  * it would have without us (an int3 or #UD with the signal ignored kills
  * as well).
@@ -545,13 +572,8 @@ static void trap_handler(int sig, siginfo_t *si, void *ucv)
 		return;
 	}
 	for (i = 0; i < n; i++) {
-		struct jp_probe *p = site[i].probe;
-		uint64_t cb;
-
-		__atomic_fetch_add(&p->hits, 1, __ATOMIC_RELAXED);
-		cb = __atomic_load_n(&p->callback, __ATOMIC_ACQUIRE);
-		if (cb)
-			run_callback(&site[i], cb, gr);
+		__atomic_fetch_add(&site[i].probe->hits, 1, __ATOMIC_RELAXED);
+		serve_callback(&site[i], gr);
 	}
 	gr[REG_RIP] = site->resume;
 	errno = saved_errno;

@@ -11,7 +11,8 @@ count, flags dead     lock inc [hits]; <displaced>; jmp back
 count, flags live     skip red zone; save rax; lahf/seto; lock inc [hits];
                       restore OF (add al,0x7f) and SF/ZF/AF/PF/CF (sahf); ...
 callback              skip red zone; push a struct jprobe_ctx; call the
-                      module's shared stub, which counts, saves vector state
+                      module's shared stub, which counts, keeps a thread
+                      already in a callback out (guard), saves vector state
                       (by the runtime's vec_mode), aligns the stack, clears
                       DF and calls the C function; pop the (maybe edited)
                       registers; <displaced>; jmp back
@@ -65,6 +66,8 @@ _PROBE_HITS = layout.offsetof("jp_probe", "hits")
 _PROBE_CALLBACK = layout.offsetof("jp_probe", "callback")
 _PROBE_FLAGS = layout.offsetof("jp_probe", "flags")
 _PROBE_ID = layout.offsetof("jp_probe", "id")
+_PROBE_MISSED = layout.offsetof("jp_probe", "missed")
+_PROBE_SKIPPED = layout.offsetof("jp_probe", "skipped")
 _NOVEC = layout.CONST["JP_PROBE_NOVEC"]
 # Push order building struct jprobe_ctx from its top (address) down to rax.
 _PUSHED_GPRS_HIGH = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8")
@@ -222,13 +225,20 @@ class ModuleStubs:
     def __init__(self, buf: CodeBuffer, table: int):
         self.common = buf.here
         self._emit_common(buf, table + layout.offsetof("jp_table", "vec_mode"),
-                          table + layout.offsetof("jp_table", "tls_off"))
+                          table + layout.offsetof("jp_table", "tls_off"),
+                          table + layout.offsetof("jp_table", "guard_off"))
         self.common_x87 = buf.here
         self._emit_common_x87(buf)
 
     @staticmethod
-    def _emit_common(buf: CodeBuffer, vec_mode_address: int, tls_off: int) -> None:
-        """rdi = ctx, rsi = &jp_probe: count, then call the callback with all vector state kept."""
+    def _emit_common(buf: CodeBuffer, vec_mode_address: int, tls_off: int, guard_off: int) -> None:
+        """rdi = ctx, rsi = &jp_probe: count, then call the callback with all vector state kept.
+
+        A thread already in a callback does not enter another one (its hit is counted as
+        missed), nor does a hit before the runtime resolved the callback (skipped): see
+        "Callbacks are not re-entered" in jprobe_table.h. The guard is a byte of the thread's
+        static TLS, tested and set without a lock: no other thread writes it.
+        """
         buf.rip("mov rcx, qword ptr [rip]", tls_off)                  # counted as in emit_count
         buf.jrcxz("common_shared")
         buf.emit("mov rcx, qword ptr fs:[rcx]")
@@ -239,7 +249,11 @@ class ModuleStubs:
         buf.emit(f"lock inc qword ptr [rsi + {_PROBE_HITS}]")
         buf.label("common_counted")
         buf.emit(f"mov rax, qword ptr [rsi + {_PROBE_CALLBACK}]; test rax, rax")
-        buf.jcc(0x4, "common_out")                                   # jz: no callback (yet)
+        buf.jcc(0x4, "common_skipped")                               # jz: no callback (yet)
+        buf.rip("mov rcx, qword ptr [rip]", guard_off)              # set before any callback
+        buf.emit("cmp byte ptr fs:[rcx], 0")
+        buf.jcc(0x5, "common_missed")                                # jnz: in a callback already
+        buf.emit("mov byte ptr fs:[rcx], 1")
         # DF is almost always clear already, and `cld` costs more than this test.
         buf.emit(f"test byte ptr [rdi + {_REG['rflags'] + 1}], 4")
         buf.jcc(0x4, "common_df_clear")
@@ -261,11 +275,15 @@ class ModuleStubs:
         buf.emit("mov ecx, dword ptr [rsp + 2120]")
         _vector_switch(buf, "restore")
         buf.emit("mov rsp, rbp; pop rbp")
-        buf.label("common_out")
-        buf.emit("ret")
+        _leave_guard(buf, guard_off)
         # The callback provably leaves vector, x87 and MXCSR state alone.
         buf.label("common_novec")
-        buf.emit("push rbp; mov rbp, rsp; and rsp, -16; call rax; mov rsp, rbp; pop rbp; ret")
+        buf.emit("push rbp; mov rbp, rsp; and rsp, -16; call rax; mov rsp, rbp; pop rbp")
+        _leave_guard(buf, guard_off)
+        buf.label("common_skipped")
+        buf.emit(f"lock inc qword ptr [rsi + {_PROBE_SKIPPED}]; ret")
+        buf.label("common_missed")
+        buf.emit(f"lock inc qword ptr [rsi + {_PROBE_MISSED}]; ret")
 
     def _emit_common_x87(self, buf: CodeBuffer) -> None:
         """The same for code that keeps values on the x87 stack: fxsave around the call."""
@@ -274,6 +292,13 @@ class ModuleStubs:
         buf.emit("push rbp; mov rbp, rsp; and rsp, -64; sub rsp, 512; fxsave64 [rsp]")
         buf.call(self.common)
         buf.emit("fxrstor64 [rsp]; mov rsp, rbp; pop rbp; ret")
+
+
+def _leave_guard(buf: CodeBuffer, guard_off: int) -> None:
+    """The callback returned: clear the thread's guard (rcx is free, the callback may have
+    changed it) and return."""
+    buf.rip("mov rcx, qword ptr [rip]", guard_off)
+    buf.emit("mov byte ptr fs:[rcx], 0; ret")
 
 
 def _zmov(store: bool, zmm: int, disp: int) -> bytes:
