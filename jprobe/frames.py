@@ -83,19 +83,17 @@ class Frames:
         jumps: list[tuple[int, int]] = []
         indirect: dict[int, int] = {}
         for lo, hi in self.ranges:
-            insns = arch.decode(self.module.read(lo, hi - lo), lo)
-            if sum(i.size for i in insns) != hi - lo:
-                indirect[lo] = lo + sum(i.size for i in insns)     # what follows is unknown
-            for insn in insns:
-                target = arch.branch_target(insn)
-                if target is not None:
-                    targets.add(target)
-                    if arch.is_call(insn):
-                        called.add(target)
-                    elif not lo <= target < hi:
-                        jumps.append((lo, target))
-                elif lo not in indirect and arch.is_indirect_jump(insn):
-                    indirect[lo] = insn.address
+            swept = arch.sweep(self.module.read(lo, hi - lo), lo)
+            if swept.end != hi:
+                indirect[lo] = swept.end                            # what follows is unknown
+            elif swept.indirect_jump is not None:
+                indirect[lo] = swept.indirect_jump
+            for target, call in swept.branches:
+                targets.add(target)
+                if call:
+                    called.add(target)
+                elif not lo <= target < hi:
+                    jumps.append((lo, target))
         for lo, target in jumps:
             there = self.range_at(target)
             # A tail call (a jump to the start of a function something calls) joins nothing.
