@@ -1,7 +1,9 @@
 """The light sweep (x86_64.sweep) finds what a full decode and the predicates find: the site
 analysis of a probe reads it for the whole function, so a branch target it missed could let a
-jump cover one. Checked on instructions chosen to hit every path of it, and on real code."""
+jump cover one. Checked on instructions chosen to hit every path of it, and on real code; so
+is x86_64.references, which finds the fields of relocated code the same way."""
 import pytest
+from capstone import x86_const as X
 
 from jprobe.elf import ElfModule
 from jprobe.frames import frame_ranges
@@ -40,6 +42,19 @@ def reference(code: bytes, address: int) -> arch.Sweep:
                       any(arch.uses_x87(i) for i in insns))
 
 
+def reference_fields(code: bytes, address: int) -> list[tuple[int, int]]:
+    """What x86_64.references stands for: the rel32 and rip-relative disp32 fields of every
+    instruction, each decoded with its details."""
+    found = []
+    for insn in arch.decode(code, address):
+        if insn.group(X.X86_GRP_BRANCH_RELATIVE) and insn.imm_size == 4:
+            found.append((insn.address - address + insn.imm_offset, arch.branch_target(insn)))
+        elif insn.disp_offset and any(op.type == X.X86_OP_MEM and op.mem.base == X.X86_REG_RIP
+                                      for op in insn.operands):
+            found.append((insn.address - address + insn.disp_offset, insn.address + insn.size + insn.disp))
+    return found
+
+
 @pytest.mark.parametrize("address", [0, 0x401000, 0x7fffffff0000])
 @pytest.mark.parametrize("code,what", SHAPES, ids=[what for _, what in SHAPES])
 def test_each_shape_alone(code, what, address):
@@ -52,6 +67,8 @@ def test_all_shapes_in_a_row_and_an_undecodable_end():
     swept = arch.sweep(code, 0x1000)
     assert swept == reference(code, 0x1000)
     assert swept.end < 0x1000 + len(code) and swept.x87 and swept.indirect_jump is not None
+    whole = code[:swept.end - 0x1000]
+    assert arch.references(whole, 0x1000) == reference_fields(whole, 0x1000) != []
 
 
 def _code_ranges(module: ElfModule, count: int) -> list[tuple[int, int]]:
@@ -71,4 +88,7 @@ def test_real_code(name):
     for lo, hi in _code_ranges(module, 300):
         if module.is_code(lo, hi - lo):
             code = module.read(lo, hi - lo)
-            assert arch.sweep(code, lo) == reference(code, lo), f"{name} {lo:#x}"
+            swept = arch.sweep(code, lo)
+            assert swept == reference(code, lo), f"{name} {lo:#x}"
+            whole = code[:swept.end - lo]
+            assert arch.references(whole, lo) == reference_fields(whole, lo), f"{name} {lo:#x}"

@@ -241,8 +241,14 @@ def references(code: bytes, address: int) -> list[tuple[int, int]]:
     """(offset, target) of every rel32/disp32 field of `code`: what an applier that moves the
     code may have to adjust."""
     found = []
-    insns = list(_cs.disasm(code, address))
-    if sum(i.size for i in insns) != len(code):
+    insns, decoded = [], 0
+    for at, size, mnemonic, op_str in _lite.disasm_lite(code, address):
+        decoded += size
+        # Only a relative branch or a rip-relative operand has such a field (sweep says why
+        # the mnemonic tells the former); only those need their details.
+        if "rip" in op_str or mnemonic.rpartition(" ")[2].startswith(_FLOW_WORDS):
+            insns.append(decode_one(code[at - address:at - address + size], at))
+    if decoded != len(code):
         # a field missed here would point elsewhere once an applier moves the text
         raise RelocationError(f"internal error: the code at {address:#x} does not decode whole")
     for insn in insns:
