@@ -7,8 +7,9 @@ Run from the repository root:  python benchmarks/plan_scale.py [--runs 3] [--n 1
 Each measurement runs in a fresh interpreter (peak RSS only grows), which times three things
 apart: importing jprobe (the same for every N, and paid once by a long-lived attach), planning
 (what `jprobe run` does before it starts the program: resolve, plan every module, encode the
-plan file; `runner.plan_modules` and `planfile.encode`), and the peak RSS of the whole process
-(getrusage). `--profile` prints the planning's cProfile top functions instead.
+plan file; `runner.plan_modules` and `planfile.encode`), wall and CPU time (the CPU time moves
+less when others share the machine), and the peak RSS of the whole process (getrusage).
+`--profile` prints the planning's cProfile top functions instead.
 
 The probes: libc's exported functions (`nm -D`: `T` symbols with a default version, one name per
 address, the alphabetically first), N of them spread evenly over the addresses; "all" is every
@@ -74,16 +75,15 @@ def child_run(n: str, profile: bool) -> dict:
     from jprobe.spec import parse_probes
     imported = time.perf_counter()
     texts = [f"libc.so.6:{name}" for name in spread(exports(libc_path()), n)]
-    before = peak_mib()
-    chosen = time.perf_counter()
+    before, chosen, cpu = peak_mib(), time.perf_counter(), time.process_time()
 
     def plan() -> bytes:
         return encode(plan_modules(PROGRAM, parse_probes(texts), strict=False))
 
     blob = _profiled(plan) if profile else plan()
-    done = time.perf_counter()
-    return {"probes": len(texts), "imports_s": imported - started, "plan_s": done - chosen,
-            "rss_before_mib": before, "peak_mib": peak_mib(), "plan_bytes": len(blob)}
+    return {"probes": len(texts), "imports_s": imported - started, "plan_s": time.perf_counter() - chosen,
+            "plan_cpu_s": time.process_time() - cpu, "rss_before_mib": before, "peak_mib": peak_mib(),
+            "plan_bytes": len(blob)}
 
 
 def child_patch(n: str, profile: bool) -> dict:
@@ -93,15 +93,13 @@ def child_patch(n: str, profile: bool) -> dict:
     from jprobe.spec import parse_probes
     imported = time.perf_counter()
     texts = spread(exports(PYTHON311), n)
-    before = peak_mib()
-    chosen = time.perf_counter()
+    before, chosen, cpu = peak_mib(), time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="jprobe-bench-") as work:
         def patch() -> object:
             return patch_file(PYTHON311, os.path.join(work, "python3"), parse_probes(texts))
         _profiled(patch) if profile else patch()
-    done = time.perf_counter()
-    return {"probes": len(texts), "imports_s": imported - started, "plan_s": done - chosen,
-            "rss_before_mib": before, "peak_mib": peak_mib()}
+    return {"probes": len(texts), "imports_s": imported - started, "plan_s": time.perf_counter() - chosen,
+            "plan_cpu_s": time.process_time() - cpu, "rss_before_mib": before, "peak_mib": peak_mib()}
 
 
 def _profiled(fn):
@@ -137,11 +135,11 @@ def rows(sizes: list[str], runs: int, patch: bool) -> list[tuple[str, dict]]:
 
 
 def table(results: list[tuple[str, dict]]) -> str:
-    lines = ["| what | probes | planning s | imports s | whole process s | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| what | probes | planning s | planning CPU s | imports s | whole process s | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for label, r in results:
-        lines.append(f"| {label} | {r['probes']:,} | {r['plan_s']:.2f} | {r['imports_s']:.2f} | "
-                     f"{r['wall_s']:.2f} | {r['peak_mib']:.0f} |")
+        lines.append(f"| {label} | {r['probes']:,} | {r['plan_s']:.2f} | {r['plan_cpu_s']:.2f} | "
+                     f"{r['imports_s']:.2f} | {r['wall_s']:.2f} | {r['peak_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
