@@ -44,15 +44,19 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
                               f"in place of the file's own, which count nowhere; probe the original file, or "
                               f"run the rewritten one alone with JPROBE_REPORT=FILE")
         probes = resolve_probes(module, module_specs, strict)
-        text = -(-module.end_of_image() // ALIGN) * ALIGN
-        draft = len(build_plan(module, probes, text, text, strict).text)
-        # Room for a little more: where the text lands decides some puns (planner.build_plan).
-        data = text + -(-(draft + draft // 8 + 1) // ALIGN) * ALIGN
-        plan = build_plan(module, probes, text, data, strict)
-        if text + len(plan.text) > data or data + len(plan.data) > module.end_of_image() + text_room(len(probes)):
-            raise JprobeError(f"{path}: internal error: the trampolines outgrew the room the draft made")
+        text = _aligned(module.end_of_image())
+        # The table goes past the trampolines and an eighth more of their size: room a draft
+        # plan once needed, kept so that plans stay as they were.
+        plan = build_plan(module, probes, text, lambda size: text + _aligned(size + size // 8 + 1), strict)
+        if plan.data_vaddr + len(plan.data) > module.end_of_image() + text_room(len(probes)):
+            raise JprobeError(f"{path}: internal error: the probe table outgrew the room kept for it")
         planned.append(PlannedModule(plan, name, *identity(path)))
     return planned
+
+
+def _aligned(size: int) -> int:
+    """`size` rounded up to ALIGN."""
+    return -(-size // ALIGN) * ALIGN
 
 
 def rewritten_elsewhere(program: str, modules: list[PlannedModule]) -> list[str]:

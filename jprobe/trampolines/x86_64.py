@@ -33,7 +33,7 @@ from capstone import x86_const as X
 
 from .. import layout
 from ..errors import RelocationError
-from .asm import CodeBuffer
+from .asm import Address, CodeBuffer
 from .relocate import decoder, relocate_with_copies
 
 JUMP_SIZE = 5
@@ -295,7 +295,7 @@ class ModuleStubs:
 
     VSAVE = 2048 + 64 + 64       # zmm0-31, k0-7, mxcsr + saved mode (a 64-byte multiple)
 
-    def __init__(self, buf: CodeBuffer, table: int):
+    def __init__(self, buf: CodeBuffer, table: Address):
         self.common = buf.here
         self._emit_common(buf, table + layout.offsetof("jp_table", "vec_mode"),
                           table + layout.offsetof("jp_table", "tls_off"))
@@ -303,7 +303,7 @@ class ModuleStubs:
         self._emit_common_x87(buf)
 
     @staticmethod
-    def _emit_common(buf: CodeBuffer, vec_mode_address: int, tls_off: int) -> None:
+    def _emit_common(buf: CodeBuffer, vec_mode_address: Address, tls_off: Address) -> None:
         """rdi = ctx, rsi = &jp_probe: count, then call the callback with all vector state kept."""
         buf.rip("mov rcx, qword ptr [rip]", tls_off)                  # counted as in emit_count
         buf.jrcxz("common_shared")
@@ -403,7 +403,7 @@ def _vector_switch(buf: CodeBuffer, what: str) -> None:
     buf.label(done)
 
 
-def emit_count(buf: CodeBuffer, hits: int, probe_id: int, tls_off: int, flags_live: bool,
+def emit_count(buf: CodeBuffer, hits: Address, probe_id: int, tls_off: Address, flags_live: bool,
                red_zone: bool = True) -> None:
     """An exact, thread-safe counter that leaves every register (and live flags) as it was.
 
@@ -438,7 +438,7 @@ def emit_count(buf: CodeBuffer, hits: int, probe_id: int, tls_off: int, flags_li
     buf.label(done)
 
 
-def emit_callback(buf: CodeBuffer, stub: int, probe_desc: int, probe_id: int, site: int,
+def emit_callback(buf: CodeBuffer, stub: int, probe_desc: Address, probe_id: int, site: int,
                   red_zone: bool = True, return_pushed: bool = False) -> None:
     """Build a struct jprobe_ctx on the stack, call the module stub, take back edited registers.
 
