@@ -32,10 +32,12 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     if main is not None:
         main.check_runtime_loads()             # LD_PRELOAD means nothing to a static program
     by_module: dict[str, tuple[str, list[ProbeSpec]]] = {}
+    paths: dict[str | None, str] = {None: program}      # each MODULE searched for once
     for spec in specs:
         check_supported(spec)
-        path = program if spec.module is None else find_module(spec.module, main)
-        by_module.setdefault(path, (spec.module or "", []))[1].append(spec)
+        if spec.module not in paths:
+            paths[spec.module] = find_module(spec.module, main)
+        by_module.setdefault(paths[spec.module], (spec.module or "", []))[1].append(spec)
     planned = []
     for path, (name, module_specs) in by_module.items():
         module = main if path == program and main is not None else ElfModule(path)
