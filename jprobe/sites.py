@@ -58,6 +58,7 @@ class FunctionFacts:
     indirect_jump: int | None
     x87: bool
     complete: bool = True              # every byte of it and of its related pieces decoded
+    _decoded: dict[int, CsInsn] = field(default_factory=dict, repr=False)    # by `instruction`
 
     def has(self, address: int) -> bool:
         """An instruction of the function starts at `address`."""
@@ -71,8 +72,10 @@ class FunctionFacts:
         return i
 
     def instruction(self, i: int) -> CsInsn:
-        """The i-th instruction, with its details."""
-        return next(iter(self.instructions_from(i, 1)))
+        """The i-th instruction, with its details (a probe's first is asked for twice)."""
+        if i not in self._decoded:
+            self._decoded[i] = next(iter(self.instructions_from(i, 1)))
+        return self._decoded[i]
 
     def instructions_from(self, i: int, count: int) -> Iterable[CsInsn]:
         """Up to `count` instructions from the i-th on, with their details, built as they are
