@@ -42,6 +42,7 @@ MAX_INSN = 15
 MAX_PATCH = layout.CONST["JP_PATCH_MAX"]     # the most bytes a plan file can patch at one site
 _CHAIN_LONGEST = 5       # instructions one T2 chain may move
 FLAGS_SCAN = 64          # instructions followed when proving the flags dead
+WHOLE_AFTER = 8          # reads of a function's instructions after which it is decoded whole
 
 
 @dataclass
@@ -59,6 +60,7 @@ class FunctionFacts:
     x87: bool
     complete: bool = True              # every byte of it and of its related pieces decoded
     _decoded: dict[int, CsInsn] = field(default_factory=dict, repr=False)    # by `instruction`
+    _reads: int = field(default=0, repr=False)
 
     def has(self, address: int) -> bool:
         """An instruction of the function starts at `address`."""
@@ -79,8 +81,10 @@ class FunctionFacts:
 
     def instructions_from(self, i: int, count: int) -> Iterable[CsInsn]:
         """Up to `count` instructions from the i-th on, with their details, built as they are
-        read; taken from `insns` once something needed them all (`jprobe sites`)."""
-        if "insns" in self.__dict__:
+        read. A function read more than a few times (`jprobe sites` and dense probing read
+        every instruction) is decoded whole once instead."""
+        self._reads += 1
+        if self._reads > WHOLE_AFTER:
             return self.insns[i:i + count]
         at, base = self.starts[i], self.symbol.address
         return arch.decode_lazily(self.code[at - base:self.end - base], at, count)
