@@ -11,7 +11,8 @@ start-up and report-writing costs are excluded).  Every row reports the median
 of --runs runs.  Overhead is ns/iteration minus row (1)'s; the ratio compares a
 row's overhead with that of a jprobe `count` probe at `target`.  Rows 2r and 4r run the loop
 under `jprobe run` instead of patching the file.  A second table shows how hits/s scale with
-threads (benchmarks/threads.c, T = 1, 2, 4, 8) under `jprobe run`.
+threads (benchmarks/threads.c, T = 1, 2, 4, 8) under `jprobe run`, and a third what planning
+many probes costs (benchmarks/plan_scale.py).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
+
+import plan_scale                   # benchmarks/plan_scale.py, next to this file
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
@@ -381,6 +384,16 @@ def syscall_proof(loop):
             f"SIGTRAPs delivered during 10^6 hits: {traps}.")
 
 
+def planning_table(runs):
+    """Planning at scale (benchmarks/plan_scale.py): N libc probes under `jprobe run`, and
+    python3.11 rewritten with 1,000 probes."""
+    try:
+        table = plan_scale.table(plan_scale.rows(list(plan_scale.SIZES), runs, patch=True))
+    except Exception as e:  # the hit-cost rows above stand on their own
+        table = f"failed: {e}\n"
+    return (f"### Planning at scale (benchmarks/plan_scale.py; median of {runs} runs)\n\n{table}")
+
+
 # ---------------------------------------------------------------------------
 
 RESULTS_HEADER = """## Benchmark: the cost of a probe hit
@@ -402,6 +415,12 @@ process may use, each call a noinline `target` N times after a common start barr
 runs from the barrier to the last join.  Each cell is the median over the runs of the aggregate
 calls (hits) per second, unprobed and under `jprobe run -p target`; every probed run's report
 must count exactly T x N hits.
+
+The planning table times `jprobe run -p libc.so.6:F ... -- /bin/true` with N of libc's exported
+functions (spread over the library; "all": every one) and `jprobe patch` of python3.11 with
+1,000 of its exported functions: the whole command's wall time and peak RSS, then, in a
+process of its own, the planning alone (what the command does before it runs the program or
+writes the file), wall and CPU seconds, and the time to import jprobe, which it excludes.
 
 """
 
@@ -499,6 +518,9 @@ def main():
         lines.append(syscall_proof(loop))
     except Exception as e:
         lines.append(f"syscall proof failed: {e}")
+    print("running planning at scale ...", file=sys.stderr, flush=True)
+    lines.append("")
+    lines.append(planning_table(a.runs))
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).write_text(RESULTS_HEADER + text)

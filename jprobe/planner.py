@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import layout
@@ -15,7 +16,7 @@ from .trampolines import tactics
 from .trampolines.relocate import can_relocate, can_relocate_together
 from .spec import ProbeSpec
 from .trampolines import x86_64 as arch
-from .trampolines.asm import CodeBuffer
+from .trampolines.asm import CodeBuffer, Later
 
 TABLE_SIZE = layout.sizeof("jp_table")
 PROBE_SIZE = layout.sizeof("jp_probe")
@@ -222,11 +223,13 @@ class _Strings:
         return len(self.data) - len(text.encode()) - 1
 
 
-def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, data_vaddr: int,
-               strict: bool = False, islands: bool = True, room: int | None = None,
-               movable: bool = False) -> ModulePlan:
+def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
+               data_vaddr: int | Callable[[int], int], strict: bool = False, islands: bool = True,
+               room: int | None = None, movable: bool = False) -> ModulePlan:
     """Trampolines at text_vaddr, the probe table at data_vaddr, and the site patches.
 
+    `data_vaddr` may be a function that places the table once the trampolines' size is
+    known (`jprobe run` puts it past them): their references to it are resolved last.
     Jumps first (their bytes depend on where their trampolines are), then the sites that
     need a pun or an eviction (their rel32 may read those bytes). Without `islands` (an
     applier that cannot map them before the code runs) those sites trap. `room`: how far
@@ -236,27 +239,30 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
     that would fall back to a trap as it was (JP_TABLE_STRICT).
     """
     ffi = layout.ffi
-    table_probes = data_vaddr + TABLE_SIZE
-    desc_addr = [table_probes + i * PROBE_SIZE for i in range(len(probes))]
+    table = Later("table")
+    desc_addr = [table + TABLE_SIZE + i * PROBE_SIZE for i in range(len(probes))]
     buf = CodeBuffer(text_vaddr)
     stubs = None
     if any(p.spec.handler.kind == "callback" for p in probes):
-        stubs = arch.ModuleStubs(buf, data_vaddr)
+        stubs = arch.ModuleStubs(buf, table)
     plans: dict[int, ProbePlan] = {}
     for i, probe in enumerate(probes):
         if probe.site.mechanism != "trap" or probe.site.length >= arch.JUMP_SIZE:
-            plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], data_vaddr, stubs)
+            plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs)
     short, rejumped = (_decide_short_sites(module, probes, plans, strict, islands, room, movable)
                        if probes else ({}, []))
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
-        plans[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], data_vaddr, stubs, islands)
+        plans[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], table, stubs, islands)
     plans = [plans[i] for i in range(len(probes))]
-    text = buf.finish()
+    if not isinstance(data_vaddr, int):
+        data_vaddr = data_vaddr(buf.here - text_vaddr)
+    text = buf.finish({table.region: data_vaddr})
+    table_probes = data_vaddr + TABLE_SIZE
     by_address = {p.address: i for i, p in enumerate(probes)}
 
     strings = _Strings()
-    table = ffi.new("struct jp_table *")
+    header = ffi.new("struct jp_table *")
     descs = ffi.new("struct jp_probe[]", max(len(probes), 1))
     for i, (probe, plan) in enumerate(zip(probes, plans)):
         d = descs[i]
@@ -278,28 +284,28 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
             if probe.callback.novec:
                 d.flags |= layout.CONST["JP_PROBE_NOVEC"]
                 d.cb_build_id = probe.callback.build_id
-    table.magic = layout.MAGIC
-    table.version = layout.TABLE_VERSION
-    table.nprobes = len(probes)
-    table.flags = layout.CONST["JP_TABLE_STRICT"] if strict else 0
-    table.probes = table_probes
+    header.magic = layout.MAGIC
+    header.version = layout.TABLE_VERSION
+    header.nprobes = len(probes)
+    header.flags = layout.CONST["JP_TABLE_STRICT"] if strict else 0
+    header.probes = table_probes
     records = ffi.new("struct jp_island[]", max(len(islands), 1))
     for record, (at, target, owner) in zip(records, islands):
         hop = arch.jump_bytes(at, target, arch.JUMP_SIZE)
         record.at, record.target, record.probe = at, target, owner
         record.len, record.fixup = len(hop), arch.JUMP_FIXUP
         record.code = hop + bytes(8 - len(hop))
-    table.islands = table_probes + len(probes) * PROBE_SIZE
-    table.nislands = len(islands)
-    table.strings = table.islands + len(islands) * ISLAND_SIZE
-    table.module = strings.add(os.path.abspath(module.path))
+    header.islands = table_probes + len(probes) * PROBE_SIZE
+    header.nislands = len(islands)
+    header.strings = header.islands + len(islands) * ISLAND_SIZE
+    header.module = strings.add(os.path.abspath(module.path))
     # Last, in id order: the specs that name only their address, which a packed table
     # leaves out (the runtime writes them back, in this order).
     for i, probe in enumerate(probes):
         if probe.names() == address_spec(probe.address):
             descs[i].spec = strings.append(probe.names())
-    table.strings_size = len(strings.data)
-    data = (bytes(ffi.buffer(table)) + bytes(ffi.buffer(descs))[:len(probes) * PROBE_SIZE]
+    header.strings_size = len(strings.data)
+    data = (bytes(ffi.buffer(header)) + bytes(ffi.buffer(descs))[:len(probes) * PROBE_SIZE]
             + bytes(ffi.buffer(records))[:len(islands) * ISLAND_SIZE] + bytes(strings.data))
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
     return ModulePlan(os.path.abspath(module.path), module.build_id, text_vaddr, text, data_vaddr, data, plans,
@@ -307,8 +313,8 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int, 
                              if not any(lo <= target < hi for lo, hi in added)))
 
 
-def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: int,
-                table: int, stubs: arch.ModuleStubs | None,
+def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: Later,
+                table: Later, stubs: arch.ModuleStubs | None,
                 islands: list[tuple[int, int, int]] | None = None) -> ProbePlan:
     hits = desc + layout.offsetof("jp_probe", "hits")
     start = buf.here

@@ -32,10 +32,12 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     if main is not None:
         main.check_runtime_loads()             # LD_PRELOAD means nothing to a static program
     by_module: dict[str, tuple[str, list[ProbeSpec]]] = {}
+    paths: dict[str | None, str] = {None: program}      # each MODULE searched for once
     for spec in specs:
         check_supported(spec)
-        path = program if spec.module is None else find_module(spec.module, main)
-        by_module.setdefault(path, (spec.module or "", []))[1].append(spec)
+        if spec.module not in paths:
+            paths[spec.module] = find_module(spec.module, main)
+        by_module.setdefault(paths[spec.module], (spec.module or "", []))[1].append(spec)
     planned = []
     for path, (name, module_specs) in by_module.items():
         module = main if path == program and main is not None else ElfModule(path)
@@ -44,15 +46,20 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
                               f"in place of the file's own, which count nowhere; probe the original file, or "
                               f"run the rewritten one alone with JPROBE_REPORT=FILE")
         probes = resolve_probes(module, module_specs, strict)
-        text = -(-module.end_of_image() // ALIGN) * ALIGN
-        draft = len(build_plan(module, probes, text, text, strict, movable=True).text)
-        # Room for a little more: where the text lands decides some puns (planner.build_plan).
-        data = text + -(-(draft + draft // 8 + 1) // ALIGN) * ALIGN
-        plan = build_plan(module, probes, text, data, strict, movable=True)
-        if text + len(plan.text) > data or data + len(plan.data) > module.end_of_image() + text_room(len(probes)):
-            raise JprobeError(f"{path}: internal error: the trampolines outgrew the room the draft made")
+        text = _aligned(module.end_of_image())
+        # The table goes past the trampolines and an eighth more of their size: room a draft
+        # plan once needed, kept so that plans stay as they were.
+        plan = build_plan(module, probes, text, lambda size: text + _aligned(size + size // 8 + 1), strict,
+                          movable=True)
+        if plan.data_vaddr + len(plan.data) > module.end_of_image() + text_room(len(probes)):
+            raise JprobeError(f"{path}: internal error: the probe table outgrew the room kept for it")
         planned.append(PlannedModule(plan, name, *identity(path)))
     return planned
+
+
+def _aligned(size: int) -> int:
+    """`size` rounded up to ALIGN."""
+    return -(-size // ALIGN) * ALIGN
 
 
 def rewritten_elsewhere(program: str, modules: list[PlannedModule]) -> list[str]:

@@ -22,6 +22,8 @@ The rules, in order:
 """
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
@@ -40,26 +42,57 @@ MAX_INSN = 15
 MAX_PATCH = layout.CONST["JP_PATCH_MAX"]     # the most bytes a plan file can patch at one site
 _CHAIN_LONGEST = 5       # instructions one T2 chain may move
 FLAGS_SCAN = 64          # instructions followed when proving the flags dead
+WHOLE_AFTER = 8          # reads of a function's instructions after which it is decoded whole
 
 
 @dataclass
 class FunctionFacts:
-    """What the analysis needs to know about one function, decoded once."""
+    """What the analysis needs to know about one function, from one light sweep over it and
+    its related pieces. A probe reads the operand details of a handful of its instructions,
+    so those are decoded only when asked for (`instruction`, `instructions_from`)."""
 
     symbol: Symbol
-    insns: list[CsInsn]
-    starts: set[int]
+    code: bytes                        # its bytes, from the symbol's start
+    starts: list[int]                  # where its instructions start, in order
+    end: int                           # past the last instruction decoded
     targets: set[int]
     indirect_jump: int | None
     x87: bool
     complete: bool = True              # every byte of it and of its related pieces decoded
+    _decoded: dict[int, CsInsn] = field(default_factory=dict, repr=False)    # by `instruction`
+    _reads: int = field(default=0, repr=False)
 
-    @cached_property
-    def _index(self) -> dict[int, int]:
-        return {insn.address: i for i, insn in enumerate(self.insns)}
+    def has(self, address: int) -> bool:
+        """An instruction of the function starts at `address`."""
+        i = bisect.bisect_left(self.starts, address)
+        return i < len(self.starts) and self.starts[i] == address
 
     def index_of(self, address: int) -> int:
-        return self._index[address]
+        i = bisect.bisect_left(self.starts, address)
+        if i == len(self.starts) or self.starts[i] != address:
+            raise KeyError(address)
+        return i
+
+    def instruction(self, i: int) -> CsInsn:
+        """The i-th instruction, with its details (a probe's first is asked for twice)."""
+        if i not in self._decoded:
+            self._decoded[i] = next(iter(self.instructions_from(i, 1)))
+        return self._decoded[i]
+
+    def instructions_from(self, i: int, count: int) -> Iterable[CsInsn]:
+        """Up to `count` instructions from the i-th on, with their details, built as they are
+        read. A function read more than a few times (`jprobe sites` and dense probing read
+        every instruction) is decoded whole once instead."""
+        self._reads += 1
+        if self._reads > WHOLE_AFTER:
+            return self.insns[i:i + count]
+        at, base = self.starts[i], self.symbol.address
+        return arch.decode_lazily(self.code[at - base:self.end - base], at, count)
+
+    @cached_property
+    def insns(self) -> list[CsInsn]:
+        """Every instruction, with its details."""
+        return arch.decode(self.code[:self.end - self.symbol.address], self.symbol.address)
 
 
 @dataclass
@@ -156,42 +189,37 @@ class SiteAnalyzer:
         return self.module.function_at(address) or self.frames.symbol_at(address)
 
     def _decode_function(self, sym: Symbol) -> FunctionFacts:
-        insns, complete = self._decode_piece(sym)
+        code, swept, complete = self._sweep_piece(sym)
         if sym.name.startswith(PREFIX):
-            x87 = any(arch.uses_x87(i) for i in insns) or not complete
-            return FunctionFacts(sym, insns, {i.address for i in insns}, self.frames.targets,
-                                 self.frames.indirect_jump(sym), x87, complete)
+            return FunctionFacts(sym, code, swept.starts, swept.end, self.frames.targets,
+                                 self.frames.indirect_jump(sym), swept.x87 or not complete, complete)
         targets: set[int] = set()
         indirect = None
         x87 = False
         owner = function_owner(sym.name)
-        pieces = [(sym, insns)]
+        pieces = [(sym, swept)]
         for related in self.module.related_functions(sym):
-            piece, whole = self._decode_piece(related)
+            _, piece, whole = self._sweep_piece(related)
             pieces.append((related, piece))
             complete = complete and whole
         for piece_sym, piece in pieces:
             # A switch table of `foo` may land in `foo.cold` and the reverse; a clone's
             # (`foo.part.0`) only in the clone itself.
-            same_function = function_owner(piece_sym.name) == owner
-            for insn in piece:
-                target = arch.branch_target(insn)
-                if target is not None:
-                    targets.add(target)
-                if indirect is None and same_function and arch.is_indirect_jump(insn):
-                    indirect = insn.address
-                x87 = x87 or arch.uses_x87(insn)
+            targets.update(target for target, _ in piece.branches)
+            if indirect is None and function_owner(piece_sym.name) == owner:
+                indirect = piece.indirect_jump
+            x87 = x87 or piece.x87
         # What was not decoded may branch anywhere or use x87: assume the worst.
-        return FunctionFacts(sym, insns, {i.address for i in insns}, targets, indirect, x87 or not complete,
-                             complete)
+        return FunctionFacts(sym, code, swept.starts, swept.end, targets, indirect, x87 or not complete, complete)
 
-    def _decode_piece(self, sym: Symbol) -> tuple[list[CsInsn], bool]:
-        """The instructions of `sym`, and whether they cover it whole (capstone stops at
-        the first byte sequence it cannot decode)."""
+    def _sweep_piece(self, sym: Symbol) -> tuple[bytes, arch.Sweep, bool]:
+        """The bytes of `sym`, a sweep over them, and whether it covers them whole (capstone
+        stops at the first byte sequence it cannot decode)."""
         if not sym.size or not self.module.is_code(sym.address, sym.size):
-            return [], True
-        insns = arch.decode(self.module.read(sym.address, sym.size), sym.address)
-        return insns, sum(i.size for i in insns) == sym.size
+            return b"", arch.Sweep([], sym.address, [], None, False), True
+        code = self.module.read(sym.address, sym.size)
+        swept = arch.sweep(code, sym.address)
+        return code, swept, swept.end == sym.end
 
     def facts(self, sym: Symbol) -> FunctionFacts:
         return self._facts(sym)
@@ -201,11 +229,11 @@ class SiteAnalyzer:
         sym = self.function_at(address)
         if sym is not None:
             facts = self.facts(sym)
-            if facts.insns and address not in facts.starts:
+            if facts.starts and not facts.has(address):
                 raise SiteError(f"{address:#x} is not on an instruction boundary of {sym.name}; "
                                 f"list the boundaries with `jprobe sites {self.module.path} {sym.name}`")
-            if facts.insns:
-                return facts.insns[facts.index_of(address)]
+            if facts.starts:
+                return facts.instruction(facts.index_of(address))
         if not self.module.is_code(address):
             raise SiteError(f"{address:#x} is not in an executable section of {self.module.path}")
         insn = arch.decode_one(self.module.read(address, MAX_INSN), address)
@@ -220,7 +248,7 @@ class SiteAnalyzer:
         first = self.instruction_at(address)
         sym = self.function_at(address)
         facts = self.facts(sym) if sym is not None else None
-        x87 = facts.x87 if facts and facts.insns else True
+        x87 = facts.x87 if facts and facts.starts else True
         why_not = can_relocate(first)
         if why_not:
             raise SiteError(f"{address:#x}: cannot probe `{_text(first)}`: {why_not}")
@@ -228,9 +256,9 @@ class SiteAnalyzer:
             return Site(address, "jump", "call retargeted to the trampoline (return address kept)",
                         [first], call_retarget=True, flags_live=False, x87=x87, function=sym)
         displaced, blocker = self._displace(first, facts)
-        following = (facts.insns[facts.index_of(address):][:FLAGS_SCAN] if facts and facts.insns
-                     else displaced)
-        flags_live = not is_entry(sym, address) and not arch.flags_dead_after(following)
+        flags_live = not is_entry(sym, address) and not arch.flags_dead_after(
+            facts.instructions_from(facts.index_of(address), FLAGS_SCAN) if facts and facts.starts
+            else displaced)
         if blocker is None:
             n, size = len(displaced), sum(i.size for i in displaced)
             what = "1 instruction" if n == 1 else f"{n} instructions"
@@ -345,7 +373,7 @@ class SiteAnalyzer:
             return None, f"and no instruction decodes at {at:#x}"
         facts = self.facts(sym) if sym is not None else None
         known = (not arch.ends_flow(first) or successor.id in arch.FILL
-                 or (facts is not None and at in facts.starts)
+                 or (facts is not None and facts.has(at))
                  or any(f.address == at for f in [self.function_at(at)] if f is not None))
         if not known:
             return None, f"and after `{first.mnemonic}` nothing says an instruction starts at {at:#x}"
@@ -366,7 +394,7 @@ class SiteAnalyzer:
         size = first.size
         if size >= arch.JUMP_SIZE:
             return displaced, None
-        if facts is None or not facts.insns:
+        if facts is None or not facts.starts:
             return displaced, f"{size}-byte instruction outside any known function: no room for a jump"
         if facts.indirect_jump is not None:
             return displaced, (f"{size}-byte instruction in a function with an indirect jump at "
@@ -377,14 +405,14 @@ class SiteAnalyzer:
         i = facts.index_of(first.address)
         while size < arch.JUMP_SIZE:
             prev = displaced[-1]
-            if arch.ends_flow(prev) and i == len(facts.insns) - 1 and self._fill_after(facts, arch.JUMP_SIZE - size):
+            if arch.ends_flow(prev) and i == len(facts.starts) - 1 and self._fill_after(facts, arch.JUMP_SIZE - size):
                 return displaced, None
             if arch.ends_flow(prev) or arch.is_call(prev):
                 return displaced, f"only {size} bytes up to `{prev.mnemonic}`, which ends the straight-line code"
             i += 1
-            if i >= len(facts.insns):
+            if i >= len(facts.starts):
                 return displaced, f"only {size} bytes before the end of {facts.symbol.name}"
-            insn = facts.insns[i]
+            insn = facts.instruction(i)
             if insn.address in facts.targets:
                 return displaced, f"only {size} bytes before a branch target at {insn.address:#x}"
             if insn.address in self.reserved:

@@ -3,11 +3,14 @@ move together with the next ones, as inside a function symbol, and nothing break
 import subprocess
 
 import pytest
+from elftools.dwarf.callframe import FDE
+from elftools.elf.elffile import ELFFile
 from conftest import hits_by_address, patch, run_prog, run_with_report, sites, symbol
 from test_stress import FIXTURE_N, expected_calls
 
 from jprobe.elf import ElfModule
 from jprobe.frames import frame_ranges
+from jprobe.loader import find_library
 from jprobe.sites import SiteAnalyzer
 
 FUNCTIONS = ("classify", "rec", "sum_loop", "inc")
@@ -31,6 +34,24 @@ def test_unwind_ranges_cover_the_functions_a_strip_left_unnamed(stripped):
     for name in FUNCTIONS:
         at, size = symbol(full, name)
         assert any(lo <= at and at + size <= hi for lo, hi in ranges), name
+
+
+def _pyelftools_ranges(module: ElfModule) -> list[tuple[int, int]]:
+    """frame_ranges as a general CFI parser reads them (every entry, instructions too)."""
+    with open(module.path, "rb") as f:
+        entries = ELFFile(f).get_dwarf_info().EH_CFI_entries()
+        ranges = {(e.header["initial_location"], e.header["initial_location"] + e.header["address_range"])
+                  for e in entries if isinstance(e, FDE) and e.header["address_range"] > 0}
+    return sorted((lo, hi) for lo, hi in ranges if module.is_code(lo, hi - lo))
+
+
+def test_unwind_ranges_read_from_the_headers_alone_are_pyelftools_ones(stripped, build):
+    """C (`zR`), C++ with personality and LSDA (`zPLR`), and libraries of the machine."""
+    paths = [str(stripped[1]), str(build("exc.cpp", ["-O2"], "frames-exc"))]
+    paths += [p for p in (find_library("libc.so.6"), find_library("libstdc++.so.6")) if p]
+    for path in paths:
+        module = ElfModule(path)
+        assert frame_ranges(module) == _pyelftools_ranges(module) != [], path
 
 
 def test_switch_groups_stay_single_instruction_and_others_move_several(stripped):

@@ -17,7 +17,7 @@ from unicorn import x86_const as U  # noqa: E402
 
 from jprobe import layout  # noqa: E402
 from jprobe.trampolines import x86_64 as arch  # noqa: E402
-from jprobe.trampolines.asm import CodeBuffer  # noqa: E402
+from jprobe.trampolines.asm import CodeBuffer, assemble  # noqa: E402
 
 CODE, DATA, STACK = 0x400000, 0x600000, 0x800000
 STACK_TOP = STACK + 0x10000
@@ -52,6 +52,18 @@ def run(uc: Uc) -> None:
 
 
 FS_BASE, TLS_OFF, BLOCK = DATA + 0x8000, -0x40, DATA + 0x2000
+
+
+@pytest.mark.parametrize("flags_live", [False, True])
+def test_count_slots_are_encoded_as_keystone_assembles_them(flags_live):
+    """emit_count encodes each probe's counter slot itself: the bytes are keystone's."""
+    for probe_id in [*range(40), 1000, 4095, 70_000, 2**28 - 1]:
+        buf = CodeBuffer(CODE)
+        arch.emit_count(buf, DATA, probe_id, DATA + 8, flags_live)
+        slot = f"qword ptr [rcx + {8 * probe_id}]"
+        text = (f"push rax; mov rax, {slot}; lea rax, [rax + 1]; mov {slot}, rax; pop rax" if flags_live
+                else f"inc {slot}")
+        assert assemble(text) in buf.finish(), probe_id
 
 
 @settings(max_examples=300, deadline=None)

@@ -8,6 +8,7 @@ here after keystone has encoded the instruction with a placeholder.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import keystone
@@ -34,6 +35,23 @@ def _rip_template(text: str) -> tuple[bytes, int]:
     return code, insn.disp_offset
 
 
+@dataclass(frozen=True)
+class Later:
+    """An address in a region placed only once the code is laid out: `jprobe run` puts the
+    probe table right past the trampolines, which refer to it, so its address waits for
+    their size (`CodeBuffer.finish`). `Later("table") + 8` is 8 bytes into it."""
+
+    region: str
+    offset: int = 0
+
+    def __add__(self, offset: int) -> "Later":
+        return Later(self.region, self.offset + offset)
+
+
+Address = int | Later                      # an address known now, or one placed later
+Target = Address | str                     # or a label of the buffer
+
+
 class CodeBuffer:
     """Machine code being laid out at a known link-time address."""
 
@@ -41,9 +59,10 @@ class CodeBuffer:
         self.address = address
         self.code = bytearray()
         self.labels: dict[str, int] = {}
-        self._fixups: list[tuple[int, int, str, int]] = []   # (disp offset, end of insn, label, size)
+        self._fixups: list[tuple[int, int, str | Later, int]] = []   # (disp offset, end of insn, target, size)
         self._fresh = 0
-        # (offset, target) of each rel32/disp32 field aimed at an address, not a label
+        # (offset, target) of each rel32/disp32 field aimed at an address given as a number
+        # (not at a label or a `Later` address: the regions added next to the module)
         self.references: list[tuple[int, int]] = []
 
     @property
@@ -69,20 +88,20 @@ class CodeBuffer:
         self._fresh += 1
         return f"{name}.{self._fresh}"
 
-    def rip(self, text: str, target: int | str) -> None:
+    def rip(self, text: str, target: Target) -> None:
         """One instruction whose `[rip]` operand must address `target` (an address or a label)."""
         code, disp_at = _rip_template(text)
         start = len(self.code)
         self.code += code
         self._refer(start + disp_at, start + len(code), target)
 
-    def jmp(self, target: int | str) -> None:
+    def jmp(self, target: Target) -> None:
         self._branch(b"\xe9", target)
 
-    def call(self, target: int | str) -> None:
+    def call(self, target: Target) -> None:
         self._branch(b"\xe8", target)
 
-    def jcc(self, cc: int, target: int | str) -> None:
+    def jcc(self, cc: int, target: Target) -> None:
         """`j<cc> rel32` where cc is the low nibble of the 0F 8x opcode."""
         self._branch(bytes([0x0F, 0x80 | cc]), target)
 
@@ -91,12 +110,12 @@ class CodeBuffer:
         self.code += b"\xe3\0"
         self._refer(len(self.code) - 1, len(self.code), label, 1)
 
-    def _branch(self, opcode: bytes, target: int | str) -> None:
+    def _branch(self, opcode: bytes, target: Target) -> None:
         self.code += opcode + b"\0\0\0\0"
         self._refer(len(self.code) - 4, len(self.code), target)
 
-    def _refer(self, disp_at: int, end: int, target: int | str, size: int = 4) -> None:
-        if isinstance(target, str):
+    def _refer(self, disp_at: int, end: int, target: Target, size: int = 4) -> None:
+        if not isinstance(target, int):
             self._fixups.append((disp_at, end, target, size))
         else:
             self._put(disp_at, end, target, size)
@@ -110,9 +129,12 @@ class CodeBuffer:
             raise ValueError(f"target {target:#x} is out of rel{8 * size} reach from {self.address + end:#x}")
         self.code[disp_at:disp_at + size] = disp.to_bytes(size, "little", signed=True)
 
-    def finish(self) -> bytes:
-        """The code with every label reference resolved."""
-        for disp_at, end, name, size in self._fixups:
-            self._put(disp_at, end, self.labels[name], size)
+    def finish(self, regions: dict[str, int] | None = None) -> bytes:
+        """The code with every reference to a label, or to a `Later` address in one of
+        `regions` (name: where it starts), resolved."""
+        for disp_at, end, target, size in self._fixups:
+            address = (regions[target.region] + target.offset if isinstance(target, Later)
+                       else self.labels[target])
+            self._put(disp_at, end, address, size)
         self._fixups.clear()
         return bytes(self.code)

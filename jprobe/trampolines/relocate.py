@@ -359,7 +359,8 @@ def _plan(insn: CsInsn, span: _Span, is_last: bool) -> _Plan:
     """How `insn` moves, or `_Refused` with the reason it cannot."""
     if insn.id == x86.X86_INS_INVALID:
         _refuse("capstone marks it invalid")
-    if insn.id in _KERNEL_ENTRIES or insn.group(CS_GRP_INT) or insn.group(CS_GRP_IRET):
+    groups = insn.groups                   # built anew at each `insn.group()`
+    if insn.id in _KERNEL_ENTRIES or CS_GRP_INT in groups or CS_GRP_IRET in groups:
         _refuse(f"{insn.mnemonic} hands its own rip to the kernel")
     if insn.id == x86.X86_INS_LCALL:
         _refuse("a far call pushes cs:rip")  # capstone's name for some encodings
@@ -369,7 +370,7 @@ def _plan(insn: CsInsn, span: _Span, is_last: bool) -> _Plan:
     opcode = bytes(insn.bytes[at:])
     if insn.id in _LOOP_LIKE:
         return _plan_loop_like(insn, span, prefixes)
-    if insn.group(CS_GRP_BRANCH_RELATIVE):
+    if CS_GRP_BRANCH_RELATIVE in groups:
         if insn.id in (x86.X86_INS_JMP, x86.X86_INS_CALL) or _is_jcc(opcode):
             return _plan_relative_branch(insn, span, prefixes, opcode)
         _refuse(f"{insn.mnemonic} cannot move: its relative target has no re-encoding")
