@@ -14,7 +14,7 @@ from .errors import JprobeError
 from .islands import text_room
 from .loader import find_module, find_program, needed_closure
 from .planfile import PlannedModule, encode, identity
-from .planner import build_plan, resolve_probes
+from .planner import build_plan, cycles_uncollected, resolve_probes
 from .runtime import runtime_library
 from .spec import ProbeSpec, check_supported
 
@@ -38,23 +38,29 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
         if spec.module not in paths:
             paths[spec.module] = find_module(spec.module, main)
         by_module.setdefault(paths[spec.module], (spec.module or "", []))[1].append(spec)
-    planned = []
-    for path, (name, module_specs) in by_module.items():
-        module = main if path == program and main is not None else ElfModule(path)
-        if module.rewritten:
-            raise JprobeError(f"{path}: rewritten by `jprobe patch`, so `jprobe run` would count its probes "
-                              f"in place of the file's own, which count nowhere; probe the original file, or "
-                              f"run the rewritten one alone with JPROBE_REPORT=FILE")
-        probes = resolve_probes(module, module_specs, strict)
-        text = _aligned(module.end_of_image())
-        # The table goes past the trampolines and an eighth more of their size: room a draft
-        # plan once needed, kept so that plans stay as they were.
-        plan = build_plan(module, probes, text, lambda size: text + _aligned(size + size // 8 + 1), strict,
-                          movable=True)
-        if plan.data_vaddr + len(plan.data) > module.end_of_image() + text_room(len(probes)):
-            raise JprobeError(f"{path}: internal error: the probe table outgrew the room kept for it")
-        planned.append(PlannedModule(plan, name, *identity(path)))
-    return planned
+    with cycles_uncollected():
+        return [_plan_module(path, name, module_specs, main if path == program else None, strict)
+                for path, (name, module_specs) in by_module.items()]
+
+
+def _plan_module(path: str, name: str, specs: list[ProbeSpec], module: ElfModule | None,
+                 strict: bool) -> PlannedModule:
+    """The plan of one module (`module`: the file at `path` when it is parsed already)."""
+    if module is None:
+        module = ElfModule(path)
+    if module.rewritten:
+        raise JprobeError(f"{path}: rewritten by `jprobe patch`, so `jprobe run` would count its probes "
+                          f"in place of the file's own, which count nowhere; probe the original file, or "
+                          f"run the rewritten one alone with JPROBE_REPORT=FILE")
+    probes = resolve_probes(module, specs, strict)
+    text = _aligned(module.end_of_image())
+    # The table goes past the trampolines and an eighth more of their size: room a draft
+    # plan once needed, kept so that plans stay as they were.
+    plan = build_plan(module, probes, text, lambda size: text + _aligned(size + size // 8 + 1), strict,
+                      movable=True)
+    if plan.data_vaddr + len(plan.data) > module.end_of_image() + text_room(len(probes)):
+        raise JprobeError(f"{path}: internal error: the probe table outgrew the room kept for it")
+    return PlannedModule(plan, name, *identity(path))
 
 
 def _aligned(size: int) -> int:

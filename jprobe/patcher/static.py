@@ -20,7 +20,7 @@ from ..islands import REACH, text_room
 from ..loader import find_library
 from ..output import replacing
 from ..plan import ModulePlan
-from ..planner import build_plan, resolve_probes
+from ..planner import build_plan, cycles_uncollected, resolve_probes
 from ..runtime import runtime_library
 from ..spec import ProbeSpec, check_supported
 from ..trampolines import x86_64 as arch
@@ -335,7 +335,8 @@ def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: boo
     if module.rewritten:
         raise JprobeError(f"{input_path}: already rewritten by `jprobe patch` (it loads the jprobe runtime); "
                           f"patch the original file, with every probe in one `jprobe patch`")
-    plan, binary = plan_file(module, specs, strict)
+    with cycles_uncollected():
+        plan, binary = plan_file(module, specs, strict)
     _refuse_traps_before_the_runtime(module, plan)
     apply_plan(plan, binary, not module.is_library)
     write_atomically(binary, plan, module, output)
