@@ -71,7 +71,7 @@ struct placement {
 	struct trap_index *bounds;	/* every relocated instruction: where its copy is */
 	struct trap_index *interior;	/* those strictly inside a site's patch */
 	struct trap_index *copies;	/* the same read backwards: copy -> original */
-	bool *removed;			/* per probe: taken out (jprobe_rt_set_probe()) */
+	bool *removed;			/* per probe: taken out (jprobe_rt_set_probes()) */
 	uint64_t **claimed;		/* every BLOCK record it counts in, for live reads */
 	size_t nclaimed, cap_claimed;
 	uint64_t *spare[JP_SPARE_BLOCKS];	/* under blocks_lock */

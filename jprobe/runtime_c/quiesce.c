@@ -3,7 +3,7 @@
  * quiesce.c - moving the other threads out of code that is about to change.
  *
  * A site is written while the program's other threads run (apply.c,
- * jprobe_rt_set_probe()).  The order, and why no thread ever runs a
+ * jprobe_rt_set_probes()).  The order, and why no thread ever runs a
  * half-written instruction:
  *
  *  1. A placeholder (int3, or #UD under a debugger) goes on the first byte
