@@ -257,9 +257,10 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
                              [TableProbe(plan, probe.callback, probe.site.x87) for probe, plan in zip(probes, plans)],
                              islands, strict)
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
-    return ModulePlan(os.path.abspath(module.path), module.build_id, text_vaddr, text, data_vaddr, data, plans,
-                      sorted(off for off, target in buf.references
-                             if not any(lo <= target < hi for lo, hi in added)))
+    return ModulePlan(module=os.path.abspath(module.path), build_id=module.build_id, text_vaddr=text_vaddr,
+                      text=text, data_vaddr=data_vaddr, data=data, probes=plans,
+                      text_fixups=sorted(off for off, target in buf.references
+                                         if not any(lo <= target < hi for lo, hi in added)))
 
 
 def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: Later,
@@ -285,9 +286,9 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
     if site.mechanism == "trap":
         copies = arch.emit_displaced(buf, site.displaced)
         patched = arch.trap_bytes(site.length, original)
-        return ProbePlan(probe.spec.text, probe.address, "trap", site.reason, str(probe.spec.handler),
-                         original, patched, trampoline=None, resume=start, target=probe.spec.target(),
-                         boundaries=_boundaries(copies))
+        return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism="trap", reason=site.reason,
+                         handler=str(probe.spec.handler), original=original, patched=patched, trampoline=None,
+                         resume=start, target=probe.spec.target(), boundaries=_boundaries(copies))
     probe_work()
     if site.jump is not None:
         return _emit_short(buf, probe, site, index, start, original, islands)
@@ -298,12 +299,14 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         resume = buf.here if len(site.displaced) == 1 and not site.padding else None
         copies = arch.emit_displaced(buf, site.displaced)
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
-        return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
-                         original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target(),
-                         resume=resume, boundaries=_boundaries(copies))
+        return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=site.mechanism, reason=site.reason,
+                         handler=str(probe.spec.handler), original=original, patched=patched, trampoline=start,
+                         patch_fixup=fixup, target=probe.spec.target(), resume=resume,
+                         boundaries=_boundaries(copies))
     # A retargeted call has no copy to map (_boundaries says why none is needed).
-    return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
-                     original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target())
+    return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=site.mechanism, reason=site.reason,
+                     handler=str(probe.spec.handler), original=original, patched=patched, trampoline=start,
+                     patch_fixup=fixup, target=probe.spec.target())
 
 
 def _past_the_pun(probe: ResolvedProbe, site: Site) -> list:
