@@ -253,9 +253,8 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
         data_vaddr = data_vaddr(buf.here - text_vaddr)
     text = buf.finish({table.region: data_vaddr})
     plans = [replace(plan, target=probe.names()) for probe, plan in zip(probes, plans)]
-    data = probetable.encode(os.path.abspath(module.path), data_vaddr,
-                             [TableProbe(plan, probe.callback, probe.site.x87) for probe, plan in zip(probes, plans)],
-                             islands, strict)
+    rows = [TableProbe(plan, probe.callback, probe.site.x87) for probe, plan in zip(probes, plans)]
+    data = probetable.encode(os.path.abspath(module.path), data_vaddr, rows, islands, strict)
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
     return ModulePlan(module=os.path.abspath(module.path), build_id=module.build_id, text_vaddr=text_vaddr,
                       text=text, data_vaddr=data_vaddr, data=data, probes=plans,

@@ -76,7 +76,8 @@ def _fence_the_heap(binary: lief.ELF.Binary, module: ElfModule) -> None:
     fence.virtual_address = fence.physical_address = -(-(module.end_of_image() + REACH) // PAGE) * PAGE
 
 
-def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False) -> tuple[ModulePlan, lief.ELF.Binary]:
+def plan_file(module: ElfModule, specs: list[ProbeSpec],
+              strict: bool = False) -> tuple[ModulePlan, lief.ELF.Binary]:
     """The plan for `module`, and a LIEF binary with room made for it; with its table packed
     when that saves room."""
     probes = resolve_probes(module, specs, strict)
