@@ -3,7 +3,8 @@
 A plan says, for one module, which bytes change at which probe sites, and the
 contents and link-time addresses of the two added regions (trampoline code and
 probe data). Appliers (a file with LIEF, a process with the C runtime or with
-ptrace) apply it without knowing any x86.
+ptrace) apply it without knowing any x86. A plan, once made, stays as it is: what changes
+it (a packed form, a re-aimed jump) makes a new one instead.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbePlan:
     spec: str
     address: int
@@ -32,7 +33,7 @@ class ProbePlan:
     boundaries: list[tuple[int, int]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModulePlan:
     module: str
     build_id: str | None

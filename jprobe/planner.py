@@ -5,24 +5,20 @@ import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from . import layout
+from . import layout, probetable
 from .elf import ElfModule
 from .callbacks import Callback, resolve_callback
 from .errors import SiteError, SymbolError
-from .packing import address_spec
 from .plan import ModulePlan, ProbePlan
+from .probetable import PROBE_SIZE, TABLE_SIZE, TableProbe
 from .sites import Overlay, Site, SiteAnalyzer, is_entry
 from .trampolines import tactics
 from .trampolines.relocate import can_relocate, can_relocate_together
 from .spec import ProbeSpec
 from .trampolines import x86_64 as arch
 from .trampolines.asm import CodeBuffer, Later
-
-TABLE_SIZE = layout.sizeof("jp_table")
-PROBE_SIZE = layout.sizeof("jp_probe")
-ISLAND_SIZE = layout.sizeof("jp_island")
 
 
 @dataclass
@@ -222,27 +218,6 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
                 jump=tactics.Jump("T2", mine, jump.island, depends=j_address))
 
 
-class _Strings:
-    """The string pool of the probe table; offset 0 is the empty string."""
-
-    def __init__(self):
-        self.data = bytearray(b"\0")
-        self._index: dict[str, int] = {"": 0}
-
-    def add(self, text: str | None) -> int:
-        if not text:
-            return 0
-        if text not in self._index:
-            self._index[text] = len(self.data)
-            self.data += text.encode() + b"\0"
-        return self._index[text]
-
-    def append(self, text: str) -> int:
-        """A string of its own at the end, shared with none (packing.address_spec)."""
-        self.data += text.encode() + b"\0"
-        return len(self.data) - len(text.encode()) - 1
-
-
 def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
                data_vaddr: int | Callable[[int], int], strict: bool = False, islands: bool = True,
                room: int | None = None, movable: bool = False) -> ModulePlan:
@@ -258,7 +233,6 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
     elsewhere (`jprobe run`). `strict` is in the table too: the runtime then leaves a probe
     that would fall back to a trap as it was (JP_TABLE_STRICT).
     """
-    ffi = layout.ffi
     table = Later("table")
     desc_addr = [table + TABLE_SIZE + i * PROBE_SIZE for i in range(len(probes))]
     buf = CodeBuffer(text_vaddr)
@@ -278,59 +252,14 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
     if not isinstance(data_vaddr, int):
         data_vaddr = data_vaddr(buf.here - text_vaddr)
     text = buf.finish({table.region: data_vaddr})
-    table_probes = data_vaddr + TABLE_SIZE
-    by_address = {p.address: i for i, p in enumerate(probes)}
-
-    strings = _Strings()
-    header = ffi.new("struct jp_table *")
-    descs = ffi.new("struct jp_probe[]", max(len(probes), 1))
-    for i, (probe, plan) in enumerate(zip(probes, plans)):
-        d = descs[i]
-        d.address = probe.address
-        d.resume = plan.resume or 0
-        plan.target = probe.names()
-        if plan.target != address_spec(probe.address):
-            d.spec = strings.add(plan.target)
-        d.handler = layout.HANDLERS["callback" if probe.spec.handler.kind == "callback" else "count"]
-        d.mechanism = layout.MECHANISMS[plan.mechanism]
-        d.id = i
-        d.flags = layout.CONST["JP_PROBE_X87"] if probe.site.x87 else 0
-        d.len = len(plan.original)
-        d.original = plan.original + bytes(layout.CONST["JP_PATCH_MAX"] - len(plan.original))
-        d.depends = 1 + by_address[plan.depends] if plan.depends is not None else 0
-        if probe.callback:
-            d.lib = strings.add(probe.callback.library)
-            d.func = strings.add(probe.callback.function)
-            if probe.callback.novec:
-                d.flags |= layout.CONST["JP_PROBE_NOVEC"]
-                d.cb_build_id = probe.callback.build_id
-    header.magic = layout.MAGIC
-    header.version = layout.TABLE_VERSION
-    header.nprobes = len(probes)
-    header.flags = layout.CONST["JP_TABLE_STRICT"] if strict else 0
-    header.probes = table_probes
-    records = ffi.new("struct jp_island[]", max(len(islands), 1))
-    for record, (at, target, owner) in zip(records, islands):
-        hop = arch.jump_bytes(at, target, arch.JUMP_SIZE)
-        record.at, record.target, record.probe = at, target, owner
-        record.len, record.fixup = len(hop), arch.JUMP_FIXUP
-        record.code = hop + bytes(8 - len(hop))
-    header.islands = table_probes + len(probes) * PROBE_SIZE
-    header.nislands = len(islands)
-    header.strings = header.islands + len(islands) * ISLAND_SIZE
-    header.module = strings.add(os.path.abspath(module.path))
-    # Last, in id order: the specs that name only their address, which a packed table
-    # leaves out (the runtime writes them back, in this order).
-    for i, probe in enumerate(probes):
-        if probe.names() == address_spec(probe.address):
-            descs[i].spec = strings.append(probe.names())
-    header.strings_size = len(strings.data)
-    data = (bytes(ffi.buffer(header)) + bytes(ffi.buffer(descs))[:len(probes) * PROBE_SIZE]
-            + bytes(ffi.buffer(records))[:len(islands) * ISLAND_SIZE] + bytes(strings.data))
+    plans = [replace(plan, target=probe.names()) for probe, plan in zip(probes, plans)]
+    rows = [TableProbe(plan, probe.callback, probe.site.x87) for probe, plan in zip(probes, plans)]
+    data = probetable.encode(os.path.abspath(module.path), data_vaddr, rows, islands, strict)
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
-    return ModulePlan(os.path.abspath(module.path), module.build_id, text_vaddr, text, data_vaddr, data, plans,
-                      sorted(off for off, target in buf.references
-                             if not any(lo <= target < hi for lo, hi in added)))
+    return ModulePlan(module=os.path.abspath(module.path), build_id=module.build_id, text_vaddr=text_vaddr,
+                      text=text, data_vaddr=data_vaddr, data=data, probes=plans,
+                      text_fixups=sorted(off for off, target in buf.references
+                                         if not any(lo <= target < hi for lo, hi in added)))
 
 
 def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: Later,
@@ -356,9 +285,9 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
     if site.mechanism == "trap":
         copies = arch.emit_displaced(buf, site.displaced)
         patched = arch.trap_bytes(site.length, original)
-        return ProbePlan(probe.spec.text, probe.address, "trap", site.reason, str(probe.spec.handler),
-                         original, patched, trampoline=None, resume=start, target=probe.spec.target(),
-                         boundaries=_boundaries(copies))
+        return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism="trap", reason=site.reason,
+                         handler=str(probe.spec.handler), original=original, patched=patched, trampoline=None,
+                         resume=start, target=probe.spec.target(), boundaries=_boundaries(copies))
     probe_work()
     if site.jump is not None:
         return _emit_short(buf, probe, site, index, start, original, islands)
@@ -369,12 +298,14 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         resume = buf.here if len(site.displaced) == 1 and not site.padding else None
         copies = arch.emit_displaced(buf, site.displaced)
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
-        return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
-                         original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target(),
-                         resume=resume, boundaries=_boundaries(copies))
+        return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=site.mechanism, reason=site.reason,
+                         handler=str(probe.spec.handler), original=original, patched=patched, trampoline=start,
+                         patch_fixup=fixup, target=probe.spec.target(), resume=resume,
+                         boundaries=_boundaries(copies))
     # A retargeted call has no copy to map (_boundaries says why none is needed).
-    return ProbePlan(probe.spec.text, probe.address, site.mechanism, site.reason, str(probe.spec.handler),
-                     original, patched, trampoline=start, patch_fixup=fixup, target=probe.spec.target())
+    return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=site.mechanism, reason=site.reason,
+                     handler=str(probe.spec.handler), original=original, patched=patched, trampoline=start,
+                     patch_fixup=fixup, target=probe.spec.target())
 
 
 def _past_the_pun(probe: ResolvedProbe, site: Site) -> list:

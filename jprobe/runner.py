@@ -14,7 +14,8 @@ from .errors import JprobeError
 from .islands import text_room
 from .loader import find_module, find_program, needed_closure
 from .planfile import PlannedModule, encode, identity
-from .planner import build_plan, cycles_uncollected, resolve_probes
+from .planner import cycles_uncollected, resolve_probes
+from .room import Room, RoomFor, plan_in_room
 from .runtime import runtime_library
 from .spec import ProbeSpec, check_supported
 
@@ -53,14 +54,18 @@ def _plan_module(path: str, name: str, specs: list[ProbeSpec], module: ElfModule
                           f"in place of the file's own, which count nowhere; probe the original file, or "
                           f"run the rewritten one alone with JPROBE_REPORT=FILE")
     probes = resolve_probes(module, specs, strict)
+    plan = plan_in_room(module, probes, _room_for(module, len(probes)), strict, movable=True)
+    return PlannedModule(plan, name, *identity(path))
+
+
+def _room_for(module: ElfModule, nprobes: int) -> RoomFor:
+    """The only room there is (room.RoomFor): past the image, below where islands may be."""
     text = _aligned(module.end_of_image())
+    end = module.end_of_image() + text_room(nprobes)
     # The table goes past the trampolines and an eighth more of their size: room a draft
     # plan once needed, kept so that plans stay as they were.
-    plan = build_plan(module, probes, text, lambda size: text + _aligned(size + size // 8 + 1), strict,
-                      movable=True)
-    if plan.data_vaddr + len(plan.data) > module.end_of_image() + text_room(len(probes)):
-        raise JprobeError(f"{path}: internal error: the probe table outgrew the room kept for it")
-    return PlannedModule(plan, name, *identity(path))
+    room = Room(text, lambda size: text + _aligned(size + size // 8 + 1), end, end)
+    return lambda outgrown: room if outgrown is None else None
 
 
 def _aligned(size: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import lief
 import pytest
 
-from jprobe import runner
+from jprobe import room, runner
 from jprobe.elf import ElfModule
 from jprobe.loader import find_library
 from jprobe.planfile import encode
@@ -49,7 +49,7 @@ def libc_probes(count: int, skip: int = 0) -> list[str]:
 def plan_counted(monkeypatch, texts: list[str]) -> Work:
     """Plan `texts` as `jprobe run` does before it starts the program, counting the work."""
     work = Work()
-    parse, sweep, disasm, build = lief.ELF.parse, arch.sweep, arch._cs.disasm, runner.build_plan
+    parse, sweep, disasm, build = lief.ELF.parse, arch.sweep, arch._cs.disasm, room.build_plan
 
     def parsed(path, *args, **kwargs):
         work.parsed.append(str(path))
@@ -71,7 +71,7 @@ def plan_counted(monkeypatch, texts: list[str]) -> Work:
     monkeypatch.setattr(lief.ELF, "parse", parsed)
     monkeypatch.setattr(arch, "sweep", swept)
     monkeypatch.setattr(arch._cs, "disasm", detailed)
-    monkeypatch.setattr(runner, "build_plan", built)
+    monkeypatch.setattr(room, "build_plan", built)
     misses = assemble.cache_info().misses
     encode(runner.plan_modules("/bin/true", parse_probes(texts), strict=False))
     work.assembled = assemble.cache_info().misses - misses

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -381,7 +382,7 @@ def _plan(tmp_path, program, probes, damage=None):
 
 def test_other_build_is_not_patched(modes, tmp_path):
     def other_build(modules):
-        modules[0].plan.build_id = "00" * 20
+        modules[0].plan = replace(modules[0].plan, build_id="00" * 20)
 
     env, read = _plan(tmp_path, modes, ["work"], other_build)
     orig = run_prog([modes, N])
@@ -394,8 +395,10 @@ def test_other_build_is_not_patched(modes, tmp_path):
 
 def test_site_that_differs_is_skipped(modes, tmp_path):
     def other_code(modules):
-        [work] = [p for p in modules[0].plan.probes if p.target == "work"]
-        work.original = bytes([work.original[0] ^ 0xff]) + work.original[1:]
+        plan = modules[0].plan
+        [work] = [p for p in plan.probes if p.target == "work"]
+        damaged = replace(work, original=bytes([work.original[0] ^ 0xff]) + work.original[1:])
+        modules[0].plan = replace(plan, probes=[damaged if p is work else p for p in plan.probes])
 
     env, read = _plan(tmp_path, modes, ["work", "main"], other_code)
     got = run_prog([modes, N], env=env)

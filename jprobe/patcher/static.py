@@ -10,6 +10,7 @@ these additions make grow: LIEF writes those anew in a segment of its own.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import lief
 
@@ -20,14 +21,15 @@ from ..islands import REACH, text_room
 from ..loader import find_library
 from ..output import replacing
 from ..plan import ModulePlan
-from ..planner import build_plan, cycles_uncollected, resolve_probes
+from ..planner import cycles_uncollected, resolve_probes
+from ..probetable import TABLE_SIZE
+from ..room import Room, plan_in_room
 from ..runtime import runtime_library
 from ..spec import ProbeSpec, check_supported
 from ..trampolines import x86_64 as arch
 
 PAGE = 0x1000
 POINTER = 8
-TABLE_SIZE = layout.sizeof("jp_table")
 # Dynamic-linking tables LIEF rebuilds to add DT_NEEDED, and the symbol and relocation of the
 # preinit entry; all other sections keep their place.
 _REBUILT = {".dynamic", ".dynstr", ".dynsym", ".gnu.hash", ".hash", ".gnu.version", ".gnu.version_r",
@@ -74,47 +76,75 @@ def _fence_the_heap(binary: lief.ELF.Binary, module: ElfModule) -> None:
     fence.virtual_address = fence.physical_address = -(-(module.end_of_image() + REACH) // PAGE) * PAGE
 
 
-def plan_file(module: ElfModule, specs: list[ProbeSpec], strict: bool = False,
-              pack: bool = True) -> tuple[ModulePlan, lief.ELF.Binary]:
+def plan_file(module: ElfModule, specs: list[ProbeSpec],
+              strict: bool = False) -> tuple[ModulePlan, lief.ELF.Binary]:
     """The plan for `module`, and a LIEF binary with room made for it; with its table packed
-    when that saves room and `pack` allows."""
+    when that saves room."""
     probes = resolve_probes(module, specs, strict)
-    # A draft sizes the added segments before LIEF places them, in the room islands avoid.
-    room = text_room(len(probes))
-    text = -(-module.end_of_image() // PAGE) * PAGE
+    segments = _Segments(module, len(probes))
     # A library dlopen()ed while the runtime is already loaded would run before any islands
     # are mapped: its short sites keep the trap (`jprobe run` gives them puns).
-    islands = not module.is_library
-    draft = build_plan(module, probes, text, text + room // 2, strict, islands)
-    packed = _packed_room(draft, module) if pack else 0
-    binary = lief.ELF.parse(module.path)
-    _make_room_for_segments(binary, module.path)
-    preinit = 0 if module.is_library else _preinit_size(binary)
-    R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
-    text = _add(binary, _room(len(draft.text)), packed or None, R | X)
-    data = _add(binary, _room(len(draft.data)) + preinit, TABLE_SIZE if packed else None, R | W)
-    # LIEF places the segments where it sees fit (for a fixed-address program, megabytes
-    # past the image): the islands go beyond wherever that is.
-    room = data.virtual_address + data.virtual_size - module.end_of_image() + PAGE
-    plan = build_plan(module, probes, text.virtual_address, data.virtual_address, strict, islands, room)
-    data_end = data.virtual_address + data.virtual_size
-    if len(plan.text) > text.virtual_size or preinit_array_at(plan) + preinit > data_end:
-        raise JprobeError(f"{module.path}: internal error: the trampolines outgrew the room the draft made")
-    if packed:
-        blob = packing.pack(plan, module.read)
-        if len(blob) > packed:                      # rare: planned again, unpacked
-            return plan_file(module, specs, strict, pack=False)
-        plan.packed = blob
-        for seg, content, file_size in ((text, blob, packed), (data, packing.packed_header(plan), TABLE_SIZE)):
-            size = seg.virtual_size
-            seg.content = list(content + bytes(file_size - len(content)))
-            seg.physical_size, seg.virtual_size = file_size, size      # the rest of the memory is zero
-    else:
-        text.content = list(plan.text + arch.FILL_BYTE * (text.virtual_size - len(plan.text)))
-        data.content = list(plan.data + bytes(data.virtual_size - len(plan.data)))
+    plan = plan_in_room(module, probes, segments.room_for, strict, islands=not module.is_library)
+    segments.fill(plan)
     if not module.is_library and any(p.islands for p in plan.probes):
-        _fence_the_heap(binary, module)
-    return plan, binary
+        _fence_the_heap(segments.binary, module)
+    return plan, segments.binary
+
+
+class _Segments:
+    """Where a file has room for a plan: two segments added to a fresh parse of it (trampolines
+    R+X, table R+W), sized for a draft plan, packed when that saves room in the file."""
+
+    def __init__(self, module: ElfModule, nprobes: int):
+        self.module, self.nprobes = module, nprobes
+        self.pack = True                        # until a plan outgrows the packed room
+        self.packed = 0                         # bytes the file holds for the packed plan; 0: unpacked
+        self.binary = self.text = self.data = None
+
+    def room_for(self, sized_by: ModulePlan | None) -> Room:
+        """Room for a plan the size of `sized_by` (room.RoomFor); first, a draft's."""
+        module = self.module
+        if sized_by is None:
+            # A draft sizes the added segments before LIEF places them, in the room islands avoid.
+            text = -(-module.end_of_image() // PAGE) * PAGE
+            return Room(text, text + text_room(self.nprobes) // 2)
+        self.packed = packed = _packed_room(sized_by, module) if self.pack else 0
+        binary = self.binary = lief.ELF.parse(module.path)
+        _make_room_for_segments(binary, module.path)
+        preinit = 0 if module.is_library else _preinit_size(binary)
+        R, W, X = (lief.ELF.Segment.FLAGS.R, lief.ELF.Segment.FLAGS.W, lief.ELF.Segment.FLAGS.X)
+        text = self.text = _add(binary, _room(len(sized_by.text)), packed or None, R | X)
+        data = self.data = _add(binary, _room(len(sized_by.data)) + preinit, TABLE_SIZE if packed else None, R | W)
+        data_end = data.virtual_address + data.virtual_size
+        # The program's DT_PREINIT_ARRAY follows the table (preinit_array_at). LIEF places the
+        # segments where it sees fit (for a fixed-address program, megabytes past the image):
+        # the islands go beyond wherever that is.
+        return Room(text.virtual_address, data.virtual_address, text.virtual_address + text.virtual_size,
+                    data.virtual_address + (data.virtual_size - preinit) // POINTER * POINTER,
+                    data_end - module.end_of_image() + PAGE,
+                    keep=self._pack if packed else None)
+
+    def _pack(self, plan: ModulePlan) -> ModulePlan | None:
+        """The plan with its packed form, or None when that outgrew the room made for it (rare):
+        the room is then made again, unpacked."""
+        blob = packing.pack(plan, self.module.read)
+        if len(blob) > self.packed:
+            self.pack = False
+            return None
+        return replace(plan, packed=blob)
+
+    def fill(self, plan: ModulePlan) -> None:
+        """The segments' contents: the plan as it is, or packed."""
+        text, data = self.text, self.data
+        if plan.packed:
+            for seg, content, file_size in ((text, plan.packed, self.packed),
+                                            (data, packing.packed_header(plan), TABLE_SIZE)):
+                size = seg.virtual_size
+                seg.content = list(content + bytes(file_size - len(content)))
+                seg.physical_size, seg.virtual_size = file_size, size      # the rest of the memory is zero
+        else:
+            text.content = list(plan.text + arch.FILL_BYTE * (text.virtual_size - len(plan.text)))
+            data.content = list(plan.data + bytes(data.virtual_size - len(plan.data)))
 
 
 def _packed_room(draft: ModulePlan, module: ElfModule) -> int:
