@@ -23,7 +23,7 @@ from ..plan import ModulePlan
 from ..planner import build_plan, cycles_uncollected, resolve_probes
 from ..runtime import runtime_library
 from ..spec import ProbeSpec, check_supported
-from ..trampolines import x86_64 as arch
+from .. import arch
 
 PAGE = 0x1000
 POINTER = 8
