@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .elf import ElfModule
 from .errors import HandlerError
 from .spec import ProbeSpec
-from .trampolines import x86_64 as arch
+from . import arch
 
 MAX_FUNCTIONS = 64
 

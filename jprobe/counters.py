@@ -16,7 +16,7 @@ PAGE = mmap.PAGESIZE
 def create(path: str, nmodules: int) -> None:
     """An empty counters file: a header whose bump pointer starts at the first page boundary."""
     header = layout.ffi.new("struct jp_shm_header *")
-    header.magic = b"JPSHM\0\0\1"
+    header.magic = layout.STRING["JP_SHM_MAGIC"]
     header.version = layout.CONST["JP_SHM_VERSION"]
     header.nmodules = nmodules
     header.next = PAGE

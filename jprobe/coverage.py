@@ -9,7 +9,7 @@ from .frames import PREFIX
 from .planner import resolve_address
 from .sites import SiteAnalyzer
 from .spec import COUNT, ProbeSpec, parse_probe
-from .trampolines import x86_64 as arch
+from . import arch
 
 
 def _row(analyzer: SiteAnalyzer, insn, tactics: bool) -> dict:

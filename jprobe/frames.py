@@ -16,7 +16,7 @@ import struct
 from functools import cached_property
 
 from .elf import ElfModule, Symbol
-from .trampolines import x86_64 as arch
+from . import arch
 
 PREFIX = "frame@"           # the name of a range's pseudo-symbol: frame@0x401000
 

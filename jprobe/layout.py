@@ -6,6 +6,7 @@ runtime compiles, so the two cannot drift apart.
 """
 from __future__ import annotations
 
+import codecs
 import re
 from pathlib import Path
 
@@ -28,12 +29,20 @@ def _enums(header: str) -> dict[str, int]:
     return found
 
 
+def _strings(header: str) -> dict[str, bytes]:
+    text = (RUNTIME_DIR / header).read_text()
+    return {name: codecs.escape_decode(value)[0]
+            for name, value in re.findall(r'#define\s+(JP_\w+)\s+"((?:[^"\\]|\\.)*)"', text)}
+
+
 ffi = cffi.FFI()
 ffi.cdef(_declarations("jprobe.h") + _declarations("jprobe_table.h") + _declarations("jprobe_plan.h")
          + _declarations("jprobe_shm.h"))
-CONST = {**_enums("jprobe_table.h"), **_enums("jprobe_plan.h"), **_enums("jprobe_shm.h")}
+_HEADERS = ("jprobe_table.h", "jprobe_plan.h", "jprobe_shm.h")
+CONST = {name: value for header in _HEADERS for name, value in _enums(header).items()}
+STRING = {name: value for header in _HEADERS for name, value in _strings(header).items()}
 
-MAGIC = b"JPROBE\0\1"
+MAGIC = STRING["JP_MAGIC"]
 TABLE_VERSION = CONST["JP_TABLE_VERSION"]
 MECHANISMS = {"jump": CONST["JP_MECH_JUMP"], "pun": CONST["JP_MECH_PUN"],
               "evict": CONST["JP_MECH_EVICT"], "trap": CONST["JP_MECH_TRAP"]}

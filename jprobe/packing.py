@@ -1,7 +1,8 @@
 """Packed tables: a rewritten file that carries its trampolines and probe table in ~12 bytes
 a probe instead of ~200 (the format is in runtime_c/jprobe_table.h, "A packed table").
 
-The packer knows nothing of x86: it encodes the bytes the planner laid out, and `unpack`
+The packer decodes no instruction: it encodes the bytes the planner laid out, asking the back
+end (arch.py) only for its jump encoding and `count` template, and `unpack`
 (the reference for the C runtime's unpacker) must give them back exactly, which `pack`
 checks before the file is written. What makes it small: every `count` trampoline starts
 with the same code but for three fields (a template with holes), relocated instructions
@@ -12,16 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import layout
+from . import arch, layout
 from .plan import ModulePlan
-from .trampolines import x86_64 as arch
-from .trampolines.asm import CodeBuffer
-from .trampolines.tactics import JMP
 
 OP = {name: layout.CONST[f"JP_OP_{name}"] for name in ("LIT", "COUNT", "COPY", "JMP", "PROBE", "COPYJMP", "RESUME",
                                                         "COPY0")}
 HOLE = {name: layout.CONST[f"JP_HOLE_{name}"] for name in ("HITS", "TLS", "SLOT")}
-MAGIC = b"JPPACK\0\1"
+MAGIC = layout.STRING["JP_PACKED_MAGIC"]
 _PROBE_SIZE = layout.sizeof("jp_probe")
 _HITS = layout.offsetof("jp_probe", "hits")
 _TLS = layout.offsetof("jp_table", "tls_off")
@@ -57,7 +55,7 @@ class Template:
 
 
 def _count_code(pos: int, hits: int, probe_id: int, tls: int, flags_live: bool, red_zone: bool) -> bytes:
-    buf = CodeBuffer(pos)
+    buf = arch.CodeBuffer(pos)
     arch.emit_count(buf, hits, probe_id, tls, flags_live, red_zone)
     return buf.finish()
 
@@ -317,6 +315,10 @@ def _pack_text(plan: ModulePlan, probes, tab: _Table, templates: list[Template])
     def boundary(at: int) -> bool:
         return at in starts or at in resumes
 
+    def whole(at: int) -> bool:
+        """Whether a jump at `at` is one piece: no instruction starts or resumes inside it."""
+        return not any(boundary(at + k) for k in range(1, arch.JUMP_SIZE))
+
     owner = -1                          # none yet: the code before any probe's
     original = b""
     pos = 0
@@ -355,18 +357,16 @@ def _pack_text(plan: ModulePlan, probes, tab: _Table, templates: list[Template])
             while n < len(original) and pos + n < end and text[pos + n] == original[n] and not boundary(pos + n + 1):
                 n += 1
             back = pos + n
-            if (n and back + 5 <= end and text[back] == JMP and not any(boundary(back + k) for k in range(1, 5))
-                    and base + back + 5 + int.from_bytes(text[back + 1:back + 5], "little", signed=True)
-                    == probes[owner].address + n):
+            if n and arch.jump_target(text, back, base + back) == probes[owner].address + n and whole(back):
                 flush()
                 out.extend(_op(OP["COPYJMP"], n))
-                pos = back + 5
+                pos = back + arch.JUMP_SIZE
                 continue
-        if owner >= 0 and text[pos] == JMP and pos + 5 <= end and not any(boundary(pos + k) for k in range(1, 5)):
-            target = base + pos + 5 + int.from_bytes(text[pos + 1:pos + 5], "little", signed=True)
+        target = arch.jump_target(text, pos, base + pos) if owner >= 0 else None
+        if target is not None and whole(pos):
             flush()
             out.extend(_op(OP["JMP"], _zigzag(target - probes[owner].address)))
-            pos += 5
+            pos += arch.JUMP_SIZE
             continue
         if original:
             k = original.find(text[pos:pos + 2])

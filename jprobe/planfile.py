@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from . import layout
 from .plan import ModulePlan
 
-NO_FIXUP = 0xFF
+NO_FIXUP = layout.CONST["JP_NO_FIXUP"]
 
 
 @dataclass
@@ -63,7 +63,7 @@ def encode(modules: list[PlannedModule]) -> bytes:
         entry.npatches = len(plan.probes)
         entry.patches = put(bytes(ffi.buffer(patches))[:len(plan.probes) * layout.sizeof("jp_plan_patch")])
         entry.nbounds, entry.bounds = len(bounds), put(_boundaries(bounds))
-    header.magic = b"JPPLAN\0\1"
+    header.magic = layout.STRING["JP_PLAN_MAGIC"]
     header.version = layout.CONST["JP_PLAN_VERSION"]
     header.nmodules = len(modules)
     _pad(body)

@@ -17,7 +17,7 @@ from .sites import Overlay, Site, SiteAnalyzer, is_entry
 from .trampolines import tactics
 from .trampolines.relocate import can_relocate, can_relocate_together
 from .spec import ProbeSpec
-from .trampolines import x86_64 as arch
+from . import arch
 from .trampolines.asm import CodeBuffer, Later
 
 

@@ -35,7 +35,7 @@ from .errors import SiteError
 from .frames import PREFIX, Frames
 from .islands import Islands, text_room
 from .trampolines import tactics
-from .trampolines import x86_64 as arch
+from . import arch
 from .trampolines.relocate import can_relocate, can_relocate_together
 
 MAX_INSN = 15

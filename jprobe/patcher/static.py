@@ -26,7 +26,7 @@ from ..probetable import TABLE_SIZE
 from ..room import Room, plan_in_room
 from ..runtime import runtime_library
 from ..spec import ProbeSpec, check_supported
-from ..trampolines import x86_64 as arch
+from .. import arch
 
 PAGE = 0x1000
 POINTER = 8

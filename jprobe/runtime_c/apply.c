@@ -41,8 +41,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* jp_plan_patch.patch_fixup: no rel32 moves with the trampolines (trap, pun, evict) */
-#define JP_NO_FIXUP	0xff
 /* Where a rel32 reaches: trampolines go no farther from their module. */
 #define JP_REACH	(INT64_C(1) << 31)
 /* Placement candidates, when the plan's own place is taken. */

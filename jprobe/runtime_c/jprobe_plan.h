@@ -68,6 +68,7 @@
 #include <stdint.h>
 
 #define JP_PLAN_MAGIC	"JPPLAN\0\1"
+#define JP_NO_FIXUP	0xff	/* patch_fixup of a patch no trampoline address is written into */
 #define JP_PLAN_VERSION	2
 #define JP_PATCH_MAX	16
 
@@ -103,7 +104,7 @@ struct jp_plan_module {
 struct jp_plan_patch {
 	uint64_t vaddr;		/* link-time address of the site */
 	uint8_t len;		/* bytes to write */
-	uint8_t patch_fixup;	/* offset of the rel32 to the trampoline; 0xff = none (trap, pun, evict) */
+	uint8_t patch_fixup;	/* offset of the rel32 to the trampoline; JP_NO_FIXUP: none (trap, pun, evict) */
 	uint8_t nbounds;	/* its boundaries: bounds[first_bound .. first_bound + nbounds) */
 	uint8_t pad;
 	uint32_t first_bound;

@@ -1,15 +1,17 @@
 """The x86-64 back end: decoding, instruction facts, and trampoline templates.
 
-Everything that knows the instruction set lives here and in relocate.py; the
-site analysis and the planner ask through the names exported by
-jprobe.trampolines, so an aarch64 back end can sit beside this one.
+What knows the instruction set lives here, in relocate.py (moving instructions),
+asm.py (the code buffer) and tactics.py (jumps shorter than a jump); the rest of
+jprobe asks through jprobe/arch.py, which lists what a back end provides.
 
 Trampoline shapes (all emitted at link-time addresses, sizes independent of
 where they land):
 
-count, flags dead     lock inc [hits]; <displaced>; jmp back
-count, flags live     skip red zone; save rax; lahf/seto; lock inc [hits];
-                      restore OF (add al,0x7f) and SF/ZF/AF/PF/CF (sahf); ...
+count                 skip red zone; inc the thread's own counter (found
+                      through the TLS offset the runtime fills in; with live
+                      flags through lea, which leaves them alone); a thread
+                      without a block: lock inc [hits], with live flags kept
+                      by lahf/seto ... add al,0x7f; sahf; <displaced>; jmp back
 callback              skip red zone; push a struct jprobe_ctx; call the
                       module's shared stub, which counts, keeps a thread
                       already in a callback out (guard), saves vector state
@@ -38,6 +40,7 @@ from .asm import Address, CodeBuffer
 from .relocate import decoder, relocate_with_copies
 
 JUMP_SIZE = 5
+JUMP_OPCODE = 0xE9                  # jmp rel32
 FILL = {X.X86_INS_NOP, X.X86_INS_INT3}         # what compilers put between functions
 RED_ZONE = 128
 INT3 = 0xCC
@@ -277,6 +280,13 @@ def call_fixup(length: int) -> int:
 def jump_bytes(source: int, target: int, length: int) -> bytes:
     """`jmp rel32` at `source`, padded with int3 up to `length` bytes."""
     return b"\xe9" + struct.pack("<i", target - (source + JUMP_SIZE)) + bytes([INT3]) * (length - JUMP_SIZE)
+
+
+def jump_target(code: bytes | bytearray, at: int, address: int) -> int | None:
+    """Where the jump that jump_bytes wrote at `code[at:]` (run-time `address`) goes; None: no such jump."""
+    if at + JUMP_SIZE > len(code) or code[at] != JUMP_OPCODE:
+        return None
+    return address + JUMP_SIZE + int.from_bytes(code[at + 1:at + JUMP_SIZE], "little", signed=True)
 
 
 def call_bytes(source: int, target: int, length: int) -> bytes:
