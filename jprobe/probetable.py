@@ -12,7 +12,7 @@ from . import layout
 from .callbacks import Callback
 from .packing import address_spec
 from .plan import ProbePlan
-from .trampolines import x86_64 as arch
+from . import arch
 
 TABLE_SIZE = layout.sizeof("jp_table")
 PROBE_SIZE = layout.sizeof("jp_probe")
