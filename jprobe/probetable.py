@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from . import layout
+from . import arch, layout
 from .callbacks import Callback
 from .packing import address_spec
 from .plan import ProbePlan
-from . import arch
 
 TABLE_SIZE = layout.sizeof("jp_table")
 PROBE_SIZE = layout.sizeof("jp_probe")
