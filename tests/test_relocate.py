@@ -26,7 +26,7 @@ import pytest
 import unicorn
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from emulation import contiguous
+from support.emulation import contiguous
 from unicorn import x86_const as R
 
 from jprobe.errors import RelocationError
