@@ -12,6 +12,9 @@ import pytest
 
 from support.build import ALL_VARIANTS, SOME_VARIANTS, Builder, Variant
 from support.kernel import TRACEFS, tracefs_status
+from support.properties import register_mutation_profile
+
+register_mutation_profile()       # before the hypothesis plugin loads --hypothesis-profile
 
 
 @pytest.fixture(params=ALL_VARIANTS, ids=str)

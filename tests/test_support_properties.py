@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support.properties import reached, reaching
+from support.properties import MUTATION, examples, reached, reaching
 
 
 def test_a_property_that_never_reaches_its_assertions_fails():
@@ -34,3 +34,13 @@ def test_a_property_that_reaches_enough_passes():
 def test_reached_outside_a_property_is_an_error():
     with pytest.raises(RuntimeError, match="outside a property"):
         reached()
+
+
+def test_the_mutation_profile_runs_fewer_examples():
+    before = settings.get_current_profile_name()
+    try:
+        settings.load_profile(MUTATION)
+        assert examples(400) == 100 and examples(30) == 30
+    finally:
+        settings.load_profile(before)
+    assert examples(400) == (400 if before != MUTATION else 100)

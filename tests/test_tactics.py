@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from jprobe.islands import HOP, PAGE, Family, Islands
 from jprobe.trampolines import tactics
-from support.properties import reached, reaching
+from support.properties import examples, reached, reaching
 
 CS = Cs(CS_ARCH_X86, CS_MODE_64)
 SITE = 0x40_1000                      # a fixed-address program's code
@@ -38,7 +38,7 @@ def in_zone(isl: Islands, at: int) -> bool:
 
 
 @reaching(0.5)                        # ~75%: a 1-byte site's rel32 is all fixed bytes
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(length=st.integers(1, 4), after=st.binary(min_size=8, max_size=8))
 def test_punned_jump_lands_on_its_island_and_keeps_the_following_bytes(length, after):
     memory = {SITE + length + i: b for i, b in enumerate(after)}
@@ -57,7 +57,7 @@ def test_punned_jump_lands_on_its_island_and_keeps_the_following_bytes(length, a
 
 
 @reaching(0.5)                        # ~70%: below 5 bytes, J's rel32 leaves few choices
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(length=st.integers(1, 4), successor=st.integers(1, 11), after=st.binary(min_size=8, max_size=8),
        fixed=st.booleans())
 def test_evicting_jump_and_the_evicted_instructions_jump_both_land(length, successor, after, fixed):
@@ -114,7 +114,7 @@ def test_family_windows_wrap_to_negative_offsets():
 
 
 @reaching(0.4)                        # ~70%: see the comment on None below
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(length=st.integers(2, 4), gap=st.integers(0, 3), size=st.integers(6, 9),
        after=st.binary(min_size=8, max_size=8), fixed=st.booleans())
 def test_neighbour_eviction_short_jumps_into_the_evicted_instruction(length, gap, size, after, fixed):
@@ -144,7 +144,7 @@ def test_neighbour_eviction_short_jumps_into_the_evicted_instruction(length, gap
 
 
 @reaching(0.6)                        # ~85%
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(length=st.integers(1, 3), middle=st.integers(1, 3), last=st.integers(3, 7),
        after=st.binary(min_size=8, max_size=8), fixed=st.booleans())
 def test_a_chain_of_evictions_gives_every_jump_its_island(length, middle, last, after, fixed):

@@ -1,4 +1,4 @@
-"""Hypothesis properties that cannot pass without testing.
+"""Hypothesis properties that cannot pass without testing, and that a mutation run can afford.
 
 A property that returns early where the code under test declines (a tactic that finds no
 window gives None) passes just as well when that code declines everything. Such a property
@@ -10,6 +10,25 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from typing import Callable
+
+from hypothesis import Phase, settings
+
+MUTATION = "mutation"
+
+
+def register_mutation_profile() -> None:
+    """The profile `make mutation` runs the properties under (`--hypothesis-profile=mutation` in
+    pyproject's [tool.mutmut]): a mutant that changes behaviour fails within the first examples,
+    and only the verdict counts (no shrinking); a survivor runs every example of every test
+    that reaches it, so fewer keep the run within its 30 minutes."""
+    settings.register_profile(MUTATION, max_examples=100, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+def examples(n: int) -> int:
+    """`n` examples, or the mutation profile's fewer when it is loaded."""
+    if settings.get_current_profile_name() == MUTATION:
+        return min(n, settings.default.max_examples)
+    return n
 
 
 @dataclass
