@@ -27,9 +27,9 @@ from typing import Callable
 import pytest
 import unicorn
 from capstone import CS_GRP_CALL
-from conftest import ALL_VARIANTS, Variant
 from elftools.elf.elffile import ELFFile
-from emulation import contiguous
+from support.build import ALL_VARIANTS, Variant
+from support.emulation import contiguous
 from unicorn import x86_const as R
 
 from jprobe import layout

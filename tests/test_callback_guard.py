@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import Variant, jprobe, run_prog, run_with_report
+from support.build import Variant
+from support.run import jprobe, run_prog, run_with_report
 from test_preinit import CALLS, program as early_program
 from test_run import entry, jprobe_run
 

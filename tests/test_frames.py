@@ -5,7 +5,9 @@ import subprocess
 import pytest
 from elftools.dwarf.callframe import FDE
 from elftools.elf.elffile import ELFFile
-from conftest import hits_by_address, patch, run_prog, run_with_report, sites, symbol
+from support.elf import symbol
+from support.report import hits_by_address
+from support.run import patch, run_prog, run_with_report, sites
 from test_stress import FIXTURE_N, expected_calls
 
 from jprobe.elf import ElfModule

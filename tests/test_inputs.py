@@ -16,7 +16,9 @@ import subprocess
 
 import pytest
 
-from conftest import elf_symbols, hits_by_address, jprobe, patch, run_prog, run_with_report, symbol
+from support.elf import elf_symbols, symbol
+from support.report import hits_by_address
+from support.run import jprobe, patch, run_prog, run_with_report
 
 TRUE = "/bin/true"
 

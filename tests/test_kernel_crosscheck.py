@@ -9,19 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (
-    Variant,
-    assert_same_behaviour,
-    disasm_function,
-    hits_by_address,
-    kernel_uprobe_count,
-    kernel_uprobe_counts,
-    patch,
-    run_prog,
-    run_with_report,
-    symbol,
-    vaddr_to_offset,
-)
+from support.build import Variant
+from support.elf import disasm_function, symbol, vaddr_to_offset
+from support.kernel import kernel_uprobe_count, kernel_uprobe_counts
+from support.report import hits_by_address
+from support.run import assert_same_behaviour, patch, run_prog, run_with_report
 
 SWEEP_VARIANTS = [Variant("-O0", "nopie"), Variant("-O2", "pie"), Variant("-O3", "nopie")]
 

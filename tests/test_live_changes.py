@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import _env
+from support.run import child_env
 
 FUNCS = [f"f{n}" for n in range(50)]
 
@@ -24,7 +24,7 @@ def run_live(build, tmp_path, **knobs) -> subprocess.CompletedProcess:
     prog = build("live_sites.c", ["-O0", "-g"], out_name="live_sites")
     cmd = [sys.executable, "-m", "jprobe", "run", *[a for f in FUNCS for a in ("-p", f)],
            "--report", str(tmp_path / "report.json"), "--", str(prog)]
-    env = _env({name.upper(): str(value) for name, value in knobs.items()})
+    env = child_env({name.upper(): str(value) for name, value in knobs.items()})
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -50,7 +50,7 @@ def test_a_rip_saved_in_a_signal_frame_is_moved(build, tmp_path):
     prog = build("live_frame.c", ["-O0", "-g"], out_name="live_frame")
     cmd = [sys.executable, "-m", "jprobe", "run", "-p", "target", "--report", str(tmp_path / "r.json"),
            "--", str(prog)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=120)
     assert (r.returncode, r.stdout) == (0, "ok result=43 hits=1\n"), r.stderr[-2000:]
 
 

@@ -6,7 +6,10 @@ import subprocess
 
 import lief
 import pytest
-from conftest import SOME_VARIANTS, _env, hits_by_address, run_prog, sites, symbol
+from support.build import SOME_VARIANTS
+from support.elf import symbol
+from support.report import hits_by_address
+from support.run import child_env, run_prog, sites
 
 from jprobe import layout, packing, patch_file
 
@@ -31,7 +34,7 @@ def test_the_runtime_lays_out_exactly_the_planned_trampolines(variant, build, tm
     plan = patch_file(str(prog), str(out), every_instruction(prog))
     assert plan.packed, "a program probed at every instruction should get a packed table"
     assert len(plan.packed) * 3 < len(plan.text) + len(plan.data)
-    env = _env({"JPROBE_REPORT": str(tmp_path / "r.json")})
+    env = child_env({"JPROBE_REPORT": str(tmp_path / "r.json")})
     p = subprocess.Popen([str(out), str(N)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     try:
         line = p.stdout.readline()                   # its code ran: the runtime had unpacked it
@@ -59,7 +62,7 @@ def test_the_runtime_lays_out_exactly_the_planned_trampolines(variant, build, tm
 
 
 def test_counts_stay_exact_when_packed(build, tmp_path):
-    from conftest import run_with_report
+    from support.run import run_with_report
     prog = build("packed.c", ["-O2", "-fPIE", "-pie"])
     out = tmp_path / "p"
     plan = patch_file(str(prog), str(out), every_instruction(prog))
@@ -114,7 +117,7 @@ def test_a_final_plan_that_outgrows_its_packed_room_is_written_unpacked(build, t
     """The draft sizes the packed room; should the final plan pack larger, the file is
     planned again without packing, and runs the same."""
     import jprobe.patcher.static as static
-    from conftest import run_with_report
+    from support.run import run_with_report
     real = static.packing.pack
 
     def larger(plan, read, check=True):

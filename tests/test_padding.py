@@ -1,7 +1,8 @@
 """A function shorter than a jump gets one when alignment padding follows it."""
-from conftest import ALL_VARIANTS, hits_by_address, patch, run_prog, run_with_report, sites
-
 import pytest
+from support.build import ALL_VARIANTS
+from support.report import hits_by_address
+from support.run import patch, run_prog, run_with_report, sites
 
 N = 12345
 

@@ -19,28 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
-    ALL_VARIANTS,
-    SOME_VARIANTS,
-    Variant,
-    assert_same_behaviour,
-    branch_target,
-    check_kernel_counts,
-    disasm_function,
-    elf_symbols,
-    hits_by_address,
-    is_control_flow,
-    jprobe,
-    patch,
-    probe_entry,
-    run_prog,
-    run_with_report,
-    sites,
-    symbol,
-    tracefs_usable,
-    kernel_uprobe_counts,
-    vaddr_to_offset,
-)
+from support.build import SOME_VARIANTS, Variant
+from support.elf import branch_target, disasm_function, elf_symbols, is_control_flow, symbol, vaddr_to_offset
+from support.kernel import check_kernel_counts, kernel_uprobe_counts, require_tracefs
+from support.report import hits_by_address, probe_entry
+from support.run import assert_same_behaviour, jprobe, patch, run_prog, run_with_report, sites
 
 MECHANISMS = {"jump", "pun", "evict", "trap"}
 
@@ -206,8 +189,7 @@ def test_recursion(variant, build, tmp_path):
 def crosscheck_light(tmp_path, binary, patched, vaddrs, args):
     """Kernel uprobes cost ~20 us a hit on some VMs: compare with the kernel on a lighter
     run of the same program (the heavy run's counts are checked against the known value)."""
-    if not tracefs_usable():
-        return
+    require_tracefs(f"the counts at {', '.join(hex(v) for v in vaddrs)}")
     _, rep = run_with_report([patched, *args], tmp_path / "light.report.json")
     check_kernel_counts(binary, vaddrs, [binary, *args], hits_by_address(rep))
 
@@ -683,19 +665,19 @@ def test_real_library_libz(tmp_path):
     for fn in ("deflate", "deflateInit2_", "deflateEnd", "inflate", "inflateEnd"):
         assert hits[addr[fn]] > 0, fn
     assert hits[addr["gzopen"]] == 0
-    if tracefs_usable():
-        vaddrs = sorted(by_addr)
-        offsets = [vaddr_to_offset(libz, a) for a in vaddrs]
-        # the kernel's probes go on a copy named by the soname, found through LD_LIBRARY_PATH
-        odir = tmp_path / "orig"
-        odir.mkdir()
-        shutil.copy2(libz, odir / "libz.so.1")
-        counts, kr = kernel_uprobe_counts(odir / "libz.so.1", offsets, cmd,
-                                          env={"LD_LIBRARY_PATH": "{COPYDIR}"})
-        assert kr.stdout == orig.stdout
-        mismatch = {by_addr[a]: (hits[a], k) for a, k in zip(vaddrs, counts) if hits[a] != k}
-        assert not mismatch, f"jprobe vs kernel uprobe counts differ: {mismatch}"
-        assert counts[vaddrs.index(addr["crc32"])] == ZLIB_CRC32_CALLS
+    require_tracefs(f"the counts of {len(by_addr)} libz functions")
+    vaddrs = sorted(by_addr)
+    offsets = [vaddr_to_offset(libz, a) for a in vaddrs]
+    # the kernel's probes go on a copy named by the soname, found through LD_LIBRARY_PATH
+    odir = tmp_path / "orig"
+    odir.mkdir()
+    shutil.copy2(libz, odir / "libz.so.1")
+    counts, kr = kernel_uprobe_counts(odir / "libz.so.1", offsets, cmd,
+                                      env={"LD_LIBRARY_PATH": "{COPYDIR}"})
+    assert kr.stdout == orig.stdout
+    mismatch = {by_addr[a]: (hits[a], k) for a, k in zip(vaddrs, counts) if hits[a] != k}
+    assert not mismatch, f"jprobe vs kernel uprobe counts differ: {mismatch}"
+    assert counts[vaddrs.index(addr["crc32"])] == ZLIB_CRC32_CALLS
 
 
 # --------------------------------------------------------------------------

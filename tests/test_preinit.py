@@ -7,8 +7,11 @@ runtime's jprobe_rt_preinit, so packed trampolines and islands are in place by t
 from pathlib import Path
 
 import pytest
-from conftest import PIE_FLAGS, Variant, hits_by_address, run_prog, run_with_report, sites, symbol
 from elftools.elf.elffile import ELFFile
+from support.build import PIE_FLAGS, Variant
+from support.elf import symbol
+from support.report import hits_by_address
+from support.run import run_prog, run_with_report, sites
 from test_patch_e2e import MAY_MOVE, _alloc_sections
 
 from jprobe import patch_file

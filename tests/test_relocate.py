@@ -26,7 +26,8 @@ import pytest
 import unicorn
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from emulation import contiguous
+from support import properties
+from support.emulation import contiguous
 from unicorn import x86_const as R
 
 from jprobe.errors import RelocationError
@@ -63,7 +64,7 @@ KS = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
 def hypothesis_settings(examples: int) -> settings:
     """Enough examples to hit every form and flag combination, few enough to stay fast."""
     return settings(
-        deadline=None, max_examples=examples, suppress_health_check=[HealthCheck.too_slow]
+        deadline=None, max_examples=properties.examples(examples), suppress_health_check=[HealthCheck.too_slow]
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import patch, run_prog
+from support.run import patch, run_prog
 
 
 @pytest.fixture(scope="module")

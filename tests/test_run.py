@@ -24,16 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
-    SOME_VARIANTS,
-    _env,
-    assert_same_behaviour,
-    kernel_uprobe_counts,
-    run_prog,
-    sites,
-    tracefs_usable,
-    vaddr_to_offset,
-)
+from support.build import SOME_VARIANTS
+from support.elf import vaddr_to_offset
+from support.kernel import kernel_uprobe_counts, require_tracefs
+from support.run import assert_same_behaviour, child_env, run_prog
 
 N = 1000
 PYTHON = "/usr/bin/python3"          # an ELF program, not a pyenv shim
@@ -54,7 +48,7 @@ def jprobe_run(tmp_path, argv, probes, env=None, timeout=120, name="report.json"
     report = tmp_path / name
     cmd = [sys.executable, "-m", "jprobe", "run", *[a for p in probes for a in ("-p", p)],
            "--report", str(report), "--", *[str(a) for a in argv]]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=timeout)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(env), timeout=timeout)
     assert report.exists(), f"no report (exit {r.returncode}): {r.stderr[-2000:]}"
     return r, json.loads(report.read_text())
 
@@ -91,10 +85,9 @@ def test_compute_output_status_and_hits(build, tmp_path, variant):
     assert hits(report, "compute") == 9
     assert entry(report, "compute")["mechanism"] == "jump"
     assert report["errors"] == []
-    if tracefs_usable():
-        [kc], _ = kernel_uprobe_counts(prog, [vaddr_to_offset(prog, int(entry(report, "compute")["address"], 16))],
-                                       args)
-        assert kc == 9
+    require_tracefs("compute's 9 hits")
+    [kc], _ = kernel_uprobe_counts(prog, [vaddr_to_offset(prog, int(entry(report, "compute")["address"], 16))], args)
+    assert kc == 9
 
 
 @pytest.mark.parametrize("status", [0, 7])
@@ -107,15 +100,15 @@ def test_exit_status_passes_through(modes, tmp_path, status):
     assert hits(report, "work") == N
 
 
-def _kernel_crosscheck(report, argv, probes):
-    """Where tracefs is usable: kernel uprobes on the same libc sites, same workload, same counts."""
-    if not tracefs_usable():
-        return
+def _kernel_crosscheck(report, argv, probes, stdout):
+    """The exact counts of libc probes, whose workloads nobody counts but the kernel: uprobes on
+    the same libc sites, same workload (the same `stdout`), same counts. Skips without tracefs."""
+    require_tracefs(f"the counts of {', '.join(probes)}")
     libc = entry(report, probes[0])["module"]
     offsets = [vaddr_to_offset(libc, int(entry(report, p)["address"], 16)) for p in probes]
     # A private copy of libc keeps other processes out of the kernel's counts.
     counts, proc = kernel_uprobe_counts(libc, offsets, argv, env={"LD_LIBRARY_PATH": "{COPYDIR}", **audit_env()})
-    assert proc.returncode == 0
+    assert (proc.returncode, proc.stdout) == (0, stdout)
     assert {p: hits(report, p) for p in probes} == dict(zip(probes, counts))
 
 
@@ -138,9 +131,7 @@ def test_hits_in_library_initialisers_count(build, tmp_path, source):
     assert report["errors"] == []
     least = 5 if source.endswith(".c") else 32
     assert hits(report, "libc.so.6:malloc") >= least and hits(report, "libc.so.6:free") >= 5
-    if not tracefs_usable():
-        pytest.skip("tracefs is not usable here: counts not compared with kernel uprobes")
-    _kernel_crosscheck(report, argv, LIBC_PROBES)
+    _kernel_crosscheck(report, argv, LIBC_PROBES, got.stdout)
 
 
 @pytest.mark.parametrize("opt", ["-O0", "-O2"])
@@ -173,7 +164,7 @@ def test_libc_malloc_free_in_sort(tmp_path):
     assert_same_behaviour(orig, got)
     assert report["errors"] == []
     assert hits(report, "libc.so.6:malloc") > 0 and hits(report, "libc.so.6:free") > 0
-    _kernel_crosscheck(report, argv, LIBC_PROBES)
+    _kernel_crosscheck(report, argv, LIBC_PROBES, orig.stdout)
 
 
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason=f"{PYTHON} is not installed")
@@ -185,7 +176,7 @@ def test_libc_malloc_free_in_python(tmp_path):
     assert_same_behaviour(orig, got)
     assert report["errors"] == []
     assert hits(report, "libc.so.6:malloc") > 1000
-    _kernel_crosscheck(report, argv, LIBC_PROBES)
+    _kernel_crosscheck(report, argv, LIBC_PROBES, orig.stdout)
 
 
 def test_threads_exact(modes, tmp_path):
@@ -250,7 +241,7 @@ def test_sigkill_and_no_writable_code(modes, tmp_path):
     report = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "jprobe", "run", "-p", "work", "--report", str(report), "--",
            str(modes), str(N), "sleep"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         line = ""
         while "ready" not in line:
@@ -437,7 +428,7 @@ def test_no_system_call_or_signal_per_hit(modes, tmp_path):
         log = d / "strace.log"
         r = subprocess.run(["strace", "-f", "-qq", "-o", str(log),
                             *[a for k, v in env.items() for a in ("-E", f"{k}={v}")], str(modes), str(n)],
-                           capture_output=True, text=True, env=_env(), timeout=120)
+                           capture_output=True, text=True, env=child_env(), timeout=120)
         assert r.returncode == 0, r.stderr
         text = log.read_text()
         assert "SIGTRAP" not in text and "SIGILL" not in text, text

@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-from conftest import SOME_VARIANTS, _env, assert_same_behaviour, run_prog
+from support.build import SOME_VARIANTS
+from support.run import assert_same_behaviour, child_env, run_prog
 from test_run import entry, hits, jprobe_run
 
 N = 500
@@ -37,7 +38,7 @@ def flow_o2(build):
 def run_cli(args, env=None, input=None, timeout=120):
     """`python -m jprobe ARGS`, bytes in and out."""
     return subprocess.run([sys.executable, "-m", "jprobe", *[str(a) for a in args]],
-                          input=input, capture_output=True, env=_env(env), timeout=timeout)
+                          input=input, capture_output=True, env=child_env(env), timeout=timeout)
 
 
 # --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _env
+from support.run import child_env
 from test_run import hits
 
 N = 300
@@ -45,7 +45,7 @@ def _with_fds(cmd: list[str], tmp_path) -> tuple[subprocess.CompletedProcess, by
     """Run `cmd` from a shell that opens fd 5 and fd 7 on two files (`5>fd5 7>fd7`); their contents."""
     out5, out7 = tmp_path / "fd5", tmp_path / "fd7"
     shell = ["sh", "-c", f'exec "$@" 5>{out5} 7>{out7}', "sh", *[str(a) for a in cmd]]
-    r = subprocess.run(shell, capture_output=True, text=True, env=_env(), timeout=120)
+    r = subprocess.run(shell, capture_output=True, text=True, env=child_env(), timeout=120)
     return r, out5.read_bytes(), out7.read_bytes()
 
 
@@ -80,7 +80,7 @@ def test_bad_report_path_is_refused_before_the_program_runs(tmp_path, where):
     marker = tmp_path / "ran"
     r = subprocess.run(_jprobe_cmd("run", "-p", "libc.so.6:malloc", "--report", report, "--",
                                    "sh", "-c", f"touch {marker}; exit 7"),
-                       capture_output=True, text=True, env=_env(), timeout=120)
+                       capture_output=True, text=True, env=child_env(), timeout=120)
     assert r.returncode == 2, r.stderr
     assert not marker.exists(), "the program ran although its report could not be written"
     lines = r.stderr.strip().splitlines()
@@ -101,7 +101,7 @@ def _running(sigprog, tmp_path, mode: str, **popen) -> Iterator[subprocess.Popen
     proc = subprocess.Popen(_jprobe_cmd("run", "-p", "work", "--report", tmp_path / "r.json", "--",
                                         sigprog, N, mode),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env({"TMPDIR": str(tmp)}), **popen)
+                            env=child_env({"TMPDIR": str(tmp)}), **popen)
     pid = None
     try:
         line = proc.stdout.readline()
@@ -194,7 +194,7 @@ def test_probe_on_a_module_never_loaded_is_marked(build, tmp_path):
     prog = build("basic.c", ["-O2", "-g", "-fPIE", "-pie"])
     report = tmp_path / "r.json"
     r = subprocess.run(_jprobe_cmd("run", "-p", f"{lib}:tiny", "-p", "compute", "--report", report,
-                                   "--", prog, 100, 3), capture_output=True, text=True, env=_env())
+                                   "--", prog, 100, 3), capture_output=True, text=True, env=child_env())
     assert r.returncode == subprocess.run([prog, "100", "3"]).returncode, r.stderr
     rep = json.loads(report.read_text())
     never = [p for p in rep["probes"] if p["module"] == str(lib)]
@@ -203,7 +203,7 @@ def test_probe_on_a_module_never_loaded_is_marked(build, tmp_path):
     assert loaded["hits"] == 3 and "loaded" not in loaded
     lines = [line for line in r.stderr.splitlines() if "never loaded" in line]
     assert len(lines) == 1 and str(lib) in lines[0], r.stderr
-    text = subprocess.run(_jprobe_cmd("report", report), capture_output=True, text=True, env=_env()).stdout
+    text = subprocess.run(_jprobe_cmd("report", report), capture_output=True, text=True, env=child_env()).stdout
     assert "never loaded" in text
     row = [line for line in text.splitlines() if line.startswith(f"{lib}:tiny")]
     assert row and " jump " not in row[0] and " pun " not in row[0], text

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _env, jprobe, symbol
+from support.elf import symbol
+from support.run import child_env, jprobe
 
 DASH = Path("/usr/bin/dash")
 
@@ -143,7 +144,7 @@ def test_sites_for_run_is_what_run_does(short_lib, tmp_path):
     report = tmp_path / "r.json"
     # the library preloaded into `true` (jprobe puts its runtime first)
     r = subprocess.run([sys.executable, "-m", "jprobe", "run", "-p", f"{short_lib}:tiny", "--report", str(report),
-                        "--", "true"], capture_output=True, text=True, env=_env({"LD_PRELOAD": str(short_lib)}))
+                        "--", "true"], capture_output=True, text=True, env=child_env({"LD_PRELOAD": str(short_lib)}))
     assert r.returncode == 0, r.stderr
     [entry] = json.loads(report.read_text())["probes"]
     assert entry["mechanism"] == predicted and entry.get("loaded", True), entry

@@ -16,7 +16,7 @@ The workload runs under `env -i` with a fixed environment, identical for all thr
 (original, kernel-probed original, patched): bash imports every environment variable, so
 even an extra JPROBE_REPORT changes the counts of its variable-table functions.
 
-Kernel uprobes: conftest's kernel_uprobe_counts makes one tracefs event per probe, and
+Kernel uprobes: support.kernel's kernel_uprobe_counts makes one tracefs event per probe, and
 disabling an event waits for a grace period (≈65 ms per event on the 2-core test VM, so
 ≈110 s for bash's 1,670 entries, plus ≈25 ms per event to remove them). Here all the probes
 of one run form ONE multi-probe event (tracefs appends a probe whose event name exists to
@@ -37,20 +37,11 @@ import pytest
 
 import jprobe
 from jprobe.trampolines import tactics
-from conftest import (
-    TRACEFS,
-    Variant,
-    _append,
-    assert_same_behaviour,
-    disasm_function,
-    hits_by_address,
-    patch,
-    read_whole,
-    run_prog,
-    run_with_report,
-    symbol,
-    tracefs_status,
-)
+from support.build import Variant
+from support.elf import disasm_function, symbol
+from support.kernel import TRACEFS, append_event, read_whole, require_tracefs
+from support.report import hits_by_address
+from support.run import assert_same_behaviour, patch, run_prog, run_with_report
 
 BASH = Path("/usr/bin/bash")
 MECHANISMS = {"jump", "pun", "evict", "trap"}
@@ -85,7 +76,7 @@ def _event_counts(group: str, event: str, n: int) -> dict[int, int]:
 
     uprobe_events lists the probes with their offsets, uprobe_profile their hits under the
     event's name, both in the order of the kernel's probe list.  A read that spans several
-    read() calls can miss lines while other processes add or remove uprobes (conftest's
+    read() calls can miss lines while other processes add or remove uprobes (support.kernel's
     _read_profile): read again until both list all `n`."""
     prefix = f"p:{group}/{event} "
     for _ in range(20):
@@ -111,7 +102,7 @@ def kernel_counts(target: Path, offsets: list[int], argv, timeout=120):
     enable = TRACEFS / "events" / group / "enable"
     added = enabled = False
     try:
-        _append(events, "\n".join(f"p:{group}/{event} {target}:{off:#x}" for off in offsets))
+        append_event(events, "\n".join(f"p:{group}/{event} {target}:{off:#x}" for off in offsets))
         added = True
         enable.write_text("1\n")
         enabled = True
@@ -121,12 +112,12 @@ def kernel_counts(target: Path, offsets: list[int], argv, timeout=120):
         if enabled:
             enable.write_text("0\n")
         if added:
-            _append(events, f"-:{group}/{event}")     # removes every probe of the event
+            append_event(events, f"-:{group}/{event}")     # removes every probe of the event
     return [by_offset[off] for off in offsets], proc
 
 
 def file_offsets(binary, vaddrs) -> list[int]:
-    """conftest.vaddr_to_offset for many addresses (it parses the ELF file once per call)."""
+    """support.elf.vaddr_to_offset for many addresses (it parses the ELF file once per call)."""
     from elftools.elf.elffile import ELFFile
     with open(binary, "rb") as f:
         loads = [(s["p_vaddr"], s["p_filesz"], s["p_offset"]) for s in ELFFile(f).iter_segments()
@@ -317,7 +308,7 @@ def _same_run_mismatches(tmp_path, mine, o, workload, sites, mechanism, plan):
     int3 over the first byte would send that jump elsewhere; and except a jump after
     prefixes (T1, or a chain's first jump): the kernel refuses a uprobe after an ES prefix,
     silently (is_prefix_bad()), and is not asked to emulate a REX.W jmp either."""
-    _kernel_or_skip()
+    require_tracefs("patched bash's counts (it behaved as the original)")
     read = {v[2] for v in plan.values() if v[2] is not None}
     data = Path(mine).read_bytes()
     prefixed = {a for (a, _), off in zip(sites, file_offsets(mine, [a for a, _ in sites]))
@@ -330,12 +321,6 @@ def _same_run_mismatches(tmp_path, mine, o, workload, sites, mechanism, plan):
     assert_same_behaviour(o, kp)
     hits, _, _ = collect_reports(report)
     return [(a, what, mechanism[a], hits[a], k) for (a, what), k in zip(sites, counts) if hits[a] != k]
-
-
-def _kernel_or_skip():
-    reason = tracefs_status()
-    if reason:
-        pytest.skip(f"patched bash behaves like the original; no kernel cross-check of the counts: {reason}")
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
@@ -459,15 +444,15 @@ def test_fixture_every_instruction(variant, build, tmp_path):
         f"entry counts (jprobe) vs calls: {got} != {expected_calls(FIXTURE_N)}; "
         f"entry mechanisms {({f: mechanism[a] for f, a in entries.items()})}")
     assert set(dist) - {"jump", "trap"}, f"no punned or evicting jump among {len(insns)} probes: {dict(dist)}"
-    if tracefs_status() is None:           # every instruction, against the kernel (as check_kernel_counts)
-        (tmp_path / "k").mkdir()
-        copy = tmp_path / "k" / b.name                 # a private inode (see kernel_counts)
-        shutil.copy2(b, copy)
-        counts, kp = kernel_counts(copy, file_offsets(b, [i.address for _, i in insns]), [copy, FIXTURE_N])
-        assert kp.stdout == o.stdout
-        wrong = [(i.address, f"{f}: {i.mnemonic} {i.op_str}", mechanism[i.address], hits[i.address], k)
-                 for (f, i), k in zip(insns, counts) if hits[i.address] != k]
-        assert not wrong, f"counts differ from a kernel uprobe's ({dict(dist)}):\n{_mismatches(wrong)}"
+    require_tracefs(f"the counts of {len(insns)} instructions")   # every one, against the kernel
+    (tmp_path / "k").mkdir()
+    copy = tmp_path / "k" / b.name                 # a private inode (see kernel_counts)
+    shutil.copy2(b, copy)
+    counts, kp = kernel_counts(copy, file_offsets(b, [i.address for _, i in insns]), [copy, FIXTURE_N])
+    assert kp.stdout == o.stdout
+    wrong = [(i.address, f"{f}: {i.mnemonic} {i.op_str}", mechanism[i.address], hits[i.address], k)
+             for (f, i), k in zip(insns, counts) if hits[i.address] != k]
+    assert not wrong, f"counts differ from a kernel uprobe's ({dict(dist)}):\n{_mismatches(wrong)}"
 
 
 # --------------------------------------------------------------------------

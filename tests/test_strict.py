@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from conftest import _env, jprobe, run_prog, run_with_report
+from support.run import child_env, jprobe, run_prog, run_with_report
 
 from jprobe import patch_file
 from jprobe.runner import plan_modules
@@ -26,7 +26,7 @@ def run_strict(tmp_path, argv, probes, env=None) -> tuple[subprocess.CompletedPr
     report = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "jprobe", "run", "--strict", *[a for p in probes for a in ("-p", p)],
            "--report", str(report), "--", *[str(a) for a in argv]]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(env), timeout=120)
     return r, json.loads(report.read_text()) if report.exists() else None
 
 

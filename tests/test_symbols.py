@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import _env, jprobe, patch, run_with_report
+from support.run import child_env, jprobe, patch, run_with_report
 
 N, M = 40, 7
 # as `nm -D libc.so.6` lists them: fgetpos and fgetpos64 share an address; fmemopen has two
@@ -51,7 +51,7 @@ def test_run_with_names_from_nm(libc, prog, tmp_path):
     report = tmp_path / "r.json"
     probes = [a for name in ALIASES + VERSIONS for a in ("-p", f"libc.so.6:{name}")]
     r = subprocess.run([sys.executable, "-m", "jprobe", "run", *probes, "--report", str(report), "--",
-                        str(prog), str(N), str(M)], capture_output=True, text=True, env=_env())
+                        str(prog), str(N), str(M)], capture_output=True, text=True, env=child_env())
     assert (r.returncode, r.stdout) == (0, f"ok={N + M}\n"), r.stderr
     rep = json.loads(report.read_text())
     assert len(rep["probes"]) == 5

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from jprobe.islands import HOP, PAGE, Family, Islands
 from jprobe.trampolines import tactics
+from support.properties import examples, reached, reaching
 
 CS = Cs(CS_ARCH_X86, CS_MODE_64)
 SITE = 0x40_1000                      # a fixed-address program's code
@@ -36,7 +37,8 @@ def in_zone(isl: Islands, at: int) -> bool:
     return any(lo <= at and at + HOP <= hi for lo, hi in isl.zones())
 
 
-@settings(max_examples=400, deadline=None)
+@reaching(0.5)                        # ~75%: a 1-byte site's rel32 is all fixed bytes
+@settings(max_examples=examples(400), deadline=None)
 @given(length=st.integers(1, 4), after=st.binary(min_size=8, max_size=8))
 def test_punned_jump_lands_on_its_island_and_keeps_the_following_bytes(length, after):
     memory = {SITE + length + i: b for i, b in enumerate(after)}
@@ -45,6 +47,7 @@ def test_punned_jump_lands_on_its_island_and_keeps_the_following_bytes(length, a
     if jump is None:
         # No window: then no prefix count had one inside the zones.
         return
+    reached()
     assert len(jump.patched) == length and jump.tactic in ("B2", "T1")
     code = jump.patched + after
     target, size = jump_target(code, SITE)
@@ -53,7 +56,8 @@ def test_punned_jump_lands_on_its_island_and_keeps_the_following_bytes(length, a
     assert code[length:] == after                       # what follows is untouched
 
 
-@settings(max_examples=400, deadline=None)
+@reaching(0.5)                        # ~70%: below 5 bytes, J's rel32 leaves few choices
+@settings(max_examples=examples(400), deadline=None)
 @given(length=st.integers(1, 4), successor=st.integers(1, 11), after=st.binary(min_size=8, max_size=8),
        fixed=st.booleans())
 def test_evicting_jump_and_the_evicted_instructions_jump_both_land(length, successor, after, fixed):
@@ -70,6 +74,7 @@ def test_evicting_jump_and_the_evicted_instructions_jump_both_land(length, succe
         # site's window E9xxxxxx (368 MiB below it) can be out of bounds.
         assert successor < 5 or (length == 4 and fixed)
         return
+    reached()
     assert len(jump.patched) == length + successor and jump.evicted is j
     code = jump.patched + after
     assert jump_target(code, SITE)[0] == jump.island
@@ -108,7 +113,8 @@ def test_family_windows_wrap_to_negative_offsets():
     assert list(fam.windows_in(lo - 0x10, lo + 0x10)) == [(lo, lo + 0x10)]
 
 
-@settings(max_examples=300, deadline=None)
+@reaching(0.4)                        # ~70%: see the comment on None below
+@settings(max_examples=examples(300), deadline=None)
 @given(length=st.integers(2, 4), gap=st.integers(0, 3), size=st.integers(6, 9),
        after=st.binary(min_size=8, max_size=8), fixed=st.booleans())
 def test_neighbour_eviction_short_jumps_into_the_evicted_instruction(length, gap, size, after, fixed):
@@ -126,6 +132,7 @@ def test_neighbour_eviction_short_jumps_into_the_evicted_instruction(length, gap
         # past the image when the fixed top byte is positive; fewer depend on what follows N.
         assert size < 9 or after[0] >= 0x80
         return
+    reached()
     code = jump.patched + after
     assert jump.tactic == "T3" and len(jump.patched) == length + gap + size
     short = next(CS.disasm(code, SITE))
@@ -136,7 +143,8 @@ def test_neighbour_eviction_short_jumps_into_the_evicted_instruction(length, gap
     assert in_zone(isl, jump.island) and in_zone(isl, jump.evicted_island)
 
 
-@settings(max_examples=300, deadline=None)
+@reaching(0.6)                        # ~85%
+@settings(max_examples=examples(300), deadline=None)
 @given(length=st.integers(1, 3), middle=st.integers(1, 3), last=st.integers(3, 7),
        after=st.binary(min_size=8, max_size=8), fixed=st.booleans())
 def test_a_chain_of_evictions_gives_every_jump_its_island(length, middle, last, after, fixed):
@@ -154,6 +162,7 @@ def test_a_chain_of_evictions_gives_every_jump_its_island(length, middle, last, 
     jump = tactics.chain(SITE, length, insns[1:], reader(memory), isl)
     if jump is None:
         return           # windows are not guaranteed; what is found must be right
+    reached()
     code = jump.patched + after
     assert len(jump.patched) == length + middle + last and code[len(jump.patched):] == after
     targets = [jump.island, jump.evicted_island] + [i for _, i in jump.more]

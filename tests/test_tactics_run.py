@@ -4,7 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SOME_VARIANTS, hits_by_address, patch, run_prog, run_with_report, sites, symbol
+from support.build import SOME_VARIANTS
+from support.elf import symbol
+from support.report import hits_by_address
+from support.run import patch, run_prog, run_with_report, sites
 
 from jprobe import patch_file
 

@@ -18,6 +18,7 @@ from unicorn import x86_const as U  # noqa: E402
 from jprobe import layout  # noqa: E402
 from jprobe.trampolines import x86_64 as arch  # noqa: E402
 from jprobe.trampolines.asm import CodeBuffer, assemble  # noqa: E402
+from support.properties import examples  # noqa: E402
 
 CODE, DATA, STACK = 0x400000, 0x600000, 0x800000
 STACK_TOP = STACK + 0x10000
@@ -66,7 +67,7 @@ def test_count_slots_are_encoded_as_keystone_assembles_them(flags_live):
         assert assemble(text) in buf.finish(), probe_id
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(seed=st.integers(0, 2**32), flags_live=st.booleans(), misalign=st.integers(0, 15),
        path=st.sampled_from(["no runtime", "no block", "thread block"]), probe_id=st.integers(0, 300))
 def test_count_moves_one_counter_by_one_and_nothing_else(seed, flags_live, misalign, path, probe_id):
@@ -110,7 +111,7 @@ def _fake_stub(buf: CodeBuffer, dump: int) -> int:
     return start
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(seed=st.integers(0, 2**32), red_zone=st.booleans())
 def test_callback_ctx_mirrors_registers_and_edits_come_back(seed, red_zone):
     """red_zone True: a site inside a function; False: a retargeted call (return address pushed)."""
@@ -139,7 +140,7 @@ def test_callback_ctx_mirrors_registers_and_edits_come_back(seed, red_zone):
     assert after == expected
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 2**32))
 def test_callback_ctx_rsp_at_a_function_entry(seed):
     """Reached by a jmp at a function entry (no red zone to skip, nothing pushed): ctx->regs.rsp

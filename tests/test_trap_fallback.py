@@ -15,7 +15,9 @@ import subprocess
 
 import pytest
 
-from conftest import patch, run_prog, run_with_report, hits_by_address, sites, SOME_VARIANTS
+from support.build import SOME_VARIANTS
+from support.report import hits_by_address
+from support.run import patch, run_prog, run_with_report, sites
 
 N = 1000
 
