@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import lief
 import pytest
 
-from jprobe import room, runner
+from jprobe import arch, room, runner
 from jprobe.elf import ElfModule
 from jprobe.loader import find_library
 from jprobe.planfile import encode
 from jprobe.spec import parse_probes
-from jprobe.trampolines import x86_64 as arch
+from jprobe.trampolines import x86_64
 from jprobe.trampolines.asm import assemble
 
 LIBC = find_library("libc.so.6")
@@ -49,7 +49,7 @@ def libc_probes(count: int, skip: int = 0) -> list[str]:
 def plan_counted(monkeypatch, texts: list[str]) -> Work:
     """Plan `texts` as `jprobe run` does before it starts the program, counting the work."""
     work = Work()
-    parse, sweep, disasm, build = lief.ELF.parse, arch.sweep, arch._cs.disasm, room.build_plan
+    parse, sweep, disasm, build = lief.ELF.parse, arch.sweep, x86_64._cs.disasm, room.build_plan
 
     def parsed(path, *args, **kwargs):
         work.parsed.append(str(path))
@@ -70,7 +70,7 @@ def plan_counted(monkeypatch, texts: list[str]) -> Work:
 
     monkeypatch.setattr(lief.ELF, "parse", parsed)
     monkeypatch.setattr(arch, "sweep", swept)
-    monkeypatch.setattr(arch._cs, "disasm", detailed)
+    monkeypatch.setattr(x86_64._cs, "disasm", detailed)
     monkeypatch.setattr(room, "build_plan", built)
     misses = assemble.cache_info().misses
     encode(runner.plan_modules("/bin/true", parse_probes(texts), strict=False))
