@@ -51,7 +51,7 @@
 #define JP_SPARE_BLOCKS	64
 
 /* A module patched in this process: where its plan's pieces went. */
-struct placement {
+struct jp_placement {
 	uint32_t index;			/* in the plan file, and in its records */
 	const struct jp_plan_module *plan;
 	const ElfW(Phdr) *phdr;		/* the object's, for its segments' rights */
@@ -64,11 +64,11 @@ struct placement {
 	bool *site_ok;			/* per probe: its site is as planned */
 	uint8_t *fate;			/* per probe: JP_FATE_*, once decided */
 	uint32_t *order;		/* probes from the highest address down */
-	struct trap_index *traps;	/* its trap sites, built before they are written */
-	struct trap_index *jumps;	/* its jump sites, likewise */
-	struct trap_index *bounds;	/* every relocated instruction: where its copy is */
-	struct trap_index *interior;	/* those strictly inside a site's patch */
-	struct trap_index *copies;	/* the same read backwards: copy -> original */
+	struct jp_trap_index *traps;	/* its trap sites, built before they are written */
+	struct jp_trap_index *jumps;	/* its jump sites, likewise */
+	struct jp_trap_index *bounds;	/* every relocated instruction: where its copy is */
+	struct jp_trap_index *interior;	/* those strictly inside a site's patch */
+	struct jp_trap_index *copies;	/* the same read backwards: copy -> original */
 	bool *removed;			/* per probe: taken out (jprobe_rt_set_probes()) */
 	uint64_t **claimed;		/* every BLOCK record it counts in, for live reads */
 	size_t nclaimed, cap_claimed;
@@ -177,11 +177,11 @@ static bool table_valid(const struct jp_plan_module *pm)
 	for (i = 0; i < n; i++)
 		if (p[i].id != i || p[i].spec >= strings_size ||
 		    p[i].lib >= strings_size || p[i].func >= strings_size ||
-		    !fallback_fields_valid(p, i, n) ||
-		    ((p[i].mechanism == JP_MECH_TRAP || can_fall_back(&p[i])) &&
+		    !jp_fallback_fields_valid(p, i, n) ||
+		    ((p[i].mechanism == JP_MECH_TRAP || jp_can_fall_back(&p[i])) &&
 		     !inside(p[i].resume, 1, pm->text_vaddr, pm->text_size)))
 			return false;
-	return !t->nislands || islands_valid(plan_islands(pm), t->nislands, p, n);
+	return !t->nislands || jp_islands_valid(plan_islands(pm), t->nislands, p, n);
 }
 
 /*
@@ -252,7 +252,7 @@ static void find_stack_floor(void)
  * Map the plan file `jprobe run` wrote, and check all of it.  Called from
  * the constructor, on the main thread.  False: nothing is applied.
  */
-bool plan_open(const char *path)
+bool jp_plan_open(const char *path)
 {
 	const struct jp_plan_header *h;
 	struct stat st;
@@ -263,7 +263,7 @@ bool plan_open(const char *path)
 	page_size = sysconf(_SC_PAGESIZE);
 	find_stack_floor();
 	if (fd < 0 || fstat(fd, &st) || st.st_size < (off_t)sizeof(*h)) {
-		record_error("%s: cannot read the plan file; nothing probed", path);
+		jp_record_error("%s: cannot read the plan file; nothing probed", path);
 		if (fd >= 0)
 			close(fd);
 		return false;
@@ -271,7 +271,7 @@ bool plan_open(const char *path)
 	base = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
 	close(fd);
 	if (base == MAP_FAILED) {
-		record_error("%s: cannot map the plan file: %s", path, strerror(errno));
+		jp_record_error("%s: cannot map the plan file: %s", path, strerror(errno));
 		return false;
 	}
 	plan = base;
@@ -286,7 +286,7 @@ bool plan_open(const char *path)
 			goto bad;
 	return true;
 bad:
-	record_error("%s: not a plan file this runtime can apply; nothing probed", path);
+	jp_record_error("%s: not a plan file this runtime can apply; nothing probed", path);
 	munmap(base, plan_len);
 	plan = NULL;
 	return false;
@@ -334,7 +334,7 @@ static void load_planned_callbacks(void)
 			if (!planned_callbacks[i])
 				return;
 			cb = &planned_callbacks[i][j];
-			cb->fn = load_callback(plan_string(pm->path),
+			cb->fn = jp_load_callback(plan_string(pm->path),
 					       plan_table_string(pm, p[j].spec),
 					       plan_table_string(pm, p[j].lib),
 					       plan_table_string(pm, p[j].func),
@@ -346,14 +346,14 @@ static void load_planned_callbacks(void)
 static void install_callbacks(struct jp_module *m)
 {
 	const struct planned_callback *cb;
-	struct jp_probe *p = probes_of(m);
+	struct jp_probe *p = jp_probes_of(m);
 	uint32_t i;
 
 	cb = planned_callbacks[m->placed->index];
 	for (i = 0; cb && i < m->table->nprobes; i++)
 		if (cb[i].fn)
-			install_callback(&p[i], cb[i].fn, cb[i].novec,
-					 table_string(m, p[i].lib));
+			jp_install_callback(&p[i], cb[i].fn, cb[i].novec,
+					 jp_table_string(m, p[i].lib));
 }
 
 /*
@@ -361,7 +361,7 @@ static void install_callbacks(struct jp_module *m)
  * initialisers (jprobe_rt_start()), their callbacks are loaded and
  * installed now, so that they run from here on.
  */
-void install_planned_callbacks(void)
+void jp_install_planned_callbacks(void)
 {
 	int i;
 
@@ -424,7 +424,7 @@ static void retire(struct jp_module *m)
 	__atomic_store_n(&m->live, 0, __ATOMIC_RELEASE);
 	munmap((void *)m->placed->text, m->placed->text_len);
 	munmap((void *)m->placed->data, m->placed->data_len);
-	unmap_islands(m->islands);
+	jp_unmap_islands(m->islands);
 	m->islands = NULL;
 }
 
@@ -468,7 +468,7 @@ static int identify(struct match *q, const struct dl_phdr_info *info, bool main)
 {
 	const char *file = main ? "/proc/self/exe" : info->dlpi_name;
 	uint8_t id[sizeof(((struct jp_plan_module *)0)->build_id)];
-	size_t id_len = object_build_id(info, id, sizeof(id));
+	size_t id_len = jp_object_build_id(info, id, sizeof(id));
 	struct stat st;
 	bool have_st = !stat(file, &st);
 	uint32_t i;
@@ -486,13 +486,13 @@ static int identify(struct match *q, const struct dl_phdr_info *info, bool main)
 			if (id_len == pm->build_id_len && !memcmp(id, pm->build_id, id_len))
 				return i;
 			if (same_file)
-				record_error("%s: build-id differs from the plan's; not patched",
+				jp_record_error("%s: build-id differs from the plan's; not patched",
 					     path);
 		} else if (same_file) {
 			if ((uint64_t)st.st_size == pm->size &&
 			    (uint64_t)st.st_mtime == pm->mtime)
 				return i;
-			record_error("%s: changed since it was planned; not patched", path);
+			jp_record_error("%s: changed since it was planned; not patched", path);
 		}
 	}
 	return -1;
@@ -530,7 +530,7 @@ static int match_object(struct dl_phdr_info *info, size_t size, void *data)
 /* ---- placing the trampolines and the table ---------------------------- */
 
 /* The loadable segment holding `[vaddr, vaddr + len)`, or NULL. */
-static const ElfW(Phdr) *segment_of(const struct placement *pl, uint64_t vaddr,
+static const ElfW(Phdr) *segment_of(const struct jp_placement *pl, uint64_t vaddr,
 				    uint64_t len)
 {
 	int i;
@@ -549,7 +549,7 @@ static const ElfW(Phdr) *segment_of(const struct placement *pl, uint64_t vaddr,
  * false when none does.  A site that does not is left alone (a debugger's
  * breakpoint, another tool's patch): the other probes go on.
  */
-static bool check_sites(struct placement *pl, uintptr_t bias)
+static bool check_sites(struct jp_placement *pl, uintptr_t bias)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	const struct jp_plan_patch *pp = plan_patches(pm);
@@ -568,27 +568,27 @@ static bool check_sites(struct placement *pl, uintptr_t bias)
 		    !memcmp((void *)(bias + pp[i].vaddr), pp[i].original, pp[i].len))
 			any = pl->site_ok[i] = true;
 		else
-			record_error("%s: the code at 0x%" PRIx64 " differs from the plan's; probe %s not patched",
+			jp_record_error("%s: the code at 0x%" PRIx64 " differs from the plan's; probe %s not patched",
 				     plan_string(pm->path), pp[i].vaddr, strings + p[i].spec);
 	}
 	return any;
 }
 
 /* A TABLE record holding the plan's table: where its hits will go. */
-static bool claim_table(struct placement *pl)
+static bool claim_table(struct jp_placement *pl)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	struct jp_shm_record *rec;
-	void *payload = counters_claim(pl->index, pm->data_size, true, &rec);
+	void *payload = jp_counters_claim(pl->index, pm->data_size, true, &rec);
 
 	if (!payload) {
-		record_error("%s: no room in the counters file; not patched",
+		jp_record_error("%s: no room in the counters file; not patched",
 			     plan_string(pm->path));
 		return false;
 	}
 	memcpy(payload, plan + pm->data, pm->data_size);
-	counters_publish(rec, JP_SHM_TABLE);
-	pl->record = counters_offset(payload);
+	jp_counters_publish(rec, JP_SHM_TABLE);
+	pl->record = jp_counters_offset(payload);
 	return true;
 }
 
@@ -617,7 +617,7 @@ static void narrow(int64_t *lo, int64_t *hi, int64_t min, int64_t max)
  * The deltas [lo, hi] that keep every adjusted rel32 in range: the fix-ups
  * in the trampolines lose delta, the jumps at the sites gain it.
  */
-static void reach(const struct placement *pl, int64_t *lo, int64_t *hi)
+static void reach(const struct jp_placement *pl, int64_t *lo, int64_t *hi)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	const uint32_t *fixups = (const uint32_t *)(plan + pm->fixups);
@@ -657,7 +657,7 @@ static bool kept_free(uintptr_t start, uintptr_t end)
 }
 
 /* Both regions `delta` away from where the plan put them, if both are free. */
-static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
+static bool map_at(struct jp_placement *pl, uintptr_t bias, int64_t delta)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	uintptr_t text = bias + pm->text_vaddr + delta;
@@ -666,12 +666,12 @@ static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
 
 	if (kept_free(text, data + pl->data_len))
 		return false;
-	t = map_exactly(text, pl->text_len, PROT_READ | PROT_WRITE,
+	t = jp_map_exactly(text, pl->text_len, PROT_READ | PROT_WRITE,
 			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (!t)
 		return false;
-	if (!map_exactly(data, pl->data_len, PROT_READ | PROT_WRITE, MAP_SHARED,
-			 counters_fd(), pl->record)) {
+	if (!jp_map_exactly(data, pl->data_len, PROT_READ | PROT_WRITE, MAP_SHARED,
+			 jp_counters_fd(), pl->record)) {
 		munmap(t, pl->text_len);
 		return false;
 	}
@@ -686,7 +686,7 @@ static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
  * right there, or else the first place in 1 MiB steps above the module,
  * then below it, where both fit.
  */
-static bool place_within(struct placement *pl, uintptr_t bias, int64_t lo,
+static bool place_within(struct jp_placement *pl, uintptr_t bias, int64_t lo,
 			 int64_t hi)
 {
 	const struct jp_plan_module *pm = pl->plan;
@@ -698,7 +698,7 @@ static bool place_within(struct placement *pl, uintptr_t bias, int64_t lo,
 		return true;
 	start = pl->start;
 	end = pl->end;
-	for (at = align_up(end, JP_STEP); (int64_t)at - origin <= hi; at += JP_STEP)
+	for (at = jp_align_up(end, JP_STEP); (int64_t)at - origin <= hi; at += JP_STEP)
 		if ((int64_t)at - origin >= lo && map_at(pl, bias, (int64_t)at - origin))
 			return true;
 	if (start < span + JP_STEP)
@@ -716,8 +716,8 @@ static bool place_within(struct placement *pl, uintptr_t bias, int64_t lo,
  * heap's room after a main program), and an island left out of reach
  * makes its probe a trap.
  */
-static bool place(struct placement *pl, uintptr_t bias,
-		  const struct islands *islands)
+static bool place(struct jp_placement *pl, uintptr_t bias,
+		  const struct jp_islands *islands)
 {
 	int64_t lo, hi, ilo, ihi;
 
@@ -726,14 +726,14 @@ static bool place(struct placement *pl, uintptr_t bias,
 		return false;
 	ilo = lo;
 	ihi = hi;
-	islands_reach(islands, &ilo, &ihi);
+	jp_islands_reach(islands, &ilo, &ihi);
 	if (place_within(pl, bias, ilo, ihi))
 		return true;
 	return (ilo != lo || ihi != hi) && place_within(pl, bias, lo, hi);
 }
 
 /* The trampolines, adjusted to where they are, then never writable again. */
-static bool fill_text(struct placement *pl)
+static bool fill_text(struct jp_placement *pl)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	const uint32_t *fixups = (const uint32_t *)(plan + pm->fixups);
@@ -744,7 +744,7 @@ static bool fill_text(struct placement *pl)
 	for (i = 0; i < pm->nfixups; i++)
 		put32(text + fixups[i], get32(text + fixups[i]) - pl->delta);
 	if (mprotect(text, pl->text_len, PROT_READ | PROT_EXEC)) {
-		record_error("%s: cannot make its trampolines executable: %s",
+		jp_record_error("%s: cannot make its trampolines executable: %s",
 			     plan_string(pm->path), strerror(errno));
 		return false;
 	}
@@ -753,7 +753,7 @@ static bool fill_text(struct placement *pl)
 
 static int compare_sites(const void *a, const void *b)
 {
-	const struct trap_site *x = a, *y = b;
+	const struct jp_trap_site *x = a, *y = b;
 
 	return x->pc < y->pc ? -1 : x->pc > y->pc;
 }
@@ -762,12 +762,12 @@ static int compare_sites(const void *a, const void *b)
  * The module's jump sites (plain, punned or evicting) that will be
  * written, sorted (see trap_handler).
  */
-static struct trap_index *jump_index(struct jp_module *m)
+static struct jp_trap_index *jump_index(struct jp_module *m)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
-	const struct jp_probe *p = probes_of(m);
-	struct trap_index *idx;
+	const struct jp_probe *p = jp_probes_of(m);
+	struct jp_trap_index *idx;
 	uint32_t i, n = 0;
 
 	for (i = 0; i < pl->plan->npatches; i++)
@@ -781,7 +781,7 @@ static struct trap_index *jump_index(struct jp_module *m)
 			continue;
 		idx->site[idx->n].pc = m->bias + pp[i].vaddr;
 		idx->site[idx->n].resume = 0;
-		idx->site[idx->n].probe = &probes_of(m)[i];
+		idx->site[idx->n].probe = &jp_probes_of(m)[i];
 		idx->n++;
 	}
 	qsort(idx->site, idx->n, sizeof(idx->site[0]), compare_sites);
@@ -798,13 +798,13 @@ static struct trap_index *jump_index(struct jp_module *m)
  * copies.  Sites that fell back
  * to a trap have no relocated copies in use.
  */
-static struct trap_index *boundary_index(struct jp_module *m, bool interior,
+static struct jp_trap_index *boundary_index(struct jp_module *m, bool interior,
 					 bool backwards)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
 	const struct jp_plan_boundary *b = plan_bounds(pl->plan);
-	struct trap_index *idx;
+	struct jp_trap_index *idx;
 	uint32_t i, k;
 
 	idx = malloc(sizeof(*idx) + pl->plan->nbounds * sizeof(idx->site[0]));
@@ -825,7 +825,7 @@ static struct trap_index *boundary_index(struct jp_module *m, bool interior,
 				idx->site[idx->n].pc = pl->text + b[k].reloc;
 				idx->site[idx->n].resume = m->bias + b[k].vaddr;
 			}
-			idx->site[idx->n].probe = &probes_of(m)[i];
+			idx->site[idx->n].probe = &jp_probes_of(m)[i];
 			idx->n++;
 		}
 	}
@@ -834,9 +834,9 @@ static struct trap_index *boundary_index(struct jp_module *m, bool interior,
 }
 
 /* The module's trap sites that will be written. */
-static struct trap_index *trap_index(struct jp_module *m)
+static struct jp_trap_index *trap_index(struct jp_module *m)
 {
-	struct trap_index *idx = build_trap_index(m);
+	struct jp_trap_index *idx = jp_build_trap_index(m);
 	size_t i, n = 0;
 
 	if (!idx)
@@ -855,9 +855,9 @@ static struct trap_index *trap_index(struct jp_module *m)
  */
 static void keep_served_sites(struct jp_module *m)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
-	const struct jp_probe *p = probes_of(m);
+	const struct jp_probe *p = jp_probes_of(m);
 	bool *served = calloc(pl->plan->npatches, sizeof(bool));
 	uint32_t i;
 	size_t j;
@@ -869,7 +869,7 @@ static void keep_served_sites(struct jp_module *m)
 			continue;
 		if (p[i].mechanism == JP_MECH_TRAP ? !served || !served[i] : !pl->jumps) {
 			pl->site_ok[i] = false;
-			record_error("%s: out of memory or damaged plan; probe at 0x%" PRIx64 " not patched",
+			jp_record_error("%s: out of memory or damaged plan; probe at 0x%" PRIx64 " not patched",
 				     plan_string(pl->plan->path), pp[i].vaddr);
 		}
 	}
@@ -877,15 +877,15 @@ static void keep_served_sites(struct jp_module *m)
 }
 
 /*
- * Which probes fall back to a trap (decide_fallbacks()): the table says
+ * Which probes fall back to a trap (jp_decide_fallbacks()): the table says
  * so from now on, and their sites get a trap instead of the plan's bytes;
  * under --strict their sites are not written at all.
  */
 static void fall_back(struct jp_module *m)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
-	struct jp_probe *p = probes_of(m);
+	struct jp_probe *p = jp_probes_of(m);
 	bool *as_planned = malloc(pl->plan->npatches * sizeof(*as_planned) + 1);
 	uint32_t i;
 
@@ -897,7 +897,7 @@ static void fall_back(struct jp_module *m)
 	for (i = 0; as_planned && i < pl->plan->npatches; i++)
 		as_planned[i] = pl->site_ok[i] &&
 				!(pl->delta && pp[i].patch_fixup != JP_NO_FIXUP);
-	decide_fallbacks(m, pl->order, as_planned ? as_planned : pl->site_ok, pl->fate);
+	jp_decide_fallbacks(m, pl->order, as_planned ? as_planned : pl->site_ok, pl->fate);
 	free(as_planned);
 	for (i = 0; i < pl->plan->npatches; i++)
 		if (pl->fate[i] == JP_FATE_TRAP)
@@ -916,8 +916,8 @@ static void fall_back(struct jp_module *m)
 static struct jp_module *prepare(struct candidate *c)
 {
 	const struct jp_plan_module *pm = plan_module(c->index);
-	struct placement *pl = calloc(1, sizeof(*pl));
-	struct islands *islands = NULL;
+	struct jp_placement *pl = calloc(1, sizeof(*pl));
+	struct jp_islands *islands = NULL;
 	struct jp_module *m;
 
 	if (!pl)
@@ -926,27 +926,27 @@ static struct jp_module *prepare(struct candidate *c)
 	pl->plan = pm;
 	pl->phdr = c->phdr;
 	pl->phnum = c->phnum;
-	pl->text_len = align_up(pm->text_size, page_size);
-	pl->data_len = align_up(pm->data_size, page_size);
+	pl->text_len = jp_align_up(pm->text_size, page_size);
+	pl->data_len = jp_align_up(pm->data_size, page_size);
 	extent(c->phdr, c->phnum, c->bias, &pl->start, &pl->end);
 	if (!check_sites(pl, c->bias) || !claim_table(pl))
 		goto fail;
 	pl->fate = malloc(pm->npatches);
-	pl->order = sites_down(plan_probes(pm), pm->npatches);
-	islands = reserve_islands(plan_islands(pm), plan_table(pm)->nislands, c->bias);
+	pl->order = jp_sites_down(plan_probes(pm), pm->npatches);
+	islands = jp_reserve_islands(plan_islands(pm), plan_table(pm)->nislands, c->bias);
 	if (!pl->fate || !pl->order || !islands) {
-		record_error("%s: out of memory; not patched", plan_string(pm->path));
+		jp_record_error("%s: out of memory; not patched", plan_string(pm->path));
 		goto fail;
 	}
 	if (!place(pl, c->bias, islands)) {
-		record_error("%s: no free address space within reach for its trampolines; not patched",
+		jp_record_error("%s: no free address space within reach for its trampolines; not patched",
 			     plan_string(pm->path));
 		goto fail;
 	}
 	if (!fill_text(pl))
 		goto unmap;
-	fill_islands(islands, c->bias + pl->delta);
-	m = add_module(c->dl_name, c->bias, (struct jp_table *)pl->data,
+	jp_fill_islands(islands, c->bias + pl->delta);
+	m = jp_add_module(c->dl_name, c->bias, (struct jp_table *)pl->data,
 		       c->bias + pl->delta, pl);
 	if (!m)
 		goto unmap;
@@ -965,7 +965,7 @@ unmap:
 	munmap((void *)pl->text, pl->text_len);
 	munmap((void *)pl->data, pl->data_len);
 fail:
-	unmap_islands(islands);
+	jp_unmap_islands(islands);
 	free(pl->site_ok);
 	free(pl->fate);
 	free(pl->order);
@@ -981,7 +981,7 @@ fail:
  */
 static bool other_threads(void)
 {
-	return status_field("Threads", 2) != 1;
+	return jp_status_field("Threads", 2) != 1;
 }
 
 static long membarrier(int cmd)
@@ -1021,10 +1021,10 @@ static bool sync_cores(void)
  */
 static uint8_t final_bytes(const struct jp_module *m, uint32_t i, uint8_t *code)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = &plan_patches(pl->plan)[i];
 
-	if (pl->fate[i] == JP_FATE_TRAP || probes_of(m)[i].mechanism == JP_MECH_TRAP) {
+	if (pl->fate[i] == JP_FATE_TRAP || jp_probes_of(m)[i].mechanism == JP_MECH_TRAP) {
 		memcpy(code, pp->original, pp->len);
 		code[0] = ud_traps ? JP_UD : JP_INT3;
 		return 1;
@@ -1039,12 +1039,12 @@ static int site_prot(const struct jp_module *m, uint32_t i)
 {
 	const struct jp_plan_patch *pp = &plan_patches(m->placed->plan)[i];
 
-	return prot_of(segment_of(m->placed, pp->vaddr, pp->len)->p_flags);
+	return jp_prot_of(segment_of(m->placed, pp->vaddr, pp->len)->p_flags);
 }
 
 static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = &plan_patches(pl->plan)[i];
 	uint8_t code[JP_PATCH_MAX], busy = ud_traps ? JP_UD : JP_INT3;
 	uintptr_t site = m->bias + pp->vaddr;
@@ -1052,18 +1052,18 @@ static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
 	int prot = site_prot(m, i);
 
 	if (final_bytes(m, i, code) == 1)
-		return poke(site, code, 1, prot);
+		return jp_poke(site, code, 1, prot);
 	if (!careful)
-		return poke(site, code, pp->len, prot);
-	if (!poke(site, &busy, 1, prot))
+		return jp_poke(site, code, pp->len, prot);
+	if (!jp_poke(site, &busy, 1, prot))
 		return false;
 	sync_cores();
-	if (!poke(site + 1, code + 1, pp->len - 1, prot)) {
-		poke(site, pp->original, 1, prot);	/* no thread may spin on it */
+	if (!jp_poke(site + 1, code + 1, pp->len - 1, prot)) {
+		jp_poke(site, pp->original, 1, prot);	/* no thread may spin on it */
 		return false;
 	}
 	sync_cores();
-	ok = poke(site, code, 1, prot);
+	ok = jp_poke(site, code, 1, prot);
 	sync_cores();
 	return ok;
 }
@@ -1089,7 +1089,7 @@ static bool cores_syncable(void)
 static bool changeable(const struct jp_module *m, uint32_t i)
 {
 	const struct jp_plan_patch *pp = &plan_patches(m->placed->plan)[i];
-	const struct jp_probe *p = probes_of(m);
+	const struct jp_probe *p = jp_probes_of(m);
 	uint32_t j;
 
 	if (!m->placed->site_ok[i] || p[i].depends ||
@@ -1126,7 +1126,7 @@ static void write_all(const struct jp_module *m, const uint32_t *ids, size_t n,
 		uint8_t have = site_bytes(m, ids[j], in, code);
 
 		if (from < have)
-			poke(m->bias + pp[ids[j]].vaddr + from, code + from,
+			jp_poke(m->bias + pp[ids[j]].vaddr + from, code + from,
 			     (len < have - from ? len : have - from),
 			     site_prot(m, ids[j]));
 	}
@@ -1144,7 +1144,7 @@ static void write_all(const struct jp_module *m, const uint32_t *ids, size_t n,
 static int change_sites(const struct jp_module *m, const uint32_t *ids,
 			size_t n, bool in)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
 	const struct jp_plan_boundary *b = plan_bounds(pl->plan);
 	uint8_t busy = ud_traps ? JP_UD : JP_INT3, code[JP_PATCH_MAX];
@@ -1156,10 +1156,10 @@ static int change_sites(const struct jp_module *m, const uint32_t *ids,
 		const struct jp_plan_patch *p = &pp[ids[j]];
 		uint8_t len = site_bytes(m, ids[j], true, code);
 
-		ok &= poke(m->bias + p->vaddr, &busy, 1, site_prot(m, ids[j]));
+		ok &= jp_poke(m->bias + p->vaddr, &busy, 1, site_prot(m, ids[j]));
 		for (k = p->first_bound; in && k < p->first_bound + p->nbounds; k++)
 			if (b[k].vaddr > p->vaddr && b[k].vaddr < p->vaddr + len)
-				ok &= poke(m->bias + b[k].vaddr, &busy, 1,
+				ok &= jp_poke(m->bias + b[k].vaddr, &busy, 1,
 					   site_prot(m, ids[j]));
 	}
 	sync_cores();
@@ -1222,7 +1222,7 @@ JP_EXPORT int jprobe_rt_set_probes(uint32_t module, const uint32_t *ids,
 		else if (m->placed->removed[ids[j]] == !on)
 			todo[k++] = ids[j];
 	}
-	if (!rc && k && (!serve_traps() || !serve_moves() || !cores_syncable()))
+	if (!rc && k && (!jp_serve_traps() || !jp_serve_moves() || !cores_syncable()))
 		rc = -ENOTSUP;
 	if (!rc && k)
 		rc = change_sites(m, todo, k, on);
@@ -1236,14 +1236,14 @@ out:
 JP_EXPORT uint64_t jprobe_rt_hits(uint32_t module, uint32_t probe)
 {
 	struct jp_module *m = planned(module);
-	const struct placement *pl;
+	const struct jp_placement *pl;
 	uint64_t n;
 	size_t i;
 
 	if (!m || probe >= m->table->nprobes)
 		return 0;
 	pl = m->placed;
-	n = __atomic_load_n(&probes_of(m)[probe].hits, __ATOMIC_RELAXED);
+	n = __atomic_load_n(&jp_probes_of(m)[probe].hits, __ATOMIC_RELAXED);
 	pthread_mutex_lock(&blocks_lock);
 	for (i = 0; i < pl->nclaimed; i++)
 		n += __atomic_load_n(&pl->claimed[i][probe], __ATOMIC_RELAXED);
@@ -1260,11 +1260,11 @@ static bool need_care(const struct jp_module *m)
 {
 	if (!other_threads())
 		return false;
-	if (!serve_traps())
+	if (!jp_serve_traps())
 		return false;
 	if (membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) ||
 	    !sync_cores())
-		record_error("%s: patched while other threads ran, without membarrier(SYNC_CORE): %s",
+		jp_record_error("%s: patched while other threads ran, without membarrier(SYNC_CORE): %s",
 			     m->name, strerror(errno));
 	return true;
 }
@@ -1276,7 +1276,7 @@ static bool need_care(const struct jp_module *m)
  */
 static bool reads_unwritten(const struct jp_module *m, uint32_t i)
 {
-	const struct jp_probe *p = probes_of(m);
+	const struct jp_probe *p = jp_probes_of(m);
 	uint32_t d = p[i].depends;
 
 	return d && p[i].mechanism != JP_MECH_TRAP && !m->placed->site_ok[d - 1];
@@ -1288,7 +1288,7 @@ static bool reads_unwritten(const struct jp_module *m, uint32_t i)
  */
 static void patch_sites(struct jp_module *m)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 	bool careful = need_care(m);
 	uint32_t i, k;
 
@@ -1298,11 +1298,11 @@ static void patch_sites(struct jp_module *m)
 			continue;
 		if (reads_unwritten(m, i)) {
 			pl->site_ok[i] = false;
-			record_error("%s: probe %s overlaps a site that could not be written; not patched",
-				     m->name, table_string(m, probes_of(m)[i].spec));
+			jp_record_error("%s: probe %s overlaps a site that could not be written; not patched",
+				     m->name, jp_table_string(m, jp_probes_of(m)[i].spec));
 		} else if (!write_site(m, i, careful)) {
 			pl->site_ok[i] = false;
-			record_error("%s: cannot write to its code at 0x%" PRIx64 ": %s",
+			jp_record_error("%s: cannot write to its code at 0x%" PRIx64 ": %s",
 				     m->name, plan_patches(pl->plan)[i].vaddr,
 				     strerror(errno));
 		}
@@ -1312,7 +1312,7 @@ static void patch_sites(struct jp_module *m)
 /* The probes whose sites were left as they were say so, for the report. */
 static void note_unpatched(struct jp_module *m)
 {
-	struct jp_probe *p = probes_of(m);
+	struct jp_probe *p = jp_probes_of(m);
 	uint32_t i;
 
 	for (i = 0; i < m->placed->plan->npatches; i++)
@@ -1367,7 +1367,7 @@ static void apply(void)
 }
 
 /* Every planned module loaded so far: at start-up, and after an exec. */
-void apply_plans(void)
+void jp_apply_plans(void)
 {
 	if (!plan)
 		return;
@@ -1389,7 +1389,7 @@ static bool lock_in_loader(const char *name)
 
 	while (pthread_mutex_trylock(&scan_lock)) {
 		if (!--tries) {
-			warn("%s: loaded while the runtime was busy; not patched", name);
+			jp_warn("%s: loaded while the runtime was busy; not patched", name);
 			return false;
 		}
 		nanosleep(&ms, NULL);
@@ -1414,7 +1414,7 @@ static void audit_objopen(uintptr_t bias, const char *name)
 /* Read by the LD_AUDIT copy of the runtime (audit.c); set once we serve. */
 JP_EXPORT void (*jprobe_rt_audit_hook)(uintptr_t bias, const char *name);
 
-void open_audit_hook(void)
+void jp_open_audit_hook(void)
 {
 	if (plan)
 		__atomic_store_n(&jprobe_rt_audit_hook, audit_objopen, __ATOMIC_RELEASE);
@@ -1425,7 +1425,7 @@ void open_audit_hook(void)
 /* A BLOCK record for a thread: one an ended thread left, or a new one. */
 uint64_t *placed_block(struct jp_module *m)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 	struct jp_shm_record *rec;
 	uint64_t *counts = NULL;
 
@@ -1435,11 +1435,11 @@ uint64_t *placed_block(struct jp_module *m)
 	pthread_mutex_unlock(&blocks_lock);
 	if (counts)
 		return counts;
-	counts = counters_claim(pl->index, m->table->nprobes * sizeof(uint64_t),
+	counts = jp_counters_claim(pl->index, m->table->nprobes * sizeof(uint64_t),
 				false, &rec);
 	if (!counts)
 		return NULL;
-	counters_publish(rec, JP_SHM_BLOCK);
+	jp_counters_publish(rec, JP_SHM_BLOCK);
 	pthread_mutex_lock(&blocks_lock);
 	if (pl->nclaimed == pl->cap_claimed) {
 		size_t cap = pl->cap_claimed ? 2 * pl->cap_claimed : 16;
@@ -1459,7 +1459,7 @@ uint64_t *placed_block(struct jp_module *m)
 /* A thread ended: its block keeps its hits, and takes a later thread's. */
 void release_block(struct jp_module *m, uint64_t *counts)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 
 	pthread_mutex_lock(&blocks_lock);
 	if (pl->nspare < JP_SPARE_BLOCKS)
@@ -1474,11 +1474,11 @@ void release_block(struct jp_module *m, uint64_t *counts)
  */
 static void move_table(struct jp_module *m)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_module *pm = pl->plan;
 	struct jp_shm_record *rec;
 	struct jp_probe *p;
-	char *copy = counters_claim(pl->index, pm->data_size, true, &rec);
+	char *copy = jp_counters_claim(pl->index, pm->data_size, true, &rec);
 	uint32_t j;
 
 	if (!copy)
@@ -1486,11 +1486,11 @@ static void move_table(struct jp_module *m)
 	memcpy(copy, (void *)pl->data, pm->data_size);
 	p = (struct jp_probe *)(copy + (m->table->probes - pm->data_vaddr));
 	for (j = 0; j < m->table->nprobes; j++)
-		zero_counts(&p[j]);
-	counters_publish(rec, JP_SHM_TABLE);
+		jp_zero_counts(&p[j]);
+	jp_counters_publish(rec, JP_SHM_TABLE);
 	if (mmap((void *)pl->data, pl->data_len, PROT_READ | PROT_WRITE,
-		 MAP_SHARED | MAP_FIXED, counters_fd(), counters_offset(copy)) == MAP_FAILED)
-		warn("%s: cannot map a table for a forked child: %s", m->name,
+		 MAP_SHARED | MAP_FIXED, jp_counters_fd(), jp_counters_offset(copy)) == MAP_FAILED)
+		jp_warn("%s: cannot map a table for a forked child: %s", m->name,
 		     strerror(errno));
 }
 
@@ -1500,7 +1500,7 @@ static void move_table(struct jp_module *m)
  * parent's.  Its thread's blocks were the parent's: it gets fresh ones,
  * and the spare blocks stay the parent's.
  */
-void placed_child_fork(void)
+void jp_placed_child_fork(void)
 {
 	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
 
@@ -1517,6 +1517,6 @@ void placed_child_fork(void)
 		m->placed->nspare = 0;
 		move_table(m);
 		if (had_block)
-			attach_block(m);
+			jp_attach_block(m);
 	}
 }

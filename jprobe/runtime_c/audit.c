@@ -34,25 +34,6 @@ static hook_fn *hook;
 /* The preloaded copy's jprobe_rt_start(), until it is called. */
 static start_fn start;
 
-static struct link_map *self_map(void)
-{
-	struct link_map *lm = NULL;
-	Dl_info info;
-
-	if (!dladdr1((void *)self_map, &info, (void **)&lm, RTLD_DL_LINKMAP))
-		return NULL;
-	return lm;
-}
-
-/* Whether this copy is LD_AUDIT's, in a namespace of its own: it only relays. */
-bool audit_copy(void)
-{
-	struct link_map *lm = self_map();
-	Lmid_t lmid = LM_ID_BASE;
-
-	return lm && !dlinfo(lm, RTLD_DI_LMID, &lmid) && lmid != LM_ID_BASE;
-}
-
 /* Whether `map` is this very file: the preloaded copy, seen from the audit copy. */
 static bool same_file(const struct link_map *self, const struct link_map *map)
 {
@@ -82,7 +63,7 @@ JP_EXPORT unsigned int la_objopen(struct link_map *map, Lmid_t lmid,
 	if (lmid != LM_ID_BASE)
 		return 0;
 	if (!hook) {
-		self = self_map();
+		self = jp_self_map();
 		if (self && same_file(self, map)) {
 			hook = (hook_fn *)(map->l_addr +
 					   ((uintptr_t)&jprobe_rt_audit_hook - self->l_addr));

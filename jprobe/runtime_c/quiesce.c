@@ -76,7 +76,7 @@
  * it), and when `moving_only` is set, only its entries whose probe id is
  * true there apply.
  */
-static const struct trap_index *moving;
+static const struct jp_trap_index *moving;
 static const bool *moving_only;
 static int answers;
 /*
@@ -88,10 +88,10 @@ static bool unanswered;
 static int token;
 
 /* Where a thread at pc goes, or 0 when it stays. */
-uint64_t jp_moved_to(const struct trap_index *moves, const bool *only, uint64_t pc)
+uint64_t jp_moved_to(const struct jp_trap_index *moves, const bool *only, uint64_t pc)
 {
 	size_t count;
-	const struct trap_site *s = index_search(moves, pc, &count);
+	const struct jp_trap_site *s = jp_index_search(moves, pc, &count);
 
 	return s && (!only || only[s->probe->id]) ? s->resume : 0;
 }
@@ -99,7 +99,7 @@ uint64_t jp_moved_to(const struct trap_index *moves, const bool *only, uint64_t 
 /* In the trap handler: whether the signal is our request; if so, serve it. */
 bool jp_move_request(const siginfo_t *si, ucontext_t *uc)
 {
-	const struct trap_index *idx;
+	const struct jp_trap_index *idx;
 	greg_t *gr = uc->uc_mcontext.gregs;
 	uint64_t to;
 
@@ -188,7 +188,7 @@ static int ask_all(void)
  * `only` marks, if given) to its resume address (step 2 above).  False when some thread did not answer in time
  * (it blocks the signal, or is stopped): the caller then writes nothing.
  */
-bool jp_move_threads(const struct trap_index *moves, const bool *only)
+bool jp_move_threads(const struct jp_trap_index *moves, const bool *only)
 {
 	const struct timespec pause = { 0, 50000 };
 	long waited = 0;

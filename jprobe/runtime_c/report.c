@@ -156,8 +156,8 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 	putf(b, ", \"address\": \"0x%" PRIx64 "\", \"mechanism\": \"%s\", \"handler\": ",
 	     p->address, mechanism_name(p->mechanism));
 	if (p->handler == JP_HANDLER_CALLBACK) {
-		char *h = concat3(table_string(m, p->lib), ":",
-				  table_string(m, p->func));
+		char *h = jp_concat3(jp_table_string(m, p->lib), ":",
+				  jp_table_string(m, p->func));
 
 		put_json_string(b, h ? h : "callback");
 		free(h);
@@ -165,7 +165,7 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 		puts_(b, "\"count\"");
 	}
 	putf(b, ", \"hits\": %" PRIu64 ", \"lost\": 0",
-	     probe_hits(m, p - probes_of(m)));
+	     jp_probe_hits(m, p - jp_probes_of(m)));
 	if (p->handler == JP_HANDLER_CALLBACK)
 		putf(b, ", \"missed\": %" PRIu64 ", \"callback_skipped\": %" PRIu64,
 		     __atomic_load_n(&p->missed, __ATOMIC_RELAXED),
@@ -196,8 +196,8 @@ static bool build_report(struct buf *b)
 		any = true;
 		for (j = 0; j < m->table->nprobes; j++) {
 			/* aliases at one address: one site, one line of its spec per name */
-			const struct jp_probe *p = &probes_of(m)[j];
-			const char *name = table_string(m, p->spec), *end;
+			const struct jp_probe *p = &jp_probes_of(m)[j];
+			const char *name = jp_table_string(m, p->spec), *end;
 
 			do {
 				end = strchrnul(name, '\n');
@@ -209,10 +209,10 @@ static bool build_report(struct buf *b)
 		}
 	}
 	puts_(b, "],\n \"errors\": [");
-	for (i = 0; i < nerrors; i++) {
+	for (i = 0; i < jp_nerrors(); i++) {
 		if (i)
 			puts_(b, ", ");
-		put_json_string(b, errors[i]);
+		put_json_string(b, jp_error(i));
 	}
 	puts_(b, "]}\n");
 	return any && !b->oom;
@@ -320,7 +320,7 @@ static void publish_report(const char *report_path, const char *text, size_t len
 }
 
 /* Write the report to `path` (absolute), if there is anything to report. */
-void write_report(const char *path)
+void jp_write_report(const char *path)
 {
 	struct buf b = { 0 };
 	bool ok;

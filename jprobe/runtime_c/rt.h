@@ -48,7 +48,7 @@
 #define JP_TLS_SLOTS	16
 
 /* One trap or jump site, sorted by run-time address for the signal handler. */
-struct trap_site {
+struct jp_trap_site {
 	uint64_t pc;			/* run-time address of the site */
 	uint64_t resume;		/* trap: run-time address of the out-of-line copy */
 	struct jp_probe *probe;
@@ -58,13 +58,41 @@ struct trap_site {
  * Published whole with one atomic pointer store, and never freed: the
  * trap handler may still be reading a replaced one.
  */
-struct trap_index {
+struct jp_trap_index {
 	size_t n;
-	struct trap_site site[];
+	struct jp_trap_site site[];
 };
 
-struct placement;		/* apply.c: a module patched in-process */
-struct islands;			/* islands.c: the pages of a module's islands */
+struct jp_placement;		/* apply.c: a module patched in-process */
+struct jp_islands;			/* islands.c: the pages of a module's islands */
+
+/* ---- util.c: floor 0 -------------------------------------------------- */
+void jp_set_debug(bool on);
+__attribute__((format(printf, 1, 2))) void jp_warn(const char *fmt, ...);
+void jp_errors_to(void (*sink)(const char *msg));
+__attribute__((format(printf, 1, 2))) void jp_record_error(const char *fmt, ...);
+int jp_nerrors(void);
+const char *jp_error(int i);
+struct link_map *jp_self_map(void);
+bool jp_audit_copy(void);
+void *jp_next_symbol(void **slot, const char *name);
+char *jp_concat3(const char *a, const char *b, const char *c);
+char *jp_absolute(const char *path);
+size_t jp_align_up(size_t n, size_t align);
+bool jp_within(uint64_t at, uint64_t len, uint64_t lo, uint64_t size);
+int jp_prot_of(ElfW(Word) flags);
+const ElfW(Phdr) *jp_load_segment(const ElfW(Phdr) *phdr, int phnum,
+				  uint64_t vaddr, uint64_t len, ElfW(Word) flags);
+bool jp_in_segment(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len,
+		   ElfW(Word) flags);
+size_t jp_object_build_id(const struct dl_phdr_info *info, uint8_t *id, size_t max);
+long jp_status_field(const char *name, long dflt);
+void *jp_map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
+		     uint64_t off);
+bool jp_poke(uintptr_t at, const uint8_t *bytes, size_t len, int prot);
+
+/* freestanding.c: floor 0 */
+void jp_heap_child_fork(void);
 
 struct jp_module {
 	char *name;			/* absolute path, for the report */
@@ -78,11 +106,11 @@ struct jp_module {
 	uintptr_t tbias;
 	struct jp_table *table;
 	void *dl_base;			/* dladdr()'s base, to check liveness */
-	struct trap_index *traps;	/* atomic: read by the trap handler */
-	struct trap_index *jumps;	/* atomic: placed jump sites (traps.c) */
-	struct trap_index *bounds;	/* atomic: placed sites' relocated instructions */
-	struct placement *placed;	/* NULL: the table is in the module's file */
-	struct islands *islands;	/* mapped for it, NULL: none (under scan_lock) */
+	struct jp_trap_index *traps;	/* atomic: read by the trap handler */
+	struct jp_trap_index *jumps;	/* atomic: placed jump sites (traps.c) */
+	struct jp_trap_index *bounds;	/* atomic: placed sites' relocated instructions */
+	struct jp_placement *placed;	/* NULL: the table is in the module's file */
+	struct jp_islands *islands;	/* mapped for it, NULL: none (under scan_lock) */
 	int live;			/* atomic: 0 once its object is gone */
 	int slot;			/* its per-thread counter slot, or -1 */
 	bool resolved;			/* vec_mode, callbacks and traps set up */
@@ -104,33 +132,21 @@ extern bool report_path_empty;
 extern char exe_path[];
 
 /* runtime.c */
-extern char *errors[];
-extern int nerrors;
-__attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
-__attribute__((format(printf, 1, 2))) void record_error(const char *fmt, ...);
-void *next_symbol(void **slot, const char *name);
-char *concat3(const char *a, const char *b, const char *c);
-struct jp_probe *probes_of(const struct jp_module *m);
-const char *table_string(const struct jp_module *m, uint64_t off);
-size_t align_up(size_t n, size_t align);
-size_t object_build_id(const struct dl_phdr_info *info, uint8_t *id, size_t max);
-int prot_of(ElfW(Word) flags);
-bool in_segment(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len,
-		ElfW(Word) flags);
-struct jp_module *add_module(char *dl_name, uintptr_t bias,
+struct jp_probe *jp_probes_of(const struct jp_module *m);
+const char *jp_table_string(const struct jp_module *m, uint64_t off);
+struct jp_module *jp_add_module(char *dl_name, uintptr_t bias,
 			     struct jp_table *table, uintptr_t tbias,
-			     struct placement *placed);
-struct trap_index *build_trap_index(struct jp_module *m);
-uint64_t load_callback(const char *module, const char *spec, const char *lib,
+			     struct jp_placement *placed);
+struct jp_trap_index *jp_build_trap_index(struct jp_module *m);
+uint64_t jp_load_callback(const char *module, const char *spec, const char *lib,
 		       const char *func, const struct jp_probe *p, bool *novec);
-void install_callback(struct jp_probe *p, uint64_t fn, bool novec, const char *lib);
+void jp_install_callback(struct jp_probe *p, uint64_t fn, bool novec, const char *lib);
 bool begin_set_up(struct jp_module *m);
-void publish_traps(struct jp_module *m, struct trap_index *idx);
+void publish_traps(struct jp_module *m, struct jp_trap_index *idx);
 void end_set_up(struct jp_module *m);
-bool module_mapped(const struct jp_module *m);
-void zero_counts(struct jp_probe *p);
-long status_field(const char *name, long dflt);
-void report_own_hits(void);
+bool jp_module_mapped(const struct jp_module *m);
+void jp_zero_counts(struct jp_probe *p);
+void jp_report_own_hits(void);
 void jprobe_rt_start(char **env);
 
 /* threads.c */
@@ -142,85 +158,78 @@ extern pthread_mutex_t blocks_lock;
 extern int counting;
 int64_t tls_offset(int slot);
 int64_t guard_offset(void);
-void watch_thread_exits(void);
-void attach_block(struct jp_module *m);
-void forget_blocks(struct jp_module *m);
-uint64_t probe_hits(const struct jp_module *m, uint32_t j);
-void blocks_prepare_fork(void);
-void blocks_parent_fork(void);
-void blocks_child_fork(void);
+void jp_watch_thread_exits(void);
+void jp_attach_block(struct jp_module *m);
+void jp_forget_blocks(struct jp_module *m);
+uint64_t jp_probe_hits(const struct jp_module *m, uint32_t j);
+void jp_blocks_prepare_fork(void);
+void jp_blocks_parent_fork(void);
+void jp_blocks_child_fork(void);
 
 /* traps.c */
 #define JP_INT3	0xcc
 #define JP_UD	0xd6		/* one byte, no instruction in 64-bit mode: #UD */
 #define JP_MOVE_SIG	63	/* SIGRTMAX - 1: threads, move out (quiesce.c) */
-void resolve_signal_functions(void);
-void arm_traps(struct jp_module *m, struct trap_index *idx);
-const struct trap_site *index_search(const struct trap_index *idx, uint64_t pc,
+void jp_resolve_signal_functions(void);
+void arm_traps(struct jp_module *m, struct jp_trap_index *idx);
+const struct jp_trap_site *jp_index_search(const struct jp_trap_index *idx, uint64_t pc,
 				     size_t *count);
-bool serve_traps(void);
-bool serve_moves(void);
-void jp_move_frames(const struct trap_index *moves, const bool *only);
+bool jp_serve_traps(void);
+bool jp_serve_moves(void);
+void jp_move_frames(const struct jp_trap_index *moves, const bool *only);
 
 /* report.c */
-void write_report(const char *path);
+void jp_write_report(const char *path);
 
 /* shm.c */
-bool counters_open(const char *path);
-int counters_fd(void);
-uint64_t counters_offset(const void *payload);
-void *counters_claim(uint32_t module, uint64_t size, bool page_aligned,
+bool jp_counters_open(const char *path);
+int jp_counters_fd(void);
+uint64_t jp_counters_offset(const void *payload);
+void *jp_counters_claim(uint32_t module, uint64_t size, bool page_aligned,
 		     struct jp_shm_record **rec);
-void counters_publish(struct jp_shm_record *rec, uint32_t kind);
-void counters_error(const char *msg);
+void jp_counters_publish(struct jp_shm_record *rec, uint32_t kind);
+void jp_counters_error(const char *msg);
 
-/* audit.c */
-bool audit_copy(void);
 
 /* islands.c */
-/* What becomes of a probe's site (decide_fallbacks()). */
+/* What becomes of a probe's site (jp_decide_fallbacks()). */
 enum {
 	JP_FATE_PLANNED,		/* written as the planner wrote it */
 	JP_FATE_CHANGED,		/* not written, or a trap made #UD */
 	JP_FATE_TRAP,			/* falls back: original bytes, first one a trap */
 	JP_FATE_LEFT,			/* would fall back, under --strict: left as it was */
 };
-void *map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
-		  uint64_t off);
-bool poke(uintptr_t at, const uint8_t *bytes, size_t len, int prot);
-bool can_fall_back(const struct jp_probe *p);
-bool fallback_fields_valid(const struct jp_probe *p, uint32_t i, uint32_t n);
-bool islands_valid(const struct jp_island *isl, uint32_t n,
+bool jp_can_fall_back(const struct jp_probe *p);
+bool jp_fallback_fields_valid(const struct jp_probe *p, uint32_t i, uint32_t n);
+bool jp_islands_valid(const struct jp_island *isl, uint32_t n,
 		   const struct jp_probe *p, uint32_t nprobes);
-struct islands *reserve_islands(const struct jp_island *isl, uint32_t n,
+struct jp_islands *jp_reserve_islands(const struct jp_island *isl, uint32_t n,
 				uintptr_t bias);
-void islands_reach(const struct islands *s, int64_t *lo, int64_t *hi);
-void fill_islands(struct islands *s, uintptr_t tbias);
-void unmap_islands(struct islands *s);
-uint32_t *sites_down(const struct jp_probe *p, uint32_t n);
-void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
+void jp_islands_reach(const struct jp_islands *s, int64_t *lo, int64_t *hi);
+void jp_fill_islands(struct jp_islands *s, uintptr_t tbias);
+void jp_unmap_islands(struct jp_islands *s);
+uint32_t *jp_sites_down(const struct jp_probe *p, uint32_t n);
+void jp_decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 		      const bool *written, uint8_t *fate);
-void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum);
+void jp_land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum);
 
 /* quiesce.c */
 bool jp_move_request(const siginfo_t *si, ucontext_t *uc);
-bool jp_move_threads(const struct trap_index *moves, const bool *only);
-uint64_t jp_moved_to(const struct trap_index *moves, const bool *only, uint64_t pc);
+bool jp_move_threads(const struct jp_trap_index *moves, const bool *only);
+uint64_t jp_moved_to(const struct jp_trap_index *moves, const bool *only, uint64_t pc);
 
-/* freestanding.c */
-void jp_heap_child_fork(void);
 
 /* unpack.c */
-bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t, uint64_t table_vaddr);
+bool jp_unpack_table(const struct dl_phdr_info *info, struct jp_table *t, uint64_t table_vaddr);
 
 /* apply.c */
 JP_EXPORT extern void (*jprobe_rt_audit_hook)(uintptr_t bias, const char *name);
-bool plan_open(const char *path);
-void install_planned_callbacks(void);
-void apply_plans(void);
-void open_audit_hook(void);
+bool jp_plan_open(const char *path);
+void jp_install_planned_callbacks(void);
+void jp_apply_plans(void);
+void jp_open_audit_hook(void);
 uint64_t *placed_block(struct jp_module *m);
 void release_block(struct jp_module *m, uint64_t *counts);
-void placed_child_fork(void);
+void jp_placed_child_fork(void);
 
 #endif /* JPROBE_RT_H */

@@ -43,8 +43,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define JP_MAX_ERRORS	64
-
 struct jp_module modules[JP_MAX_MODULES];
 int nmodules;
 /*
@@ -53,10 +51,6 @@ int nmodules;
  */
 pthread_mutex_t scan_lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 
-char *errors[JP_MAX_ERRORS];
-int nerrors;
-
-static bool debug;
 static pid_t own_pid;		/* getpid() at start-up and after fork() */
 static bool run_mode;		/* `jprobe run` started us (JPROBE_COUNTERS) */
 static char *report_path;	/* absolute: the program may chdir() */
@@ -69,107 +63,7 @@ static bool callbacks_ready;
 bool forked_child;		/* set in a child of fork() */
 bool ud_traps;
 
-/* ---- diagnostics ------------------------------------------------------ */
-
-/* One line on stderr, only when the user asked for it. */
-void warn(const char *fmt, ...)
-{
-	char msg[1024];
-	va_list ap;
-
-	if (!debug)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	dprintf(STDERR_FILENO, "jprobe: %s\n", msg);
-}
-
-/*
- * Remember a problem for the report's "errors" list (under `jprobe run`,
- * an ERROR record in the counters file).  Called with scan_lock held; the
- * same message is kept once (ten probes on one missing library are one
- * problem).
- */
-void record_error(const char *fmt, ...)
-{
-	char msg[1024];
-	va_list ap;
-	int i;
-
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-
-	for (i = 0; i < nerrors; i++)
-		if (!strcmp(errors[i], msg))
-			return;
-	warn("%s", msg);
-	if (run_mode)
-		counters_error(msg);
-	if (nerrors < JP_MAX_ERRORS)
-		errors[nerrors++] = strdup(msg);
-}
-
-/* ---- the functions the runtime interposes ----------------------------- */
-
-/*
- * The runtime interposes sigaction(), pthread_create() and friends, so it
- * reaches libc's through RTLD_NEXT.  That finds nothing when the runtime
- * came in with a dlopen()ed library whose scope lists libc before us (a
- * patched libz under Python's zlib module): then ask libc itself.
- */
-static bool in_runtime(void *addr)
-{
-	Dl_info a, self;
-
-	return dladdr(addr, &a) && dladdr((void *)in_runtime, &self) &&
-	       a.dli_fbase == self.dli_fbase;
-}
-
-void *next_symbol(void **slot, const char *name)
-{
-	void *fn = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-	void *libc;
-
-	if (fn)
-		return fn;
-	fn = dlsym(RTLD_NEXT, name);
-	if (!fn || in_runtime(fn)) {
-		libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
-		fn = libc ? dlsym(libc, name) : NULL;
-	}
-	__atomic_store_n(slot, fn, __ATOMIC_RELEASE);
-	return fn;
-}
-
 /* ---- paths ------------------------------------------------------------ */
-
-/* A fresh string "a" + "b" + "c", or NULL when out of memory. */
-char *concat3(const char *a, const char *b, const char *c)
-{
-	size_t la = strlen(a), lb = strlen(b), lc = strlen(c);
-	char *s = malloc(la + lb + lc + 1);
-
-	if (!s)
-		return NULL;
-	memcpy(s, a, la);
-	memcpy(s + la, b, lb);
-	memcpy(s + la + lb, c, lc + 1);
-	return s;
-}
-
-/* `path` made absolute against the current directory. */
-static char *absolute(const char *path)
-{
-	char cwd[PATH_MAX];
-
-	if (path[0] == '/' || !getcwd(cwd, sizeof(cwd)))
-		return strdup(path);
-	if (path[0] == '.' && path[1] == '/')
-		path += 2;
-	return concat3(cwd, "/", path);
-}
 
 /*
  * The report's name for a loaded object.  Directory symlinks are resolved
@@ -186,28 +80,28 @@ static char *module_path(const char *dl_name)
 	if (!dl_name[0])
 		return strdup(exe_path);
 	if (!slash)
-		return absolute(dl_name);
+		return jp_absolute(dl_name);
 	len = slash - dl_name;
 	if (len == 0)
 		len = 1;		/* a file in "/" */
 	if (len >= sizeof(dir))
-		return absolute(dl_name);
+		return jp_absolute(dl_name);
 	memcpy(dir, dl_name, len);
 	dir[len] = '\0';
 	if (!realpath(dir, real))
-		return absolute(dl_name);
-	return concat3(strcmp(real, "/") ? real : "", "/", slash + 1);
+		return jp_absolute(dl_name);
+	return jp_concat3(strcmp(real, "/") ? real : "", "/", slash + 1);
 }
 
 /* ---- tables ----------------------------------------------------------- */
 
-struct jp_probe *probes_of(const struct jp_module *m)
+struct jp_probe *jp_probes_of(const struct jp_module *m)
 {
 	return (struct jp_probe *)(m->tbias + m->table->probes);
 }
 
 /* A string of the table's pool; offset 0 is the empty string by convention. */
-const char *table_string(const struct jp_module *m, uint64_t off)
+const char *jp_table_string(const struct jp_module *m, uint64_t off)
 {
 	return (const char *)(m->tbias + m->table->strings + off);
 }
@@ -243,47 +137,6 @@ static uint64_t detect_vec_mode(void)
 	return JP_VEC_SSE;
 }
 
-size_t align_up(size_t n, size_t align)
-{
-	return (n + align - 1) & ~(align - 1);
-}
-
-/* An object's GNU build-id (at most `max` bytes of it) and its length; 0 if none. */
-size_t object_build_id(const struct dl_phdr_info *info, uint8_t *id, size_t max)
-{
-	int i;
-
-	for (i = 0; i < info->dlpi_phnum; i++) {
-		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
-		size_t align = ph->p_align == 8 ? 8 : 4;
-		const char *p, *end;
-
-		if (ph->p_type != PT_NOTE)
-			continue;
-		p = (const char *)(info->dlpi_addr + ph->p_vaddr);
-		end = p + ph->p_memsz;
-		while ((size_t)(end - p) >= sizeof(ElfW(Nhdr))) {
-			const ElfW(Nhdr) *n = (const void *)p;
-			size_t name_len = align_up(n->n_namesz, align);
-			size_t desc_len = align_up(n->n_descsz, align);
-			const char *desc = p + sizeof(*n) + name_len;
-
-			if (name_len > (size_t)(end - p) - sizeof(*n) ||
-			    desc_len > (size_t)(end - desc))
-				break;
-			if (n->n_type == NT_GNU_BUILD_ID && n->n_namesz == 4 &&
-			    !memcmp(p + sizeof(*n), "GNU", 4)) {
-				if (n->n_descsz < max)
-					max = n->n_descsz;
-				memcpy(id, desc, max);
-				return max;
-			}
-			p = desc + desc_len;
-		}
-	}
-	return 0;
-}
-
 struct build_id_query {
 	uintptr_t base;
 	const char *name;
@@ -300,7 +153,7 @@ static int find_build_id(struct dl_phdr_info *info, size_t size, void *data)
 	(void)size;
 	if (info->dlpi_addr != q->base || strcmp(info->dlpi_name, q->name))
 		return 0;
-	if (object_build_id(info, id, sizeof(id)) == sizeof(id)) {
+	if (jp_object_build_id(info, id, sizeof(id)) == sizeof(id)) {
 		memcpy(&q->id, id, 8);	/* little-endian, as packed */
 		q->found = true;
 	}
@@ -336,14 +189,14 @@ static bool novec_holds(const struct jp_probe *p, void *handle, void *sym)
  * probe still counts.  *novec: whether p's JP_PROBE_NOVEC promise holds
  * for the function found.
  */
-uint64_t load_callback(const char *module, const char *spec, const char *lib,
+uint64_t jp_load_callback(const char *module, const char *spec, const char *lib,
 		       const char *func, const struct jp_probe *p, bool *novec)
 {
 	const char *why;
 	void *handle, *sym;
 
 	if (!p->lib || !p->func || !lib[0] || !func[0]) {
-		record_error("%s: probe %s has no callback library or function",
+		jp_record_error("%s: probe %s has no callback library or function",
 			     module, spec);
 		return 0;
 	}
@@ -351,15 +204,15 @@ uint64_t load_callback(const char *module, const char *spec, const char *lib,
 	if (!handle) {
 		why = dlerror();
 		if (why)
-			record_error("%s", why);
+			jp_record_error("%s", why);
 		else
-			record_error("%s: cannot open shared object file", lib);
+			jp_record_error("%s: cannot open shared object file", lib);
 		return 0;
 	}
 	dlerror();
 	sym = dlsym(handle, func);
 	if (!sym) {
-		record_error("%s: undefined symbol in %s", func, lib);
+		jp_record_error("%s: undefined symbol in %s", func, lib);
 		return 0;
 	}
 	*novec = novec_holds(p, handle, sym);
@@ -367,11 +220,11 @@ uint64_t load_callback(const char *module, const char *spec, const char *lib,
 }
 
 /* The trampolines call p's callback from now on. */
-void install_callback(struct jp_probe *p, uint64_t fn, bool novec, const char *lib)
+void jp_install_callback(struct jp_probe *p, uint64_t fn, bool novec, const char *lib)
 {
 	if (!novec && (p->flags & JP_PROBE_NOVEC)) {
 		__atomic_and_fetch(&p->flags, ~(uint32_t)JP_PROBE_NOVEC, __ATOMIC_RELEASE);
-		warn("%s: not the build analysed at patch time; saving all vector state around its callback",
+		jp_warn("%s: not the build analysed at patch time; saving all vector state around its callback",
 		     lib);
 	}
 	__atomic_store_n(&p->callback, fn, __ATOMIC_RELEASE);
@@ -380,26 +233,26 @@ void install_callback(struct jp_probe *p, uint64_t fn, bool novec, const char *l
 /* Every callback of a module whose table came in its file. */
 static void resolve_callbacks(struct jp_module *m)
 {
-	struct jp_probe *p = probes_of(m);
+	struct jp_probe *p = jp_probes_of(m);
 	uint32_t i;
 
 	for (i = 0; i < m->table->nprobes; i++) {
-		const char *lib = table_string(m, p[i].lib);
+		const char *lib = jp_table_string(m, p[i].lib);
 		bool novec;
 		uint64_t fn;
 
 		if (p[i].handler != JP_HANDLER_CALLBACK)
 			continue;
-		fn = load_callback(m->name, table_string(m, p[i].spec), lib,
-				   table_string(m, p[i].func), &p[i], &novec);
+		fn = jp_load_callback(m->name, jp_table_string(m, p[i].spec), lib,
+				   jp_table_string(m, p[i].func), &p[i], &novec);
 		if (fn)
-			install_callback(&p[i], fn, novec, lib);
+			jp_install_callback(&p[i], fn, novec, lib);
 	}
 }
 
 static int compare_sites(const void *a, const void *b)
 {
-	const struct trap_site *x = a, *y = b;
+	const struct jp_trap_site *x = a, *y = b;
 
 	return x->pc < y->pc ? -1 : x->pc > y->pc;
 }
@@ -408,10 +261,10 @@ static int compare_sites(const void *a, const void *b)
  * The module's trap probes sorted by address, so the trap handler can
  * find one without locks or allocation.  NULL when there are none.
  */
-struct trap_index *build_trap_index(struct jp_module *m)
+struct jp_trap_index *jp_build_trap_index(struct jp_module *m)
 {
-	struct jp_probe *p = probes_of(m);
-	struct trap_index *idx;
+	struct jp_probe *p = jp_probes_of(m);
+	struct jp_trap_index *idx;
 	uint32_t i;
 	size_t n = 0;
 
@@ -421,7 +274,7 @@ struct trap_index *build_trap_index(struct jp_module *m)
 		return NULL;
 	idx = malloc(sizeof(*idx) + n * sizeof(idx->site[0]));
 	if (!idx) {
-		record_error("%s: out of memory for trap probes", m->name);
+		jp_record_error("%s: out of memory for trap probes", m->name);
 		return NULL;
 	}
 	idx->n = 0;
@@ -429,8 +282,8 @@ struct trap_index *build_trap_index(struct jp_module *m)
 		if (p[i].mechanism != JP_MECH_TRAP)
 			continue;
 		if (!p[i].resume) {
-			record_error("%s: trap probe %s has no resume address",
-				     m->name, table_string(m, p[i].spec));
+			jp_record_error("%s: trap probe %s has no resume address",
+				     m->name, jp_table_string(m, p[i].spec));
 			continue;
 		}
 		idx->site[idx->n].pc = m->bias + p[i].address;
@@ -440,12 +293,6 @@ struct trap_index *build_trap_index(struct jp_module *m)
 	}
 	qsort(idx->site, idx->n, sizeof(idx->site[0]), compare_sites);
 	return idx;
-}
-
-int prot_of(ElfW(Word) flags)
-{
-	return (flags & PF_R ? PROT_READ : 0) | (flags & PF_W ? PROT_WRITE : 0) |
-	       (flags & PF_X ? PROT_EXEC : 0);
 }
 
 /* ---- module discovery ------------------------------------------------- */
@@ -464,31 +311,9 @@ struct scan {
 	int n;
 };
 
-/* Whether `[at, at + len)` lies within `[lo, lo + size)`. */
-static bool within(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
-{
-	return at >= lo && at - lo <= size && len <= size - (at - lo);
-}
-
-/* Whether `[vaddr, vaddr + len)` is in one segment of the object with all of `flags`. */
-bool in_segment(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len,
-		ElfW(Word) flags)
-{
-	int i;
-
-	for (i = 0; i < info->dlpi_phnum; i++) {
-		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
-
-		if (ph->p_type == PT_LOAD && (ph->p_flags & flags) == flags &&
-		    within(vaddr, len, ph->p_vaddr, ph->p_memsz))
-			return true;
-	}
-	return false;
-}
-
 static bool in_code(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len)
 {
-	return in_segment(info, vaddr, len, PF_X);
+	return jp_in_segment(info, vaddr, len, PF_X);
 }
 
 /*
@@ -509,24 +334,24 @@ static bool file_table_valid(const struct dl_phdr_info *info,
 
 	if (t->version != JP_TABLE_VERSION)
 		return true;		/* add_file_module says why not */
-	if (!within(t->probes, n * sizeof(*p), lo, size) || (t->probes - lo) % 8 ||
-	    (t->nislands && (!within(t->islands, (uint64_t)t->nislands * sizeof(*isl), lo, size) ||
+	if (!jp_within(t->probes, n * sizeof(*p), lo, size) || (t->probes - lo) % 8 ||
+	    (t->nislands && (!jp_within(t->islands, (uint64_t)t->nislands * sizeof(*isl), lo, size) ||
 			     (t->islands - lo) % 8)) ||
-	    !within(t->strings, 1, lo, size) || end[-1] != '\0')
+	    !jp_within(t->strings, 1, lo, size) || end[-1] != '\0')
 		return false;
 	strings_size = lo + size - t->strings;
 	p = (const struct jp_probe *)(info->dlpi_addr + t->probes);
 	for (i = 0; i < n; i++)
 		if (p[i].id != i || p[i].spec >= strings_size ||
 		    p[i].lib >= strings_size || p[i].func >= strings_size ||
-		    !fallback_fields_valid(p, i, n) ||
+		    !jp_fallback_fields_valid(p, i, n) ||
 		    (p[i].mechanism == JP_MECH_TRAP &&
 		     (!in_code(info, p[i].address, 1) || !in_code(info, p[i].resume, 1))) ||
-		    (can_fall_back(&p[i]) &&
+		    (jp_can_fall_back(&p[i]) &&
 		     (!in_code(info, p[i].address, p[i].len) || !in_code(info, p[i].resume, 1))))
 			return false;
 	isl = (const struct jp_island *)(info->dlpi_addr + t->islands);
-	return !t->nislands || islands_valid(isl, t->nislands, p, n);
+	return !t->nislands || jp_islands_valid(isl, t->nislands, p, n);
 }
 
 /* dl_iterate_phdr callback: note every PT_LOAD segment that is a table. */
@@ -554,7 +379,7 @@ static int find_tables(struct dl_phdr_info *info, size_t size, void *data)
 		s->found[s->n].phdr = info->dlpi_phdr;
 		s->found[s->n].phnum = info->dlpi_phnum;
 		if (t->version == JP_TABLE_VERSION && t->packed &&
-		    !unpack_table(info, t, ph->p_vaddr)) {
+		    !jp_unpack_table(info, t, ph->p_vaddr)) {
 			/* Its sites jump to trampolines that are not there. */
 			dprintf(STDERR_FILENO, "jprobe: %s: damaged packed probe table; rewrite the file with `jprobe patch`\n",
 				info->dlpi_name && *info->dlpi_name ? info->dlpi_name : "the program");
@@ -588,7 +413,7 @@ bool begin_set_up(struct jp_module *m)
 	__atomic_store_n(&m->table->vec_mode, vec_mode, __ATOMIC_RELEASE);
 	__atomic_store_n(&m->table->guard_off, guard_offset(), __ATOMIC_RELEASE);
 	if (m->slot >= 0) {
-		attach_block(m);
+		jp_attach_block(m);
 		__atomic_store_n(&m->table->tls_off, tls_offset(m->slot),
 				 __ATOMIC_RELEASE);
 		__atomic_store_n(&counting, 1, __ATOMIC_RELEASE);
@@ -597,7 +422,7 @@ bool begin_set_up(struct jp_module *m)
 }
 
 /* Serve the module's trap sites from now on. */
-void publish_traps(struct jp_module *m, struct trap_index *idx)
+void publish_traps(struct jp_module *m, struct jp_trap_index *idx)
 {
 	if (!idx)
 		return;
@@ -622,8 +447,8 @@ static void set_up_module(struct jp_module *m, const struct found *f)
 {
 	if (!begin_set_up(m))
 		return;
-	land_file_islands(m, f->phdr, f->phnum);
-	publish_traps(m, build_trap_index(m));
+	jp_land_file_islands(m, f->phdr, f->phnum);
+	publish_traps(m, jp_build_trap_index(m));
 	if (callbacks_ready)
 		resolve_callbacks(m);
 	end_set_up(m);
@@ -651,7 +476,7 @@ static void resolve_early_callbacks(void)
  */
 static void note_unresolved(struct jp_module *m)
 {
-	const struct jp_probe *p = probes_of(m);
+	const struct jp_probe *p = jp_probes_of(m);
 	uint32_t i;
 
 	m->resolved = true;
@@ -662,7 +487,7 @@ static void note_unresolved(struct jp_module *m)
 
 	for (i = 0; i < m->table->nprobes; i++)
 		if (p[i].handler == JP_HANDLER_CALLBACK && !p[i].callback) {
-			record_error("%s: loaded after the jprobe runtime started; its callbacks were not resolved",
+			jp_record_error("%s: loaded after the jprobe runtime started; its callbacks were not resolved",
 				     m->name);
 			return;
 		}
@@ -684,15 +509,15 @@ static struct jp_module *lookup_module(const struct found *f)
  * full.  Complete before it is published: threads and the trap handler
  * read the list without a lock.
  */
-struct jp_module *add_module(char *dl_name, uintptr_t bias,
+struct jp_module *jp_add_module(char *dl_name, uintptr_t bias,
 			     struct jp_table *table, uintptr_t tbias,
-			     struct placement *placed)
+			     struct jp_placement *placed)
 {
 	struct jp_module *m;
 	Dl_info info;
 
 	if (nmodules == JP_MAX_MODULES) {
-		record_error("more than %d modules with probes; the rest are ignored",
+		jp_record_error("more than %d modules with probes; the rest are ignored",
 			     JP_MAX_MODULES);
 		return NULL;
 	}
@@ -721,7 +546,7 @@ static struct jp_module *add_file_module(struct found *f)
 	if (f->bad) {
 		char *name = module_path(f->dl_name);
 
-		record_error("%s: damaged probe table; its probes are not served",
+		jp_record_error("%s: damaged probe table; its probes are not served",
 			     name ? name : f->dl_name);
 		free(name);
 		return NULL;
@@ -729,13 +554,13 @@ static struct jp_module *add_file_module(struct found *f)
 	if (f->table->version != JP_TABLE_VERSION) {
 		char *name = module_path(f->dl_name);
 
-		record_error("%s: probe table version %u, this runtime reads version %u",
+		jp_record_error("%s: probe table version %u, this runtime reads version %u",
 			     name ? name : f->dl_name, f->table->version,
 			     JP_TABLE_VERSION);
 		free(name);
 		return NULL;
 	}
-	m = add_module(f->dl_name, f->bias, f->table, f->bias, NULL);
+	m = jp_add_module(f->dl_name, f->bias, f->table, f->bias, NULL);
 	if (m)
 		f->dl_name = NULL;	/* the module owns it now */
 	return m;
@@ -748,7 +573,7 @@ static struct jp_module *add_file_module(struct found *f)
 static void forget_module(struct jp_module *m)
 {
 	__atomic_store_n(&m->live, 0, __ATOMIC_RELEASE);
-	unmap_islands(m->islands);
+	jp_unmap_islands(m->islands);
 	m->islands = NULL;
 }
 
@@ -762,7 +587,7 @@ static void revive_module(struct jp_module *m)
 
 	if (dladdr(m->table, &info))
 		m->dl_base = info.dli_fbase;
-	forget_blocks(m);
+	jp_forget_blocks(m);
 	m->resolved = false;
 	m->foreign = false;
 	__atomic_store_n(&m->live, 1, __ATOMIC_RELEASE);
@@ -815,7 +640,7 @@ static void scan_modules(bool set_up)
  * which may deadlock in a forked child (its lock is not reset by fork;
  * dladdr's is).
  */
-bool module_mapped(const struct jp_module *m)
+bool jp_module_mapped(const struct jp_module *m)
 {
 	Dl_info info;
 
@@ -831,7 +656,7 @@ bool module_mapped(const struct jp_module *m)
 /* ---- fork ------------------------------------------------------------- */
 
 /* A forked child's probe starts from zero: its hits and why callbacks did not run. */
-void zero_counts(struct jp_probe *p)
+void jp_zero_counts(struct jp_probe *p)
 {
 	__atomic_store_n(&p->hits, 0, __ATOMIC_RELAXED);
 	__atomic_store_n(&p->missed, 0, __ATOMIC_RELAXED);
@@ -840,12 +665,12 @@ void zero_counts(struct jp_probe *p)
 
 static void atfork_prepare(void)
 {
-	blocks_prepare_fork();
+	jp_blocks_prepare_fork();
 }
 
 static void atfork_parent(void)
 {
-	blocks_parent_fork();
+	jp_blocks_parent_fork();
 }
 
 /*
@@ -866,14 +691,14 @@ static void atfork_child(void)
 		struct jp_probe *p;
 		uint32_t j;
 
-		if (!m->live || m->foreign || m->placed || !module_mapped(m))
+		if (!m->live || m->foreign || m->placed || !jp_module_mapped(m))
 			continue;
-		p = probes_of(m);
+		p = jp_probes_of(m);
 		for (j = 0; j < m->table->nprobes; j++)
-			zero_counts(&p[j]);
+			jp_zero_counts(&p[j]);
 	}
-	blocks_child_fork();
-	placed_child_fork();
+	jp_blocks_child_fork();
+	jp_placed_child_fork();
 	/* Locked by a thread that did not follow into the child. */
 	scan_lock = (pthread_mutex_t)PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 }
@@ -908,11 +733,11 @@ JP_EXPORT int jprobe_rt_nmodules(void)
  */
 static void rescan(void)
 {
-	watch_thread_exits();
+	jp_watch_thread_exits();
 	scan_modules(true);
 	stay();
 	if (run_mode)
-		apply_plans();
+		jp_apply_plans();
 }
 
 /*
@@ -930,39 +755,10 @@ JP_EXPORT void jprobe_rt_rescan(void)
 
 /* ---- start-up and exit ------------------------------------------------ */
 
-/*
- * A numeric field of /proc/self/status ("Threads", "TracerPid"), or `dflt`
- * when it cannot be read.  (No stdio: nothing here may allocate.)
- */
-long status_field(const char *name, long dflt)
-{
-	char status[4096], key[64];
-	size_t len = strlen(name);
-	const char *p;
-	ssize_t n;
-	int fd;
-
-	if (len + 3 > sizeof(key))
-		return dflt;
-	key[0] = '\n';
-	memcpy(key + 1, name, len);
-	memcpy(key + 1 + len, ":", 2);
-	fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return dflt;
-	n = read(fd, status, sizeof(status) - 1);
-	close(fd);
-	if (n <= 0)
-		return dflt;
-	status[n] = '\0';
-	p = strstr(status, key);
-	return p ? strtol(p + strlen(key), NULL, 10) : dflt;
-}
-
 /* Whether a debugger (or any tracer) is attached. */
 static bool traced(void)
 {
-	return status_field("TracerPid", 0) != 0;
+	return jp_status_field("TracerPid", 0) != 0;
 }
 
 /*
@@ -991,10 +787,11 @@ static void open_run_files(char **env)
 	const char *plan = env_value(env, "JPROBE_PLAN");
 	const char *counters = env_value(env, "JPROBE_COUNTERS");
 
-	if (!plan || !*plan || !counters || !*counters || !counters_open(counters))
+	if (!plan || !*plan || !counters || !*counters || !jp_counters_open(counters))
 		return;
 	run_mode = true;
-	plan_open(plan);
+	jp_errors_to(jp_counters_error);
+	jp_plan_open(plan);
 }
 
 static void read_environment(char **env)
@@ -1003,10 +800,10 @@ static void read_environment(char **env)
 	const char *s = env_value(env, "JPROBE_DEBUG");
 	ssize_t n;
 
-	debug = s && *s && strcmp(s, "0");
+	jp_set_debug(s && *s && strcmp(s, "0"));
 	s = env_value(env, "JPROBE_REPORT");
 	if (s && *s)
-		report_path = absolute(s);
+		report_path = jp_absolute(s);
 	report_path_empty = s && !*s;
 	s = env_value(env, "JPROBE_TRAP");
 	ud_traps = (s && !strcmp(s, "ud")) || traced();
@@ -1036,12 +833,12 @@ void jprobe_rt_start(char **env)
 		return;
 	started = true;
 	read_environment(env);
-	resolve_signal_functions();
+	jp_resolve_signal_functions();
 	vec_mode = detect_vec_mode();
 	open_run_files(env);
 	rescan();
 	if (run_mode)
-		open_audit_hook();
+		jp_open_audit_hook();
 }
 
 /*
@@ -1063,13 +860,13 @@ JP_EXPORT void jprobe_rt_preinit(int argc, char **argv, char **envp)
 __attribute__((constructor))
 static void jprobe_rt_init(void)
 {
-	if (audit_copy())
+	if (jp_audit_copy())
 		return;
 	jprobe_rt_start(environ);
 	callbacks_ready = true;
 	resolve_early_callbacks();
 	if (run_mode)
-		install_planned_callbacks();
+		jp_install_planned_callbacks();
 }
 
 /*
@@ -1077,12 +874,12 @@ static void jprobe_rt_init(void)
  * from the child of a vfork(), which runs on its parent's memory and
  * counts: those hits are the parent's to report.
  */
-void report_own_hits(void)
+void jp_report_own_hits(void)
 {
 	if (!report_path || run_mode || getpid() != own_pid)
 		return;
 	scan_modules(false);
-	write_report(report_path);
+	jp_write_report(report_path);
 }
 
 /*
@@ -1094,5 +891,5 @@ void report_own_hits(void)
 __attribute__((destructor))
 static void jprobe_rt_fini(void)
 {
-	report_own_hits();
+	jp_report_own_hits();
 }

@@ -72,11 +72,11 @@ int64_t guard_offset(void)
 static void thread_exit(void *unused);
 
 /* Ask for thread_exit() at the end of every thread that gets a block. */
-void watch_thread_exits(void)
+void jp_watch_thread_exits(void)
 {
 	if (!exit_key_ok)
 		exit_key_ok = !pthread_key_create(&exit_key, thread_exit);
-	next_symbol((void **)&real_pthread_create_fn, "pthread_create");
+	jp_next_symbol((void **)&real_pthread_create_fn, "pthread_create");
 }
 
 /* Whole 128-byte units: two threads' counters never share a cache line pair. */
@@ -100,7 +100,7 @@ static uint64_t *malloc_block(struct jp_module *m)
 }
 
 /* Give the calling thread its own counters for module m. */
-void attach_block(struct jp_module *m)
+void jp_attach_block(struct jp_module *m)
 {
 	uint64_t *counts;
 
@@ -115,7 +115,7 @@ void attach_block(struct jp_module *m)
 }
 
 /* A module loaded again: the blocks of its old incarnation start from zero. */
-void forget_blocks(struct jp_module *m)
+void jp_forget_blocks(struct jp_module *m)
 {
 	struct block *b;
 
@@ -134,7 +134,7 @@ static void attach_thread(void)
 	for (i = 0; i < n; i++)
 		if (__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE) &&
 		    !modules[i].foreign)
-			attach_block(&modules[i]);
+			jp_attach_block(&modules[i]);
 }
 
 static void unlink_block(struct block *b)
@@ -152,14 +152,14 @@ static void unlink_block(struct block *b)
 static void fold_block(uint64_t *counts)
 {
 	struct block *b = (struct block *)((char *)counts - offsetof(struct block, counts));
-	bool mapped = module_mapped(b->m);	/* not under blocks_lock: dl lock */
+	bool mapped = jp_module_mapped(b->m);	/* not under blocks_lock: dl lock */
 	uint32_t j;
 
 	pthread_mutex_lock(&blocks_lock);
 	if (mapped)
 		for (j = 0; j < b->n; j++)
 			if (counts[j])
-				__atomic_fetch_add(&probes_of(b->m)[j].hits,
+				__atomic_fetch_add(&jp_probes_of(b->m)[j].hits,
 						   counts[j], __ATOMIC_RELAXED);
 	unlink_block(b);
 	pthread_mutex_unlock(&blocks_lock);
@@ -193,9 +193,9 @@ static void thread_exit(void *unused)
 }
 
 /* A probe's hits: the shared counter and every live thread's block. */
-uint64_t probe_hits(const struct jp_module *m, uint32_t j)
+uint64_t jp_probe_hits(const struct jp_module *m, uint32_t j)
 {
-	uint64_t n = __atomic_load_n(&probes_of(m)[j].hits, __ATOMIC_RELAXED);
+	uint64_t n = __atomic_load_n(&jp_probes_of(m)[j].hits, __ATOMIC_RELAXED);
 	const struct block *b;
 
 	for (b = blocks; b; b = b->next)
@@ -205,12 +205,12 @@ uint64_t probe_hits(const struct jp_module *m, uint32_t j)
 }
 
 /* The block list stays consistent across fork(). */
-void blocks_prepare_fork(void)
+void jp_blocks_prepare_fork(void)
 {
 	pthread_mutex_lock(&blocks_lock);
 }
 
-void blocks_parent_fork(void)
+void jp_blocks_parent_fork(void)
 {
 	pthread_mutex_unlock(&blocks_lock);
 }
@@ -220,7 +220,7 @@ void blocks_parent_fork(void)
  * this thread's blocks start from zero, and the blocks of the threads that
  * did not follow into the child are dropped.
  */
-void blocks_child_fork(void)
+void jp_blocks_child_fork(void)
 {
 	struct block **pp = &blocks, *b;
 
@@ -233,7 +233,7 @@ void blocks_child_fork(void)
 			free(b);
 		}
 	}
-	/* Locked by blocks_prepare_fork, or by a thread that did not follow. */
+	/* Locked by jp_blocks_prepare_fork, or by a thread that did not follow. */
 	blocks_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
 }
 
@@ -289,7 +289,7 @@ static void *start_thread(void *arg)
 JP_EXPORT int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
 			     void *(*fn)(void *), void *arg)
 {
-	create_fn real = next_symbol((void **)&real_pthread_create_fn,
+	create_fn real = jp_next_symbol((void **)&real_pthread_create_fn,
 				     "pthread_create");
 	struct start *s;
 	int err;

@@ -161,7 +161,7 @@ static bool unpack_islands(const struct dl_phdr_info *info, struct jp_table *t,
 		    off >> 1 > JP_PATCH_MAX || !entry[probe])
 			return false;
 		site = p[probe].address + (off >> 1);
-		if (!in_segment(info, site, 4, PF_R | PF_X))
+		if (!jp_in_segment(info, site, 4, PF_R | PF_X))
 			return false;
 		memcpy(&rel, (const void *)(bias + site), 4);
 		isl[i].at = site + 4 + rel;
@@ -314,7 +314,7 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
  * Unpack `t` (at link-time address table_vaddr) of the module `info`
  * describes.  False, with an error recorded, when it is damaged.
  */
-bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
+bool jp_unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
 		  uint64_t table_vaddr)
 {
 	uintptr_t bias = info->dlpi_addr;
@@ -325,12 +325,12 @@ bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
 
 	if (t->unpacked)
 		return true;
-	if (!in_segment(info, t->text, t->text_size, PF_R | PF_X) ||
-	    !in_segment(info, t->packed, t->packed_size, PF_R) ||
+	if (!jp_in_segment(info, t->text, t->text_size, PF_R | PF_X) ||
+	    !jp_in_segment(info, t->packed, t->packed_size, PF_R) ||
 	    t->packed < t->text || t->packed_size < sizeof(*h) ||
-	    !in_segment(info, t->probes, (uint64_t)t->nprobes * sizeof(struct jp_probe), PF_R | PF_W) ||
-	    !in_segment(info, t->islands, (uint64_t)t->nislands * sizeof(struct jp_island), PF_R | PF_W) ||
-	    !in_segment(info, t->strings, t->strings_size, PF_R | PF_W))
+	    !jp_in_segment(info, t->probes, (uint64_t)t->nprobes * sizeof(struct jp_probe), PF_R | PF_W) ||
+	    !jp_in_segment(info, t->islands, (uint64_t)t->nislands * sizeof(struct jp_island), PF_R | PF_W) ||
+	    !jp_in_segment(info, t->strings, t->strings_size, PF_R | PF_W))
 		return false;
 	blob = mmap(NULL, t->packed_size, PROT_READ | PROT_WRITE,
 		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
