@@ -17,7 +17,7 @@
  *     hops at the trampolines,
  *  4. turns the probes whose islands failed, and those whose jumps read
  *     their bytes, into traps,
- *  5. serves the module like a patched file's (runtime.c), with its
+ *  5. serves the module like a patched file's (startup.c), with its
  *     per-thread blocks in the counters file too, and
  *  6. writes the sites from the highest address down: a jump to the
  *     trampoline or an island, or a trap.
@@ -25,7 +25,13 @@
  * Nothing is written to a site whose bytes are not the ones the plan was
  * made for, nor to an object that is not the file that was planned.
  */
-#include "rt.h"
+#include "apply.h"
+#include "callbacks.h"
+#include "islands.h"
+#include "quiesce.h"
+#include "shm.h"
+#include "threads.h"
+#include "traps.h"
 #include "sys.h"
 
 #include <errno.h>
@@ -72,9 +78,14 @@ struct jp_placement {
 	bool *removed;			/* per probe: taken out (jprobe_rt_set_probes()) */
 	uint64_t **claimed;		/* every BLOCK record it counts in, for live reads */
 	size_t nclaimed, cap_claimed;
-	uint64_t *spare[JP_SPARE_BLOCKS];	/* under blocks_lock */
+	uint64_t *spare[JP_SPARE_BLOCKS];	/* under jp_lock_blocks() */
 	int nspare;
 };
+
+static uint64_t *placed_block(struct jp_module *m);
+static void release_block(struct jp_module *m, uint64_t *counts);
+/* A placed module's threads count in BLOCK records of the counters file. */
+static const struct jp_block_ops placed_blocks = { placed_block, release_block };
 
 static const char *plan;		/* the plan file, mapped read-only */
 static size_t plan_len;
@@ -366,11 +377,14 @@ void jp_install_planned_callbacks(void)
 	int i;
 
 	load_planned_callbacks();
-	pthread_mutex_lock(&scan_lock);
-	for (i = 0; i < nmodules; i++)
-		if (modules[i].placed && modules[i].live && !modules[i].foreign)
-			install_callbacks(&modules[i]);
-	pthread_mutex_unlock(&scan_lock);
+	jp_lock_modules();
+	for (i = 0; i < jp_module_count(); i++) {
+		struct jp_module *m = jp_module_at(i);
+
+		if (m->placed && m->live && !m->foreign)
+			install_callbacks(m);
+	}
+	jp_unlock_modules();
 }
 
 /* ---- which loaded objects are planned modules ------------------------ */
@@ -384,7 +398,7 @@ struct candidate {
 	int phnum;
 };
 
-/* What one scan found.  Static, under scan_lock: a scan must not allocate. */
+/* What one scan found.  Static, under the module lock: a scan must not allocate. */
 struct match {
 	struct stat planned[JP_MAX_MODULES];	/* st_ino 0: no such file */
 	struct candidate c[JP_MAX_MODULES];
@@ -442,8 +456,8 @@ static bool placed_already(const struct dl_phdr_info *info, bool fresh)
 	int i;
 
 	extent(info->dlpi_phdr, info->dlpi_phnum, info->dlpi_addr, &start, &end);
-	for (i = 0; i < nmodules; i++) {
-		struct jp_module *m = &modules[i];
+	for (i = 0; i < jp_module_count(); i++) {
+		struct jp_module *m = jp_module_at(i);
 
 		if (!m->placed || !m->live || m->placed->end <= start ||
 		    m->placed->start >= end)
@@ -947,7 +961,7 @@ static struct jp_module *prepare(struct candidate *c)
 		goto unmap;
 	jp_fill_islands(islands, c->bias + pl->delta);
 	m = jp_add_module(c->dl_name, c->bias, (struct jp_table *)pl->data,
-		       c->bias + pl->delta, pl);
+			  c->bias + pl->delta, pl, &placed_blocks);
 	if (!m)
 		goto unmap;
 	c->dl_name = NULL;		/* the module owns it now */
@@ -1026,7 +1040,7 @@ static uint8_t final_bytes(const struct jp_module *m, uint32_t i, uint8_t *code)
 
 	if (pl->fate[i] == JP_FATE_TRAP || jp_probes_of(m)[i].mechanism == JP_MECH_TRAP) {
 		memcpy(code, pp->original, pp->len);
-		code[0] = ud_traps ? JP_UD : JP_INT3;
+		code[0] = jp_trap_byte();
 		return 1;
 	}
 	memcpy(code, pp->patched, pp->len);
@@ -1046,7 +1060,7 @@ static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
 {
 	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = &plan_patches(pl->plan)[i];
-	uint8_t code[JP_PATCH_MAX], busy = ud_traps ? JP_UD : JP_INT3;
+	uint8_t code[JP_PATCH_MAX], busy = jp_trap_byte();
 	uintptr_t site = m->bias + pp->vaddr;
 	bool ok;
 	int prot = site_prot(m, i);
@@ -1147,7 +1161,7 @@ static int change_sites(const struct jp_module *m, const uint32_t *ids,
 	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
 	const struct jp_plan_boundary *b = plan_bounds(pl->plan);
-	uint8_t busy = ud_traps ? JP_UD : JP_INT3, code[JP_PATCH_MAX];
+	uint8_t busy = jp_trap_byte(), code[JP_PATCH_MAX];
 	bool ok = true;
 	size_t j;
 	uint32_t k;
@@ -1182,11 +1196,13 @@ static struct jp_module *planned(uint32_t index)
 {
 	int i;
 
-	for (i = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE) - 1; i >= 0; i--)
-		if (modules[i].placed && modules[i].placed->index == index &&
-		    __atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE) &&
-		    !modules[i].foreign)
-			return &modules[i];
+	for (i = jp_module_count() - 1; i >= 0; i--) {
+		struct jp_module *m = jp_module_at(i);
+
+		if (m->placed && m->placed->index == index &&
+		    __atomic_load_n(&m->live, __ATOMIC_ACQUIRE) && !m->foreign)
+			return m;
+	}
 	return NULL;
 }
 
@@ -1208,7 +1224,7 @@ JP_EXPORT int jprobe_rt_set_probes(uint32_t module, const uint32_t *ids,
 	size_t j, k = 0;
 	int rc = 0;
 
-	pthread_mutex_lock(&scan_lock);
+	jp_lock_modules();
 	m = planned(module);
 	if (!m || !m->placed->removed || !(todo = malloc(n * sizeof(*todo) + 1))) {
 		rc = m ? -ENOMEM : -EINVAL;
@@ -1222,13 +1238,13 @@ JP_EXPORT int jprobe_rt_set_probes(uint32_t module, const uint32_t *ids,
 		else if (m->placed->removed[ids[j]] == !on)
 			todo[k++] = ids[j];
 	}
-	if (!rc && k && (!jp_serve_traps() || !jp_serve_moves() || !cores_syncable()))
+	if (!rc && k && (!jp_serve_traps() || !jp_quiesce_ready() || !cores_syncable()))
 		rc = -ENOTSUP;
 	if (!rc && k)
 		rc = change_sites(m, todo, k, on);
 out:
 	free(todo);
-	pthread_mutex_unlock(&scan_lock);
+	jp_unlock_modules();
 	return rc;
 }
 
@@ -1244,10 +1260,10 @@ JP_EXPORT uint64_t jprobe_rt_hits(uint32_t module, uint32_t probe)
 		return 0;
 	pl = m->placed;
 	n = __atomic_load_n(&jp_probes_of(m)[probe].hits, __ATOMIC_RELAXED);
-	pthread_mutex_lock(&blocks_lock);
+	jp_lock_blocks();
 	for (i = 0; i < pl->nclaimed; i++)
 		n += __atomic_load_n(&pl->claimed[i][probe], __ATOMIC_RELAXED);
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 	return n;
 }
 
@@ -1327,23 +1343,25 @@ static void note_unpatched(struct jp_module *m)
  */
 static void go_live(struct jp_module *m)
 {
-	if (!begin_set_up(m))
+	if (!jp_claim_table(m))
 		return;
+	jp_count_per_thread(m);
 	install_callbacks(m);
-	publish_traps(m, m->placed->traps);
+	jp_publish_traps(m, m->placed->traps);
 	__atomic_store_n(&m->jumps, m->placed->jumps, __ATOMIC_RELEASE);
 	__atomic_store_n(&m->bounds, m->placed->bounds, __ATOMIC_RELEASE);
 	patch_sites(m);
 	note_unpatched(m);
-	end_set_up(m);
+	jp_table_complete(m);
 }
 
 /*
  * Patch the loaded objects that are planned modules and not patched yet
- * (`match.only`: just that one).  Everything that allocates is done for
- * all of them first.  Called with scan_lock held.
+ * (`only`, when not NULL: just that object, loaded at `only_bias`).
+ * Everything that allocates is done for all of them first.  Called with
+ * the module lock held.
  */
-static void apply(void)
+static void apply(const char *only, uintptr_t only_bias)
 {
 	struct jp_module *fresh[JP_MAX_MODULES];
 	uint32_t i;
@@ -1351,6 +1369,8 @@ static void apply(void)
 
 	match.n = 0;
 	match.past_main = false;
+	match.only = only;
+	match.only_bias = only_bias;
 	for (i = 0; i < plan_header()->nmodules; i++)
 		if (stat(plan_string(plan_module(i)->path), &match.planned[i]))
 			match.planned[i].st_ino = 0;
@@ -1371,14 +1391,13 @@ void jp_apply_plans(void)
 {
 	if (!plan)
 		return;
-	pthread_mutex_lock(&scan_lock);
-	match.only = NULL;
-	apply();
-	pthread_mutex_unlock(&scan_lock);
+	jp_lock_modules();
+	apply(NULL, 0);
+	jp_unlock_modules();
 }
 
 /*
- * Called from inside the dynamic loader.  scan_lock is only ever contended
+ * Called from inside the dynamic loader.  The module lock is only ever contended
  * by a rescan (jprobe_rt_rescan()), which may itself wait for the loader
  * to open a callback library: so wait for it a while, not for ever.
  */
@@ -1387,7 +1406,7 @@ static bool lock_in_loader(const char *name)
 	const struct timespec ms = { 0, 1000000 };
 	int tries = 1000;
 
-	while (pthread_mutex_trylock(&scan_lock)) {
+	while (!jp_trylock_modules()) {
 		if (!--tries) {
 			jp_warn("%s: loaded while the runtime was busy; not patched", name);
 			return false;
@@ -1405,10 +1424,8 @@ static void audit_objopen(uintptr_t bias, const char *name)
 {
 	if (!lock_in_loader(name))
 		return;
-	match.only = name;
-	match.only_bias = bias;
-	apply();
-	pthread_mutex_unlock(&scan_lock);
+	apply(name, bias);
+	jp_unlock_modules();
 }
 
 /* Read by the LD_AUDIT copy of the runtime (audit.c); set once we serve. */
@@ -1423,16 +1440,16 @@ void jp_open_audit_hook(void)
 /* ---- counter blocks and fork ------------------------------------------ */
 
 /* A BLOCK record for a thread: one an ended thread left, or a new one. */
-uint64_t *placed_block(struct jp_module *m)
+static uint64_t *placed_block(struct jp_module *m)
 {
 	struct jp_placement *pl = m->placed;
 	struct jp_shm_record *rec;
 	uint64_t *counts = NULL;
 
-	pthread_mutex_lock(&blocks_lock);
+	jp_lock_blocks();
 	if (pl->nspare)
 		counts = pl->spare[--pl->nspare];
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 	if (counts)
 		return counts;
 	counts = jp_counters_claim(pl->index, m->table->nprobes * sizeof(uint64_t),
@@ -1440,7 +1457,7 @@ uint64_t *placed_block(struct jp_module *m)
 	if (!counts)
 		return NULL;
 	jp_counters_publish(rec, JP_SHM_BLOCK);
-	pthread_mutex_lock(&blocks_lock);
+	jp_lock_blocks();
 	if (pl->nclaimed == pl->cap_claimed) {
 		size_t cap = pl->cap_claimed ? 2 * pl->cap_claimed : 16;
 		uint64_t **more = realloc(pl->claimed, cap * sizeof(*more));
@@ -1452,19 +1469,19 @@ uint64_t *placed_block(struct jp_module *m)
 	}
 	if (pl->nclaimed < pl->cap_claimed)
 		pl->claimed[pl->nclaimed++] = counts;
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 	return counts;
 }
 
 /* A thread ended: its block keeps its hits, and takes a later thread's. */
-void release_block(struct jp_module *m, uint64_t *counts)
+static void release_block(struct jp_module *m, uint64_t *counts)
 {
 	struct jp_placement *pl = m->placed;
 
-	pthread_mutex_lock(&blocks_lock);
+	jp_lock_blocks();
 	if (pl->nspare < JP_SPARE_BLOCKS)
 		pl->spare[pl->nspare++] = counts;
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 }
 
 /*
@@ -1502,18 +1519,15 @@ static void move_table(struct jp_module *m)
  */
 void jp_placed_child_fork(void)
 {
-	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
+	int i, n = jp_module_count();
 
 	for (i = 0; i < n; i++) {
-		struct jp_module *m = &modules[i];
-		bool had_block = false;
+		struct jp_module *m = jp_module_at(i);
+		bool had_block;
 
 		if (!m->placed || !m->live)
 			continue;
-		if (m->slot >= 0) {
-			had_block = tls_blocks[m->slot];
-			tls_blocks[m->slot] = NULL;
-		}
+		had_block = jp_detach_block(m);
 		m->placed->nspare = 0;
 		move_table(m);
 		if (had_block)

@@ -21,10 +21,12 @@
  * module were loaded in the program's namespace by the preloaded copy's
  * constructor (apply.c), and are only copied into the new table here.
  */
-#include "rt.h"
+#include "startup.h"
+#include "apply.h"
 
 #include <dlfcn.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 typedef void (*hook_fn)(uintptr_t bias, const char *name);
 typedef void (*start_fn)(char **env);
@@ -81,7 +83,7 @@ JP_EXPORT unsigned int la_objopen(struct link_map *map, Lmid_t lmid,
 /*
  * The program's objects are all mapped and relocated, and none of their
  * initialisers has run: the preloaded copy sets the probes up now
- * (runtime.c, jprobe_rt_start()), so that hits from any initialiser count.
+ * (startup.c, jprobe_rt_start()), so that hits from any initialiser count.
  * libc's `environ` is set by its own initialiser, which has not run yet:
  * this copy's (its libc was initialised when the loader opened it) is the
  * same environment.

@@ -12,7 +12,7 @@
  * wrapper each.  Under `jprobe run` the counts are in the counters file
  * already.
  */
-#include "rt.h"
+#include "report.h"
 
 #include <errno.h>
 #include <stdarg.h>

@@ -19,7 +19,8 @@
  * (apply.c, which reserves the pages before it places the trampolines and
  * writes the sites after deciding).
  */
-#include "rt.h"
+#include "islands.h"
+#include "traps.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -28,8 +29,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-/* The planner lays islands out by 4 KiB pages, each within one. */
-#define JP_ISLAND_PAGE	UINT64_C(4096)
 /*
  * Island pages at most this many free pages apart are mapped as one
  * mapping, gaps included: every mapping counts against vm.max_map_count
@@ -59,53 +58,6 @@ struct jp_islands {
 	size_t n;
 	struct island_slot slot[];
 };
-
-/* ---- writing code ----------------------------------------------------- */
-
-/* ---- what a table may say --------------------------------------------- */
-
-/*
- * Punned and evicting jumps land on islands, so only they may fall back to
- * a trap; the planner always gives them an out-of-line copy to resume at.
- */
-bool jp_can_fall_back(const struct jp_probe *p)
-{
-	return p->mechanism == JP_MECH_PUN || p->mechanism == JP_MECH_EVICT;
-}
-
-/*
- * The fields of probe i of n that falling back relies on: a known
- * mechanism, bytes to restore, and `depends` only where a jump may read
- * another site's bytes, naming a probe of the table.
- */
-bool jp_fallback_fields_valid(const struct jp_probe *p, uint32_t i, uint32_t n)
-{
-	const struct jp_probe *q = &p[i];
-
-	if (q->mechanism > JP_MECH_TRAP || q->len > JP_PATCH_MAX || q->depends > n)
-		return false;
-	if (!jp_can_fall_back(q))
-		return !q->depends;
-	return q->len > 0;
-}
-
-/*
- * Islands whose hop fits them, with the rel32 inside, each within one
- * page (the page is what is mapped or not), for a probe that can fall
- * back when it is not.
- */
-bool jp_islands_valid(const struct jp_island *isl, uint32_t n,
-		   const struct jp_probe *p, uint32_t nprobes)
-{
-	uint32_t i;
-
-	for (i = 0; i < n; i++)
-		if (isl[i].len > sizeof(isl[i].code) || isl[i].fixup + 4 > isl[i].len ||
-		    isl[i].probe >= nprobes || !jp_can_fall_back(&p[isl[i].probe]) ||
-		    ((uint64_t)isl[i].at & (JP_ISLAND_PAGE - 1)) + isl[i].len > JP_ISLAND_PAGE)
-			return false;
-	return true;
-}
 
 /* ---- the islands' pages ----------------------------------------------- */
 
@@ -283,34 +235,6 @@ void jp_unmap_islands(struct jp_islands *s)
 
 /* ---- deciding which probes fall back ---------------------------------- */
 
-static int higher_first(const void *a, const void *b, void *probes)
-{
-	const struct jp_probe *p = probes;
-	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-
-	if (p[x].address != p[y].address)
-		return p[x].address > p[y].address ? -1 : 1;
-	return x > y ? -1 : x < y;
-}
-
-/*
- * The indexes of n probes from the highest address to the lowest: the
- * order in which a punned jump's site comes after the site whose patched
- * bytes it reads.  NULL when out of memory.
- */
-uint32_t *jp_sites_down(const struct jp_probe *p, uint32_t n)
-{
-	uint32_t *order = malloc((n ? n : 1) * sizeof(*order));
-	uint32_t i;
-
-	if (!order)
-		return NULL;
-	for (i = 0; i < n; i++)
-		order[i] = i;
-	qsort_r(order, n, sizeof(*order), higher_first, (void *)p);
-	return order;
-}
-
 /* Planned with --strict: no probe of m may become a trap. */
 static bool strict(const struct jp_module *m)
 {
@@ -372,7 +296,7 @@ void jp_decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 
 	for (i = 0; i < n; i++)
 		fate[i] = (written && !written[i]) ||
-			  (ud_traps && p[i].mechanism == JP_MECH_TRAP) ?
+			  (jp_ud_traps() && p[i].mechanism == JP_MECH_TRAP) ?
 			  JP_FATE_CHANGED : JP_FATE_PLANNED;
 	for (k = 0; m->islands && k < m->islands->n; k++) {
 		const struct island_slot *sl = &m->islands->slot[k];

@@ -57,7 +57,8 @@
  * carries a value only this process can know, so the program's own
  * signals of that number still go to the program's handler.
  */
-#include "rt.h"
+#include "quiesce.h"
+#include "traps.h"
 #include "sys.h"
 
 #include <errno.h>
@@ -87,17 +88,8 @@ static bool unanswered;
 /* Its address is the value the signal carries: no other sender has it. */
 static int token;
 
-/* Where a thread at pc goes, or 0 when it stays. */
-uint64_t jp_moved_to(const struct jp_trap_index *moves, const bool *only, uint64_t pc)
-{
-	size_t count;
-	const struct jp_trap_site *s = jp_index_search(moves, pc, &count);
-
-	return s && (!only || only[s->probe->id]) ? s->resume : 0;
-}
-
 /* In the trap handler: whether the signal is our request; if so, serve it. */
-bool jp_move_request(const siginfo_t *si, ucontext_t *uc)
+static bool move_request(const siginfo_t *si, ucontext_t *uc)
 {
 	const struct jp_trap_index *idx;
 	greg_t *gr = uc->uc_mcontext.gregs;
@@ -112,6 +104,15 @@ bool jp_move_request(const siginfo_t *si, ucontext_t *uc)
 		gr[REG_RIP] = to;
 	__atomic_fetch_add(&answers, 1, __ATOMIC_RELEASE);
 	return true;
+}
+
+/*
+ * Whether threads can be moved here: the trap handler serves our requests
+ * (traps.c calls move_request() through the pointer registered here).
+ */
+bool jp_quiesce_ready(void)
+{
+	return jp_serve_moves(move_request);
 }
 
 /* Whether thread tid is running (or stopped outside a system call). */

@@ -13,7 +13,7 @@
  * file has been grown over it, so that no page of a record is ever past
  * the end of the file (SIGBUS) and the file is never shrunk by anyone.
  */
-#include "rt.h"
+#include "shm.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -9,7 +9,8 @@
  * same handler sends a thread that meets a jump site while apply.c is
  * writing it back to run the site again.
  */
-#include "rt.h"
+#include "traps.h"
+#include "threads.h"
 #include "sys.h"
 
 #include <sys/syscall.h>
@@ -54,6 +55,14 @@ static struct chain chains[NCHAINS] = {
 typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
 typedef sighandler_t (*signal_fn)(int, sighandler_t);
 typedef int (*sigmask_fn)(int, const sigset_t *, sigset_t *);
+
+static bool ud_traps;		/* trap sites raise #UD, not int3 */
+/*
+ * Serves our request to move out of changing code.  quiesce.c sits above
+ * this file and registers it (jp_serve_moves()), so that the handler calls
+ * up only through this pointer.
+ */
+static jp_move_fn serve_move;
 
 static sigaction_fn real_sigaction_fn;
 static signal_fn real_signal_fn;
@@ -166,78 +175,6 @@ static void chained_try_set(struct chain *c, const struct sigaction *act)
 	__atomic_store_n(&c->busy, 0, __ATOMIC_RELEASE);
 }
 
-/* The first site at `pc` in a sorted index, and how many there are; NULL if none. */
-const struct jp_trap_site *jp_index_search(const struct jp_trap_index *idx, uint64_t pc,
-				     size_t *count)
-{
-	size_t lo = 0, hi = idx->n, end;
-
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo) / 2;
-
-		if (idx->site[mid].pc < pc)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	if (lo == idx->n || idx->site[lo].pc != pc)
-		return NULL;
-	for (end = lo; end < idx->n && idx->site[end].pc == pc; end++)
-		;
-	*count = end - lo;
-	return &idx->site[lo];
-}
-
-/*
- * The first entry at `pc` of the index each live module keeps at `which`
- * (traps, jumps, bounds), and how many there are.  Lock-free: modules and
- * indexes only grow, and an index is never freed once published.
- */
-static const struct jp_trap_site *find_in(size_t which, uint64_t pc, size_t *count)
-{
-	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
-
-	for (i = 0; i < n; i++) {
-		struct jp_trap_index **slot = (struct jp_trap_index **)((char *)&modules[i] + which);
-		const struct jp_trap_index *idx;
-		const struct jp_trap_site *site;
-
-		if (!__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE))
-			continue;
-		idx = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-		if (idx && (site = jp_index_search(idx, pc, count)))
-			return site;
-	}
-	return NULL;
-}
-
-/* The trap sites at `pc` (several probes may share one site), and how many. */
-static const struct jp_trap_site *find_trap(uint64_t pc, size_t *count)
-{
-	return find_in(offsetof(struct jp_module, traps), pc, count);
-}
-
-/* Whether pc is a jump site apply.c patches (or has patched) in this process. */
-static bool is_jump_site(uint64_t pc)
-{
-	size_t count;
-
-	return find_in(offsetof(struct jp_module, jumps), pc, &count);
-}
-
-/*
- * Where the instruction at pc, one of a placed site's, runs relocated; 0
- * if it is none.  A placeholder there (quiesce.c) sends the thread on to
- * run that copy, which is the same as running the instruction.
- */
-static uint64_t relocated(uint64_t pc)
-{
-	size_t count;
-	const struct jp_trap_site *s = find_in(offsetof(struct jp_module, bounds), pc, &count);
-
-	return s ? s->resume : 0;
-}
-
 /*
  * Run a callback as the trampolines would: it sees the registers at the
  * probe (rip = the probe site) and may change any but rsp and rip.  The
@@ -309,15 +246,12 @@ static void serve_callback(const struct jp_trap_site *site, greg_t *gr)
 		__atomic_fetch_add(&p->skipped, 1, __ATOMIC_RELAXED);
 		return;
 	}
-	if (in_callback) {
+	if (!jp_enter_callback()) {
 		__atomic_fetch_add(&p->missed, 1, __ATOMIC_RELAXED);
 		return;
 	}
-	in_callback = 1;
-	__atomic_signal_fence(__ATOMIC_SEQ_CST);
 	run_callback(site, cb, gr);
-	__atomic_signal_fence(__ATOMIC_SEQ_CST);
-	in_callback = 0;
+	jp_leave_callback();
 }
 
 /*
@@ -551,17 +485,18 @@ static void trap_handler(int sig, siginfo_t *si, void *ucv)
 	const struct jp_trap_site *site = NULL;
 	int saved_errno = errno;
 	size_t i, n = 0;
+	jp_move_fn move = __atomic_load_n(&serve_move, __ATOMIC_ACQUIRE);
 	uint64_t resume;
 
-	if (jp_move_request(si, uc)) {
+	if (move && move(si, uc)) {
 		errno = saved_errno;
 		return;
 	}
 	if (si->si_code > 0)
-		site = find_trap(pc, &n);
+		site = jp_find_trap(pc, &n);
 	if (!site && (si->si_code == (sig == SIGTRAP ? SI_KERNEL : ILL_ILLOPN))) {
-		resume = relocated(pc);
-		if (resume || is_jump_site(pc)) {
+		resume = jp_relocated(pc);
+		if (resume || jp_is_jump_site(pc)) {
 			gr[REG_RIP] = resume ? resume : pc;
 			return;
 		}
@@ -683,7 +618,7 @@ static int arm_ud_object(struct dl_phdr_info *info, size_t size, void *data)
  * placed module's sites are written with the right byte in the first
  * place (apply.c).
  */
-void arm_traps(struct jp_module *m, struct jp_trap_index *idx)
+static void arm_traps(struct jp_module *m, struct jp_trap_index *idx)
 {
 	struct ud_query q = { m, idx };
 
@@ -691,13 +626,41 @@ void arm_traps(struct jp_module *m, struct jp_trap_index *idx)
 		dl_iterate_phdr(arm_ud_object, &q);
 }
 
+/* Serve the module's trap sites from now on (idx NULL: it has none). */
+void jp_publish_traps(struct jp_module *m, struct jp_trap_index *idx)
+{
+	if (!idx)
+		return;
+	__atomic_store_n(&m->traps, idx, __ATOMIC_RELEASE);
+	arm_traps(m, idx);
+}
+
+/* At start-up: trap sites raise #UD (under a debugger, or JPROBE_TRAP=ud). */
+void jp_set_ud_traps(bool on)
+{
+	ud_traps = on;
+}
+
+bool jp_ud_traps(void)
+{
+	return ud_traps;
+}
+
+/* The byte a trap site starts with here: int3, or #UD's. */
+uint8_t jp_trap_byte(void)
+{
+	return ud_traps ? JP_UD : JP_INT3;
+}
+
 /*
  * Serve the signal that asks threads to move out of changing code
- * (quiesce.c): a real-time one, queued even while the thread has a trap's
- * SIGTRAP pending (a second SIGTRAP would be lost).
+ * (quiesce.c), with `move` first in the handler: a real-time one, queued
+ * even while the thread has a trap's SIGTRAP pending (a second SIGTRAP
+ * would be lost).
  */
-bool jp_serve_moves(void)
+bool jp_serve_moves(jp_move_fn move)
 {
+	__atomic_store_n(&serve_move, move, __ATOMIC_RELEASE);
 	serve(&chains[CHAIN_MOVE]);
 	return serving(&chains[CHAIN_MOVE]);
 }

@@ -7,7 +7,7 @@
  * Every read and write is checked against the module's own segments: a
  * damaged file gives an error, not a crash of the runtime.
  */
-#include "rt.h"
+#include "unpack.h"
 
 #include <stdio.h>
 #include <string.h>
