@@ -154,12 +154,6 @@ static const struct jp_island *plan_islands(const struct jp_plan_module *pm)
 					  (plan_table(pm)->islands - pm->data_vaddr));
 }
 
-/* Whether `[at, at + len)` lies within `[lo, lo + size)`. */
-static bool inside(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
-{
-	return at >= lo && at - lo <= size && len <= size - (at - lo);
-}
-
 /*
  * The table the plan carries: whole, pointing only into itself, and every
  * probe that is or may become a trap resuming in the trampolines.
@@ -167,32 +161,20 @@ static bool inside(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
 static bool table_valid(const struct jp_plan_module *pm)
 {
 	const struct jp_table *t = plan_table(pm);
-	uint64_t strings_size, n = t->nprobes;
-	const struct jp_island *isl;
 	const struct jp_probe *p;
 	uint64_t i;
 
 	if (pm->data_size < sizeof(*t) || memcmp(t->magic, JP_MAGIC, JP_MAGIC_LEN) ||
-	    t->version != JP_TABLE_VERSION || n != pm->npatches ||
-	    !inside(t->probes, n * sizeof(*p), pm->data_vaddr, pm->data_size) ||
-	    (t->probes - pm->data_vaddr) % 8 ||	/* locked adds must not split */
-	    (t->nislands &&
-	     (!inside(t->islands, (uint64_t)t->nislands * sizeof(*isl),
-		      pm->data_vaddr, pm->data_size) ||
-	      (t->islands - pm->data_vaddr) % 8)) ||
-	    !inside(t->strings, 1, pm->data_vaddr, pm->data_size) ||
-	    plan[pm->data + pm->data_size - 1] != '\0')
+	    t->version != JP_TABLE_VERSION || t->nprobes != pm->npatches ||
+	    !jp_table_valid(t, (uintptr_t)plan + pm->data - pm->data_vaddr,
+			    pm->data_vaddr, pm->data_size))
 		return false;
-	strings_size = pm->data_vaddr + pm->data_size - t->strings;
 	p = plan_probes(pm);
-	for (i = 0; i < n; i++)
-		if (p[i].id != i || p[i].spec >= strings_size ||
-		    p[i].lib >= strings_size || p[i].func >= strings_size ||
-		    !jp_fallback_fields_valid(p, i, n) ||
-		    ((p[i].mechanism == JP_MECH_TRAP || jp_can_fall_back(&p[i])) &&
-		     !inside(p[i].resume, 1, pm->text_vaddr, pm->text_size)))
+	for (i = 0; i < t->nprobes; i++)
+		if ((p[i].mechanism == JP_MECH_TRAP || jp_can_fall_back(&p[i])) &&
+		    !jp_within(p[i].resume, 1, pm->text_vaddr, pm->text_size))
 			return false;
-	return !t->nislands || jp_islands_valid(plan_islands(pm), t->nislands, p, n);
+	return true;
 }
 
 /*
@@ -220,7 +202,7 @@ static bool module_valid(const struct jp_plan_module *pm)
 		return false;
 	fixups = (const uint32_t *)(plan + pm->fixups);
 	for (i = 0; i < pm->nfixups; i++)
-		if (!inside(fixups[i], 4, 0, pm->text_size))
+		if (!jp_within(fixups[i], 4, 0, pm->text_size))
 			return false;
 	pp = plan_patches(pm);
 	p = plan_probes(pm);
@@ -234,7 +216,7 @@ static bool module_valid(const struct jp_plan_module *pm)
 	    pm->bounds % 8 || pm->nbounds > plan_len)
 		return false;
 	for (i = 0; i < pm->nbounds; i++)
-		if (!inside(plan_bounds(pm)[i].reloc, 1, 0, pm->text_size))
+		if (!jp_within(plan_bounds(pm)[i].reloc, 1, 0, pm->text_size))
 			return false;
 	for (i = 0; i < pm->npatches; i++)
 		if (pp[i].len == 0 || pp[i].len > JP_PATCH_MAX ||
@@ -242,7 +224,7 @@ static bool module_valid(const struct jp_plan_module *pm)
 		    p[i].address != pp[i].vaddr ||
 		    (p[i].mechanism == JP_MECH_JUMP) != (pp[i].patch_fixup != JP_NO_FIXUP) ||
 		    (pp[i].patch_fixup != JP_NO_FIXUP &&
-		     !inside(pp[i].patch_fixup, 4, 0, pp[i].len)))
+		     !jp_within(pp[i].patch_fixup, 4, 0, pp[i].len)))
 			return false;
 	return true;
 }
@@ -543,19 +525,13 @@ static int match_object(struct dl_phdr_info *info, size_t size, void *data)
 
 /* ---- placing the trampolines and the table ---------------------------- */
 
-/* The loadable segment holding `[vaddr, vaddr + len)`, or NULL. */
+/* The loadable segment holding `[vaddr, vaddr + len)` in the file, or NULL. */
 static const ElfW(Phdr) *segment_of(const struct jp_placement *pl, uint64_t vaddr,
 				    uint64_t len)
 {
-	int i;
+	const ElfW(Phdr) *ph = jp_load_segment(pl->phdr, pl->phnum, vaddr, len, 0);
 
-	for (i = 0; i < pl->phnum; i++) {
-		const ElfW(Phdr) *ph = &pl->phdr[i];
-
-		if (ph->p_type == PT_LOAD && inside(vaddr, len, ph->p_vaddr, ph->p_filesz))
-			return ph;
-	}
-	return NULL;
+	return ph && jp_within(vaddr, len, ph->p_vaddr, ph->p_filesz) ? ph : NULL;
 }
 
 /*
@@ -606,19 +582,6 @@ static bool claim_table(struct jp_placement *pl)
 	return true;
 }
 
-static int32_t get32(const void *p)
-{
-	int32_t v;
-
-	memcpy(&v, p, sizeof(v));
-	return v;
-}
-
-static void put32(void *p, int32_t v)
-{
-	memcpy(p, &v, sizeof(v));
-}
-
 static void narrow(int64_t *lo, int64_t *hi, int64_t min, int64_t max)
 {
 	if (min > *lo)
@@ -642,7 +605,7 @@ static void reach(const struct jp_placement *pl, int64_t *lo, int64_t *hi)
 	*lo = -JP_REACH;
 	*hi = JP_REACH;
 	for (i = 0; i < pm->nfixups; i++) {
-		int64_t v = get32(text + fixups[i]);
+		int64_t v = jp_get32(text + fixups[i]);
 
 		narrow(lo, hi, v - INT32_MAX, v - INT32_MIN);
 	}
@@ -651,7 +614,7 @@ static void reach(const struct jp_placement *pl, int64_t *lo, int64_t *hi)
 
 		if (!pl->site_ok[i] || pp[i].patch_fixup == JP_NO_FIXUP)
 			continue;
-		v = get32(pp[i].patched + pp[i].patch_fixup);
+		v = jp_get32(pp[i].patched + pp[i].patch_fixup);
 		narrow(lo, hi, INT32_MIN - v, INT32_MAX - v);
 	}
 }
@@ -756,20 +719,13 @@ static bool fill_text(struct jp_placement *pl)
 
 	memcpy(text, plan + pm->text, pm->text_size);
 	for (i = 0; i < pm->nfixups; i++)
-		put32(text + fixups[i], get32(text + fixups[i]) - pl->delta);
+		jp_put32(text + fixups[i], jp_get32(text + fixups[i]) - pl->delta);
 	if (mprotect(text, pl->text_len, PROT_READ | PROT_EXEC)) {
 		jp_record_error("%s: cannot make its trampolines executable: %s",
 			     plan_string(pm->path), strerror(errno));
 		return false;
 	}
 	return true;
-}
-
-static int compare_sites(const void *a, const void *b)
-{
-	const struct jp_trap_site *x = a, *y = b;
-
-	return x->pc < y->pc ? -1 : x->pc > y->pc;
 }
 
 /*
@@ -786,19 +742,13 @@ static struct jp_trap_index *jump_index(struct jp_module *m)
 
 	for (i = 0; i < pl->plan->npatches; i++)
 		n += pl->site_ok[i] && p[i].mechanism != JP_MECH_TRAP;
-	idx = malloc(sizeof(*idx) + n * sizeof(idx->site[0]));
+	idx = jp_new_index(n);
 	if (!idx)
 		return NULL;
-	idx->n = 0;
-	for (i = 0; i < pl->plan->npatches; i++) {
-		if (!pl->site_ok[i] || p[i].mechanism == JP_MECH_TRAP)
-			continue;
-		idx->site[idx->n].pc = m->bias + pp[i].vaddr;
-		idx->site[idx->n].resume = 0;
-		idx->site[idx->n].probe = &jp_probes_of(m)[i];
-		idx->n++;
-	}
-	qsort(idx->site, idx->n, sizeof(idx->site[0]), compare_sites);
+	for (i = 0; i < pl->plan->npatches; i++)
+		if (pl->site_ok[i] && p[i].mechanism != JP_MECH_TRAP)
+			jp_index_add(idx, m->bias + pp[i].vaddr, 0, &jp_probes_of(m)[i]);
+	jp_sort_sites(idx);
 	return idx;
 }
 
@@ -821,29 +771,24 @@ static struct jp_trap_index *boundary_index(struct jp_module *m, bool interior,
 	struct jp_trap_index *idx;
 	uint32_t i, k;
 
-	idx = malloc(sizeof(*idx) + pl->plan->nbounds * sizeof(idx->site[0]));
+	idx = jp_new_index(pl->plan->nbounds);
 	if (!idx)
 		return NULL;
-	idx->n = 0;
 	for (i = 0; i < pl->plan->npatches; i++) {
 		if (!pl->site_ok[i] || pl->fate[i] == JP_FATE_TRAP)
 			continue;
 		for (k = pp[i].first_bound; k < pp[i].first_bound + pp[i].nbounds; k++) {
-			uint64_t at = b[k].vaddr - pp[i].vaddr;
+			uint64_t at = b[k].vaddr - pp[i].vaddr, orig, copy;
 
 			if (interior && (at == 0 || at >= pp[i].len))
 				continue;
-			idx->site[idx->n].pc = m->bias + b[k].vaddr;
-			idx->site[idx->n].resume = pl->text + b[k].reloc;
-			if (backwards) {
-				idx->site[idx->n].pc = pl->text + b[k].reloc;
-				idx->site[idx->n].resume = m->bias + b[k].vaddr;
-			}
-			idx->site[idx->n].probe = &jp_probes_of(m)[i];
-			idx->n++;
+			orig = m->bias + b[k].vaddr;
+			copy = pl->text + b[k].reloc;
+			jp_index_add(idx, backwards ? copy : orig,
+				     backwards ? orig : copy, &jp_probes_of(m)[i]);
 		}
 	}
-	qsort(idx->site, idx->n, sizeof(idx->site[0]), compare_sites);
+	jp_sort_sites(idx);
 	return idx;
 }
 
@@ -1045,7 +990,7 @@ static uint8_t final_bytes(const struct jp_module *m, uint32_t i, uint8_t *code)
 	}
 	memcpy(code, pp->patched, pp->len);
 	if (pp->patch_fixup != JP_NO_FIXUP)
-		put32(code + pp->patch_fixup, get32(code + pp->patch_fixup) + pl->delta);
+		jp_put32(code + pp->patch_fixup, jp_get32(code + pp->patch_fixup) + pl->delta);
 	return pp->len;
 }
 

@@ -93,6 +93,8 @@ const ElfW(Phdr) *jp_load_segment(const ElfW(Phdr) *phdr, int phnum,
 bool jp_in_segment(const struct dl_phdr_info *info, uint64_t vaddr, uint64_t len,
 		   ElfW(Word) flags);
 size_t jp_object_build_id(const struct dl_phdr_info *info, uint8_t *id, size_t max);
+int32_t jp_get32(const void *at);
+void jp_put32(void *at, int32_t v);
 long jp_status_field(const char *name, long dflt);
 void *jp_map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
 		     uint64_t off);

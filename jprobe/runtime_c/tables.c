@@ -89,6 +89,40 @@ static int higher_first(const void *a, const void *b, void *probes)
 }
 
 /*
+ * What a table must be wherever it came from (a patched file, a plan):
+ * its probes, islands and string pool within `[lo, lo + size)`, the link-
+ * time addresses of the region that holds it, now at `base` + those
+ * addresses; probes and islands 8-aligned (locked adds must not split);
+ * the pool ended by the region's last byte, a NUL; each probe numbered in
+ * order, its strings in the pool, its fall-back fields and islands sound.
+ * Where its sites and resume points may be, the caller checks.
+ */
+bool jp_table_valid(const struct jp_table *t, uintptr_t base, uint64_t lo,
+		    uint64_t size)
+{
+	uint64_t i, strings_size, n = t->nprobes;
+	const struct jp_island *isl;
+	const struct jp_probe *p;
+
+	if (!jp_within(t->probes, n * sizeof(*p), lo, size) || (t->probes - lo) % 8 ||
+	    (t->nislands &&
+	     (!jp_within(t->islands, (uint64_t)t->nislands * sizeof(*isl), lo, size) ||
+	      (t->islands - lo) % 8)) ||
+	    !jp_within(t->strings, 1, lo, size) ||
+	    *(const char *)(base + lo + size - 1) != '\0')
+		return false;
+	strings_size = lo + size - t->strings;
+	p = (const struct jp_probe *)(base + t->probes);
+	for (i = 0; i < n; i++)
+		if (p[i].id != i || p[i].spec >= strings_size ||
+		    p[i].lib >= strings_size || p[i].func >= strings_size ||
+		    !jp_fallback_fields_valid(p, i, n))
+			return false;
+	isl = (const struct jp_island *)(base + t->islands);
+	return !t->nislands || jp_islands_valid(isl, t->nislands, p, n);
+}
+
+/*
  * The indexes of n probes from the highest address to the lowest: the
  * order in which a punned jump's site comes after the site whose patched
  * bytes it reads.  NULL when out of memory.
@@ -115,6 +149,26 @@ static int compare_sites(const void *a, const void *b)
 	return x->pc < y->pc ? -1 : x->pc > y->pc;
 }
 
+/* An empty index with room for n sites; NULL when out of memory. */
+struct jp_trap_index *jp_new_index(size_t n)
+{
+	struct jp_trap_index *idx = malloc(sizeof(*idx) + n * sizeof(idx->site[0]));
+
+	if (idx)
+		idx->n = 0;
+	return idx;
+}
+
+/* One more site, in the room jp_new_index() gave. */
+void jp_index_add(struct jp_trap_index *idx, uint64_t pc, uint64_t resume,
+		  struct jp_probe *probe)
+{
+	idx->site[idx->n].pc = pc;
+	idx->site[idx->n].resume = resume;
+	idx->site[idx->n].probe = probe;
+	idx->n++;
+}
+
 /* Sort an index by address (jp_index_search() needs it so). */
 void jp_sort_sites(struct jp_trap_index *idx)
 {
@@ -136,24 +190,20 @@ struct jp_trap_index *jp_build_trap_index(struct jp_module *m)
 		n += p[i].mechanism == JP_MECH_TRAP;
 	if (!n)
 		return NULL;
-	idx = malloc(sizeof(*idx) + n * sizeof(idx->site[0]));
+	idx = jp_new_index(n);
 	if (!idx) {
 		jp_record_error("%s: out of memory for trap probes", m->name);
 		return NULL;
 	}
-	idx->n = 0;
 	for (i = 0; i < m->table->nprobes; i++) {
 		if (p[i].mechanism != JP_MECH_TRAP)
 			continue;
 		if (!p[i].resume) {
 			jp_record_error("%s: trap probe %s has no resume address",
-				     m->name, jp_table_string(m, p[i].spec));
+					m->name, jp_table_string(m, p[i].spec));
 			continue;
 		}
-		idx->site[idx->n].pc = m->bias + p[i].address;
-		idx->site[idx->n].resume = m->tbias + p[i].resume;
-		idx->site[idx->n].probe = &p[i];
-		idx->n++;
+		jp_index_add(idx, m->bias + p[i].address, m->tbias + p[i].resume, &p[i]);
 	}
 	jp_sort_sites(idx);
 	return idx;

@@ -78,8 +78,13 @@ bool jp_can_fall_back(const struct jp_probe *p);
 bool jp_fallback_fields_valid(const struct jp_probe *p, uint32_t i, uint32_t n);
 bool jp_islands_valid(const struct jp_island *isl, uint32_t n,
 		      const struct jp_probe *p, uint32_t nprobes);
+bool jp_table_valid(const struct jp_table *t, uintptr_t base, uint64_t lo,
+		    uint64_t size);
 uint32_t *jp_sites_down(const struct jp_probe *p, uint32_t n);
 void jp_zero_counts(struct jp_probe *p);
+struct jp_trap_index *jp_new_index(size_t n);
+void jp_index_add(struct jp_trap_index *idx, uint64_t pc, uint64_t resume,
+		  struct jp_probe *probe);
 void jp_sort_sites(struct jp_trap_index *idx);
 struct jp_trap_index *jp_build_trap_index(struct jp_module *m);
 const struct jp_trap_site *jp_index_search(const struct jp_trap_index *idx,

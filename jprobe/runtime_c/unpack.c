@@ -59,7 +59,7 @@ static struct stream part(const uint8_t *blob, uint64_t size, uint64_t at,
 {
 	struct stream s = { blob, blob, true };
 
-	if (at <= size && len <= size - at) {
+	if (jp_within(at, len, 0, size)) {
 		s.p = blob + at;
 		s.end = s.p + len;
 		s.bad = false;
@@ -176,13 +176,6 @@ static bool unpack_islands(const struct dl_phdr_info *info, struct jp_table *t,
 	return !s.bad && s.p == s.end;
 }
 
-static void put32(uint8_t *at, int64_t value)
-{
-	int32_t v = (int32_t)value;
-
-	memcpy(at, &v, 4);
-}
-
 static int64_t unzigzag(uint64_t v)
 {
 	return v & 1 ? -(int64_t)(v >> 1) - 1 : (int64_t)(v >> 1);
@@ -209,11 +202,11 @@ static uint64_t fill_template(struct jp_table *t, uint64_t table_vaddr,
 		if ((uint64_t)hole->at + 4 > n)
 			return 0;
 		if (hole->kind == JP_HOLE_HITS)
-			put32(field, hits - (here + hole->end));
+			jp_put32(field, hits - (here + hole->end));
 		else if (hole->kind == JP_HOLE_TLS)
-			put32(field, tls - (here + hole->end));
+			jp_put32(field, tls - (here + hole->end));
 		else if (hole->kind == JP_HOLE_SLOT)
-			put32(field, 8 * owner);
+			jp_put32(field, 8 * owner);
 		else
 			return 0;
 	}
@@ -291,7 +284,7 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
 			if (n > t->text_size - pos)
 				return false;
 			out[pos] = 0xe9;
-			put32(out + pos + 1, p[owner].address + unzigzag(arg) - (t->text + pos + 5));
+			jp_put32(out + pos + 1, p[owner].address + unzigzag(arg) - (t->text + pos + 5));
 			break;
 		case JP_OP_COPYJMP:
 			n = arg + 5;
@@ -299,7 +292,7 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
 				return false;
 			memcpy(out + pos, p[owner].original, arg);
 			out[pos + arg] = 0xe9;
-			put32(out + pos + arg + 1,
+			jp_put32(out + pos + arg + 1,
 			      p[owner].address + arg - (t->text + pos + arg + 5));
 			break;
 		default:
@@ -340,7 +333,7 @@ bool jp_unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
 	h = (const struct jp_packed *)blob;
 	pool_len = h->strings_size;
 	ok = !memcmp(h->magic, JP_PACKED_MAGIC, sizeof(h->magic)) &&
-	     h->strings <= t->packed_size && pool_len <= t->packed_size - h->strings &&
+	     jp_within(h->strings, pool_len, 0, t->packed_size) &&
 	     pool_len <= t->strings_size;
 	if (ok) {
 		memcpy((void *)(bias + t->strings), blob + h->strings, pool_len);

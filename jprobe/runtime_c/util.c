@@ -253,6 +253,20 @@ size_t jp_object_build_id(const struct dl_phdr_info *info, uint8_t *id, size_t m
 	return 0;
 }
 
+/* A little-endian 32-bit field, at any alignment (code, packed tables). */
+int32_t jp_get32(const void *at)
+{
+	int32_t v;
+
+	memcpy(&v, at, sizeof(v));
+	return v;
+}
+
+void jp_put32(void *at, int32_t v)
+{
+	memcpy(at, &v, sizeof(v));
+}
+
 /* ---- the process ------------------------------------------------------ */
 
 /*
