@@ -84,7 +84,10 @@ struct jp_placement {
 
 static uint64_t *placed_block(struct jp_module *m);
 static void release_block(struct jp_module *m, uint64_t *counts);
-/* A placed module's threads count in BLOCK records of the counters file. */
+/*
+ * A placed module's threads count in BLOCK records of the counters file:
+ * threads.c, below this file, reaches them through the module (jp_add_module()).
+ */
 static const struct jp_block_ops placed_blocks = { placed_block, release_block };
 
 static const char *plan;		/* the plan file, mapped read-only */

@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: MIT */
-/* apply.h - floor 2 (rt.h): plans applied in-process for `jprobe run` (apply.c). */
+/*
+ * apply.h - floor 2 (rt.h): plans applied in-process for `jprobe run`
+ * (apply.c).
+ */
 #ifndef JPROBE_RT_APPLY_H
 #define JPROBE_RT_APPLY_H
 

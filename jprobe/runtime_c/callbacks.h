@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: MIT */
-/* callbacks.h - floor 2 (rt.h): C callbacks loaded and installed (callbacks.c). */
+/*
+ * callbacks.h - floor 2 (rt.h): C callbacks loaded and installed
+ * (callbacks.c).
+ */
 #ifndef JPROBE_RT_CALLBACKS_H
 #define JPROBE_RT_CALLBACKS_H
 

@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: MIT */
-/* islands.h - floor 2 (rt.h): islands of punned and evicting jumps, and the traps they fall back to (islands.c). */
+/*
+ * islands.h - floor 2 (rt.h): islands of punned and evicting jumps, and
+ * the traps they fall back to (islands.c).
+ */
 #ifndef JPROBE_RT_ISLANDS_H
 #define JPROBE_RT_ISLANDS_H
 

@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: MIT */
-/* quiesce.h - floor 2 (rt.h): moving other threads out of code about to change (quiesce.c). */
+/*
+ * quiesce.h - floor 2 (rt.h): moving other threads out of code about to
+ * change (quiesce.c).
+ */
 #ifndef JPROBE_RT_QUIESCE_H
 #define JPROBE_RT_QUIESCE_H
 

@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: MIT */
-/* report.h - floor 2 (rt.h): the JSON report of a patched program (report.c). */
+/*
+ * report.h - floor 2 (rt.h): the JSON report of a patched program
+ * (report.c).
+ */
 #ifndef JPROBE_RT_REPORT_H
 #define JPROBE_RT_REPORT_H
 

@@ -1,20 +1,29 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * rt.h - the runtime's ground floor, and the plan of the whole house.
+ * rt.h - the runtime's ground floor (floor 0), and the plan of the whole
+ * runtime.
  *
- * The runtime is a one-way stack: a file includes, and calls, only files
- * on its own floor below it or on lower floors.  Where a lower floor must
- * reach a higher one at run time, the higher one registers a function
- * with it (the comment at the registration says so).
+ * The runtime is a one-way stack.  A file includes, and calls, only files
+ * on lower floors, or files listed before it on its own floor (each floor
+ * below is listed from the bottom up).  A file of floors 1-3 that others
+ * use has its own header; floor 0 shares this one.
  *
- * floor 3  start-up and fork: what puts the floors below to work
- *	audit.c		the LD_AUDIT copy: starts the preloaded copy, relays
- *			modules dlopen()ed later to apply.c
- *	startup.c	jprobe_rt_start(), jprobe_rt_preinit(), the constructor
- *			and destructor, rescans, fork handlers (startup.h)
+ * floor 0  what every file may use
+ *	freestanding.c	the libc functions the runtime calls, its own hidden
+ *			copies (sys.h: system calls without libc)
+ *	util.c		errors and warnings, libc's functions behind the ones
+ *			interposed, paths, segments of loaded objects, writes
+ *			to code
  *
- * floor 2  features, each in its own file and header; one above another
- *	    only as listed (a file uses only those listed before it):
+ * floor 1  the modules with probes and their tables: data every feature
+ *	    reads, so below all of them
+ *	tables.c	a module and its table: read, checked, indexed (tables.h)
+ *	unpack.c	packed tables of rewritten programs, made whole
+ *	modules.c	the module list, tables found in loaded files, the trap
+ *			handler's lock-free lookups (modules.h)
+ *
+ * floor 2  features: each serves one mechanism and knows only what it
+ *	    builds on
  *	shm.c		the counters file of `jprobe run` (jprobe_shm.h)
  *	threads.c	per-thread counter blocks, the callback guard
  *	callbacks.c	C callbacks loaded (dlopen + dlsym) and installed
@@ -26,22 +35,20 @@
  *	apply.c		plans placed and written in-process for `jprobe run`
  *			(jprobe_plan.h)
  *
- * floor 1  the modules with probes and their tables (modules.h)
- *	modules.c	the module list, tables found in files, lock-free lookups
- *	tables.c	reading, checking and indexing a table
- *	unpack.c	packed tables of rewritten programs, made whole
+ * floor 3  start-up and fork: decides which features run, so on top
+ *	startup.c	jprobe_rt_start(), jprobe_rt_preinit(), the constructor
+ *			and destructor, rescans, fork handlers
+ *	audit.c		the LD_AUDIT copy: starts the preloaded copy, hands it
+ *			the objects dlopen()ed later (apply.c's hook)
  *
- * floor 0  what every file may use (this header, sys.h)
- *	util.c		errors and warnings, libc's functions behind ours,
- *			paths, segments, code writes
- *	freestanding.c	the libc functions the runtime calls, its own hidden
- *			copies
- *
- * Why this order: the tables are data every feature reads, so they sit
- * below all of them; a feature serves one mechanism and knows only what
- * it builds on; start-up decides which features run, so it sits on top.
- * A new feature (attach, return probes, trace buffers) is a new file on
- * floor 2, and floors 0 and 1 need not know it.
+ * Where a lower file must reach a higher one at run time, the higher one
+ * registers a function with it, and says so where it does: start-up gives
+ * util.c the counters file's error writer (jp_errors_to()) and report.c
+ * its rescan (jp_report_set_up()); quiesce.c gives traps.c its handler of
+ * move requests (jp_serve_moves()); apply.c gives a placed module the ops
+ * of its counter blocks (struct jp_block_ops, tables.h).  A new feature
+ * (attach, return probes, trace buffers) is a new file on floor 2, which
+ * floors 0 and 1 need not know.
  *
  * Start-up: jprobe_rt_start() (startup.c) runs once, before the program's
  * initialisers, and calls nothing of the program's; callbacks are loaded

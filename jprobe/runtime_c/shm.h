@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: MIT */
-/* shm.h - floor 2 (rt.h): the counters file of `jprobe run` (shm.c). */
+/*
+ * shm.h - floor 2 (rt.h): the counters file of `jprobe run` (shm.c).
+ */
 #ifndef JPROBE_RT_SHM_H
 #define JPROBE_RT_SHM_H
 

@@ -303,7 +303,10 @@ static void open_run_files(char **env)
 	if (!plan || !*plan || !counters || !*counters || !jp_counters_open(counters))
 		return;
 	run_mode = true;
-	/* The counters file takes the errors, and the report's place. */
+	/*
+	 * The counters file takes the errors (its writer registered with
+	 * util.c, below) and the report's place.
+	 */
 	jp_errors_to(jp_counters_error);
 	jp_report_off();
 	jp_plan_open(plan);
@@ -313,6 +316,7 @@ static void read_environment(char **env)
 {
 	const char *s = env_value(env, "JPROBE_DEBUG");
 
+	/* report.c sits below: it gets its rescan from here. */
 	jp_report_set_up(env_value(env, "JPROBE_REPORT"), refresh_for_report);
 	jp_set_debug(s && *s && strcmp(s, "0"));
 	s = env_value(env, "JPROBE_TRAP");

@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: MIT */
-/* startup.h - floor 3 (rt.h): start-up, rescans and fork (startup.c). */
+/*
+ * startup.h - floor 3 (rt.h): start-up, rescans and fork (startup.c).
+ */
 #ifndef JPROBE_RT_STARTUP_H
 #define JPROBE_RT_STARTUP_H
 

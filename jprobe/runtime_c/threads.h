@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: MIT */
-/* threads.h - floor 2 (rt.h): per-thread counter blocks and the callback guard (threads.c). */
+/*
+ * threads.h - floor 2 (rt.h): per-thread counter blocks and the callback
+ * guard (threads.c).
+ */
 #ifndef JPROBE_RT_THREADS_H
 #define JPROBE_RT_THREADS_H
 

@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: MIT */
-/* traps.h - floor 2 (rt.h): trap probes and the signal functions around them (traps.c). */
+/*
+ * traps.h - floor 2 (rt.h): trap probes and the signal functions around
+ * them (traps.c).
+ */
 #ifndef JPROBE_RT_TRAPS_H
 #define JPROBE_RT_TRAPS_H
 

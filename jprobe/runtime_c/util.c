@@ -23,7 +23,7 @@
 static bool debug;
 static char *errors[JP_MAX_ERRORS];
 static int nerrors;
-/* Where an error goes as well, once a layer above takes them (shm.c). */
+/* Where an error goes as well: the counters file, under `jprobe run`. */
 static void (*error_sink)(const char *msg);
 
 /* ---- diagnostics ------------------------------------------------------ */
@@ -50,8 +50,8 @@ void jp_warn(const char *fmt, ...)
 
 /*
  * From now on every error recorded also goes to `sink`.  The counters file
- * of `jprobe run` (shm.c) sits above this file: it registers here, so that
- * nothing here calls up into it.
+ * of `jprobe run` (shm.c) sits above this file: start-up registers its
+ * writer here, so that nothing here calls up into it.
  */
 void jp_errors_to(void (*sink)(const char *msg))
 {
