@@ -589,25 +589,19 @@ static int arm_ud_object(struct dl_phdr_info *info, size_t size, void *data)
 {
 	const struct ud_query *q = data;
 	const struct jp_trap_site *s = q->idx->site;
+	const ElfW(Phdr) *ph;
 	size_t i;
-	int j;
 
 	(void)size;
 	if (info->dlpi_addr != q->m->bias || strcmp(info->dlpi_name, q->m->dl_name))
 		return 0;
 	for (i = 0; i < q->idx->n; i++) {
-		uint64_t vaddr = s[i].pc - info->dlpi_addr;
-
 		if (i && s[i - 1].pc == s[i].pc)
 			continue;	/* probes sharing a site */
-		for (j = 0; j < info->dlpi_phnum; j++) {
-			const ElfW(Phdr) *ph = &info->dlpi_phdr[j];
-
-			if (ph->p_type == PT_LOAD && vaddr - ph->p_vaddr < ph->p_memsz) {
-				arm_ud_site(q->m, s[i].pc, jp_prot_of(ph->p_flags));
-				break;
-			}
-		}
+		ph = jp_load_segment(info->dlpi_phdr, info->dlpi_phnum,
+				     s[i].pc - info->dlpi_addr, 1, 0);
+		if (ph)
+			arm_ud_site(q->m, s[i].pc, jp_prot_of(ph->p_flags));
 	}
 	return 1;
 }
