@@ -17,7 +17,7 @@
  *     hops at the trampolines,
  *  4. turns the probes whose islands failed, and those whose jumps read
  *     their bytes, into traps,
- *  5. serves the module like a patched file's (runtime.c), with its
+ *  5. serves the module like a patched file's (startup.c), with its
  *     per-thread blocks in the counters file too, and
  *  6. writes the sites from the highest address down: a jump to the
  *     trampoline or an island, or a trap.
@@ -25,7 +25,13 @@
  * Nothing is written to a site whose bytes are not the ones the plan was
  * made for, nor to an object that is not the file that was planned.
  */
-#include "rt.h"
+#include "apply.h"
+#include "callbacks.h"
+#include "islands.h"
+#include "quiesce.h"
+#include "shm.h"
+#include "threads.h"
+#include "traps.h"
 #include "sys.h"
 
 #include <errno.h>
@@ -51,7 +57,7 @@
 #define JP_SPARE_BLOCKS	64
 
 /* A module patched in this process: where its plan's pieces went. */
-struct placement {
+struct jp_placement {
 	uint32_t index;			/* in the plan file, and in its records */
 	const struct jp_plan_module *plan;
 	const ElfW(Phdr) *phdr;		/* the object's, for its segments' rights */
@@ -64,17 +70,25 @@ struct placement {
 	bool *site_ok;			/* per probe: its site is as planned */
 	uint8_t *fate;			/* per probe: JP_FATE_*, once decided */
 	uint32_t *order;		/* probes from the highest address down */
-	struct trap_index *traps;	/* its trap sites, built before they are written */
-	struct trap_index *jumps;	/* its jump sites, likewise */
-	struct trap_index *bounds;	/* every relocated instruction: where its copy is */
-	struct trap_index *interior;	/* those strictly inside a site's patch */
-	struct trap_index *copies;	/* the same read backwards: copy -> original */
+	struct jp_trap_index *traps;	/* its trap sites, built before they are written */
+	struct jp_trap_index *jumps;	/* its jump sites, likewise */
+	struct jp_trap_index *bounds;	/* every relocated instruction: where its copy is */
+	struct jp_trap_index *interior;	/* those strictly inside a site's patch */
+	struct jp_trap_index *copies;	/* the same read backwards: copy -> original */
 	bool *removed;			/* per probe: taken out (jprobe_rt_set_probes()) */
 	uint64_t **claimed;		/* every BLOCK record it counts in, for live reads */
 	size_t nclaimed, cap_claimed;
-	uint64_t *spare[JP_SPARE_BLOCKS];	/* under blocks_lock */
+	uint64_t *spare[JP_SPARE_BLOCKS];	/* under jp_lock_blocks() */
 	int nspare;
 };
+
+static uint64_t *placed_block(struct jp_module *m);
+static void release_block(struct jp_module *m, uint64_t *counts);
+/*
+ * A placed module's threads count in BLOCK records of the counters file:
+ * threads.c, below this file, reaches them through the module (jp_add_module()).
+ */
+static const struct jp_block_ops placed_blocks = { placed_block, release_block };
 
 static const char *plan;		/* the plan file, mapped read-only */
 static size_t plan_len;
@@ -143,12 +157,6 @@ static const struct jp_island *plan_islands(const struct jp_plan_module *pm)
 					  (plan_table(pm)->islands - pm->data_vaddr));
 }
 
-/* Whether `[at, at + len)` lies within `[lo, lo + size)`. */
-static bool inside(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
-{
-	return at >= lo && at - lo <= size && len <= size - (at - lo);
-}
-
 /*
  * The table the plan carries: whole, pointing only into itself, and every
  * probe that is or may become a trap resuming in the trampolines.
@@ -156,32 +164,20 @@ static bool inside(uint64_t at, uint64_t len, uint64_t lo, uint64_t size)
 static bool table_valid(const struct jp_plan_module *pm)
 {
 	const struct jp_table *t = plan_table(pm);
-	uint64_t strings_size, n = t->nprobes;
-	const struct jp_island *isl;
 	const struct jp_probe *p;
 	uint64_t i;
 
 	if (pm->data_size < sizeof(*t) || memcmp(t->magic, JP_MAGIC, JP_MAGIC_LEN) ||
-	    t->version != JP_TABLE_VERSION || n != pm->npatches ||
-	    !inside(t->probes, n * sizeof(*p), pm->data_vaddr, pm->data_size) ||
-	    (t->probes - pm->data_vaddr) % 8 ||	/* locked adds must not split */
-	    (t->nislands &&
-	     (!inside(t->islands, (uint64_t)t->nislands * sizeof(*isl),
-		      pm->data_vaddr, pm->data_size) ||
-	      (t->islands - pm->data_vaddr) % 8)) ||
-	    !inside(t->strings, 1, pm->data_vaddr, pm->data_size) ||
-	    plan[pm->data + pm->data_size - 1] != '\0')
+	    t->version != JP_TABLE_VERSION || t->nprobes != pm->npatches ||
+	    !jp_table_valid(t, (uintptr_t)plan + pm->data - pm->data_vaddr,
+			    pm->data_vaddr, pm->data_size))
 		return false;
-	strings_size = pm->data_vaddr + pm->data_size - t->strings;
 	p = plan_probes(pm);
-	for (i = 0; i < n; i++)
-		if (p[i].id != i || p[i].spec >= strings_size ||
-		    p[i].lib >= strings_size || p[i].func >= strings_size ||
-		    !fallback_fields_valid(p, i, n) ||
-		    ((p[i].mechanism == JP_MECH_TRAP || can_fall_back(&p[i])) &&
-		     !inside(p[i].resume, 1, pm->text_vaddr, pm->text_size)))
+	for (i = 0; i < t->nprobes; i++)
+		if ((p[i].mechanism == JP_MECH_TRAP || jp_can_fall_back(&p[i])) &&
+		    !jp_within(p[i].resume, 1, pm->text_vaddr, pm->text_size))
 			return false;
-	return !t->nislands || islands_valid(plan_islands(pm), t->nislands, p, n);
+	return true;
 }
 
 /*
@@ -209,7 +205,7 @@ static bool module_valid(const struct jp_plan_module *pm)
 		return false;
 	fixups = (const uint32_t *)(plan + pm->fixups);
 	for (i = 0; i < pm->nfixups; i++)
-		if (!inside(fixups[i], 4, 0, pm->text_size))
+		if (!jp_within(fixups[i], 4, 0, pm->text_size))
 			return false;
 	pp = plan_patches(pm);
 	p = plan_probes(pm);
@@ -223,7 +219,7 @@ static bool module_valid(const struct jp_plan_module *pm)
 	    pm->bounds % 8 || pm->nbounds > plan_len)
 		return false;
 	for (i = 0; i < pm->nbounds; i++)
-		if (!inside(plan_bounds(pm)[i].reloc, 1, 0, pm->text_size))
+		if (!jp_within(plan_bounds(pm)[i].reloc, 1, 0, pm->text_size))
 			return false;
 	for (i = 0; i < pm->npatches; i++)
 		if (pp[i].len == 0 || pp[i].len > JP_PATCH_MAX ||
@@ -231,7 +227,7 @@ static bool module_valid(const struct jp_plan_module *pm)
 		    p[i].address != pp[i].vaddr ||
 		    (p[i].mechanism == JP_MECH_JUMP) != (pp[i].patch_fixup != JP_NO_FIXUP) ||
 		    (pp[i].patch_fixup != JP_NO_FIXUP &&
-		     !inside(pp[i].patch_fixup, 4, 0, pp[i].len)))
+		     !jp_within(pp[i].patch_fixup, 4, 0, pp[i].len)))
 			return false;
 	return true;
 }
@@ -252,7 +248,7 @@ static void find_stack_floor(void)
  * Map the plan file `jprobe run` wrote, and check all of it.  Called from
  * the constructor, on the main thread.  False: nothing is applied.
  */
-bool plan_open(const char *path)
+bool jp_plan_open(const char *path)
 {
 	const struct jp_plan_header *h;
 	struct stat st;
@@ -263,7 +259,7 @@ bool plan_open(const char *path)
 	page_size = sysconf(_SC_PAGESIZE);
 	find_stack_floor();
 	if (fd < 0 || fstat(fd, &st) || st.st_size < (off_t)sizeof(*h)) {
-		record_error("%s: cannot read the plan file; nothing probed", path);
+		jp_record_error("%s: cannot read the plan file; nothing probed", path);
 		if (fd >= 0)
 			close(fd);
 		return false;
@@ -271,7 +267,7 @@ bool plan_open(const char *path)
 	base = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
 	close(fd);
 	if (base == MAP_FAILED) {
-		record_error("%s: cannot map the plan file: %s", path, strerror(errno));
+		jp_record_error("%s: cannot map the plan file: %s", path, strerror(errno));
 		return false;
 	}
 	plan = base;
@@ -286,7 +282,7 @@ bool plan_open(const char *path)
 			goto bad;
 	return true;
 bad:
-	record_error("%s: not a plan file this runtime can apply; nothing probed", path);
+	jp_record_error("%s: not a plan file this runtime can apply; nothing probed", path);
 	munmap(base, plan_len);
 	plan = NULL;
 	return false;
@@ -334,7 +330,7 @@ static void load_planned_callbacks(void)
 			if (!planned_callbacks[i])
 				return;
 			cb = &planned_callbacks[i][j];
-			cb->fn = load_callback(plan_string(pm->path),
+			cb->fn = jp_load_callback(plan_string(pm->path),
 					       plan_table_string(pm, p[j].spec),
 					       plan_table_string(pm, p[j].lib),
 					       plan_table_string(pm, p[j].func),
@@ -346,14 +342,14 @@ static void load_planned_callbacks(void)
 static void install_callbacks(struct jp_module *m)
 {
 	const struct planned_callback *cb;
-	struct jp_probe *p = probes_of(m);
+	struct jp_probe *p = jp_probes_of(m);
 	uint32_t i;
 
 	cb = planned_callbacks[m->placed->index];
 	for (i = 0; cb && i < m->table->nprobes; i++)
 		if (cb[i].fn)
-			install_callback(&p[i], cb[i].fn, cb[i].novec,
-					 table_string(m, p[i].lib));
+			jp_install_callback(&p[i], cb[i].fn, cb[i].novec,
+					 jp_table_string(m, p[i].lib));
 }
 
 /*
@@ -361,16 +357,19 @@ static void install_callbacks(struct jp_module *m)
  * initialisers (jprobe_rt_start()), their callbacks are loaded and
  * installed now, so that they run from here on.
  */
-void install_planned_callbacks(void)
+void jp_install_planned_callbacks(void)
 {
 	int i;
 
 	load_planned_callbacks();
-	pthread_mutex_lock(&scan_lock);
-	for (i = 0; i < nmodules; i++)
-		if (modules[i].placed && modules[i].live && !modules[i].foreign)
-			install_callbacks(&modules[i]);
-	pthread_mutex_unlock(&scan_lock);
+	jp_lock_modules();
+	for (i = 0; i < jp_module_count(); i++) {
+		struct jp_module *m = jp_module_at(i);
+
+		if (m->placed && m->live && !m->foreign)
+			install_callbacks(m);
+	}
+	jp_unlock_modules();
 }
 
 /* ---- which loaded objects are planned modules ------------------------ */
@@ -384,7 +383,7 @@ struct candidate {
 	int phnum;
 };
 
-/* What one scan found.  Static, under scan_lock: a scan must not allocate. */
+/* What one scan found.  Static, under the module lock: a scan must not allocate. */
 struct match {
 	struct stat planned[JP_MAX_MODULES];	/* st_ino 0: no such file */
 	struct candidate c[JP_MAX_MODULES];
@@ -424,7 +423,7 @@ static void retire(struct jp_module *m)
 	__atomic_store_n(&m->live, 0, __ATOMIC_RELEASE);
 	munmap((void *)m->placed->text, m->placed->text_len);
 	munmap((void *)m->placed->data, m->placed->data_len);
-	unmap_islands(m->islands);
+	jp_unmap_islands(m->islands);
 	m->islands = NULL;
 }
 
@@ -442,8 +441,8 @@ static bool placed_already(const struct dl_phdr_info *info, bool fresh)
 	int i;
 
 	extent(info->dlpi_phdr, info->dlpi_phnum, info->dlpi_addr, &start, &end);
-	for (i = 0; i < nmodules; i++) {
-		struct jp_module *m = &modules[i];
+	for (i = 0; i < jp_module_count(); i++) {
+		struct jp_module *m = jp_module_at(i);
 
 		if (!m->placed || !m->live || m->placed->end <= start ||
 		    m->placed->start >= end)
@@ -468,7 +467,7 @@ static int identify(struct match *q, const struct dl_phdr_info *info, bool main)
 {
 	const char *file = main ? "/proc/self/exe" : info->dlpi_name;
 	uint8_t id[sizeof(((struct jp_plan_module *)0)->build_id)];
-	size_t id_len = object_build_id(info, id, sizeof(id));
+	size_t id_len = jp_object_build_id(info, id, sizeof(id));
 	struct stat st;
 	bool have_st = !stat(file, &st);
 	uint32_t i;
@@ -486,13 +485,13 @@ static int identify(struct match *q, const struct dl_phdr_info *info, bool main)
 			if (id_len == pm->build_id_len && !memcmp(id, pm->build_id, id_len))
 				return i;
 			if (same_file)
-				record_error("%s: build-id differs from the plan's; not patched",
+				jp_record_error("%s: build-id differs from the plan's; not patched",
 					     path);
 		} else if (same_file) {
 			if ((uint64_t)st.st_size == pm->size &&
 			    (uint64_t)st.st_mtime == pm->mtime)
 				return i;
-			record_error("%s: changed since it was planned; not patched", path);
+			jp_record_error("%s: changed since it was planned; not patched", path);
 		}
 	}
 	return -1;
@@ -529,19 +528,13 @@ static int match_object(struct dl_phdr_info *info, size_t size, void *data)
 
 /* ---- placing the trampolines and the table ---------------------------- */
 
-/* The loadable segment holding `[vaddr, vaddr + len)`, or NULL. */
-static const ElfW(Phdr) *segment_of(const struct placement *pl, uint64_t vaddr,
+/* The loadable segment holding `[vaddr, vaddr + len)` in the file, or NULL. */
+static const ElfW(Phdr) *segment_of(const struct jp_placement *pl, uint64_t vaddr,
 				    uint64_t len)
 {
-	int i;
+	const ElfW(Phdr) *ph = jp_load_segment(pl->phdr, pl->phnum, vaddr, len, 0);
 
-	for (i = 0; i < pl->phnum; i++) {
-		const ElfW(Phdr) *ph = &pl->phdr[i];
-
-		if (ph->p_type == PT_LOAD && inside(vaddr, len, ph->p_vaddr, ph->p_filesz))
-			return ph;
-	}
-	return NULL;
+	return ph && jp_within(vaddr, len, ph->p_vaddr, ph->p_filesz) ? ph : NULL;
 }
 
 /*
@@ -549,7 +542,7 @@ static const ElfW(Phdr) *segment_of(const struct placement *pl, uint64_t vaddr,
  * false when none does.  A site that does not is left alone (a debugger's
  * breakpoint, another tool's patch): the other probes go on.
  */
-static bool check_sites(struct placement *pl, uintptr_t bias)
+static bool check_sites(struct jp_placement *pl, uintptr_t bias)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	const struct jp_plan_patch *pp = plan_patches(pm);
@@ -568,41 +561,28 @@ static bool check_sites(struct placement *pl, uintptr_t bias)
 		    !memcmp((void *)(bias + pp[i].vaddr), pp[i].original, pp[i].len))
 			any = pl->site_ok[i] = true;
 		else
-			record_error("%s: the code at 0x%" PRIx64 " differs from the plan's; probe %s not patched",
+			jp_record_error("%s: the code at 0x%" PRIx64 " differs from the plan's; probe %s not patched",
 				     plan_string(pm->path), pp[i].vaddr, strings + p[i].spec);
 	}
 	return any;
 }
 
 /* A TABLE record holding the plan's table: where its hits will go. */
-static bool claim_table(struct placement *pl)
+static bool claim_table(struct jp_placement *pl)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	struct jp_shm_record *rec;
-	void *payload = counters_claim(pl->index, pm->data_size, true, &rec);
+	void *payload = jp_counters_claim(pl->index, pm->data_size, true, &rec);
 
 	if (!payload) {
-		record_error("%s: no room in the counters file; not patched",
+		jp_record_error("%s: no room in the counters file; not patched",
 			     plan_string(pm->path));
 		return false;
 	}
 	memcpy(payload, plan + pm->data, pm->data_size);
-	counters_publish(rec, JP_SHM_TABLE);
-	pl->record = counters_offset(payload);
+	jp_counters_publish(rec, JP_SHM_TABLE);
+	pl->record = jp_counters_offset(payload);
 	return true;
-}
-
-static int32_t get32(const void *p)
-{
-	int32_t v;
-
-	memcpy(&v, p, sizeof(v));
-	return v;
-}
-
-static void put32(void *p, int32_t v)
-{
-	memcpy(p, &v, sizeof(v));
 }
 
 static void narrow(int64_t *lo, int64_t *hi, int64_t min, int64_t max)
@@ -617,7 +597,7 @@ static void narrow(int64_t *lo, int64_t *hi, int64_t min, int64_t max)
  * The deltas [lo, hi] that keep every adjusted rel32 in range: the fix-ups
  * in the trampolines lose delta, the jumps at the sites gain it.
  */
-static void reach(const struct placement *pl, int64_t *lo, int64_t *hi)
+static void reach(const struct jp_placement *pl, int64_t *lo, int64_t *hi)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	const uint32_t *fixups = (const uint32_t *)(plan + pm->fixups);
@@ -628,7 +608,7 @@ static void reach(const struct placement *pl, int64_t *lo, int64_t *hi)
 	*lo = -JP_REACH;
 	*hi = JP_REACH;
 	for (i = 0; i < pm->nfixups; i++) {
-		int64_t v = get32(text + fixups[i]);
+		int64_t v = jp_get32(text + fixups[i]);
 
 		narrow(lo, hi, v - INT32_MAX, v - INT32_MIN);
 	}
@@ -637,7 +617,7 @@ static void reach(const struct placement *pl, int64_t *lo, int64_t *hi)
 
 		if (!pl->site_ok[i] || pp[i].patch_fixup == JP_NO_FIXUP)
 			continue;
-		v = get32(pp[i].patched + pp[i].patch_fixup);
+		v = jp_get32(pp[i].patched + pp[i].patch_fixup);
 		narrow(lo, hi, INT32_MIN - v, INT32_MAX - v);
 	}
 }
@@ -657,7 +637,7 @@ static bool kept_free(uintptr_t start, uintptr_t end)
 }
 
 /* Both regions `delta` away from where the plan put them, if both are free. */
-static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
+static bool map_at(struct jp_placement *pl, uintptr_t bias, int64_t delta)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	uintptr_t text = bias + pm->text_vaddr + delta;
@@ -666,12 +646,12 @@ static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
 
 	if (kept_free(text, data + pl->data_len))
 		return false;
-	t = map_exactly(text, pl->text_len, PROT_READ | PROT_WRITE,
+	t = jp_map_exactly(text, pl->text_len, PROT_READ | PROT_WRITE,
 			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (!t)
 		return false;
-	if (!map_exactly(data, pl->data_len, PROT_READ | PROT_WRITE, MAP_SHARED,
-			 counters_fd(), pl->record)) {
+	if (!jp_map_exactly(data, pl->data_len, PROT_READ | PROT_WRITE, MAP_SHARED,
+			 jp_counters_fd(), pl->record)) {
 		munmap(t, pl->text_len);
 		return false;
 	}
@@ -686,7 +666,7 @@ static bool map_at(struct placement *pl, uintptr_t bias, int64_t delta)
  * right there, or else the first place in 1 MiB steps above the module,
  * then below it, where both fit.
  */
-static bool place_within(struct placement *pl, uintptr_t bias, int64_t lo,
+static bool place_within(struct jp_placement *pl, uintptr_t bias, int64_t lo,
 			 int64_t hi)
 {
 	const struct jp_plan_module *pm = pl->plan;
@@ -698,7 +678,7 @@ static bool place_within(struct placement *pl, uintptr_t bias, int64_t lo,
 		return true;
 	start = pl->start;
 	end = pl->end;
-	for (at = align_up(end, JP_STEP); (int64_t)at - origin <= hi; at += JP_STEP)
+	for (at = jp_align_up(end, JP_STEP); (int64_t)at - origin <= hi; at += JP_STEP)
 		if ((int64_t)at - origin >= lo && map_at(pl, bias, (int64_t)at - origin))
 			return true;
 	if (start < span + JP_STEP)
@@ -716,8 +696,8 @@ static bool place_within(struct placement *pl, uintptr_t bias, int64_t lo,
  * heap's room after a main program), and an island left out of reach
  * makes its probe a trap.
  */
-static bool place(struct placement *pl, uintptr_t bias,
-		  const struct islands *islands)
+static bool place(struct jp_placement *pl, uintptr_t bias,
+		  const struct jp_islands *islands)
 {
 	int64_t lo, hi, ilo, ihi;
 
@@ -726,14 +706,14 @@ static bool place(struct placement *pl, uintptr_t bias,
 		return false;
 	ilo = lo;
 	ihi = hi;
-	islands_reach(islands, &ilo, &ihi);
+	jp_islands_reach(islands, &ilo, &ihi);
 	if (place_within(pl, bias, ilo, ihi))
 		return true;
 	return (ilo != lo || ihi != hi) && place_within(pl, bias, lo, hi);
 }
 
 /* The trampolines, adjusted to where they are, then never writable again. */
-static bool fill_text(struct placement *pl)
+static bool fill_text(struct jp_placement *pl)
 {
 	const struct jp_plan_module *pm = pl->plan;
 	const uint32_t *fixups = (const uint32_t *)(plan + pm->fixups);
@@ -742,49 +722,36 @@ static bool fill_text(struct placement *pl)
 
 	memcpy(text, plan + pm->text, pm->text_size);
 	for (i = 0; i < pm->nfixups; i++)
-		put32(text + fixups[i], get32(text + fixups[i]) - pl->delta);
+		jp_put32(text + fixups[i], jp_get32(text + fixups[i]) - pl->delta);
 	if (mprotect(text, pl->text_len, PROT_READ | PROT_EXEC)) {
-		record_error("%s: cannot make its trampolines executable: %s",
+		jp_record_error("%s: cannot make its trampolines executable: %s",
 			     plan_string(pm->path), strerror(errno));
 		return false;
 	}
 	return true;
 }
 
-static int compare_sites(const void *a, const void *b)
-{
-	const struct trap_site *x = a, *y = b;
-
-	return x->pc < y->pc ? -1 : x->pc > y->pc;
-}
-
 /*
  * The module's jump sites (plain, punned or evicting) that will be
  * written, sorted (see trap_handler).
  */
-static struct trap_index *jump_index(struct jp_module *m)
+static struct jp_trap_index *jump_index(struct jp_module *m)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
-	const struct jp_probe *p = probes_of(m);
-	struct trap_index *idx;
+	const struct jp_probe *p = jp_probes_of(m);
+	struct jp_trap_index *idx;
 	uint32_t i, n = 0;
 
 	for (i = 0; i < pl->plan->npatches; i++)
 		n += pl->site_ok[i] && p[i].mechanism != JP_MECH_TRAP;
-	idx = malloc(sizeof(*idx) + n * sizeof(idx->site[0]));
+	idx = jp_new_index(n);
 	if (!idx)
 		return NULL;
-	idx->n = 0;
-	for (i = 0; i < pl->plan->npatches; i++) {
-		if (!pl->site_ok[i] || p[i].mechanism == JP_MECH_TRAP)
-			continue;
-		idx->site[idx->n].pc = m->bias + pp[i].vaddr;
-		idx->site[idx->n].resume = 0;
-		idx->site[idx->n].probe = &probes_of(m)[i];
-		idx->n++;
-	}
-	qsort(idx->site, idx->n, sizeof(idx->site[0]), compare_sites);
+	for (i = 0; i < pl->plan->npatches; i++)
+		if (pl->site_ok[i] && p[i].mechanism != JP_MECH_TRAP)
+			jp_index_add(idx, m->bias + pp[i].vaddr, 0, &jp_probes_of(m)[i]);
+	jp_sort_sites(idx);
 	return idx;
 }
 
@@ -798,45 +765,40 @@ static struct trap_index *jump_index(struct jp_module *m)
  * copies.  Sites that fell back
  * to a trap have no relocated copies in use.
  */
-static struct trap_index *boundary_index(struct jp_module *m, bool interior,
+static struct jp_trap_index *boundary_index(struct jp_module *m, bool interior,
 					 bool backwards)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
 	const struct jp_plan_boundary *b = plan_bounds(pl->plan);
-	struct trap_index *idx;
+	struct jp_trap_index *idx;
 	uint32_t i, k;
 
-	idx = malloc(sizeof(*idx) + pl->plan->nbounds * sizeof(idx->site[0]));
+	idx = jp_new_index(pl->plan->nbounds);
 	if (!idx)
 		return NULL;
-	idx->n = 0;
 	for (i = 0; i < pl->plan->npatches; i++) {
 		if (!pl->site_ok[i] || pl->fate[i] == JP_FATE_TRAP)
 			continue;
 		for (k = pp[i].first_bound; k < pp[i].first_bound + pp[i].nbounds; k++) {
-			uint64_t at = b[k].vaddr - pp[i].vaddr;
+			uint64_t at = b[k].vaddr - pp[i].vaddr, orig, copy;
 
 			if (interior && (at == 0 || at >= pp[i].len))
 				continue;
-			idx->site[idx->n].pc = m->bias + b[k].vaddr;
-			idx->site[idx->n].resume = pl->text + b[k].reloc;
-			if (backwards) {
-				idx->site[idx->n].pc = pl->text + b[k].reloc;
-				idx->site[idx->n].resume = m->bias + b[k].vaddr;
-			}
-			idx->site[idx->n].probe = &probes_of(m)[i];
-			idx->n++;
+			orig = m->bias + b[k].vaddr;
+			copy = pl->text + b[k].reloc;
+			jp_index_add(idx, backwards ? copy : orig,
+				     backwards ? orig : copy, &jp_probes_of(m)[i]);
 		}
 	}
-	qsort(idx->site, idx->n, sizeof(idx->site[0]), compare_sites);
+	jp_sort_sites(idx);
 	return idx;
 }
 
 /* The module's trap sites that will be written. */
-static struct trap_index *trap_index(struct jp_module *m)
+static struct jp_trap_index *trap_index(struct jp_module *m)
 {
-	struct trap_index *idx = build_trap_index(m);
+	struct jp_trap_index *idx = jp_build_trap_index(m);
 	size_t i, n = 0;
 
 	if (!idx)
@@ -855,9 +817,9 @@ static struct trap_index *trap_index(struct jp_module *m)
  */
 static void keep_served_sites(struct jp_module *m)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
-	const struct jp_probe *p = probes_of(m);
+	const struct jp_probe *p = jp_probes_of(m);
 	bool *served = calloc(pl->plan->npatches, sizeof(bool));
 	uint32_t i;
 	size_t j;
@@ -869,7 +831,7 @@ static void keep_served_sites(struct jp_module *m)
 			continue;
 		if (p[i].mechanism == JP_MECH_TRAP ? !served || !served[i] : !pl->jumps) {
 			pl->site_ok[i] = false;
-			record_error("%s: out of memory or damaged plan; probe at 0x%" PRIx64 " not patched",
+			jp_record_error("%s: out of memory or damaged plan; probe at 0x%" PRIx64 " not patched",
 				     plan_string(pl->plan->path), pp[i].vaddr);
 		}
 	}
@@ -877,15 +839,15 @@ static void keep_served_sites(struct jp_module *m)
 }
 
 /*
- * Which probes fall back to a trap (decide_fallbacks()): the table says
+ * Which probes fall back to a trap (jp_decide_fallbacks()): the table says
  * so from now on, and their sites get a trap instead of the plan's bytes;
  * under --strict their sites are not written at all.
  */
 static void fall_back(struct jp_module *m)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
-	struct jp_probe *p = probes_of(m);
+	struct jp_probe *p = jp_probes_of(m);
 	bool *as_planned = malloc(pl->plan->npatches * sizeof(*as_planned) + 1);
 	uint32_t i;
 
@@ -897,7 +859,7 @@ static void fall_back(struct jp_module *m)
 	for (i = 0; as_planned && i < pl->plan->npatches; i++)
 		as_planned[i] = pl->site_ok[i] &&
 				!(pl->delta && pp[i].patch_fixup != JP_NO_FIXUP);
-	decide_fallbacks(m, pl->order, as_planned ? as_planned : pl->site_ok, pl->fate);
+	jp_decide_fallbacks(m, pl->order, as_planned ? as_planned : pl->site_ok, pl->fate);
 	free(as_planned);
 	for (i = 0; i < pl->plan->npatches; i++)
 		if (pl->fate[i] == JP_FATE_TRAP)
@@ -916,8 +878,8 @@ static void fall_back(struct jp_module *m)
 static struct jp_module *prepare(struct candidate *c)
 {
 	const struct jp_plan_module *pm = plan_module(c->index);
-	struct placement *pl = calloc(1, sizeof(*pl));
-	struct islands *islands = NULL;
+	struct jp_placement *pl = calloc(1, sizeof(*pl));
+	struct jp_islands *islands = NULL;
 	struct jp_module *m;
 
 	if (!pl)
@@ -926,28 +888,28 @@ static struct jp_module *prepare(struct candidate *c)
 	pl->plan = pm;
 	pl->phdr = c->phdr;
 	pl->phnum = c->phnum;
-	pl->text_len = align_up(pm->text_size, page_size);
-	pl->data_len = align_up(pm->data_size, page_size);
+	pl->text_len = jp_align_up(pm->text_size, page_size);
+	pl->data_len = jp_align_up(pm->data_size, page_size);
 	extent(c->phdr, c->phnum, c->bias, &pl->start, &pl->end);
 	if (!check_sites(pl, c->bias) || !claim_table(pl))
 		goto fail;
 	pl->fate = malloc(pm->npatches);
-	pl->order = sites_down(plan_probes(pm), pm->npatches);
-	islands = reserve_islands(plan_islands(pm), plan_table(pm)->nislands, c->bias);
+	pl->order = jp_sites_down(plan_probes(pm), pm->npatches);
+	islands = jp_reserve_islands(plan_islands(pm), plan_table(pm)->nislands, c->bias);
 	if (!pl->fate || !pl->order || !islands) {
-		record_error("%s: out of memory; not patched", plan_string(pm->path));
+		jp_record_error("%s: out of memory; not patched", plan_string(pm->path));
 		goto fail;
 	}
 	if (!place(pl, c->bias, islands)) {
-		record_error("%s: no free address space within reach for its trampolines; not patched",
+		jp_record_error("%s: no free address space within reach for its trampolines; not patched",
 			     plan_string(pm->path));
 		goto fail;
 	}
 	if (!fill_text(pl))
 		goto unmap;
-	fill_islands(islands, c->bias + pl->delta);
-	m = add_module(c->dl_name, c->bias, (struct jp_table *)pl->data,
-		       c->bias + pl->delta, pl);
+	jp_fill_islands(islands, c->bias + pl->delta);
+	m = jp_add_module(c->dl_name, c->bias, (struct jp_table *)pl->data,
+			  c->bias + pl->delta, pl, &placed_blocks);
 	if (!m)
 		goto unmap;
 	c->dl_name = NULL;		/* the module owns it now */
@@ -965,7 +927,7 @@ unmap:
 	munmap((void *)pl->text, pl->text_len);
 	munmap((void *)pl->data, pl->data_len);
 fail:
-	unmap_islands(islands);
+	jp_unmap_islands(islands);
 	free(pl->site_ok);
 	free(pl->fate);
 	free(pl->order);
@@ -981,7 +943,7 @@ fail:
  */
 static bool other_threads(void)
 {
-	return status_field("Threads", 2) != 1;
+	return jp_status_field("Threads", 2) != 1;
 }
 
 static long membarrier(int cmd)
@@ -1021,17 +983,17 @@ static bool sync_cores(void)
  */
 static uint8_t final_bytes(const struct jp_module *m, uint32_t i, uint8_t *code)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = &plan_patches(pl->plan)[i];
 
-	if (pl->fate[i] == JP_FATE_TRAP || probes_of(m)[i].mechanism == JP_MECH_TRAP) {
+	if (pl->fate[i] == JP_FATE_TRAP || jp_probes_of(m)[i].mechanism == JP_MECH_TRAP) {
 		memcpy(code, pp->original, pp->len);
-		code[0] = ud_traps ? JP_UD : JP_INT3;
+		code[0] = jp_trap_byte();
 		return 1;
 	}
 	memcpy(code, pp->patched, pp->len);
 	if (pp->patch_fixup != JP_NO_FIXUP)
-		put32(code + pp->patch_fixup, get32(code + pp->patch_fixup) + pl->delta);
+		jp_put32(code + pp->patch_fixup, jp_get32(code + pp->patch_fixup) + pl->delta);
 	return pp->len;
 }
 
@@ -1039,31 +1001,31 @@ static int site_prot(const struct jp_module *m, uint32_t i)
 {
 	const struct jp_plan_patch *pp = &plan_patches(m->placed->plan)[i];
 
-	return prot_of(segment_of(m->placed, pp->vaddr, pp->len)->p_flags);
+	return jp_prot_of(segment_of(m->placed, pp->vaddr, pp->len)->p_flags);
 }
 
 static bool write_site(const struct jp_module *m, uint32_t i, bool careful)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = &plan_patches(pl->plan)[i];
-	uint8_t code[JP_PATCH_MAX], busy = ud_traps ? JP_UD : JP_INT3;
+	uint8_t code[JP_PATCH_MAX], busy = jp_trap_byte();
 	uintptr_t site = m->bias + pp->vaddr;
 	bool ok;
 	int prot = site_prot(m, i);
 
 	if (final_bytes(m, i, code) == 1)
-		return poke(site, code, 1, prot);
+		return jp_poke(site, code, 1, prot);
 	if (!careful)
-		return poke(site, code, pp->len, prot);
-	if (!poke(site, &busy, 1, prot))
+		return jp_poke(site, code, pp->len, prot);
+	if (!jp_poke(site, &busy, 1, prot))
 		return false;
 	sync_cores();
-	if (!poke(site + 1, code + 1, pp->len - 1, prot)) {
-		poke(site, pp->original, 1, prot);	/* no thread may spin on it */
+	if (!jp_poke(site + 1, code + 1, pp->len - 1, prot)) {
+		jp_poke(site, pp->original, 1, prot);	/* no thread may spin on it */
 		return false;
 	}
 	sync_cores();
-	ok = poke(site, code, 1, prot);
+	ok = jp_poke(site, code, 1, prot);
 	sync_cores();
 	return ok;
 }
@@ -1089,7 +1051,7 @@ static bool cores_syncable(void)
 static bool changeable(const struct jp_module *m, uint32_t i)
 {
 	const struct jp_plan_patch *pp = &plan_patches(m->placed->plan)[i];
-	const struct jp_probe *p = probes_of(m);
+	const struct jp_probe *p = jp_probes_of(m);
 	uint32_t j;
 
 	if (!m->placed->site_ok[i] || p[i].depends ||
@@ -1126,7 +1088,7 @@ static void write_all(const struct jp_module *m, const uint32_t *ids, size_t n,
 		uint8_t have = site_bytes(m, ids[j], in, code);
 
 		if (from < have)
-			poke(m->bias + pp[ids[j]].vaddr + from, code + from,
+			jp_poke(m->bias + pp[ids[j]].vaddr + from, code + from,
 			     (len < have - from ? len : have - from),
 			     site_prot(m, ids[j]));
 	}
@@ -1144,10 +1106,10 @@ static void write_all(const struct jp_module *m, const uint32_t *ids, size_t n,
 static int change_sites(const struct jp_module *m, const uint32_t *ids,
 			size_t n, bool in)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_patch *pp = plan_patches(pl->plan);
 	const struct jp_plan_boundary *b = plan_bounds(pl->plan);
-	uint8_t busy = ud_traps ? JP_UD : JP_INT3, code[JP_PATCH_MAX];
+	uint8_t busy = jp_trap_byte(), code[JP_PATCH_MAX];
 	bool ok = true;
 	size_t j;
 	uint32_t k;
@@ -1156,10 +1118,10 @@ static int change_sites(const struct jp_module *m, const uint32_t *ids,
 		const struct jp_plan_patch *p = &pp[ids[j]];
 		uint8_t len = site_bytes(m, ids[j], true, code);
 
-		ok &= poke(m->bias + p->vaddr, &busy, 1, site_prot(m, ids[j]));
+		ok &= jp_poke(m->bias + p->vaddr, &busy, 1, site_prot(m, ids[j]));
 		for (k = p->first_bound; in && k < p->first_bound + p->nbounds; k++)
 			if (b[k].vaddr > p->vaddr && b[k].vaddr < p->vaddr + len)
-				ok &= poke(m->bias + b[k].vaddr, &busy, 1,
+				ok &= jp_poke(m->bias + b[k].vaddr, &busy, 1,
 					   site_prot(m, ids[j]));
 	}
 	sync_cores();
@@ -1182,11 +1144,13 @@ static struct jp_module *planned(uint32_t index)
 {
 	int i;
 
-	for (i = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE) - 1; i >= 0; i--)
-		if (modules[i].placed && modules[i].placed->index == index &&
-		    __atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE) &&
-		    !modules[i].foreign)
-			return &modules[i];
+	for (i = jp_module_count() - 1; i >= 0; i--) {
+		struct jp_module *m = jp_module_at(i);
+
+		if (m->placed && m->placed->index == index &&
+		    __atomic_load_n(&m->live, __ATOMIC_ACQUIRE) && !m->foreign)
+			return m;
+	}
 	return NULL;
 }
 
@@ -1208,7 +1172,7 @@ JP_EXPORT int jprobe_rt_set_probes(uint32_t module, const uint32_t *ids,
 	size_t j, k = 0;
 	int rc = 0;
 
-	pthread_mutex_lock(&scan_lock);
+	jp_lock_modules();
 	m = planned(module);
 	if (!m || !m->placed->removed || !(todo = malloc(n * sizeof(*todo) + 1))) {
 		rc = m ? -ENOMEM : -EINVAL;
@@ -1222,13 +1186,13 @@ JP_EXPORT int jprobe_rt_set_probes(uint32_t module, const uint32_t *ids,
 		else if (m->placed->removed[ids[j]] == !on)
 			todo[k++] = ids[j];
 	}
-	if (!rc && k && (!serve_traps() || !serve_moves() || !cores_syncable()))
+	if (!rc && k && (!jp_serve_traps() || !jp_quiesce_ready() || !cores_syncable()))
 		rc = -ENOTSUP;
 	if (!rc && k)
 		rc = change_sites(m, todo, k, on);
 out:
 	free(todo);
-	pthread_mutex_unlock(&scan_lock);
+	jp_unlock_modules();
 	return rc;
 }
 
@@ -1236,18 +1200,18 @@ out:
 JP_EXPORT uint64_t jprobe_rt_hits(uint32_t module, uint32_t probe)
 {
 	struct jp_module *m = planned(module);
-	const struct placement *pl;
+	const struct jp_placement *pl;
 	uint64_t n;
 	size_t i;
 
 	if (!m || probe >= m->table->nprobes)
 		return 0;
 	pl = m->placed;
-	n = __atomic_load_n(&probes_of(m)[probe].hits, __ATOMIC_RELAXED);
-	pthread_mutex_lock(&blocks_lock);
+	n = __atomic_load_n(&jp_probes_of(m)[probe].hits, __ATOMIC_RELAXED);
+	jp_lock_blocks();
 	for (i = 0; i < pl->nclaimed; i++)
 		n += __atomic_load_n(&pl->claimed[i][probe], __ATOMIC_RELAXED);
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 	return n;
 }
 
@@ -1260,11 +1224,11 @@ static bool need_care(const struct jp_module *m)
 {
 	if (!other_threads())
 		return false;
-	if (!serve_traps())
+	if (!jp_serve_traps())
 		return false;
 	if (membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) ||
 	    !sync_cores())
-		record_error("%s: patched while other threads ran, without membarrier(SYNC_CORE): %s",
+		jp_record_error("%s: patched while other threads ran, without membarrier(SYNC_CORE): %s",
 			     m->name, strerror(errno));
 	return true;
 }
@@ -1276,7 +1240,7 @@ static bool need_care(const struct jp_module *m)
  */
 static bool reads_unwritten(const struct jp_module *m, uint32_t i)
 {
-	const struct jp_probe *p = probes_of(m);
+	const struct jp_probe *p = jp_probes_of(m);
 	uint32_t d = p[i].depends;
 
 	return d && p[i].mechanism != JP_MECH_TRAP && !m->placed->site_ok[d - 1];
@@ -1288,7 +1252,7 @@ static bool reads_unwritten(const struct jp_module *m, uint32_t i)
  */
 static void patch_sites(struct jp_module *m)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 	bool careful = need_care(m);
 	uint32_t i, k;
 
@@ -1298,11 +1262,11 @@ static void patch_sites(struct jp_module *m)
 			continue;
 		if (reads_unwritten(m, i)) {
 			pl->site_ok[i] = false;
-			record_error("%s: probe %s overlaps a site that could not be written; not patched",
-				     m->name, table_string(m, probes_of(m)[i].spec));
+			jp_record_error("%s: probe %s overlaps a site that could not be written; not patched",
+				     m->name, jp_table_string(m, jp_probes_of(m)[i].spec));
 		} else if (!write_site(m, i, careful)) {
 			pl->site_ok[i] = false;
-			record_error("%s: cannot write to its code at 0x%" PRIx64 ": %s",
+			jp_record_error("%s: cannot write to its code at 0x%" PRIx64 ": %s",
 				     m->name, plan_patches(pl->plan)[i].vaddr,
 				     strerror(errno));
 		}
@@ -1312,7 +1276,7 @@ static void patch_sites(struct jp_module *m)
 /* The probes whose sites were left as they were say so, for the report. */
 static void note_unpatched(struct jp_module *m)
 {
-	struct jp_probe *p = probes_of(m);
+	struct jp_probe *p = jp_probes_of(m);
 	uint32_t i;
 
 	for (i = 0; i < m->placed->plan->npatches; i++)
@@ -1327,23 +1291,25 @@ static void note_unpatched(struct jp_module *m)
  */
 static void go_live(struct jp_module *m)
 {
-	if (!begin_set_up(m))
+	if (!jp_claim_table(m))
 		return;
+	jp_count_per_thread(m);
 	install_callbacks(m);
-	publish_traps(m, m->placed->traps);
+	jp_publish_traps(m, m->placed->traps);
 	__atomic_store_n(&m->jumps, m->placed->jumps, __ATOMIC_RELEASE);
 	__atomic_store_n(&m->bounds, m->placed->bounds, __ATOMIC_RELEASE);
 	patch_sites(m);
 	note_unpatched(m);
-	end_set_up(m);
+	jp_table_complete(m);
 }
 
 /*
  * Patch the loaded objects that are planned modules and not patched yet
- * (`match.only`: just that one).  Everything that allocates is done for
- * all of them first.  Called with scan_lock held.
+ * (`only`, when not NULL: just that object, loaded at `only_bias`).
+ * Everything that allocates is done for all of them first.  Called with
+ * the module lock held.
  */
-static void apply(void)
+static void apply(const char *only, uintptr_t only_bias)
 {
 	struct jp_module *fresh[JP_MAX_MODULES];
 	uint32_t i;
@@ -1351,6 +1317,8 @@ static void apply(void)
 
 	match.n = 0;
 	match.past_main = false;
+	match.only = only;
+	match.only_bias = only_bias;
 	for (i = 0; i < plan_header()->nmodules; i++)
 		if (stat(plan_string(plan_module(i)->path), &match.planned[i]))
 			match.planned[i].st_ino = 0;
@@ -1367,18 +1335,17 @@ static void apply(void)
 }
 
 /* Every planned module loaded so far: at start-up, and after an exec. */
-void apply_plans(void)
+void jp_apply_plans(void)
 {
 	if (!plan)
 		return;
-	pthread_mutex_lock(&scan_lock);
-	match.only = NULL;
-	apply();
-	pthread_mutex_unlock(&scan_lock);
+	jp_lock_modules();
+	apply(NULL, 0);
+	jp_unlock_modules();
 }
 
 /*
- * Called from inside the dynamic loader.  scan_lock is only ever contended
+ * Called from inside the dynamic loader.  The module lock is only ever contended
  * by a rescan (jprobe_rt_rescan()), which may itself wait for the loader
  * to open a callback library: so wait for it a while, not for ever.
  */
@@ -1387,9 +1354,9 @@ static bool lock_in_loader(const char *name)
 	const struct timespec ms = { 0, 1000000 };
 	int tries = 1000;
 
-	while (pthread_mutex_trylock(&scan_lock)) {
+	while (!jp_trylock_modules()) {
 		if (!--tries) {
-			warn("%s: loaded while the runtime was busy; not patched", name);
+			jp_warn("%s: loaded while the runtime was busy; not patched", name);
 			return false;
 		}
 		nanosleep(&ms, NULL);
@@ -1405,16 +1372,14 @@ static void audit_objopen(uintptr_t bias, const char *name)
 {
 	if (!lock_in_loader(name))
 		return;
-	match.only = name;
-	match.only_bias = bias;
-	apply();
-	pthread_mutex_unlock(&scan_lock);
+	apply(name, bias);
+	jp_unlock_modules();
 }
 
 /* Read by the LD_AUDIT copy of the runtime (audit.c); set once we serve. */
 JP_EXPORT void (*jprobe_rt_audit_hook)(uintptr_t bias, const char *name);
 
-void open_audit_hook(void)
+void jp_open_audit_hook(void)
 {
 	if (plan)
 		__atomic_store_n(&jprobe_rt_audit_hook, audit_objopen, __ATOMIC_RELEASE);
@@ -1423,24 +1388,24 @@ void open_audit_hook(void)
 /* ---- counter blocks and fork ------------------------------------------ */
 
 /* A BLOCK record for a thread: one an ended thread left, or a new one. */
-uint64_t *placed_block(struct jp_module *m)
+static uint64_t *placed_block(struct jp_module *m)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 	struct jp_shm_record *rec;
 	uint64_t *counts = NULL;
 
-	pthread_mutex_lock(&blocks_lock);
+	jp_lock_blocks();
 	if (pl->nspare)
 		counts = pl->spare[--pl->nspare];
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 	if (counts)
 		return counts;
-	counts = counters_claim(pl->index, m->table->nprobes * sizeof(uint64_t),
+	counts = jp_counters_claim(pl->index, m->table->nprobes * sizeof(uint64_t),
 				false, &rec);
 	if (!counts)
 		return NULL;
-	counters_publish(rec, JP_SHM_BLOCK);
-	pthread_mutex_lock(&blocks_lock);
+	jp_counters_publish(rec, JP_SHM_BLOCK);
+	jp_lock_blocks();
 	if (pl->nclaimed == pl->cap_claimed) {
 		size_t cap = pl->cap_claimed ? 2 * pl->cap_claimed : 16;
 		uint64_t **more = realloc(pl->claimed, cap * sizeof(*more));
@@ -1452,19 +1417,19 @@ uint64_t *placed_block(struct jp_module *m)
 	}
 	if (pl->nclaimed < pl->cap_claimed)
 		pl->claimed[pl->nclaimed++] = counts;
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 	return counts;
 }
 
 /* A thread ended: its block keeps its hits, and takes a later thread's. */
-void release_block(struct jp_module *m, uint64_t *counts)
+static void release_block(struct jp_module *m, uint64_t *counts)
 {
-	struct placement *pl = m->placed;
+	struct jp_placement *pl = m->placed;
 
-	pthread_mutex_lock(&blocks_lock);
+	jp_lock_blocks();
 	if (pl->nspare < JP_SPARE_BLOCKS)
 		pl->spare[pl->nspare++] = counts;
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 }
 
 /*
@@ -1474,11 +1439,11 @@ void release_block(struct jp_module *m, uint64_t *counts)
  */
 static void move_table(struct jp_module *m)
 {
-	const struct placement *pl = m->placed;
+	const struct jp_placement *pl = m->placed;
 	const struct jp_plan_module *pm = pl->plan;
 	struct jp_shm_record *rec;
 	struct jp_probe *p;
-	char *copy = counters_claim(pl->index, pm->data_size, true, &rec);
+	char *copy = jp_counters_claim(pl->index, pm->data_size, true, &rec);
 	uint32_t j;
 
 	if (!copy)
@@ -1486,11 +1451,11 @@ static void move_table(struct jp_module *m)
 	memcpy(copy, (void *)pl->data, pm->data_size);
 	p = (struct jp_probe *)(copy + (m->table->probes - pm->data_vaddr));
 	for (j = 0; j < m->table->nprobes; j++)
-		zero_counts(&p[j]);
-	counters_publish(rec, JP_SHM_TABLE);
+		jp_zero_counts(&p[j]);
+	jp_counters_publish(rec, JP_SHM_TABLE);
 	if (mmap((void *)pl->data, pl->data_len, PROT_READ | PROT_WRITE,
-		 MAP_SHARED | MAP_FIXED, counters_fd(), counters_offset(copy)) == MAP_FAILED)
-		warn("%s: cannot map a table for a forked child: %s", m->name,
+		 MAP_SHARED | MAP_FIXED, jp_counters_fd(), jp_counters_offset(copy)) == MAP_FAILED)
+		jp_warn("%s: cannot map a table for a forked child: %s", m->name,
 		     strerror(errno));
 }
 
@@ -1500,23 +1465,20 @@ static void move_table(struct jp_module *m)
  * parent's.  Its thread's blocks were the parent's: it gets fresh ones,
  * and the spare blocks stay the parent's.
  */
-void placed_child_fork(void)
+void jp_placed_child_fork(void)
 {
-	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
+	int i, n = jp_module_count();
 
 	for (i = 0; i < n; i++) {
-		struct jp_module *m = &modules[i];
-		bool had_block = false;
+		struct jp_module *m = jp_module_at(i);
+		bool had_block;
 
 		if (!m->placed || !m->live)
 			continue;
-		if (m->slot >= 0) {
-			had_block = tls_blocks[m->slot];
-			tls_blocks[m->slot] = NULL;
-		}
+		had_block = jp_detach_block(m);
 		m->placed->nspare = 0;
 		move_table(m);
 		if (had_block)
-			attach_block(m);
+			jp_attach_block(m);
 	}
 }

@@ -21,10 +21,12 @@
  * module were loaded in the program's namespace by the preloaded copy's
  * constructor (apply.c), and are only copied into the new table here.
  */
-#include "rt.h"
+#include "startup.h"
+#include "apply.h"
 
 #include <dlfcn.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 typedef void (*hook_fn)(uintptr_t bias, const char *name);
 typedef void (*start_fn)(char **env);
@@ -33,25 +35,6 @@ typedef void (*start_fn)(char **env);
 static hook_fn *hook;
 /* The preloaded copy's jprobe_rt_start(), until it is called. */
 static start_fn start;
-
-static struct link_map *self_map(void)
-{
-	struct link_map *lm = NULL;
-	Dl_info info;
-
-	if (!dladdr1((void *)self_map, &info, (void **)&lm, RTLD_DL_LINKMAP))
-		return NULL;
-	return lm;
-}
-
-/* Whether this copy is LD_AUDIT's, in a namespace of its own: it only relays. */
-bool audit_copy(void)
-{
-	struct link_map *lm = self_map();
-	Lmid_t lmid = LM_ID_BASE;
-
-	return lm && !dlinfo(lm, RTLD_DI_LMID, &lmid) && lmid != LM_ID_BASE;
-}
 
 /* Whether `map` is this very file: the preloaded copy, seen from the audit copy. */
 static bool same_file(const struct link_map *self, const struct link_map *map)
@@ -82,7 +65,7 @@ JP_EXPORT unsigned int la_objopen(struct link_map *map, Lmid_t lmid,
 	if (lmid != LM_ID_BASE)
 		return 0;
 	if (!hook) {
-		self = self_map();
+		self = jp_self_map();
 		if (self && same_file(self, map)) {
 			hook = (hook_fn *)(map->l_addr +
 					   ((uintptr_t)&jprobe_rt_audit_hook - self->l_addr));
@@ -100,7 +83,7 @@ JP_EXPORT unsigned int la_objopen(struct link_map *map, Lmid_t lmid,
 /*
  * The program's objects are all mapped and relocated, and none of their
  * initialisers has run: the preloaded copy sets the probes up now
- * (runtime.c, jprobe_rt_start()), so that hits from any initialiser count.
+ * (startup.c, jprobe_rt_start()), so that hits from any initialiser count.
  * libc's `environ` is set by its own initialiser, which has not run yet:
  * this copy's (its libc was initialised when the loader opened it) is the
  * same environment.

@@ -12,7 +12,7 @@
  * wrapper each.  Under `jprobe run` the counts are in the counters file
  * already.
  */
-#include "rt.h"
+#include "report.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -33,9 +33,9 @@ static void *real_execve, *real_execv, *real_execvp, *real_execvpe, *real_fexecv
 
 JP_EXPORT void _exit(int status)
 {
-	exit_fn fn = next_symbol(&real__exit, "_exit");
+	exit_fn fn = jp_next_symbol(&real__exit, "_exit");
 
-	report_own_hits();
+	jp_report_own_hits();
 	if (fn)
 		fn(status);
 	__builtin_trap();
@@ -43,9 +43,9 @@ JP_EXPORT void _exit(int status)
 
 JP_EXPORT void _Exit(int status)
 {
-	exit_fn fn = next_symbol(&real__Exit, "_Exit");
+	exit_fn fn = jp_next_symbol(&real__Exit, "_Exit");
 
-	report_own_hits();
+	jp_report_own_hits();
 	if (fn)
 		fn(status);
 	__builtin_trap();
@@ -53,50 +53,50 @@ JP_EXPORT void _Exit(int status)
 
 JP_EXPORT int execve(const char *path, char *const argv[], char *const envp[])
 {
-	execve_fn fn = next_symbol(&real_execve, "execve");
+	execve_fn fn = jp_next_symbol(&real_execve, "execve");
 
-	report_own_hits();
+	jp_report_own_hits();
 	return fn ? fn(path, argv, envp) : (errno = ENOSYS, -1);
 }
 
 JP_EXPORT int execv(const char *path, char *const argv[])
 {
-	execvp_fn fn = next_symbol(&real_execv, "execv");
+	execvp_fn fn = jp_next_symbol(&real_execv, "execv");
 
-	report_own_hits();
+	jp_report_own_hits();
 	return fn ? fn(path, argv) : (errno = ENOSYS, -1);
 }
 
 JP_EXPORT int execvp(const char *file, char *const argv[])
 {
-	execvp_fn fn = next_symbol(&real_execvp, "execvp");
+	execvp_fn fn = jp_next_symbol(&real_execvp, "execvp");
 
-	report_own_hits();
+	jp_report_own_hits();
 	return fn ? fn(file, argv) : (errno = ENOSYS, -1);
 }
 
 JP_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
 {
-	execvpe_fn fn = next_symbol(&real_execvpe, "execvpe");
+	execvpe_fn fn = jp_next_symbol(&real_execvpe, "execvpe");
 
-	report_own_hits();
+	jp_report_own_hits();
 	return fn ? fn(file, argv, envp) : (errno = ENOSYS, -1);
 }
 
 JP_EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 {
-	fexecve_fn fn = next_symbol(&real_fexecve, "fexecve");
+	fexecve_fn fn = jp_next_symbol(&real_fexecve, "fexecve");
 
-	report_own_hits();
+	jp_report_own_hits();
 	return fn ? fn(fd, argv, envp) : (errno = ENOSYS, -1);
 }
 
 JP_EXPORT int execveat(int dirfd, const char *path, char *const argv[],
 		       char *const envp[], int flags)
 {
-	execveat_fn fn = next_symbol(&real_execveat, "execveat");
+	execveat_fn fn = jp_next_symbol(&real_execveat, "execveat");
 
-	report_own_hits();
+	jp_report_own_hits();
 	return fn ? fn(dirfd, path, argv, envp, flags) : (errno = ENOSYS, -1);
 }
 

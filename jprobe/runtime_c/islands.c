@@ -15,11 +15,12 @@
  * (`depends`).
  *
  * Both ways the runtime meets a table go through here: a patched file's
- * (land_file_islands(), whose sites are patched already) and a plan's
+ * (jp_land_file_islands(), whose sites are patched already) and a plan's
  * (apply.c, which reserves the pages before it places the trampolines and
  * writes the sites after deciding).
  */
-#include "rt.h"
+#include "islands.h"
+#include "traps.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -28,8 +29,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-/* The planner lays islands out by 4 KiB pages, each within one. */
-#define JP_ISLAND_PAGE	UINT64_C(4096)
 /*
  * Island pages at most this many free pages apart are mapped as one
  * mapping, gaps included: every mapping counts against vm.max_map_count
@@ -54,90 +53,11 @@ struct island_slot {
 };
 
 /* A module's islands, sorted by page. */
-struct islands {
+struct jp_islands {
 	uintptr_t bias;
 	size_t n;
 	struct island_slot slot[];
 };
-
-/* ---- writing code ----------------------------------------------------- */
-
-/* A mapping at exactly `at`, never over another one; NULL if not there. */
-void *map_exactly(uintptr_t at, size_t len, int prot, int flags, int fd,
-		  uint64_t off)
-{
-	void *p = mmap((void *)at, len, prot, flags | MAP_FIXED_NOREPLACE, fd, off);
-
-	if (p == MAP_FAILED)
-		return NULL;
-	if (p != (void *)at) {		/* before Linux 4.17 the flag is only a hint */
-		munmap(p, len);
-		return NULL;
-	}
-	return p;
-}
-
-/*
- * Write code bytes, the first one last, with the pages writable only
- * meanwhile and executable throughout: a thread may be running there.
- */
-bool poke(uintptr_t at, const uint8_t *bytes, size_t len, int prot)
-{
-	uintptr_t page_size = sysconf(_SC_PAGESIZE);
-	uintptr_t lo = at & ~(page_size - 1), hi = align_up(at + len, page_size);
-	volatile uint8_t *code = (volatile uint8_t *)at;
-
-	if (mprotect((void *)lo, hi - lo, prot | PROT_WRITE))
-		return false;
-	while (len--)
-		code[len] = bytes[len];
-	return !mprotect((void *)lo, hi - lo, prot);
-}
-
-/* ---- what a table may say --------------------------------------------- */
-
-/*
- * Punned and evicting jumps land on islands, so only they may fall back to
- * a trap; the planner always gives them an out-of-line copy to resume at.
- */
-bool can_fall_back(const struct jp_probe *p)
-{
-	return p->mechanism == JP_MECH_PUN || p->mechanism == JP_MECH_EVICT;
-}
-
-/*
- * The fields of probe i of n that falling back relies on: a known
- * mechanism, bytes to restore, and `depends` only where a jump may read
- * another site's bytes, naming a probe of the table.
- */
-bool fallback_fields_valid(const struct jp_probe *p, uint32_t i, uint32_t n)
-{
-	const struct jp_probe *q = &p[i];
-
-	if (q->mechanism > JP_MECH_TRAP || q->len > JP_PATCH_MAX || q->depends > n)
-		return false;
-	if (!can_fall_back(q))
-		return !q->depends;
-	return q->len > 0;
-}
-
-/*
- * Islands whose hop fits them, with the rel32 inside, each within one
- * page (the page is what is mapped or not), for a probe that can fall
- * back when it is not.
- */
-bool islands_valid(const struct jp_island *isl, uint32_t n,
-		   const struct jp_probe *p, uint32_t nprobes)
-{
-	uint32_t i;
-
-	for (i = 0; i < n; i++)
-		if (isl[i].len > sizeof(isl[i].code) || isl[i].fixup + 4 > isl[i].len ||
-		    isl[i].probe >= nprobes || !can_fall_back(&p[isl[i].probe]) ||
-		    ((uint64_t)isl[i].at & (JP_ISLAND_PAGE - 1)) + isl[i].len > JP_ISLAND_PAGE)
-			return false;
-	return true;
-}
 
 /* ---- the islands' pages ----------------------------------------------- */
 
@@ -149,7 +69,7 @@ static int compare_slots(const void *a, const void *b)
 }
 
 /* The first slot past slot i's page. */
-static size_t page_end(const struct islands *s, size_t i)
+static size_t page_end(const struct jp_islands *s, size_t i)
 {
 	size_t j = i + 1;
 
@@ -159,7 +79,7 @@ static size_t page_end(const struct islands *s, size_t i)
 }
 
 /* The first slot past the pages JP_ISLAND_GAP or fewer pages apart from slot i's. */
-static size_t cluster_end(const struct islands *s, size_t i)
+static size_t cluster_end(const struct jp_islands *s, size_t i)
 {
 	size_t j = i + 1;
 
@@ -170,11 +90,11 @@ static size_t cluster_end(const struct islands *s, size_t i)
 }
 
 /* Map the pages of slots [i, j) (read-write, for now) as one mapping. */
-static bool map_unit(struct islands *s, size_t i, size_t j)
+static bool map_unit(struct jp_islands *s, size_t i, size_t j)
 {
 	size_t span = s->slot[j - 1].page + JP_ISLAND_PAGE - s->slot[i].page;
 	bool mapped = s->slot[i].page &&
-		      map_exactly(s->slot[i].page, span, PROT_READ | PROT_WRITE,
+		      jp_map_exactly(s->slot[i].page, span, PROT_READ | PROT_WRITE,
 				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	size_t k;
 
@@ -188,7 +108,7 @@ static bool map_unit(struct islands *s, size_t i, size_t j)
 }
 
 /* The first slot past the mapping that starts at slot i (i has a span). */
-static size_t unit_end(const struct islands *s, size_t i)
+static size_t unit_end(const struct jp_islands *s, size_t i)
 {
 	size_t j = i + 1;
 
@@ -203,10 +123,10 @@ static size_t unit_end(const struct islands *s, size_t i)
  * wraps like the CPU's.  A page something else holds fails its islands.
  * NULL when out of memory.
  */
-struct islands *reserve_islands(const struct jp_island *isl, uint32_t n,
+struct jp_islands *jp_reserve_islands(const struct jp_island *isl, uint32_t n,
 				uintptr_t bias)
 {
-	struct islands *s = malloc(sizeof(*s) + (size_t)n * sizeof(s->slot[0]));
+	struct jp_islands *s = malloc(sizeof(*s) + (size_t)n * sizeof(s->slot[0]));
 	size_t i, j, k;
 
 	if (!s)
@@ -235,7 +155,7 @@ struct islands *reserve_islands(const struct jp_island *isl, uint32_t n,
  * still reach their targets.  Never to nothing: an island no delta left
  * suits is passed over (it fails).
  */
-void islands_reach(const struct islands *s, int64_t *lo, int64_t *hi)
+void jp_islands_reach(const struct jp_islands *s, int64_t *lo, int64_t *hi)
 {
 	const int64_t far = INT64_C(1) << 40;
 	size_t i;
@@ -260,7 +180,7 @@ void islands_reach(const struct islands *s, int64_t *lo, int64_t *hi)
 }
 
 /* One island's hop, aimed at its target in the table's bias. */
-static void fill_island(const struct islands *s, struct island_slot *sl,
+static void fill_island(const struct jp_islands *s, struct island_slot *sl,
 			uintptr_t tbias)
 {
 	const struct jp_island *isl = sl->island;
@@ -281,7 +201,7 @@ static void fill_island(const struct islands *s, struct island_slot *sl,
  * Write the hops of the islands whose pages are ours, to targets at
  * `tbias`, then make the pages executable and never writable again.
  */
-void fill_islands(struct islands *s, uintptr_t tbias)
+void jp_fill_islands(struct jp_islands *s, uintptr_t tbias)
 {
 	size_t i, j, k;
 
@@ -303,7 +223,7 @@ void fill_islands(struct islands *s, uintptr_t tbias)
 }
 
 /* The module is gone: so are its islands' pages (s may be NULL). */
-void unmap_islands(struct islands *s)
+void jp_unmap_islands(struct jp_islands *s)
 {
 	size_t i;
 
@@ -314,34 +234,6 @@ void unmap_islands(struct islands *s)
 }
 
 /* ---- deciding which probes fall back ---------------------------------- */
-
-static int higher_first(const void *a, const void *b, void *probes)
-{
-	const struct jp_probe *p = probes;
-	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-
-	if (p[x].address != p[y].address)
-		return p[x].address > p[y].address ? -1 : 1;
-	return x > y ? -1 : x < y;
-}
-
-/*
- * The indexes of n probes from the highest address to the lowest: the
- * order in which a punned jump's site comes after the site whose patched
- * bytes it reads.  NULL when out of memory.
- */
-uint32_t *sites_down(const struct jp_probe *p, uint32_t n)
-{
-	uint32_t *order = malloc((n ? n : 1) * sizeof(*order));
-	uint32_t i;
-
-	if (!order)
-		return NULL;
-	for (i = 0; i < n; i++)
-		order[i] = i;
-	qsort_r(order, n, sizeof(*order), higher_first, (void *)p);
-	return order;
-}
 
 /* Planned with --strict: no probe of m may become a trap. */
 static bool strict(const struct jp_module *m)
@@ -365,20 +257,20 @@ static const char *fallback_words(const struct jp_module *m)
 /* The problem with an island, in the errors; its probe falls back. */
 static void say_why(const struct jp_module *m, const struct island_slot *sl)
 {
-	const char *spec = table_string(m, probes_of(m)[sl->island->probe].spec);
+	const char *spec = jp_table_string(m, jp_probes_of(m)[sl->island->probe].spec);
 	unsigned long at = sl->page + ((uintptr_t)sl->island->at & (JP_ISLAND_PAGE - 1));
 
 	switch (sl->state) {
 	case ISLAND_TAKEN:
-		record_error("probe %s: island page %#lx is taken; %s",
+		jp_record_error("probe %s: island page %#lx is taken; %s",
 			     spec, (unsigned long)sl->page, fallback_words(m));
 		break;
 	case ISLAND_FAR:
-		record_error("probe %s: the island at %#lx cannot reach its trampoline; %s",
+		jp_record_error("probe %s: the island at %#lx cannot reach its trampoline; %s",
 			     spec, at, fallback_words(m));
 		break;
 	default:
-		record_error("probe %s: island page %#lx cannot be made executable; %s",
+		jp_record_error("probe %s: island page %#lx cannot be made executable; %s",
 			     spec, (unsigned long)sl->page, fallback_words(m));
 		break;
 	}
@@ -390,21 +282,21 @@ static void say_why(const struct jp_module *m, const struct island_slot *sl)
  * bytes than the planner's (a trap made #UD) is CHANGED; one with a failed
  * island falls back (TRAP, or LEFT as it was under --strict); so does one
  * whose jump reads the patched bytes of a probe that is not PLANNED.
- * `order` is sites_down(): one pass from the highest address down settles
+ * `order` is jp_sites_down(): one pass from the highest address down settles
  * every chain, since a jump only reads bytes after its own site; the loop
  * only guards a table that says otherwise.  Each probe that falls back is
  * named in the errors.
  */
-void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
+void jp_decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 		      const bool *written, uint8_t *fate)
 {
-	const struct jp_probe *p = probes_of(m);
+	const struct jp_probe *p = jp_probes_of(m);
 	uint32_t i, k, d, n = m->table->nprobes;
 	bool again = true;
 
 	for (i = 0; i < n; i++)
 		fate[i] = (written && !written[i]) ||
-			  (ud_traps && p[i].mechanism == JP_MECH_TRAP) ?
+			  (jp_ud_traps() && p[i].mechanism == JP_MECH_TRAP) ?
 			  JP_FATE_CHANGED : JP_FATE_PLANNED;
 	for (k = 0; m->islands && k < m->islands->n; k++) {
 		const struct island_slot *sl = &m->islands->slot[k];
@@ -424,28 +316,14 @@ void decide_fallbacks(const struct jp_module *m, const uint32_t *order,
 				continue;
 			fate[i] = fallback(m);
 			again = true;
-			record_error("probe %s: its jump overlaps the site of probe %s, which is not as planned; %s",
-				     table_string(m, p[i].spec),
-				     table_string(m, p[d - 1].spec), fallback_words(m));
+			jp_record_error("probe %s: its jump overlaps the site of probe %s, which is not as planned; %s",
+				     jp_table_string(m, p[i].spec),
+				     jp_table_string(m, p[d - 1].spec), fallback_words(m));
 		}
 	}
 }
 
 /* ---- a patched file's islands ----------------------------------------- */
-
-/* The loadable segment holding `[vaddr, vaddr + len)`, or NULL. */
-static const ElfW(Phdr) *segment_at(const ElfW(Phdr) *phdr, int phnum,
-				    uint64_t vaddr, uint64_t len)
-{
-	int i;
-
-	for (i = 0; i < phnum; i++)
-		if (phdr[i].p_type == PT_LOAD && vaddr >= phdr[i].p_vaddr &&
-		    vaddr - phdr[i].p_vaddr <= phdr[i].p_memsz &&
-		    len <= phdr[i].p_memsz - (vaddr - phdr[i].p_vaddr))
-			return &phdr[i];
-	return NULL;
-}
 
 /*
  * Give a site of a patched file back its original bytes: with an int3 on
@@ -456,16 +334,16 @@ static const ElfW(Phdr) *segment_at(const ElfW(Phdr) *phdr, int phnum,
 static void restore_in_file(const struct jp_module *m, struct jp_probe *p,
 			    const ElfW(Phdr) *phdr, int phnum, uint8_t fate)
 {
-	const ElfW(Phdr) *ph = segment_at(phdr, phnum, p->address, p->len);
+	const ElfW(Phdr) *ph = jp_load_segment(phdr, phnum, p->address, p->len, 0);
 	uint8_t code[JP_PATCH_MAX];
 
 	memcpy(code, p->original, p->len);
 	if (fate == JP_FATE_TRAP)
 		code[0] = JP_INT3;
-	if (!ph || !poke(m->bias + p->address, code, p->len, prot_of(ph->p_flags))) {
-		record_error("%s: cannot write to its code at 0x%" PRIx64 " (%s); probe %s is broken",
+	if (!ph || !jp_poke(m->bias + p->address, code, p->len, jp_prot_of(ph->p_flags))) {
+		jp_record_error("%s: cannot write to its code at 0x%" PRIx64 " (%s); probe %s is broken",
 			     m->name, p->address, strerror(errno),
-			     table_string(m, p->spec));
+			     jp_table_string(m, p->spec));
 		return;
 	}
 	if (fate == JP_FATE_TRAP)
@@ -481,30 +359,30 @@ static void restore_in_file(const struct jp_module *m, struct jp_probe *p,
  * code), from the highest address down.  Out of memory, every punned and
  * evicting jump falls back.
  */
-void land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum)
+void jp_land_file_islands(struct jp_module *m, const ElfW(Phdr) *phdr, int phnum)
 {
-	struct jp_probe *p = probes_of(m);
+	struct jp_probe *p = jp_probes_of(m);
 	uint32_t i, k, n = m->table->nprobes;
 	uint32_t *order;
 	uint8_t *fate;
 
-	for (i = 0; i < n && !can_fall_back(&p[i]); i++)
+	for (i = 0; i < n && !jp_can_fall_back(&p[i]); i++)
 		;
 	if (i == n)
 		return;
-	m->islands = reserve_islands((const struct jp_island *)(m->tbias + m->table->islands),
+	m->islands = jp_reserve_islands((const struct jp_island *)(m->tbias + m->table->islands),
 				     m->table->nislands, m->bias);
-	order = sites_down(p, n);
+	order = jp_sites_down(p, n);
 	fate = malloc(n);
 	if (!m->islands || !order || !fate) {
-		record_error("%s: out of memory for its islands; its punned and evicting jumps: %s",
+		jp_record_error("%s: out of memory for its islands; its punned and evicting jumps: %s",
 			     m->name, fallback_words(m));
 		for (i = 0; i < n; i++)
-			if (can_fall_back(&p[i]))
+			if (jp_can_fall_back(&p[i]))
 				restore_in_file(m, &p[i], phdr, phnum, fallback(m));
 	} else {
-		fill_islands(m->islands, m->tbias);
-		decide_fallbacks(m, order, NULL, fate);
+		jp_fill_islands(m->islands, m->tbias);
+		jp_decide_fallbacks(m, order, NULL, fate);
 		for (k = 0; k < n; k++)
 			if (fate[order[k]] == JP_FATE_TRAP || fate[order[k]] == JP_FATE_LEFT)
 				restore_in_file(m, &p[order[k]], phdr, phnum, fate[order[k]]);

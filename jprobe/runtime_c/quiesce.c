@@ -57,7 +57,8 @@
  * carries a value only this process can know, so the program's own
  * signals of that number still go to the program's handler.
  */
-#include "rt.h"
+#include "quiesce.h"
+#include "traps.h"
 #include "sys.h"
 
 #include <errno.h>
@@ -76,7 +77,7 @@
  * it), and when `moving_only` is set, only its entries whose probe id is
  * true there apply.
  */
-static const struct trap_index *moving;
+static const struct jp_trap_index *moving;
 static const bool *moving_only;
 static int answers;
 /*
@@ -87,19 +88,10 @@ static bool unanswered;
 /* Its address is the value the signal carries: no other sender has it. */
 static int token;
 
-/* Where a thread at pc goes, or 0 when it stays. */
-uint64_t jp_moved_to(const struct trap_index *moves, const bool *only, uint64_t pc)
-{
-	size_t count;
-	const struct trap_site *s = index_search(moves, pc, &count);
-
-	return s && (!only || only[s->probe->id]) ? s->resume : 0;
-}
-
 /* In the trap handler: whether the signal is our request; if so, serve it. */
-bool jp_move_request(const siginfo_t *si, ucontext_t *uc)
+static bool move_request(const siginfo_t *si, ucontext_t *uc)
 {
-	const struct trap_index *idx;
+	const struct jp_trap_index *idx;
 	greg_t *gr = uc->uc_mcontext.gregs;
 	uint64_t to;
 
@@ -112,6 +104,15 @@ bool jp_move_request(const siginfo_t *si, ucontext_t *uc)
 		gr[REG_RIP] = to;
 	__atomic_fetch_add(&answers, 1, __ATOMIC_RELEASE);
 	return true;
+}
+
+/*
+ * Whether threads can be moved here: the trap handler serves our requests
+ * (traps.c calls move_request() through the pointer registered here).
+ */
+bool jp_quiesce_ready(void)
+{
+	return jp_serve_moves(move_request);
 }
 
 /* Whether thread tid is running (or stopped outside a system call). */
@@ -188,7 +189,7 @@ static int ask_all(void)
  * `only` marks, if given) to its resume address (step 2 above).  False when some thread did not answer in time
  * (it blocks the signal, or is stopped): the caller then writes nothing.
  */
-bool jp_move_threads(const struct trap_index *moves, const bool *only)
+bool jp_move_threads(const struct jp_trap_index *moves, const bool *only)
 {
 	const struct timespec pause = { 0, 50000 };
 	long waited = 0;

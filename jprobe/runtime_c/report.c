@@ -4,7 +4,9 @@
  * when JPROBE_REPORT is set.  (Under `jprobe run` the counters file takes
  * its place: jprobe reads it after the process tree has ended.)
  */
-#include "rt.h"
+#include "report.h"
+#include "modules.h"
+#include "threads.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -17,6 +19,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+static char *report_path;	/* absolute: the program may chdir() */
+static bool report_path_empty;	/* JPROBE_REPORT is set, to "" */
+static pid_t own_pid;		/* getpid() at start-up and after fork() */
+static bool forked_child;	/* set in a child of fork() */
+/* Brings the module list up to date before a report (startup.c registers it). */
+static void (*refresh)(void);
 
 struct buf {
 	char *p;
@@ -156,8 +164,8 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 	putf(b, ", \"address\": \"0x%" PRIx64 "\", \"mechanism\": \"%s\", \"handler\": ",
 	     p->address, mechanism_name(p->mechanism));
 	if (p->handler == JP_HANDLER_CALLBACK) {
-		char *h = concat3(table_string(m, p->lib), ":",
-				  table_string(m, p->func));
+		char *h = jp_concat3(jp_table_string(m, p->lib), ":",
+				  jp_table_string(m, p->func));
 
 		put_json_string(b, h ? h : "callback");
 		free(h);
@@ -165,7 +173,7 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 		puts_(b, "\"count\"");
 	}
 	putf(b, ", \"hits\": %" PRIu64 ", \"lost\": 0",
-	     probe_hits(m, p - probes_of(m)));
+	     jp_probe_hits(m, p - jp_probes_of(m)));
 	if (p->handler == JP_HANDLER_CALLBACK)
 		putf(b, ", \"missed\": %" PRIu64 ", \"callback_skipped\": %" PRIu64,
 		     __atomic_load_n(&p->missed, __ATOMIC_RELAXED),
@@ -177,7 +185,8 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 
 /*
  * The JSON of SPEC §3 for every live module; false if nothing to say.
- * Called with blocks_lock held, so no thread folds its counts meanwhile.
+ * Called with the blocks locked (jp_lock_blocks()), so no thread folds its
+ * counts meanwhile.
  */
 static bool build_report(struct buf *b)
 {
@@ -186,18 +195,18 @@ static bool build_report(struct buf *b)
 	uint32_t j;
 
 	putf(b, "{\"pid\": %d, \"executable\": ", (int)getpid());
-	put_json_string(b, exe_path);
+	put_json_string(b, jp_exe_path());
 	puts_(b, ",\n \"probes\": [");
-	for (i = 0; i < nmodules; i++) {
-		const struct jp_module *m = &modules[i];
+	for (i = 0; i < jp_module_count(); i++) {
+		const struct jp_module *m = jp_module_at(i);
 
 		if (!m->live || m->foreign)
 			continue;
 		any = true;
 		for (j = 0; j < m->table->nprobes; j++) {
 			/* aliases at one address: one site, one line of its spec per name */
-			const struct jp_probe *p = &probes_of(m)[j];
-			const char *name = table_string(m, p->spec), *end;
+			const struct jp_probe *p = &jp_probes_of(m)[j];
+			const char *name = jp_table_string(m, p->spec), *end;
 
 			do {
 				end = strchrnul(name, '\n');
@@ -209,10 +218,10 @@ static bool build_report(struct buf *b)
 		}
 	}
 	puts_(b, "],\n \"errors\": [");
-	for (i = 0; i < nerrors; i++) {
+	for (i = 0; i < jp_nerrors(); i++) {
 		if (i)
 			puts_(b, ", ");
-		put_json_string(b, errors[i]);
+		put_json_string(b, jp_error(i));
 	}
 	puts_(b, "]}\n");
 	return any && !b->oom;
@@ -320,14 +329,14 @@ static void publish_report(const char *report_path, const char *text, size_t len
 }
 
 /* Write the report to `path` (absolute), if there is anything to report. */
-void write_report(const char *path)
+static void write_report(const char *path)
 {
 	struct buf b = { 0 };
 	bool ok;
 
-	pthread_mutex_lock(&blocks_lock);
+	jp_lock_blocks();
 	ok = build_report(&b);
-	pthread_mutex_unlock(&blocks_lock);
+	jp_unlock_blocks();
 	if (ok)
 		publish_report(path, b.p, b.len);
 	free(b.p);
@@ -338,15 +347,15 @@ static bool any_live_module(void)
 {
 	int i;
 
-	for (i = 0; i < nmodules; i++)
-		if (modules[i].live && !modules[i].foreign)
+	for (i = 0; i < jp_module_count(); i++)
+		if (jp_module_at(i)->live && !jp_module_at(i)->foreign)
 			return true;
 	return false;
 }
 
 /*
  * JPROBE_REPORT set to the empty string names no file; the start-up takes it
- * for unset (runtime.c), so say it here, at exit, in the process that would
+ * for unset (jp_report_set_up()), so say it here, at exit, in the process that would
  * have written the report.
  */
 __attribute__((destructor))
@@ -354,4 +363,44 @@ static void say_report_path_empty(void)
 {
 	if (report_path_empty && any_live_module())
 		no_report("", "it is empty");
+}
+
+/*
+ * At start-up: JPROBE_REPORT's value (`path`, NULL when unset), and the
+ * function that brings the module list up to date before a report.  The
+ * report sits below start-up (rt.h), which registers that function here.
+ */
+void jp_report_set_up(const char *path, void (*refresh_modules)(void))
+{
+	own_pid = getpid();
+	if (path && *path)
+		report_path = jp_absolute(path);
+	report_path_empty = path && !*path;
+	refresh = refresh_modules;
+}
+
+/* `jprobe run`: the counters file takes the report's place. */
+void jp_report_off(void)
+{
+	report_path = NULL;
+}
+
+/* In a forked child: its report goes to a file of its own. */
+void jp_report_child_fork(void)
+{
+	forked_child = true;
+	own_pid = getpid();
+}
+
+/*
+ * The report so far: at exit (startup.c), and before an exec or an _exit
+ * (exec.c).  Not from the child of a vfork(), which runs on its parent's
+ * memory and counts: those hits are the parent's to report.
+ */
+void jp_report_own_hits(void)
+{
+	if (!report_path || getpid() != own_pid)
+		return;
+	refresh();
+	write_report(report_path);
 }

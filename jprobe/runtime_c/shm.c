@@ -13,7 +13,7 @@
  * file has been grown over it, so that no page of a record is ever past
  * the end of the file (SIGBUS) and the file is never shrunk by anyone.
  */
-#include "rt.h"
+#include "shm.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -44,7 +44,7 @@ static struct jp_shm_header *header(void)
 }
 
 /* Open and map the counters file `jprobe run` created; false if unusable. */
-bool counters_open(const char *path)
+bool jp_counters_open(const char *path)
 {
 	struct jp_shm_header head;
 	struct stat st;
@@ -52,20 +52,20 @@ bool counters_open(const char *path)
 	int fd = open(path, O_RDWR | O_CLOEXEC);
 
 	if (fd < 0) {
-		warn("%s: %s", path, strerror(errno));
+		jp_warn("%s: %s", path, strerror(errno));
 		return false;
 	}
 	if (pread(fd, &head, sizeof(head), 0) != sizeof(head) ||
 	    memcmp(head.magic, JP_SHM_MAGIC, sizeof(head.magic)) ||
 	    head.version != JP_SHM_VERSION) {
-		warn("%s: not a counters file of this version", path);
+		jp_warn("%s: not a counters file of this version", path);
 		close(fd);
 		return false;
 	}
 	base = mmap(JP_SHM_HINT, JP_SHM_WINDOW, PROT_READ | PROT_WRITE,
 		    MAP_SHARED | MAP_NORESERVE, fd, 0);
 	if (base == MAP_FAILED) {
-		warn("%s: cannot map it: %s", path, strerror(errno));
+		jp_warn("%s: cannot map it: %s", path, strerror(errno));
 		close(fd);
 		return false;
 	}
@@ -87,7 +87,7 @@ bool counters_open(const char *path)
  * close every descriptor they did not open): the number may be one of the
  * program's own files by now, which must never be grown or mapped.
  */
-int counters_fd(void)
+int jp_counters_fd(void)
 {
 	struct stat st;
 	int saved_errno = errno;
@@ -99,7 +99,7 @@ int counters_fd(void)
 }
 
 /* File offset of a payload claimed here. */
-uint64_t counters_offset(const void *payload)
+uint64_t jp_counters_offset(const void *payload)
 {
 	return (const char *)payload - shm_base;
 }
@@ -112,15 +112,15 @@ static bool grow(uint64_t end)
 
 	if (end <= have)
 		return true;
-	end = align_up(end, JP_SHM_GROW);
-	fd = counters_fd();
+	end = jp_align_up(end, JP_SHM_GROW);
+	fd = jp_counters_fd();
 	if (fd < 0) {
-		warn("the counters file was closed by the program");
+		jp_warn("the counters file was closed by the program");
 		return false;
 	}
 	err = posix_fallocate(fd, have, end - have);
 	if (err) {
-		warn("cannot grow the counters file: %s", strerror(err));
+		jp_warn("cannot grow the counters file: %s", strerror(err));
 		return false;
 	}
 	while (have < end &&
@@ -137,7 +137,7 @@ static bool grow(uint64_t end)
  * one after the other and stops at a kind of 0, so the caller publishes
  * the record at once: a claim left unpublished hides every later record.
  */
-void *counters_claim(uint32_t module, uint64_t size, bool page_aligned,
+void *jp_counters_claim(uint32_t module, uint64_t size, bool page_aligned,
 		     struct jp_shm_record **rec)
 {
 	uint64_t next, at, payload, end;
@@ -150,13 +150,13 @@ void *counters_claim(uint32_t module, uint64_t size, bool page_aligned,
 		/* A damaged `next` must not wrap round onto the header. */
 		if (next < sizeof(struct jp_shm_header) || next > JP_SHM_WINDOW)
 			return NULL;
-		at = align_up(next, 8);
+		at = jp_align_up(next, 8);
 		/*
 		 * A table is mapped on its own pages; any other payload (a
 		 * thread's counter block) gets 128 bytes of its own, so two
 		 * threads never share a cache line or an adjacent-line pair.
 		 */
-		payload = align_up(at + sizeof(*r),
+		payload = jp_align_up(at + sizeof(*r),
 				   page_aligned ? (uint64_t)sysconf(_SC_PAGESIZE) : 128);
 		end = payload + size;
 		if (end > JP_SHM_WINDOW || !grow(end))
@@ -174,20 +174,20 @@ void *counters_claim(uint32_t module, uint64_t size, bool page_aligned,
 }
 
 /* The record is complete: the reader may take it from now on. */
-void counters_publish(struct jp_shm_record *rec, uint32_t kind)
+void jp_counters_publish(struct jp_shm_record *rec, uint32_t kind)
 {
 	__atomic_store_n(&rec->kind, kind, __ATOMIC_RELEASE);
 }
 
 /* An ERROR record: the message `jprobe run` shows in its report. */
-void counters_error(const char *msg)
+void jp_counters_error(const char *msg)
 {
 	struct jp_shm_record *rec;
 	size_t len = strlen(msg) + 1;
-	char *text = counters_claim(UINT32_MAX, len, false, &rec);
+	char *text = jp_counters_claim(UINT32_MAX, len, false, &rec);
 
 	if (!text)
 		return;
 	memcpy(text, msg, len);
-	counters_publish(rec, JP_SHM_ERROR);
+	jp_counters_publish(rec, JP_SHM_ERROR);
 }

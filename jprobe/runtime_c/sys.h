@@ -3,7 +3,7 @@
  * sys.h - system calls made directly, without libc.
  *
  * The runtime's set-up runs before the program's initialisers (apply.c,
- * runtime.c): nothing it calls may be a function the program interposes
+ * startup.c): nothing it calls may be a function the program interposes
  * or the user probes.  freestanding.c builds the runtime's own copies of
  * the libc functions it uses on these.
  */

@@ -9,9 +9,10 @@
  * locked increment, which is as exact, only slower.  A block is malloc()ed
  * for a table that came in a patched file and added into the shared counts
  * when its thread ends; for a module `jprobe run` placed it is a BLOCK
- * record of the counters file (apply.c), whose hits need no folding.
+ * record of the counters file (apply.c, through the module's jp_block_ops),
+ * whose hits need no folding.
  */
-#include "rt.h"
+#include "threads.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -23,7 +24,7 @@
  * thread.  Few slots: a runtime brought in by dlopen() takes them from
  * glibc's small static TLS reserve.
  */
-__thread uint64_t *tls_blocks[JP_TLS_SLOTS]
+static __thread uint64_t *tls_blocks[JP_TLS_SLOTS]
 	__attribute__((tls_model("initial-exec")));
 
 /*
@@ -31,7 +32,7 @@ __thread uint64_t *tls_blocks[JP_TLS_SLOTS]
  * re-entered" in jprobe_table.h): the trampolines test and set it through
  * the tables' guard_off, the trap handler directly.
  */
-__thread uint8_t in_callback __attribute__((tls_model("initial-exec")));
+static __thread uint8_t in_callback __attribute__((tls_model("initial-exec")));
 
 /* A thread's malloc()ed counters for one module, listed until the thread ends. */
 struct block {
@@ -42,17 +43,17 @@ struct block {
 };
 
 static struct block *blocks;
-pthread_mutex_t blocks_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t blocks_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_key_t exit_key;	/* its destructor ends a thread's blocks */
 static bool exit_key_ok;
-int counting;			/* atomic: some module counts per thread */
+static int counting;		/* atomic: some module counts per thread */
 
 typedef int (*create_fn)(pthread_t *, const pthread_attr_t *,
 			 void *(*)(void *), void *);
 static create_fn real_pthread_create_fn;
 
 /* %fs-relative offset of a slot; the same in every thread (initial-exec). */
-int64_t tls_offset(int slot)
+static int64_t tls_offset(int slot)
 {
 	char *tp;
 
@@ -61,7 +62,7 @@ int64_t tls_offset(int slot)
 }
 
 /* %fs-relative offset of in_callback; the same in every thread. */
-int64_t guard_offset(void)
+static int64_t guard_offset(void)
 {
 	char *tp;
 
@@ -72,11 +73,11 @@ int64_t guard_offset(void)
 static void thread_exit(void *unused);
 
 /* Ask for thread_exit() at the end of every thread that gets a block. */
-void watch_thread_exits(void)
+void jp_watch_thread_exits(void)
 {
 	if (!exit_key_ok)
 		exit_key_ok = !pthread_key_create(&exit_key, thread_exit);
-	next_symbol((void **)&real_pthread_create_fn, "pthread_create");
+	jp_next_symbol((void **)&real_pthread_create_fn, "pthread_create");
 }
 
 /* Whole 128-byte units: two threads' counters never share a cache line pair. */
@@ -100,13 +101,13 @@ static uint64_t *malloc_block(struct jp_module *m)
 }
 
 /* Give the calling thread its own counters for module m. */
-void attach_block(struct jp_module *m)
+void jp_attach_block(struct jp_module *m)
 {
 	uint64_t *counts;
 
 	if (m->slot < 0 || tls_blocks[m->slot])
 		return;
-	counts = m->placed ? placed_block(m) : malloc_block(m);
+	counts = m->blocks ? m->blocks->get(m) : malloc_block(m);
 	if (!counts)
 		return;		/* the shared counters take this thread's hits */
 	__atomic_store_n(&tls_blocks[m->slot], counts, __ATOMIC_RELEASE);
@@ -114,8 +115,37 @@ void attach_block(struct jp_module *m)
 		pthread_setspecific(exit_key, (void *)1);
 }
 
+/*
+ * In a forked child (apply.c): the calling thread's block for m was its
+ * parent's; forget it.  Whether it had one.
+ */
+bool jp_detach_block(struct jp_module *m)
+{
+	bool had = m->slot >= 0 && tls_blocks[m->slot];
+
+	if (m->slot >= 0)
+		tls_blocks[m->slot] = NULL;
+	return had;
+}
+
+/*
+ * After the table is claimed (jp_claim_table()): the trampolines find the
+ * thread's callback guard and, when the module has a slot, its block, and
+ * new threads get blocks of their own.
+ */
+void jp_count_per_thread(struct jp_module *m)
+{
+	__atomic_store_n(&m->table->guard_off, guard_offset(), __ATOMIC_RELEASE);
+	if (m->slot >= 0) {
+		jp_attach_block(m);
+		__atomic_store_n(&m->table->tls_off, tls_offset(m->slot),
+				 __ATOMIC_RELEASE);
+		__atomic_store_n(&counting, 1, __ATOMIC_RELEASE);
+	}
+}
+
 /* A module loaded again: the blocks of its old incarnation start from zero. */
-void forget_blocks(struct jp_module *m)
+void jp_forget_blocks(struct jp_module *m)
 {
 	struct block *b;
 
@@ -129,12 +159,12 @@ void forget_blocks(struct jp_module *m)
 /* A new thread: counters for every module set up so far. */
 static void attach_thread(void)
 {
-	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
+	int i, n = jp_module_count();
 
 	for (i = 0; i < n; i++)
-		if (__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE) &&
-		    !modules[i].foreign)
-			attach_block(&modules[i]);
+		if (__atomic_load_n(&jp_module_at(i)->live, __ATOMIC_ACQUIRE) &&
+		    !jp_module_at(i)->foreign)
+			jp_attach_block(jp_module_at(i));
 }
 
 static void unlink_block(struct block *b)
@@ -152,14 +182,14 @@ static void unlink_block(struct block *b)
 static void fold_block(uint64_t *counts)
 {
 	struct block *b = (struct block *)((char *)counts - offsetof(struct block, counts));
-	bool mapped = module_mapped(b->m);	/* not under blocks_lock: dl lock */
+	bool mapped = jp_module_mapped(b->m);	/* not under blocks_lock: dl lock */
 	uint32_t j;
 
 	pthread_mutex_lock(&blocks_lock);
 	if (mapped)
 		for (j = 0; j < b->n; j++)
 			if (counts[j])
-				__atomic_fetch_add(&probes_of(b->m)[j].hits,
+				__atomic_fetch_add(&jp_probes_of(b->m)[j].hits,
 						   counts[j], __ATOMIC_RELAXED);
 	unlink_block(b);
 	pthread_mutex_unlock(&blocks_lock);
@@ -175,6 +205,7 @@ static void fold_block(uint64_t *counts)
  */
 static void thread_exit(void *unused)
 {
+	struct jp_module *m;
 	int s;
 
 	(void)unused;
@@ -185,17 +216,18 @@ static void thread_exit(void *unused)
 			continue;
 		__atomic_store_n(&tls_blocks[s], NULL, __ATOMIC_RELAXED);
 		__atomic_signal_fence(__ATOMIC_SEQ_CST);
-		if (modules[s].placed)
-			release_block(&modules[s], counts);
+		m = jp_module_at(s);	/* a slot is its module's index */
+		if (m->blocks)
+			m->blocks->put(m, counts);
 		else
 			fold_block(counts);
 	}
 }
 
 /* A probe's hits: the shared counter and every live thread's block. */
-uint64_t probe_hits(const struct jp_module *m, uint32_t j)
+uint64_t jp_probe_hits(const struct jp_module *m, uint32_t j)
 {
-	uint64_t n = __atomic_load_n(&probes_of(m)[j].hits, __ATOMIC_RELAXED);
+	uint64_t n = __atomic_load_n(&jp_probes_of(m)[j].hits, __ATOMIC_RELAXED);
 	const struct block *b;
 
 	for (b = blocks; b; b = b->next)
@@ -204,13 +236,45 @@ uint64_t probe_hits(const struct jp_module *m, uint32_t j)
 	return n;
 }
 
-/* The block list stays consistent across fork(). */
-void blocks_prepare_fork(void)
+/* Hold the blocks still: no thread folds its counts meanwhile (report.c, apply.c). */
+void jp_lock_blocks(void)
 {
 	pthread_mutex_lock(&blocks_lock);
 }
 
-void blocks_parent_fork(void)
+void jp_unlock_blocks(void)
+{
+	pthread_mutex_unlock(&blocks_lock);
+}
+
+/*
+ * The trap handler's half of the guard (see "Callbacks are not
+ * re-entered" in jprobe_table.h): false when the thread is in a callback
+ * already; else it is from now on, until jp_leave_callback().
+ * Async-signal-safe.
+ */
+bool jp_enter_callback(void)
+{
+	if (in_callback)
+		return false;
+	in_callback = 1;
+	__atomic_signal_fence(__ATOMIC_SEQ_CST);
+	return true;
+}
+
+void jp_leave_callback(void)
+{
+	__atomic_signal_fence(__ATOMIC_SEQ_CST);
+	in_callback = 0;
+}
+
+/* The block list stays consistent across fork(). */
+void jp_blocks_prepare_fork(void)
+{
+	pthread_mutex_lock(&blocks_lock);
+}
+
+void jp_blocks_parent_fork(void)
 {
 	pthread_mutex_unlock(&blocks_lock);
 }
@@ -220,7 +284,7 @@ void blocks_parent_fork(void)
  * this thread's blocks start from zero, and the blocks of the threads that
  * did not follow into the child are dropped.
  */
-void blocks_child_fork(void)
+void jp_blocks_child_fork(void)
 {
 	struct block **pp = &blocks, *b;
 
@@ -233,7 +297,7 @@ void blocks_child_fork(void)
 			free(b);
 		}
 	}
-	/* Locked by blocks_prepare_fork, or by a thread that did not follow. */
+	/* Locked by jp_blocks_prepare_fork, or by a thread that did not follow. */
 	blocks_lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
 }
 
@@ -289,7 +353,7 @@ static void *start_thread(void *arg)
 JP_EXPORT int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
 			     void *(*fn)(void *), void *arg)
 {
-	create_fn real = next_symbol((void **)&real_pthread_create_fn,
+	create_fn real = jp_next_symbol((void **)&real_pthread_create_fn,
 				     "pthread_create");
 	struct start *s;
 	int err;

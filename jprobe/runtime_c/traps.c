@@ -9,7 +9,8 @@
  * same handler sends a thread that meets a jump site while apply.c is
  * writing it back to run the site again.
  */
-#include "rt.h"
+#include "traps.h"
+#include "threads.h"
 #include "sys.h"
 
 #include <sys/syscall.h>
@@ -55,6 +56,14 @@ typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
 typedef sighandler_t (*signal_fn)(int, sighandler_t);
 typedef int (*sigmask_fn)(int, const sigset_t *, sigset_t *);
 
+static bool ud_traps;		/* trap sites raise #UD, not int3 */
+/*
+ * Serves our request to move out of changing code.  quiesce.c sits above
+ * this file and registers it (jp_serve_moves()), so that the handler calls
+ * up only through this pointer.
+ */
+static jp_move_fn serve_move;
+
 static sigaction_fn real_sigaction_fn;
 static signal_fn real_signal_fn;
 static sigmask_fn real_sigprocmask_fn;
@@ -63,7 +72,7 @@ static sigmask_fn real_pthread_sigmask_fn;
 static int real_sigaction(int sig, const struct sigaction *act,
 			  struct sigaction *old)
 {
-	sigaction_fn fn = next_symbol((void **)&real_sigaction_fn, "sigaction");
+	sigaction_fn fn = jp_next_symbol((void **)&real_sigaction_fn, "sigaction");
 
 	if (!fn) {
 		errno = ENOSYS;
@@ -74,7 +83,7 @@ static int real_sigaction(int sig, const struct sigaction *act,
 
 static int real_pthread_sigmask(int how, const sigset_t *set, sigset_t *old)
 {
-	sigmask_fn fn = next_symbol((void **)&real_pthread_sigmask_fn,
+	sigmask_fn fn = jp_next_symbol((void **)&real_pthread_sigmask_fn,
 				    "pthread_sigmask");
 
 	return fn ? fn(how, set, old) : ENOSYS;
@@ -84,12 +93,12 @@ static int real_pthread_sigmask(int how, const sigset_t *set, sigset_t *old)
  * Looked up in the constructor, and lazily in case the program calls them
  * from a constructor that runs before ours.
  */
-void resolve_signal_functions(void)
+void jp_resolve_signal_functions(void)
 {
-	next_symbol((void **)&real_sigaction_fn, "sigaction");
-	next_symbol((void **)&real_signal_fn, "signal");
-	next_symbol((void **)&real_sigprocmask_fn, "sigprocmask");
-	next_symbol((void **)&real_pthread_sigmask_fn, "pthread_sigmask");
+	jp_next_symbol((void **)&real_sigaction_fn, "sigaction");
+	jp_next_symbol((void **)&real_signal_fn, "signal");
+	jp_next_symbol((void **)&real_sigprocmask_fn, "sigprocmask");
+	jp_next_symbol((void **)&real_pthread_sigmask_fn, "pthread_sigmask");
 }
 
 /* The chain of a signal trap probes may raise, or NULL. */
@@ -166,85 +175,13 @@ static void chained_try_set(struct chain *c, const struct sigaction *act)
 	__atomic_store_n(&c->busy, 0, __ATOMIC_RELEASE);
 }
 
-/* The first site at `pc` in a sorted index, and how many there are; NULL if none. */
-const struct trap_site *index_search(const struct trap_index *idx, uint64_t pc,
-				     size_t *count)
-{
-	size_t lo = 0, hi = idx->n, end;
-
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo) / 2;
-
-		if (idx->site[mid].pc < pc)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	if (lo == idx->n || idx->site[lo].pc != pc)
-		return NULL;
-	for (end = lo; end < idx->n && idx->site[end].pc == pc; end++)
-		;
-	*count = end - lo;
-	return &idx->site[lo];
-}
-
-/*
- * The first entry at `pc` of the index each live module keeps at `which`
- * (traps, jumps, bounds), and how many there are.  Lock-free: modules and
- * indexes only grow, and an index is never freed once published.
- */
-static const struct trap_site *find_in(size_t which, uint64_t pc, size_t *count)
-{
-	int i, n = __atomic_load_n(&nmodules, __ATOMIC_ACQUIRE);
-
-	for (i = 0; i < n; i++) {
-		struct trap_index **slot = (struct trap_index **)((char *)&modules[i] + which);
-		const struct trap_index *idx;
-		const struct trap_site *site;
-
-		if (!__atomic_load_n(&modules[i].live, __ATOMIC_ACQUIRE))
-			continue;
-		idx = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-		if (idx && (site = index_search(idx, pc, count)))
-			return site;
-	}
-	return NULL;
-}
-
-/* The trap sites at `pc` (several probes may share one site), and how many. */
-static const struct trap_site *find_trap(uint64_t pc, size_t *count)
-{
-	return find_in(offsetof(struct jp_module, traps), pc, count);
-}
-
-/* Whether pc is a jump site apply.c patches (or has patched) in this process. */
-static bool is_jump_site(uint64_t pc)
-{
-	size_t count;
-
-	return find_in(offsetof(struct jp_module, jumps), pc, &count);
-}
-
-/*
- * Where the instruction at pc, one of a placed site's, runs relocated; 0
- * if it is none.  A placeholder there (quiesce.c) sends the thread on to
- * run that copy, which is the same as running the instruction.
- */
-static uint64_t relocated(uint64_t pc)
-{
-	size_t count;
-	const struct trap_site *s = find_in(offsetof(struct jp_module, bounds), pc, &count);
-
-	return s ? s->resume : 0;
-}
-
 /*
  * Run a callback as the trampolines would: it sees the registers at the
  * probe (rip = the probe site) and may change any but rsp and rip.  The
  * kernel's signal frame already keeps the vector and x87 state, and gives
  * the handler an aligned stack with DF clear.
  */
-static void run_callback(const struct trap_site *site, uint64_t cb,
+static void run_callback(const struct jp_trap_site *site, uint64_t cb,
 			 greg_t *gr)
 {
 	struct jprobe_ctx ctx;
@@ -298,7 +235,7 @@ static void run_callback(const struct trap_site *site, uint64_t cb,
  * runs unless it is not resolved yet (skipped) or the thread is already in
  * a callback (missed; see "Callbacks are not re-entered" in jprobe_table.h).
  */
-static void serve_callback(const struct trap_site *site, greg_t *gr)
+static void serve_callback(const struct jp_trap_site *site, greg_t *gr)
 {
 	struct jp_probe *p = site->probe;
 	uint64_t cb = __atomic_load_n(&p->callback, __ATOMIC_ACQUIRE);
@@ -309,15 +246,12 @@ static void serve_callback(const struct trap_site *site, greg_t *gr)
 		__atomic_fetch_add(&p->skipped, 1, __ATOMIC_RELAXED);
 		return;
 	}
-	if (in_callback) {
+	if (!jp_enter_callback()) {
 		__atomic_fetch_add(&p->missed, 1, __ATOMIC_RELAXED);
 		return;
 	}
-	in_callback = 1;
-	__atomic_signal_fence(__ATOMIC_SEQ_CST);
 	run_callback(site, cb, gr);
-	__atomic_signal_fence(__ATOMIC_SEQ_CST);
-	in_callback = 0;
+	jp_leave_callback();
 }
 
 /*
@@ -412,7 +346,7 @@ static bool read_back(const void *at, void *out, size_t len)
  * Move the saved rip of every listed frame that is one of `moves`' pcs
  * (quiesce.c, from the thread that writes the code).
  */
-void jp_move_frames(const struct trap_index *moves, const bool *only)
+void jp_move_frames(const struct jp_trap_index *moves, const bool *only)
 {
 	size_t i;
 
@@ -548,20 +482,21 @@ static void trap_handler(int sig, siginfo_t *si, void *ucv)
 	ucontext_t *uc = ucv;
 	greg_t *gr = uc->uc_mcontext.gregs;
 	uint64_t pc = (uint64_t)gr[REG_RIP] - (sig == SIGTRAP);
-	const struct trap_site *site = NULL;
+	const struct jp_trap_site *site = NULL;
 	int saved_errno = errno;
 	size_t i, n = 0;
+	jp_move_fn move = __atomic_load_n(&serve_move, __ATOMIC_ACQUIRE);
 	uint64_t resume;
 
-	if (jp_move_request(si, uc)) {
+	if (move && move(si, uc)) {
 		errno = saved_errno;
 		return;
 	}
 	if (si->si_code > 0)
-		site = find_trap(pc, &n);
+		site = jp_find_trap(pc, &n);
 	if (!site && (si->si_code == (sig == SIGTRAP ? SI_KERNEL : ILL_ILLOPN))) {
-		resume = relocated(pc);
-		if (resume || is_jump_site(pc)) {
+		resume = jp_relocated(pc);
+		if (resume || jp_is_jump_site(pc)) {
 			gr[REG_RIP] = resume ? resume : pc;
 			return;
 		}
@@ -597,7 +532,7 @@ static void serve(struct chain *c)
 	sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
 	sigemptyset(&sa.sa_mask);
 	if (real_sigaction(c->sig, &sa, &old)) {
-		record_error("cannot install the %s handler: %s", c->name,
+		jp_record_error("cannot install the %s handler: %s", c->name,
 			     strerror(errno));
 		return;
 	}
@@ -619,7 +554,7 @@ static void serve(struct chain *c)
  */
 struct ud_query {
 	const struct jp_module *m;
-	const struct trap_index *idx;
+	const struct jp_trap_index *idx;
 };
 
 /*
@@ -634,18 +569,18 @@ static void arm_ud_site(const struct jp_module *m, uint64_t pc, int prot)
 	unsigned char *code = (unsigned char *)(uintptr_t)pc;
 
 	if (*code != JP_INT3) {
-		record_error("%s: no int3 at trap site 0x%" PRIx64 "; left as it is",
+		jp_record_error("%s: no int3 at trap site 0x%" PRIx64 "; left as it is",
 			     m->name, pc - m->bias);
 		return;
 	}
 	if (mprotect(page, page_size, prot | PROT_WRITE)) {
-		record_error("%s: cannot write to code (%s); trap probes keep int3",
+		jp_record_error("%s: cannot write to code (%s); trap probes keep int3",
 			     m->name, strerror(errno));
 		return;
 	}
 	*code = JP_UD;
 	if (mprotect(page, page_size, prot))
-		record_error("%s: cannot restore the protection of its code: %s",
+		jp_record_error("%s: cannot restore the protection of its code: %s",
 			     m->name, strerror(errno));
 }
 
@@ -653,26 +588,20 @@ static void arm_ud_site(const struct jp_module *m, uint64_t pc, int prot)
 static int arm_ud_object(struct dl_phdr_info *info, size_t size, void *data)
 {
 	const struct ud_query *q = data;
-	const struct trap_site *s = q->idx->site;
+	const struct jp_trap_site *s = q->idx->site;
+	const ElfW(Phdr) *ph;
 	size_t i;
-	int j;
 
 	(void)size;
 	if (info->dlpi_addr != q->m->bias || strcmp(info->dlpi_name, q->m->dl_name))
 		return 0;
 	for (i = 0; i < q->idx->n; i++) {
-		uint64_t vaddr = s[i].pc - info->dlpi_addr;
-
 		if (i && s[i - 1].pc == s[i].pc)
 			continue;	/* probes sharing a site */
-		for (j = 0; j < info->dlpi_phnum; j++) {
-			const ElfW(Phdr) *ph = &info->dlpi_phdr[j];
-
-			if (ph->p_type == PT_LOAD && vaddr - ph->p_vaddr < ph->p_memsz) {
-				arm_ud_site(q->m, s[i].pc, prot_of(ph->p_flags));
-				break;
-			}
-		}
+		ph = jp_load_segment(info->dlpi_phdr, info->dlpi_phnum,
+				     s[i].pc - info->dlpi_addr, 1, 0);
+		if (ph)
+			arm_ud_site(q->m, s[i].pc, jp_prot_of(ph->p_flags));
 	}
 	return 1;
 }
@@ -683,27 +612,55 @@ static int arm_ud_object(struct dl_phdr_info *info, size_t size, void *data)
  * placed module's sites are written with the right byte in the first
  * place (apply.c).
  */
-void arm_traps(struct jp_module *m, struct trap_index *idx)
+static void arm_traps(struct jp_module *m, struct jp_trap_index *idx)
 {
 	struct ud_query q = { m, idx };
 
-	if (serve_traps() && ud_traps && !m->placed)
+	if (jp_serve_traps() && ud_traps && !m->placed)
 		dl_iterate_phdr(arm_ud_object, &q);
+}
+
+/* Serve the module's trap sites from now on (idx NULL: it has none). */
+void jp_publish_traps(struct jp_module *m, struct jp_trap_index *idx)
+{
+	if (!idx)
+		return;
+	__atomic_store_n(&m->traps, idx, __ATOMIC_RELEASE);
+	arm_traps(m, idx);
+}
+
+/* At start-up: trap sites raise #UD (under a debugger, or JPROBE_TRAP=ud). */
+void jp_set_ud_traps(bool on)
+{
+	ud_traps = on;
+}
+
+bool jp_ud_traps(void)
+{
+	return ud_traps;
+}
+
+/* The byte a trap site starts with here: int3, or #UD's. */
+uint8_t jp_trap_byte(void)
+{
+	return ud_traps ? JP_UD : JP_INT3;
 }
 
 /*
  * Serve the signal that asks threads to move out of changing code
- * (quiesce.c): a real-time one, queued even while the thread has a trap's
- * SIGTRAP pending (a second SIGTRAP would be lost).
+ * (quiesce.c), with `move` first in the handler: a real-time one, queued
+ * even while the thread has a trap's SIGTRAP pending (a second SIGTRAP
+ * would be lost).
  */
-bool serve_moves(void)
+bool jp_serve_moves(jp_move_fn move)
 {
+	__atomic_store_n(&serve_move, move, __ATOMIC_RELEASE);
 	serve(&chains[CHAIN_MOVE]);
 	return serving(&chains[CHAIN_MOVE]);
 }
 
 /* Serve the signals trap sites raise here: SIGTRAP, and SIGILL with #UD. */
-bool serve_traps(void)
+bool jp_serve_traps(void)
 {
 	serve(&chains[CHAIN_TRAP]);
 	if (ud_traps)
@@ -758,7 +715,7 @@ JP_EXPORT sighandler_t signal(int sig, sighandler_t handler)
 		return wrapped_sigaction(sig, &sa, &old) ? SIG_ERR : old.sa_handler;
 	}
 	if (!serving(c)) {
-		fn = next_symbol((void **)&real_signal_fn, "signal");
+		fn = jp_next_symbol((void **)&real_signal_fn, "signal");
 		if (!fn) {
 			errno = ENOSYS;
 			return SIG_ERR;
@@ -777,7 +734,7 @@ JP_EXPORT sighandler_t signal(int sig, sighandler_t handler)
 
 JP_EXPORT int sigprocmask(int how, const sigset_t *set, sigset_t *oldset)
 {
-	sigmask_fn fn = next_symbol((void **)&real_sigprocmask_fn, "sigprocmask");
+	sigmask_fn fn = jp_next_symbol((void **)&real_sigprocmask_fn, "sigprocmask");
 	sigset_t copy;
 
 	if (!fn) {

@@ -7,7 +7,7 @@
  * Every read and write is checked against the module's own segments: a
  * damaged file gives an error, not a crash of the runtime.
  */
-#include "rt.h"
+#include "unpack.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -59,7 +59,7 @@ static struct stream part(const uint8_t *blob, uint64_t size, uint64_t at,
 {
 	struct stream s = { blob, blob, true };
 
-	if (at <= size && len <= size - at) {
+	if (jp_within(at, len, 0, size)) {
 		s.p = blob + at;
 		s.end = s.p + len;
 		s.bad = false;
@@ -161,7 +161,7 @@ static bool unpack_islands(const struct dl_phdr_info *info, struct jp_table *t,
 		    off >> 1 > JP_PATCH_MAX || !entry[probe])
 			return false;
 		site = p[probe].address + (off >> 1);
-		if (!in_segment(info, site, 4, PF_R | PF_X))
+		if (!jp_in_segment(info, site, 4, PF_R | PF_X))
 			return false;
 		memcpy(&rel, (const void *)(bias + site), 4);
 		isl[i].at = site + 4 + rel;
@@ -174,13 +174,6 @@ static bool unpack_islands(const struct dl_phdr_info *info, struct jp_table *t,
 		memcpy(&isl[i].code[1], &rel, 4);
 	}
 	return !s.bad && s.p == s.end;
-}
-
-static void put32(uint8_t *at, int64_t value)
-{
-	int32_t v = (int32_t)value;
-
-	memcpy(at, &v, 4);
 }
 
 static int64_t unzigzag(uint64_t v)
@@ -209,11 +202,11 @@ static uint64_t fill_template(struct jp_table *t, uint64_t table_vaddr,
 		if ((uint64_t)hole->at + 4 > n)
 			return 0;
 		if (hole->kind == JP_HOLE_HITS)
-			put32(field, hits - (here + hole->end));
+			jp_put32(field, hits - (here + hole->end));
 		else if (hole->kind == JP_HOLE_TLS)
-			put32(field, tls - (here + hole->end));
+			jp_put32(field, tls - (here + hole->end));
 		else if (hole->kind == JP_HOLE_SLOT)
-			put32(field, 8 * owner);
+			jp_put32(field, 8 * owner);
 		else
 			return 0;
 	}
@@ -291,7 +284,7 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
 			if (n > t->text_size - pos)
 				return false;
 			out[pos] = 0xe9;
-			put32(out + pos + 1, p[owner].address + unzigzag(arg) - (t->text + pos + 5));
+			jp_put32(out + pos + 1, p[owner].address + unzigzag(arg) - (t->text + pos + 5));
 			break;
 		case JP_OP_COPYJMP:
 			n = arg + 5;
@@ -299,7 +292,7 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
 				return false;
 			memcpy(out + pos, p[owner].original, arg);
 			out[pos + arg] = 0xe9;
-			put32(out + pos + arg + 1,
+			jp_put32(out + pos + arg + 1,
 			      p[owner].address + arg - (t->text + pos + arg + 5));
 			break;
 		default:
@@ -314,7 +307,7 @@ static bool unpack_text(struct jp_table *t, uintptr_t bias, uint64_t table_vaddr
  * Unpack `t` (at link-time address table_vaddr) of the module `info`
  * describes.  False, with an error recorded, when it is damaged.
  */
-bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
+bool jp_unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
 		  uint64_t table_vaddr)
 {
 	uintptr_t bias = info->dlpi_addr;
@@ -325,12 +318,12 @@ bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
 
 	if (t->unpacked)
 		return true;
-	if (!in_segment(info, t->text, t->text_size, PF_R | PF_X) ||
-	    !in_segment(info, t->packed, t->packed_size, PF_R) ||
+	if (!jp_in_segment(info, t->text, t->text_size, PF_R | PF_X) ||
+	    !jp_in_segment(info, t->packed, t->packed_size, PF_R) ||
 	    t->packed < t->text || t->packed_size < sizeof(*h) ||
-	    !in_segment(info, t->probes, (uint64_t)t->nprobes * sizeof(struct jp_probe), PF_R | PF_W) ||
-	    !in_segment(info, t->islands, (uint64_t)t->nislands * sizeof(struct jp_island), PF_R | PF_W) ||
-	    !in_segment(info, t->strings, t->strings_size, PF_R | PF_W))
+	    !jp_in_segment(info, t->probes, (uint64_t)t->nprobes * sizeof(struct jp_probe), PF_R | PF_W) ||
+	    !jp_in_segment(info, t->islands, (uint64_t)t->nislands * sizeof(struct jp_island), PF_R | PF_W) ||
+	    !jp_in_segment(info, t->strings, t->strings_size, PF_R | PF_W))
 		return false;
 	blob = mmap(NULL, t->packed_size, PROT_READ | PROT_WRITE,
 		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -340,7 +333,7 @@ bool unpack_table(const struct dl_phdr_info *info, struct jp_table *t,
 	h = (const struct jp_packed *)blob;
 	pool_len = h->strings_size;
 	ok = !memcmp(h->magic, JP_PACKED_MAGIC, sizeof(h->magic)) &&
-	     h->strings <= t->packed_size && pool_len <= t->packed_size - h->strings &&
+	     jp_within(h->strings, pool_len, 0, t->packed_size) &&
 	     pool_len <= t->strings_size;
 	if (ok) {
 		memcpy((void *)(bias + t->strings), blob + h->strings, pool_len);
