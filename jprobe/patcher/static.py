@@ -34,7 +34,7 @@ POINTER = 8
 # preinit entry; all other sections keep their place.
 _REBUILT = {".dynamic", ".dynstr", ".dynsym", ".gnu.hash", ".hash", ".gnu.version", ".gnu.version_r",
             ".gnu.version_d", ".rela.dyn"}
-# The runtime's set-up before any library initialiser (runtime_c/runtime.c).
+# The runtime's set-up before any library initialiser (runtime_c/startup.c).
 PREINIT = "jprobe_rt_preinit"
 TAG = lief.ELF.DynamicEntry.TAG
 
