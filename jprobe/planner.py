@@ -11,6 +11,7 @@ from . import layout, probetable
 from .elf import ElfModule
 from .callbacks import Callback, resolve_callback
 from .errors import SiteError, SymbolError
+from .mechanisms import Mechanism, Tactic
 from .plan import ModulePlan, ProbePlan
 from .probetable import PROBE_SIZE, TABLE_SIZE, TableProbe
 from .sites import Overlay, Site, SiteAnalyzer, is_entry
@@ -88,7 +89,7 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
     resolved = []
     for address, spec in first.items():
         site = analyzer.analyse(address, tactics=False)
-        if strict and site.mechanism == "trap":
+        if strict and site.mechanism is Mechanism.TRAP:
             _refuse_trap(spec, analyzer.shorten(site, analyzer.islands(), Overlay(module)))
         resolved.append(ResolvedProbe(spec, address, site, analyzer, resolve_callback(spec), aliases[address]))
     # Outside any function symbol nothing says where instructions start, so one probe's
@@ -103,7 +104,7 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
 
 
 def _refuse_trap(spec: ProbeSpec, site: Site) -> None:
-    if site.mechanism == "trap":
+    if site.mechanism is Mechanism.TRAP:
         raise SiteError(f"'{spec.text}': needs a trap at {site.address:#x} ({site.reason}); "
                         f"drop --strict to accept the int3 fallback, or probe another instruction")
 
@@ -127,13 +128,13 @@ def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
     analyzer = probes[0].analyzer
     overlay = Overlay(module)
     for i, plan in plans.items():
-        overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism == "trap",
+        overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism is Mechanism.TRAP,
                     unstable=strict and movable and plan.patch_fixup is not None)
     islands = analyzer.islands(len(probes), room)
     at_address = {p.address: i for i, p in enumerate(probes)}
     decided: dict[int, Site] = {}
     rejumped: dict[int, tuple[int, int, int]] = {}     # probe id -> its island record
-    for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism == "trap"),
+    for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism is Mechanism.TRAP),
                     key=lambda i: -probes[i].address):
         probe = probes[i]
         site = probe.site
@@ -180,8 +181,8 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
         return site
     if j in plans:
         old = plans[j]
-        plain = old.mechanism == "jump" and old.patch_fixup == arch.JUMP_FIXUP
-        if not (plain or (old.mechanism == "pun" and len(old.islands) == 1)) or old.resume is None:
+        plain = old.mechanism is Mechanism.JUMP and old.patch_fixup == arch.JUMP_FIXUP
+        if not (plain or (old.mechanism is Mechanism.PUN and len(old.islands) == 1)) or old.resume is None:
             return site                        # a retargeted call, or more than one instruction moved
         m = len(old.patched)
     elif j in decided and decided[j].jump is not None and _reaimable(decided[j]):
@@ -201,7 +202,7 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
         old = plans[j]
         for at in old.islands:
             islands.release(at)
-        plans[j] = ProbePlan(old.spec, old.address, "pun", f"{old.reason}, re-aimed through an island for the "
+        plans[j] = ProbePlan(old.spec, old.address, Mechanism.PUN, f"{old.reason}, re-aimed through an island for the "
                              f"probe at {first.address:#x}", old.handler, old.original, theirs,
                              trampoline=old.trampoline, resume=old.resume, target=old.target,
                              islands=[jump.evicted_island], depends=jump.depends, boundaries=old.boundaries)
@@ -209,13 +210,13 @@ def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: di
     else:
         old_jump = decided[j].jump
         islands.release(old_jump.island)
-        decided[j].jump = tactics.Jump("T2", theirs, jump.evicted_island, depends=jump.depends,
+        decided[j].jump = tactics.Jump(Tactic.T2, theirs, jump.evicted_island, depends=jump.depends,
                                        prefixes=theirs.index(tactics.JMP))
         decided[j].reason += f", re-aimed for the probe at {first.address:#x}"
-    return Site(site.address, "pun", f"T2: punned jump over the next probe's jump, both through islands "
+    return Site(site.address, Mechanism.PUN, f"T2: punned jump over the next probe's jump, both through islands "
                                      f"(island at {jump.island:#x})", list(run), flags_live=site.flags_live,
                 x87=site.x87, function=site.function,
-                jump=tactics.Jump("T2", mine, jump.island, depends=j_address))
+                jump=tactics.Jump(Tactic.T2, mine, jump.island, depends=j_address))
 
 
 def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
@@ -241,7 +242,7 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
         stubs = arch.ModuleStubs(buf, table)
     plans: dict[int, ProbePlan] = {}
     for i, probe in enumerate(probes):
-        if probe.site.mechanism != "trap" or probe.site.length >= arch.JUMP_SIZE:
+        if probe.site.mechanism is not Mechanism.TRAP or probe.site.length >= arch.JUMP_SIZE:
             plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs)
     short, rejumped = (_decide_short_sites(module, probes, plans, strict, islands, room, movable)
                        if probes else ({}, []))
@@ -282,10 +283,10 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
                             red_zone=red_zone)
 
     original = module.read(probe.address, site.length)
-    if site.mechanism == "trap":
+    if site.mechanism is Mechanism.TRAP:
         copies = arch.emit_displaced(buf, site.displaced)
         patched = arch.trap_bytes(site.length, original)
-        return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism="trap", reason=site.reason,
+        return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=Mechanism.TRAP, reason=site.reason,
                          handler=str(probe.spec.handler), original=original, patched=patched, trampoline=None,
                          resume=start, target=probe.spec.target(), boundaries=_boundaries(copies))
     probe_work()

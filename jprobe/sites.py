@@ -34,6 +34,7 @@ from .elf import ElfModule, Symbol, function_owner
 from .errors import SiteError
 from .frames import PREFIX, Frames
 from .islands import Islands, text_room
+from .mechanisms import Mechanism, Tactic
 from .trampolines import tactics
 from . import arch
 from .trampolines.relocate import can_relocate, can_relocate_together
@@ -100,7 +101,7 @@ class Site:
     """The decision for one probe address."""
 
     address: int
-    mechanism: str                     # "jump" | "pun" | "evict" | "trap"
+    mechanism: Mechanism
     reason: str
     displaced: list[CsInsn] = field(default_factory=list)
     call_retarget: bool = False
@@ -115,11 +116,11 @@ class Site:
     run: list[CsInsn] = field(default_factory=list)
 
     @property
-    def tactic(self) -> str | None:
+    def tactic(self) -> Tactic | None:
         """E9Patch's name for how the jump fits: B1 (whole instructions), B2, T1, T2, T3."""
         if self.jump is not None:
             return self.jump.tactic
-        return "B1" if self.mechanism == "jump" else None
+        return Tactic.B1 if self.mechanism is Mechanism.JUMP else None
 
     @property
     def length(self) -> int:
@@ -253,7 +254,7 @@ class SiteAnalyzer:
         if why_not:
             raise SiteError(f"{address:#x}: cannot probe `{_text(first)}`: {why_not}")
         if arch.is_rel32_call(first) or arch.is_rip_indirect_call(first):
-            return Site(address, "jump", "call retargeted to the trampoline (return address kept)",
+            return Site(address, Mechanism.JUMP, "call retargeted to the trampoline (return address kept)",
                         [first], call_retarget=True, flags_live=False, x87=x87, function=sym)
         displaced, blocker = self._displace(first, facts)
         flags_live = not is_entry(sym, address) and not arch.flags_dead_after(
@@ -264,9 +265,9 @@ class SiteAnalyzer:
             what = "1 instruction" if n == 1 else f"{n} instructions"
             padding = max(0, arch.JUMP_SIZE - size)
             spill = f" and {padding} byte(s) of the padding after {sym.name}" if padding else ""
-            return Site(address, "jump", f"displaces {what} ({size} bytes){spill}",
+            return Site(address, Mechanism.JUMP, f"displaces {what} ({size} bytes){spill}",
                         displaced, flags_live=flags_live, x87=x87, function=sym, padding=padding)
-        site = Site(address, "trap", blocker, [first], flags_live=flags_live, x87=x87, function=sym,
+        site = Site(address, Mechanism.TRAP, blocker, [first], flags_live=flags_live, x87=x87, function=sym,
                     run=displaced)
         if tactics:
             return self.shorten(site, self.islands(), Overlay(self.module))
@@ -308,9 +309,9 @@ class SiteAnalyzer:
             if jump is None:
                 return Site(**{**site.__dict__, "reason": f"{site.reason}; no island window is free "
                                                           f"for a punned or evicting jump"})
-        what = {"B2": "punned jump", "T1": f"punned jump after {jump.prefixes} prefix byte(s)",
-                "T2": f"jump over an evicted `{_text(jump.evicted)}`" if jump.evicted else "",
-                "T3": f"short jump into an evicted `{_text(jump.evicted)}` at "
+        what = {Tactic.B2: "punned jump", Tactic.T1: f"punned jump after {jump.prefixes} prefix byte(s)",
+                Tactic.T2: f"jump over an evicted `{_text(jump.evicted)}`" if jump.evicted else "",
+                Tactic.T3: f"short jump into an evicted `{_text(jump.evicted)}` at "
                       f"{jump.evicted.address:#x}" if jump.evicted else ""}[jump.tactic]
         if jump.more:
             what = "jump over evicted " + ", ".join(f"`{_text(i)}`" for i in [jump.evicted] + [m for m, _ in jump.more])
@@ -319,7 +320,7 @@ class SiteAnalyzer:
         # After the probe work, the trampoline runs the evicted instructions too, saving a
         # jump, up to a call (its return address is the next one's jump) or a ret or jmp.
         displaced = list(run)
-        if jump.tactic == "T2":
+        if jump.tactic is Tactic.T2:
             for insn in [jump.evicted] + [m for m, _ in jump.more]:
                 if (arch.is_call(displaced[-1]) or arch.ends_flow(displaced[-1])
                         or can_relocate_together(displaced + [insn])):

@@ -19,6 +19,7 @@ from ..elf import ElfModule
 from ..errors import JprobeError, OutputError, SiteError
 from ..islands import REACH, text_room
 from ..loader import find_library
+from ..mechanisms import Mechanism
 from ..output import replacing
 from ..plan import ModulePlan
 from ..planner import cycles_uncollected, resolve_probes
@@ -341,7 +342,7 @@ def _refuse_traps_before_the_runtime(module: ElfModule, plan: ModulePlan) -> Non
     """A library the runtime itself loads (libc.so.6) runs before the runtime's constructor: the
     loader and the runtime's own start-up call its malloc. A trap there would kill the program
     at its first hit; a jump needs nothing from the runtime."""
-    traps = [p for p in plan.probes if p.mechanism == "trap"]
+    traps = [p for p in plan.probes if p.mechanism is Mechanism.TRAP]
     if not traps or not module.is_library or module.soname not in _runtime_needs():
         return
     probe = traps[0]
