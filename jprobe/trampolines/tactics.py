@@ -25,7 +25,7 @@ that the probed one falls through to, or one known to start an instruction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from itertools import product
 from random import Random
 from typing import Callable, Iterator, NamedTuple
@@ -44,7 +44,7 @@ PADDINGS = (b"", b"\x48", b"\x26\x48")
 _T2_TRIES = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class Jump:
     """A short-instruction jump: bytes to write from the site on, and its islands."""
 
@@ -55,7 +55,7 @@ class Jump:
     evicted_island: int | None = None
     depends: int | None = None          # the probe whose patched bytes its rel32 reads
     prefixes: int = 0
-    more: list[tuple[CsInsn, int]] = field(default_factory=list)   # T2 chains: further (evicted, island)
+    more: tuple[tuple[CsInsn, int], ...] = ()   # T2 chains: further (evicted, island)
 
     @property
     def mechanism(self) -> Mechanism:
@@ -103,9 +103,7 @@ def evict(address: int, length: int, successor: CsInsn, following: Reader, islan
     """T2: jump at `address` over a jump that replaces `successor` (J). Both islands are
     taken on success."""
     jump = joint(address, length, successor.size, following, islands)
-    if jump is not None:
-        jump.evicted = successor
-    return jump
+    return replace(jump, evicted=successor) if jump is not None else None
 
 
 def joint(address: int, length: int, m: int, following: Reader, islands: Islands) -> Jump | None:
@@ -208,7 +206,7 @@ def chain(address: int, length: int, moved: list[CsInsn | Span], following: Read
         if chosen is not None:
             patched, targets = chosen
             return Jump(Tactic.T2, patched, targets[0], moved[0], targets[1], depends=after[1], prefixes=pads[0],
-                        more=list(zip(moved[1:], targets[2:])))
+                        more=tuple(zip(moved[1:], targets[2:])))
     return None
 
 
