@@ -194,19 +194,18 @@ def _record_reaimed(j: int, site: Site, plans: dict[int, ProbePlan], decided: di
 
 
 def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
-               data_vaddr: int | Callable[[int], int], strict: bool = False, use_islands: bool = True,
-               room: int | None = None, movable: bool = False) -> ModulePlan:
+               data_vaddr: int | Callable[[int], int], policy: Policy = Policy(),
+               room: int | None = None) -> ModulePlan:
     """Trampolines at text_vaddr, the probe table at data_vaddr, and the site patches.
 
     `data_vaddr` may be a function that places the table once the trampolines' size is
     known (`jprobe run` puts it past them): their references to it are resolved last.
     Jumps first (their bytes depend on where their trampolines are), then the sites that
-    need a pun or an eviction (their rel32 may read those bytes). Without `use_islands` (an
-    applier that cannot map islands before the code runs) those sites trap. `room`: how far
-    past the image the added regions may reach (islands stay beyond), by default what
-    text_room() keeps for this many probes. `movable`: the applier may place text and data
-    elsewhere (`jprobe run`). `strict` is in the table too: the runtime then leaves a probe
-    that would fall back to a trap as it was (JP_TABLE_STRICT).
+    need a pun or an eviction (their rel32 may read those bytes), as the applier's `policy`
+    allows. `room`: how far past the image the added regions may reach (islands stay
+    beyond), by default what text_room() keeps for this many probes. `policy.strict` is in
+    the table too: the runtime then leaves a probe that would fall back to a trap as it was
+    (JP_TABLE_STRICT).
     """
     table = Later("table")
     desc_addr = [table + TABLE_SIZE + i * PROBE_SIZE for i in range(len(probes))]
@@ -218,7 +217,6 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
     for i, probe in enumerate(probes):
         if probe.site.mechanism is not Mechanism.TRAP or probe.site.length >= arch.JUMP_SIZE:
             plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs)
-    policy = Policy(islands=use_islands, movable=movable, strict=strict)
     short, rejumped = _choose_short_sites(module, probes, plans, policy, room) if probes else ({}, [])
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
@@ -229,7 +227,7 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
     text = buf.finish({table.region: data_vaddr})
     plans = [replace(plan, target=probe.names()) for probe, plan in zip(probes, plans)]
     rows = [TableProbe(plan, probe.callback, probe.site.x87) for probe, plan in zip(probes, plans)]
-    data = probetable.encode(os.path.abspath(module.path), data_vaddr, rows, islands, strict)
+    data = probetable.encode(os.path.abspath(module.path), data_vaddr, rows, islands, policy.strict)
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
     return ModulePlan(module=os.path.abspath(module.path), build_id=module.build_id, text_vaddr=text_vaddr,
                       text=text, data_vaddr=data_vaddr, data=data, probes=plans,

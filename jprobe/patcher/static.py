@@ -15,6 +15,7 @@ from dataclasses import replace
 import lief
 
 from .. import layout, packing
+from ..chooser import Policy
 from ..elf import ElfModule
 from ..errors import JprobeError, OutputError, SiteError
 from ..islands import REACH, text_room
@@ -85,7 +86,7 @@ def plan_file(module: ElfModule, specs: list[ProbeSpec],
     segments = _Segments(module, len(probes))
     # A library dlopen()ed while the runtime is already loaded would run before any islands
     # are mapped: its short sites keep the trap (`jprobe run` gives them puns).
-    plan = plan_in_room(module, probes, segments.room_for, strict, islands=not module.is_library)
+    plan = plan_in_room(module, probes, segments.room_for, Policy(islands=not module.is_library, strict=strict))
     segments.fill(plan)
     if not module.is_library and any(p.islands for p in plan.probes):
         _fence_the_heap(segments.binary, module)
