@@ -135,14 +135,14 @@ class Spot:
         self.code, self.first, self.function, self.x87 = code, first, function, x87
 
     @cached_property
-    def run(self) -> tuple[list[CsInsn], str | None]:
+    def displacement(self) -> tuple[list[CsInsn], str | None]:
         """The instructions that may move from the site on, and why they are fewer than a
         jump needs (None: they are enough)."""
         return self.code.displace(self.first, self.function)
 
     @cached_property
     def flags_live(self) -> bool:
-        return self.code.flags_live(self.first.address, self.function, self.run[0])
+        return self.code.flags_live(self.first.address, self.function, self.displacement[0])
 
 
 class Short:
@@ -183,7 +183,7 @@ def call_retarget(spot: Spot) -> Site | None:
 
 
 def whole_instructions(spot: Spot) -> Site | None:
-    displaced, blocker = spot.run
+    displaced, blocker = spot.displacement
     if blocker is not None:
         return None
     n, size = len(displaced), sum(i.size for i in displaced)
@@ -273,7 +273,7 @@ def choose_whole(spot: Spot) -> Site:
         site = tactic(spot)
         if site is not None:
             return site
-    displaced, blocker = spot.run
+    displaced, blocker = spot.displacement
     return Site(spot.first.address, Mechanism.TRAP, blocker, (spot.first,), flags_live=spot.flags_live,
                 x87=spot.x87, function=spot.function, run=tuple(displaced))
 
@@ -283,7 +283,8 @@ def choose_short(site: Site, choice: Choice) -> Site:
     if not choice.policy.islands:
         return site
     short = Short(site, choice.code, choice.overlay)
-    # On no page in use, that pass would find nothing.
+    # First on island pages already in use (each new one is one more mapping at run time),
+    # then on any; with no page in use yet, the first pass could find nothing.
     for islands in ([choice.islands.on_pages_in_use()] if choice.islands.pages else []) + [choice.islands]:
         attempt = replace(choice, islands=islands)
         for tactic in SHORT:
@@ -293,7 +294,8 @@ def choose_short(site: Site, choice: Choice) -> Site:
     if not choice.alone or not short.open:
         return site
     successor, why = short.successor
-    note = f"no punned jump fits, {why}" if successor is None else "no island window is free for a punned or evicting jump"
+    note = (f"no punned jump fits, {why}" if successor is None
+            else "no island window is free for a punned or evicting jump")
     return replace(site, reason=f"{site.reason}; {note}")
 
 
