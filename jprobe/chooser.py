@@ -34,6 +34,7 @@ from capstone import CsInsn
 from . import arch, layout
 from .arch import can_relocate_together, tactics
 from .elf import Symbol
+from .functions import FunctionFacts
 from .islands import Islands
 from .mechanisms import Mechanism, Tactic
 from .overlay import Overlay
@@ -93,9 +94,10 @@ class Code(Protocol):
 
     def function_at(self, address: int) -> Symbol | None: ...
 
-    def displace(self, first: CsInsn, function: Symbol | None) -> tuple[list[CsInsn], str | None]: ...
+    def displace(self, first: CsInsn, facts: FunctionFacts | None) -> tuple[list[CsInsn], str | None]: ...
 
-    def flags_live(self, address: int, function: Symbol | None, displaced: list[CsInsn]) -> bool: ...
+    def flags_live(self, address: int, function: Symbol | None, facts: FunctionFacts | None,
+                   displaced: list[CsInsn]) -> bool: ...
 
     def evictable(self, first: CsInsn, function: Symbol | None, overlay: Overlay) -> tuple[CsInsn | None, str]: ...
 
@@ -127,22 +129,29 @@ class Choice:
     # trap then says why no short jump fits. A plan's trap keeps the whole-instruction reason.
     alone: bool = False
 
+    @cached_property
+    def passes(self) -> tuple[Choice, Choice]:
+        """This choice held to island pages already in use (each new one is one more mapping
+        at run time), then as it is."""
+        return replace(self, islands=self.islands.on_pages_in_use()), self
+
 
 class Spot:
     """A probe address as the whole-instruction tactics see it, read from the code as asked."""
 
-    def __init__(self, code: Code, first: CsInsn, function: Symbol | None, x87: bool):
-        self.code, self.first, self.function, self.x87 = code, first, function, x87
+    def __init__(self, code: Code, first: CsInsn, function: Symbol | None, facts: FunctionFacts | None):
+        self.code, self.first, self.function, self.facts = code, first, function, facts
+        self.x87 = facts.x87 if facts is not None and facts.starts else True
 
     @cached_property
     def displacement(self) -> tuple[list[CsInsn], str | None]:
         """The instructions that may move from the site on, and why they are fewer than a
         jump needs (None: they are enough)."""
-        return self.code.displace(self.first, self.function)
+        return self.code.displace(self.first, self.facts)
 
     @cached_property
     def flags_live(self) -> bool:
-        return self.code.flags_live(self.first.address, self.function, self.displacement[0])
+        return self.code.flags_live(self.first.address, self.function, self.facts, self.displacement[0])
 
 
 class Short:
@@ -283,10 +292,8 @@ def choose_short(site: Site, choice: Choice) -> Site:
     if not choice.policy.islands:
         return site
     short = Short(site, choice.code, choice.overlay)
-    # First on island pages already in use (each new one is one more mapping at run time),
-    # then on any; with no page in use yet, the first pass could find nothing.
-    for islands in ([choice.islands.on_pages_in_use()] if choice.islands.pages else []) + [choice.islands]:
-        attempt = replace(choice, islands=islands)
+    # With no island page in use yet, the first pass could find nothing.
+    for attempt in choice.passes if choice.islands.pages else (choice,):
         for tactic in SHORT:
             decided = tactic(short, attempt)
             if decided is not None:

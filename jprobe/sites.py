@@ -14,10 +14,7 @@ taken from the whole module. Branches from unrelated functions into the middle o
 """
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 from capstone import CsInsn
 
@@ -25,6 +22,7 @@ from .chooser import MAX_PATCH, Choice, Site, Spot, choose_short, choose_whole, 
 from .elf import ElfModule, Symbol, function_owner
 from .errors import SiteError
 from .frames import PREFIX, Frames
+from .functions import FunctionFacts
 from .islands import Islands, text_room
 from .mechanisms import Mechanism
 from .overlay import Overlay
@@ -33,57 +31,6 @@ from .trampolines.relocate import can_relocate, can_relocate_together
 
 MAX_INSN = 15
 FLAGS_SCAN = 64          # instructions followed when proving the flags dead
-WHOLE_AFTER = 8          # reads of a function's instructions after which it is decoded whole
-
-
-@dataclass
-class FunctionFacts:
-    """What the analysis needs to know about one function, from one light sweep over it and
-    its related pieces. A probe reads the operand details of a handful of its instructions,
-    so those are decoded only when asked for (`instruction`, `instructions_from`)."""
-
-    symbol: Symbol
-    code: bytes                        # its bytes, from the symbol's start
-    starts: list[int]                  # where its instructions start, in order
-    end: int                           # past the last instruction decoded
-    targets: set[int]
-    indirect_jump: int | None
-    x87: bool
-    complete: bool = True              # every byte of it and of its related pieces decoded
-    _decoded: dict[int, CsInsn] = field(default_factory=dict, repr=False)    # by `instruction`
-    _reads: int = field(default=0, repr=False)
-
-    def has(self, address: int) -> bool:
-        """An instruction of the function starts at `address`."""
-        i = bisect.bisect_left(self.starts, address)
-        return i < len(self.starts) and self.starts[i] == address
-
-    def index_of(self, address: int) -> int:
-        i = bisect.bisect_left(self.starts, address)
-        if i == len(self.starts) or self.starts[i] != address:
-            raise KeyError(address)
-        return i
-
-    def instruction(self, i: int) -> CsInsn:
-        """The i-th instruction, with its details (a probe's first is asked for twice)."""
-        if i not in self._decoded:
-            self._decoded[i] = next(iter(self.instructions_from(i, 1)))
-        return self._decoded[i]
-
-    def instructions_from(self, i: int, count: int) -> Iterable[CsInsn]:
-        """Up to `count` instructions from the i-th on, with their details, built as they are
-        read. A function read more than a few times (`jprobe sites` and dense probing read
-        every instruction) is decoded whole once instead."""
-        self._reads += 1
-        if self._reads > WHOLE_AFTER:
-            return self.insns[i:i + count]
-        at, base = self.starts[i], self.symbol.address
-        return arch.decode_lazily(self.code[at - base:self.end - base], at, count)
-
-    @cached_property
-    def insns(self) -> list[CsInsn]:
-        """Every instruction, with its details."""
-        return arch.decode(self.code[:self.end - self.symbol.address], self.symbol.address)
 
 
 class SiteAnalyzer:
@@ -158,12 +105,10 @@ class SiteAnalyzer:
         bytes are known, planner.py)."""
         first = self.instruction_at(address)
         sym = self.function_at(address)
-        facts = self.facts(sym) if sym is not None else None
-        x87 = facts.x87 if facts and facts.starts else True
         why_not = can_relocate(first)
         if why_not:
             raise SiteError(f"{address:#x}: cannot probe `{insn_text(first)}`: {why_not}")
-        site = choose_whole(Spot(self, first, sym, x87))
+        site = choose_whole(Spot(self, first, sym, self.facts(sym) if sym is not None else None))
         if tactics and site.mechanism is Mechanism.TRAP:
             return choose_short(site, self.alone())
         return site
@@ -179,9 +124,9 @@ class SiteAnalyzer:
         return Islands(m.start_of_image(), m.end_of_image(), m.fixed_address,
                        text_room(nprobes) if room is None else room)
 
-    def flags_live(self, address: int, sym: Symbol | None, displaced: list[CsInsn]) -> bool:
+    def flags_live(self, address: int, sym: Symbol | None, facts: FunctionFacts | None,
+                   displaced: list[CsInsn]) -> bool:
         """The flags may be read after the probe (the trampoline then saves them)."""
-        facts = self.facts(sym) if sym is not None else None
         return not is_entry(sym, address) and not arch.flags_dead_after(
             facts.instructions_from(facts.index_of(address), FLAGS_SCAN) if facts and facts.starts
             else displaced)
@@ -230,9 +175,8 @@ class SiteAnalyzer:
             return None, f"and `{insn_text(successor)}` cannot be moved: {why_not}"
         return successor, ""
 
-    def displace(self, first: CsInsn, sym: Symbol | None) -> tuple[list[CsInsn], str | None]:
+    def displace(self, first: CsInsn, facts: FunctionFacts | None) -> tuple[list[CsInsn], str | None]:
         """Instructions to displace from `first`, and the reason no safe jump fits (None: one does)."""
-        facts = self.facts(sym) if sym is not None else None
         displaced = [first]
         size = first.size
         if size >= arch.JUMP_SIZE:
