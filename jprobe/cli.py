@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 
 from .errors import JprobeError
+from .mechanisms import Mechanism
 
 EXIT_BAD_INPUT = 2
 
@@ -28,7 +29,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     for p in plan.probes:
         for name in [p.spec, *p.target.split("\n")[1:]]:        # aliases: one site, each name
             print(f"{name:<32} {p.address:#10x}  {p.mechanism:<5}  {p.reason}")
-    traps = [p.spec for p in plan.probes if p.mechanism == "trap"]
+    traps = [p.spec for p in plan.probes if p.mechanism is Mechanism.TRAP]
     if traps:
         sys.stderr.write(f"jprobe: {len(traps)} probe(s) use the int3 fallback (trap): {', '.join(traps)}\n")
     return 0
@@ -44,7 +45,7 @@ def _cmd_sites(args: argparse.Namespace) -> int:
         sys.stderr.write(f"jprobe: note: {module.path}: {STATIC_REASON}: `jprobe patch` and `jprobe run` "
                          f"refuse it\n")
     summary = Counter(r["mechanism"] for r in rows)
-    for mechanism in ("jump", "pun", "evict", "trap"):
+    for mechanism in Mechanism:
         summary.setdefault(mechanism, 0)
     tactics = Counter(r["tactic"] for r in rows if r["tactic"])
     if args.json:
@@ -55,7 +56,7 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['address']:>12}  {r['mechanism']:<5}  {r['instruction']:<40}  {r['reason']}")
     total = len(rows) or 1
-    shown = ("jump", "pun", "evict", "trap") + (("none",) if summary.get("none") else ())   # none: refused
+    shown = tuple(Mechanism) + (("none",) if summary.get("none") else ())   # none: refused
     print(f"{len(rows)} instructions, {_applier_note(applier, args.applier)}: " + ", ".join(
         f"{m} {summary[m]} ({100.0 * summary[m] / total:.2f}%)" for m in shown))
     if tactics:

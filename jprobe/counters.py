@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from . import layout
+from .mechanisms import Mechanism
 from .planfile import PlannedModule
 from .report import merge_reports
 
@@ -51,7 +52,7 @@ class Tally:
     missed: defaultdict = field(default_factory=_per_pid)     # callback not run: already in one
     skipped: defaultdict = field(default_factory=_per_pid)    # callback not run: not resolved yet
     errors: list[str] = field(default_factory=list)           # the messages the processes left
-    settled: dict = field(default_factory=dict)               # {key: "trap"}: fell back at run time
+    settled: dict = field(default_factory=dict)               # {key: TRAP}: fell back at run time
     unpatched: set = field(default_factory=set)               # keys whose site a process left alone
     placed: set[int] = field(default_factory=set)             # modules some process placed (TABLE)
 
@@ -69,7 +70,7 @@ def tally(path: str, modules: list[PlannedModule]) -> Tally:
     with open(path, "rb") as f:
         data = f.read()
     out = Tally()
-    trap, unpatched = layout.MECHANISMS["trap"], layout.CONST["JP_PROBE_UNPATCHED"]
+    trap, unpatched = layout.MECHANISMS[Mechanism.TRAP], layout.CONST["JP_PROBE_UNPATCHED"]
     for kind, module, pid, payload in _records(data):
         if kind == layout.CONST["JP_SHM_ERROR"]:
             out.errors.append(payload.split(b"\0", 1)[0].decode(errors="replace"))
@@ -85,7 +86,7 @@ def tally(path: str, modules: list[PlannedModule]) -> Tally:
                 out.missed[key][pid] += probe.missed
                 out.skipped[key][pid] += probe.skipped
                 if probe.mechanism == trap:
-                    out.settled[key] = "trap"
+                    out.settled[key] = Mechanism.TRAP
                 if probe.flags & unpatched:
                     out.unpatched.add(key)
         elif kind == layout.CONST["JP_SHM_BLOCK"]:

@@ -11,6 +11,7 @@ the windows allow: each page is one more mapping at run time.
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -88,6 +89,13 @@ class Islands:
         self._mru: list[int] = []
         self.new_pages = True              # False: only pages already in use are offered
 
+    def on_pages_in_use(self) -> Islands:
+        """The same islands (what one takes, the other has taken), offering only pages already
+        in use: each new page is one more mapping at run time."""
+        view = copy.copy(self)
+        view.new_pages = False
+        return view
+
     def zones(self) -> list[tuple[int, int]]:
         return [z for z in (self.after, self.below) if z[0] < z[1]]
 
@@ -108,7 +116,8 @@ class Islands:
         page[at - base: at - base + size] = b"\1" * size
         if base in self._mru:
             self._mru.remove(base)
-        self._mru = (self._mru + [base])[-_MRU:]
+        self._mru.append(base)                 # in place: on_pages_in_use() shares it
+        del self._mru[:-_MRU]
 
     def release(self, at: int, size: int = HOP) -> None:
         base = at // PAGE * PAGE

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import cffi
 
+from .mechanisms import Mechanism
+
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime_c"
 _BLOCK = re.compile(r"/\* JPROBE_LAYOUT_BEGIN.*?\*/(.*?)/\* JPROBE_LAYOUT_END \*/", re.S)
 _COMMENT = re.compile(r"/\*.*?\*/", re.S)
@@ -44,8 +46,7 @@ STRING = {name: value for header in _HEADERS for name, value in _strings(header)
 
 MAGIC = STRING["JP_MAGIC"]
 TABLE_VERSION = CONST["JP_TABLE_VERSION"]
-MECHANISMS = {"jump": CONST["JP_MECH_JUMP"], "pun": CONST["JP_MECH_PUN"],
-              "evict": CONST["JP_MECH_EVICT"], "trap": CONST["JP_MECH_TRAP"]}
+MECHANISMS = {m: CONST[f"JP_MECH_{m.name}"] for m in Mechanism}
 HANDLERS = {"count": CONST["JP_HANDLER_COUNT"], "callback": CONST["JP_HANDLER_CALLBACK"]}
 
 

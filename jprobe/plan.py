@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .mechanisms import Mechanism
+
 
 @dataclass(frozen=True)
 class ProbePlan:
     spec: str
     address: int
-    mechanism: str
+    mechanism: Mechanism
     reason: str
     handler: str
     original: bytes
@@ -63,7 +65,7 @@ class ModulePlan:
     @classmethod
     def from_json(cls, text: str) -> "ModulePlan":
         raw = json.loads(text)
-        probes = [ProbePlan(**{**p, "original": bytes.fromhex(p["original"]), "patched": bytes.fromhex(p["patched"]),
+        probes = [ProbePlan(**{**p, "mechanism": Mechanism(p["mechanism"]), "original": bytes.fromhex(p["original"]), "patched": bytes.fromhex(p["patched"]),
                                "boundaries": [tuple(pair) for pair in p.get("boundaries", [])]})
                   for p in raw.pop("probes")]
         return cls(**{**raw, "text": bytes.fromhex(raw["text"]), "data": bytes.fromhex(raw["data"]),

@@ -10,10 +10,13 @@ from dataclasses import dataclass, field, replace
 from . import layout, probetable
 from .elf import ElfModule
 from .callbacks import Callback, resolve_callback
+from .chooser import Choice, Policy, Site, choose_short
 from .errors import SiteError, SymbolError
+from .mechanisms import Mechanism, Tactic
 from .plan import ModulePlan, ProbePlan
+from .overlay import Overlay
 from .probetable import PROBE_SIZE, TABLE_SIZE, TableProbe
-from .sites import Overlay, Site, SiteAnalyzer, is_entry
+from .sites import SiteAnalyzer, is_entry
 from .trampolines import tactics
 from .trampolines.relocate import can_relocate, can_relocate_together
 from .spec import ProbeSpec
@@ -88,8 +91,8 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
     resolved = []
     for address, spec in first.items():
         site = analyzer.analyse(address, tactics=False)
-        if strict and site.mechanism == "trap":
-            _refuse_trap(spec, analyzer.shorten(site, analyzer.islands(), Overlay(module)))
+        if strict and site.mechanism is Mechanism.TRAP:
+            _refuse_trap(spec, choose_short(site, analyzer.alone()))
         resolved.append(ResolvedProbe(spec, address, site, analyzer, resolve_callback(spec), aliases[address]))
     # Outside any function symbol nothing says where instructions start, so one probe's
     # bytes may cover another's address: both patches would corrupt each other.
@@ -103,53 +106,51 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
 
 
 def _refuse_trap(spec: ProbeSpec, site: Site) -> None:
-    if site.mechanism == "trap":
+    if site.mechanism is Mechanism.TRAP:
         raise SiteError(f"'{spec.text}': needs a trap at {site.address:#x} ({site.reason}); "
                         f"drop --strict to accept the int3 fallback, or probe another instruction")
 
 
-def _decide_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: dict[int, ProbePlan],
-                        strict: bool, tactics: bool, room: int | None,
-                        movable: bool) -> tuple[dict[int, Site], list[tuple[int, int, int]]]:
-    """Puns and evictions for the sites that would trap, highest address first.
+def _choose_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: dict[int, ProbePlan],
+                        policy: Policy, room: int | None) -> tuple[dict[int, Site], list[tuple[int, int, int]]]:
+    """Short jumps for the sites that would trap, highest address first.
 
     A punned rel32 reads the bytes after its instruction as they will be, so every
-    patch above it must be decided before it: the jumps' (`plans`), then each pun's.
-    When nothing else fits and the next instruction is a probe with a jump of its own,
-    that jump is re-aimed through an island chosen together with this one (`_rejump`).
-    Returns the decisions and the islands of re-aimed jumps.
+    patch above it must be decided before it: the jumps' (`plans`), then each pun's. A
+    `reaim` changes the next probe's jump together with this one's: recorded here, as
+    that probe's plan or decided site. Returns the decisions and the islands of re-aimed
+    jumps.
 
-    `movable` (`jprobe run`): the applier may place the trampolines elsewhere, which
+    `policy.movable` (`jprobe run`): the applier may place the trampolines elsewhere, which
     changes the rel32 of every jump that reaches them, and a pun that read such a jump's
-    bytes falls back to a trap. Under `strict` no pun may read them: the jump is
+    bytes falls back to a trap. Under `policy.strict` no pun may read them: the jump is
     re-aimed through an island, or the probe refused here, before the program starts.
     """
     analyzer = probes[0].analyzer
     overlay = Overlay(module)
-    for i, plan in plans.items():
-        overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism == "trap",
-                    unstable=strict and movable and plan.patch_fixup is not None)
-    islands = analyzer.islands(len(probes), room)
+    for plan in plans.values():
+        overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism is Mechanism.TRAP,
+                    unstable=policy.strict and policy.movable and plan.patch_fixup is not None)
+    reaimable = {plan.address: len(plan.patched) for plan in plans.values() if _reaimable_plan(plan)}
+    choice = Choice(analyzer, overlay, analyzer.islands(len(probes), room), policy, reaimable)
     at_address = {p.address: i for i, p in enumerate(probes)}
     decided: dict[int, Site] = {}
     rejumped: dict[int, tuple[int, int, int]] = {}     # probe id -> its island record
-    for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism == "trap"),
+    for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism is Mechanism.TRAP),
                     key=lambda i: -probes[i].address):
         probe = probes[i]
-        site = probe.site
-        # Each page of islands is a mapping: first a jump on a page already in use, then
-        # one that re-aims the next probe's jump (both free to share pages), then any.
-        for new_pages, rejump in ((False, False), (False, True), (True, False), (True, True)):
-            if not tactics or site.jump is not None:
-                break
-            islands.new_pages = new_pages
-            site = (_rejump(module, probe.site, at_address, plans, decided, islands, overlay, rejumped) if rejump
-                    else analyzer.shorten(probe.site, islands, overlay))
-        islands.new_pages = True
-        if strict:
+        site = choose_short(probe.site, choice)
+        if site.reaimed is not None:
+            j = at_address[site.reaimed.address]
+            _record_reaimed(j, site, plans, decided, choice, rejumped)
+            if j in decided and not _reaimable(decided[j]):
+                del reaimable[site.reaimed.address]
+        if policy.strict:
             _refuse_trap(probe.spec, site)
         if site.jump is not None:
             overlay.put(probe.address, probe.address, site.jump.patched)
+            if _reaimable(site):
+                reaimable[probe.address] = len(site.jump.patched)
         else:
             overlay.put(probe.address, probe.address, arch.trap_bytes(site.length, module.read(probe.address, site.length)),
                         unstable_first=True)
@@ -164,74 +165,47 @@ def _reaimable(site: Site) -> bool:
             and jump.patched[0] == tactics.JMP)
 
 
-def _rejump(module: ElfModule, site: Site, at_address: dict[int, int], plans: dict[int, ProbePlan],
-            decided: dict[int, Site], islands, overlay: Overlay, rejumped: dict) -> Site:
-    """A punned jump over the next probe's jump, both aimed at islands chosen together.
+def _reaimable_plan(plan: ProbePlan) -> bool:
+    """A planned jump that `reaim` may aim elsewhere: a plain one over one instruction, or
+    one re-aimed already (not a retargeted call, nor more than one instruction moved)."""
+    plain = plan.mechanism is Mechanism.JUMP and plan.patch_fixup == arch.JUMP_FIXUP
+    return (plain or (plan.mechanism is Mechanism.PUN and len(plan.islands) == 1)) and plan.resume is not None
 
-    The next probe keeps its trampoline; only the rel32 of its jump changes (it now hops
-    through an island), so that this jump's rel32, which runs into it, lands somewhere
-    allowed. Safe for the same reason as an eviction: the next instruction still starts
-    with a complete jump to where it went before.
-    """
-    run = site.run or site.displaced[:1]
-    first, size = run[0], sum(i.size for i in run)
-    j = at_address.get(first.address + size)
-    if j is None:
-        return site
-    if j in plans:
-        old = plans[j]
-        plain = old.mechanism == "jump" and old.patch_fixup == arch.JUMP_FIXUP
-        if not (plain or (old.mechanism == "pun" and len(old.islands) == 1)) or old.resume is None:
-            return site                        # a retargeted call, or more than one instruction moved
-        m = len(old.patched)
-    elif j in decided and decided[j].jump is not None and _reaimable(decided[j]):
-        m = len(decided[j].jump.patched)
-    else:
-        return site
-    j_address = first.address + size
-    lifted = overlay.lift(j_address, m)             # the next probe's bytes are being chosen anew
-    jump = (tactics.joint(first.address, size, m, overlay.read, islands)
-            or tactics.chain(first.address, size, [tactics.Span(j_address, m)], overlay.read, islands))
-    if jump is None:
-        overlay.restore(lifted)
-        return site
-    mine, theirs = jump.patched[:size], jump.patched[size:]
-    overlay.put(j_address, j_address, theirs)
+
+def _record_reaimed(j: int, site: Site, plans: dict[int, ProbePlan], decided: dict[int, Site], choice: Choice,
+                    rejumped: dict[int, tuple[int, int, int]]) -> None:
+    """Probe j's jump as `site`'s reaim chose it: its old islands freed, its new bytes laid."""
+    new = site.reaimed
     if j in plans:
         old = plans[j]
         for at in old.islands:
-            islands.release(at)
-        plans[j] = ProbePlan(old.spec, old.address, "pun", f"{old.reason}, re-aimed through an island for the "
-                             f"probe at {first.address:#x}", old.handler, old.original, theirs,
-                             trampoline=old.trampoline, resume=old.resume, target=old.target,
-                             islands=[jump.evicted_island], depends=jump.depends, boundaries=old.boundaries)
-        rejumped[j] = (jump.evicted_island, old.trampoline, j)
+            choice.islands.release(at)
+        plans[j] = replace(old, mechanism=Mechanism.PUN, reason=f"{old.reason}, re-aimed through an island for "
+                           f"the probe at {site.address:#x}", patched=new.patched, patch_fixup=None,
+                           islands=[new.island], depends=new.depends)
+        rejumped[j] = (new.island, old.trampoline, j)
     else:
-        old_jump = decided[j].jump
-        islands.release(old_jump.island)
-        decided[j].jump = tactics.Jump("T2", theirs, jump.evicted_island, depends=jump.depends,
-                                       prefixes=theirs.index(tactics.JMP))
-        decided[j].reason += f", re-aimed for the probe at {first.address:#x}"
-    return Site(site.address, "pun", f"T2: punned jump over the next probe's jump, both through islands "
-                                     f"(island at {jump.island:#x})", list(run), flags_live=site.flags_live,
-                x87=site.x87, function=site.function,
-                jump=tactics.Jump("T2", mine, jump.island, depends=j_address))
+        old_site = decided[j]
+        choice.islands.release(old_site.jump.island)
+        decided[j] = replace(old_site, reason=f"{old_site.reason}, re-aimed for the probe at {site.address:#x}",
+                             jump=tactics.Jump(Tactic.T2, new.patched, new.island, depends=new.depends,
+                                               prefixes=new.patched.index(tactics.JMP)))
+    choice.overlay.put(new.address, new.address, new.patched)
 
 
 def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
-               data_vaddr: int | Callable[[int], int], strict: bool = False, islands: bool = True,
-               room: int | None = None, movable: bool = False) -> ModulePlan:
+               data_vaddr: int | Callable[[int], int], policy: Policy = Policy(),
+               room: int | None = None) -> ModulePlan:
     """Trampolines at text_vaddr, the probe table at data_vaddr, and the site patches.
 
     `data_vaddr` may be a function that places the table once the trampolines' size is
     known (`jprobe run` puts it past them): their references to it are resolved last.
     Jumps first (their bytes depend on where their trampolines are), then the sites that
-    need a pun or an eviction (their rel32 may read those bytes). Without `islands` (an
-    applier that cannot map them before the code runs) those sites trap. `room`: how far
-    past the image the added regions may reach (islands stay beyond), by default what
-    text_room() keeps for this many probes. `movable`: the applier may place text and data
-    elsewhere (`jprobe run`). `strict` is in the table too: the runtime then leaves a probe
-    that would fall back to a trap as it was (JP_TABLE_STRICT).
+    need a pun or an eviction (their rel32 may read those bytes), as the applier's `policy`
+    allows. `room`: how far past the image the added regions may reach (islands stay
+    beyond), by default what text_room() keeps for this many probes. `policy.strict` is in
+    the table too: the runtime then leaves a probe that would fall back to a trap as it was
+    (JP_TABLE_STRICT).
     """
     table = Later("table")
     desc_addr = [table + TABLE_SIZE + i * PROBE_SIZE for i in range(len(probes))]
@@ -241,10 +215,9 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
         stubs = arch.ModuleStubs(buf, table)
     plans: dict[int, ProbePlan] = {}
     for i, probe in enumerate(probes):
-        if probe.site.mechanism != "trap" or probe.site.length >= arch.JUMP_SIZE:
+        if probe.site.mechanism is not Mechanism.TRAP or probe.site.length >= arch.JUMP_SIZE:
             plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs)
-    short, rejumped = (_decide_short_sites(module, probes, plans, strict, islands, room, movable)
-                       if probes else ({}, []))
+    short, rejumped = _choose_short_sites(module, probes, plans, policy, room) if probes else ({}, [])
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
         plans[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], table, stubs, islands)
@@ -254,7 +227,7 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
     text = buf.finish({table.region: data_vaddr})
     plans = [replace(plan, target=probe.names()) for probe, plan in zip(probes, plans)]
     rows = [TableProbe(plan, probe.callback, probe.site.x87) for probe, plan in zip(probes, plans)]
-    data = probetable.encode(os.path.abspath(module.path), data_vaddr, rows, islands, strict)
+    data = probetable.encode(os.path.abspath(module.path), data_vaddr, rows, islands, policy.strict)
     added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
     return ModulePlan(module=os.path.abspath(module.path), build_id=module.build_id, text_vaddr=text_vaddr,
                       text=text, data_vaddr=data_vaddr, data=data, probes=plans,
@@ -282,10 +255,10 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
                             red_zone=red_zone)
 
     original = module.read(probe.address, site.length)
-    if site.mechanism == "trap":
+    if site.mechanism is Mechanism.TRAP:
         copies = arch.emit_displaced(buf, site.displaced)
         patched = arch.trap_bytes(site.length, original)
-        return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism="trap", reason=site.reason,
+        return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=Mechanism.TRAP, reason=site.reason,
                          handler=str(probe.spec.handler), original=original, patched=patched, trampoline=None,
                          resume=start, target=probe.spec.target(), boundaries=_boundaries(copies))
     probe_work()
@@ -342,7 +315,7 @@ def _emit_short(buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, s
         copies = arch.emit_displaced(buf, site.displaced)
         resume = buf.here
         copies += arch.emit_displaced(buf, site.displaced[:1])
-        for insn, island in [(jump.evicted, jump.evicted_island)] + jump.more:
+        for insn, island in [(jump.evicted, jump.evicted_island), *jump.more]:
             islands.append((island, buf.here, index))
             copies += arch.emit_displaced(buf, [insn])
     islands.append((jump.island, start, index))
@@ -371,7 +344,7 @@ def _boundaries(copies: list[tuple[int, int]]) -> list[tuple[int, int]]:
     - pun (B2, T1, a punned jump over a re-aimed one): the run's, then those of the
       instructions the jump's rel32 overlaps (_past_the_pun). Those lie past the written
       bytes and run in place; their pairs are for the way back only.
-    - a re-aimed jump (_rejump): the copies it had, as only its rel32 changes.
+    - a re-aimed jump (chooser.reaim): the copies it had, as only its rel32 changes.
     - evict (T2, chains, T3): the displaced block's (the run, and the evicted instructions
       moved with it), the site's resume copy for the trap fallback, and each evicted
       instruction's own copy, which its new jump reaches through an island. An instruction

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .chooser import Policy
 from .elf import ElfModule
 from .errors import JprobeError
 from .plan import ModulePlan
@@ -43,16 +44,16 @@ class Room:
 RoomFor = Callable[[ModulePlan | None], Room | None]
 
 
-def plan_in_room(module: ElfModule, probes: list[ResolvedProbe], room_for: RoomFor, strict: bool = False,
-                 islands: bool = True, movable: bool = False) -> ModulePlan:
+def plan_in_room(module: ElfModule, probes: list[ResolvedProbe], room_for: RoomFor,
+                 policy: Policy = Policy()) -> ModulePlan:
     """The plan of `probes` in room `room_for` makes, asked again for room for each plan that
-    outgrew its own; `strict`, `islands` and `movable` as for build_plan."""
+    outgrew its own, as the applier's `policy` allows."""
     sized_by = None
     for _ in range(TRIES):
         room = room_for(sized_by)
         if room is None:
             break
-        plan = build_plan(module, probes, room.text_vaddr, room.data_vaddr, strict, islands, room.reach, movable)
+        plan = build_plan(module, probes, room.text_vaddr, room.data_vaddr, policy, room.reach)
         if not room.holds(plan):
             sized_by = plan
             continue

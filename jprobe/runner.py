@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 from . import counters
+from .chooser import Policy
 from .elf import ElfModule
 from .errors import JprobeError
 from .islands import text_room
@@ -54,7 +55,7 @@ def _plan_module(path: str, name: str, specs: list[ProbeSpec], module: ElfModule
                           f"in place of the file's own, which count nowhere; probe the original file, or "
                           f"run the rewritten one alone with JPROBE_REPORT=FILE")
     probes = resolve_probes(module, specs, strict)
-    plan = plan_in_room(module, probes, _room_for(module, len(probes)), strict, movable=True)
+    plan = plan_in_room(module, probes, _room_for(module, len(probes)), Policy(movable=True, strict=strict))
     return PlannedModule(plan, name, *identity(path))
 
 

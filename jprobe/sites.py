@@ -1,182 +1,40 @@
-"""Site analysis: which instructions a probe displaces, whether that is safe, which mechanism.
+"""What the code allows at a probe site: which instructions may move from it, which one
+follows them, and whether the flags are live there (chooser.py decides the mechanism).
 
-The rules, in order:
-1. A 5-byte `call rel32` or 6-byte `call [rip+x]` is retargeted: it keeps its place and
-   return address and calls the trampoline instead (`jump`).
-2. Otherwise whole instructions are displaced from the site until they cover 5 bytes.
-   An instruction other than the first may be displaced only when nothing can jump to
-   it: it is not the direct target of any branch in the function or in its other pieces
-   (`foo` and `foo.cold` branch into each other; clones such as `foo.part.0` count too),
-   no other probe is there, neither the function nor its `.cold` piece has an indirect
-   jump (a switch table or computed goto could land anywhere), all of it decoded, and it
-   lies inside the function's symbol bounds; the patch stays within JP_PATCH_MAX bytes
-   (what a plan file holds). Where no symbol describes the code, the unwind table's
-   function ranges do (frames.py), with branch targets taken from the whole module. Branches from unrelated functions into the middle of this one
-   (hand-written assembly does that) are not seen.
-3. Otherwise a jump that needs no more room than the instruction: a punned jump (`pun`,
-   E9Patch's B2 and T1) or one that also evicts the next instruction (`evict`, T2); see
-   trampolines/tactics.py for why they are safe without knowing the control flow. Their
-   targets are islands outside the image (islands.py).
-4. A site that cannot get a jump this way gets the `trap` fallback: int3 on its first byte
-   and an out-of-line copy of the instruction to resume at.
+Whole instructions are displaced from the site until they cover 5 bytes. An instruction
+other than the first may be displaced only when nothing can jump to it: it is not the
+direct target of any branch in the function or in its other pieces (`foo` and `foo.cold`
+branch into each other; clones such as `foo.part.0` count too), no other probe is there,
+neither the function nor its `.cold` piece has an indirect jump (a switch table or computed
+goto could land anywhere), all of it decoded, and it lies inside the function's symbol
+bounds; the patch stays within JP_PATCH_MAX bytes (what a plan file holds). Where no symbol
+describes the code, the unwind table's function ranges do (frames.py), with branch targets
+taken from the whole module. Branches from unrelated functions into the middle of this one
+(hand-written assembly does that) are not seen.
 """
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 from capstone import CsInsn
 
-from . import layout
+from .chooser import MAX_PATCH, Choice, Site, Spot, choose_short, choose_whole, insn_text
 from .elf import ElfModule, Symbol, function_owner
 from .errors import SiteError
 from .frames import PREFIX, Frames
+from .functions import FunctionFacts
 from .islands import Islands, text_room
-from .trampolines import tactics
+from .mechanisms import Mechanism
+from .overlay import Overlay
 from . import arch
 from .trampolines.relocate import can_relocate, can_relocate_together
 
 MAX_INSN = 15
-MAX_PATCH = layout.CONST["JP_PATCH_MAX"]     # the most bytes a plan file can patch at one site
-_CHAIN_LONGEST = 5       # instructions one T2 chain may move
 FLAGS_SCAN = 64          # instructions followed when proving the flags dead
-WHOLE_AFTER = 8          # reads of a function's instructions after which it is decoded whole
-
-
-@dataclass
-class FunctionFacts:
-    """What the analysis needs to know about one function, from one light sweep over it and
-    its related pieces. A probe reads the operand details of a handful of its instructions,
-    so those are decoded only when asked for (`instruction`, `instructions_from`)."""
-
-    symbol: Symbol
-    code: bytes                        # its bytes, from the symbol's start
-    starts: list[int]                  # where its instructions start, in order
-    end: int                           # past the last instruction decoded
-    targets: set[int]
-    indirect_jump: int | None
-    x87: bool
-    complete: bool = True              # every byte of it and of its related pieces decoded
-    _decoded: dict[int, CsInsn] = field(default_factory=dict, repr=False)    # by `instruction`
-    _reads: int = field(default=0, repr=False)
-
-    def has(self, address: int) -> bool:
-        """An instruction of the function starts at `address`."""
-        i = bisect.bisect_left(self.starts, address)
-        return i < len(self.starts) and self.starts[i] == address
-
-    def index_of(self, address: int) -> int:
-        i = bisect.bisect_left(self.starts, address)
-        if i == len(self.starts) or self.starts[i] != address:
-            raise KeyError(address)
-        return i
-
-    def instruction(self, i: int) -> CsInsn:
-        """The i-th instruction, with its details (a probe's first is asked for twice)."""
-        if i not in self._decoded:
-            self._decoded[i] = next(iter(self.instructions_from(i, 1)))
-        return self._decoded[i]
-
-    def instructions_from(self, i: int, count: int) -> Iterable[CsInsn]:
-        """Up to `count` instructions from the i-th on, with their details, built as they are
-        read. A function read more than a few times (`jprobe sites` and dense probing read
-        every instruction) is decoded whole once instead."""
-        self._reads += 1
-        if self._reads > WHOLE_AFTER:
-            return self.insns[i:i + count]
-        at, base = self.starts[i], self.symbol.address
-        return arch.decode_lazily(self.code[at - base:self.end - base], at, count)
-
-    @cached_property
-    def insns(self) -> list[CsInsn]:
-        """Every instruction, with its details."""
-        return arch.decode(self.code[:self.end - self.symbol.address], self.symbol.address)
-
-
-@dataclass
-class Site:
-    """The decision for one probe address."""
-
-    address: int
-    mechanism: str                     # "jump" | "pun" | "evict" | "trap"
-    reason: str
-    displaced: list[CsInsn] = field(default_factory=list)
-    call_retarget: bool = False
-    flags_live: bool = True
-    x87: bool = True
-    function: Symbol | None = None
-
-    padding: int = 0                   # fill bytes after the function the patch spills into
-    jump: tactics.Jump | None = None    # pun / evict: the bytes and islands
-    # trap: the instructions from the site on that may move together (fewer than 5 bytes),
-    # which a pun or an eviction covers in place of the first one alone
-    run: list[CsInsn] = field(default_factory=list)
-
-    @property
-    def tactic(self) -> str | None:
-        """E9Patch's name for how the jump fits: B1 (whole instructions), B2, T1, T2, T3."""
-        if self.jump is not None:
-            return self.jump.tactic
-        return "B1" if self.mechanism == "jump" else None
-
-    @property
-    def length(self) -> int:
-        """Bytes the patch covers."""
-        if self.jump is not None:
-            return len(self.jump.patched)
-        return sum(i.size for i in self.displaced) + self.padding
-
-
-class Overlay:
-    """The module's bytes as the probes decided so far leave them, and whose patch each is.
-
-    A trap site's first byte is unstable (under a debugger it becomes another trap
-    instruction), so no punned rel32 may rely on it. So may a whole patch be: a plain jump's
-    rel32 changes when `jprobe run` places the trampolines elsewhere than planned.
-    """
-
-    def __init__(self, module: ElfModule):
-        self.module = module
-        self.bytes: dict[int, tuple[int | None, int]] = {}     # address -> (byte or None, owner)
-
-    def put(self, owner: int, address: int, data: bytes, unstable_first: bool = False,
-            unstable: bool = False) -> None:
-        for i, b in enumerate(data):
-            self.bytes[address + i] = (None if unstable or (unstable_first and i == 0) else b, owner)
-
-    def lift(self, address: int, size: int) -> dict[int, tuple[int | None, int]]:
-        """Forget what the probes put at [address, address+size); returns it for `restore`."""
-        return {a: self.bytes.pop(a) for a in range(address, address + size) if a in self.bytes}
-
-    def restore(self, lifted: dict[int, tuple[int | None, int]]) -> None:
-        self.bytes.update(lifted)
-
-    def patched(self, address: int, size: int) -> bool:
-        return any(address + i in self.bytes for i in range(size))
-
-    def read(self, address: int, size: int) -> tuple[bytes, int | None] | None:
-        """The bytes and the one probe they belong to (None: original), or None when they
-        are unstable or belong to two probes."""
-        original = self.module.read(address, size)
-        if len(original) != size:
-            return None
-        out, owners = bytearray(), set()
-        for i in range(size):
-            b, owner = self.bytes.get(address + i, (original[i], None))
-            if b is None:
-                return None
-            out.append(b)
-            if owner is not None:
-                owners.add(owner)
-        if len(owners) > 1 or len(out) != size:
-            return None
-        return bytes(out), next(iter(owners), None)
 
 
 class SiteAnalyzer:
-    """Decides sites for one module; caches per-function facts."""
+    """What the code of one module allows at probe sites; caches per-function facts."""
 
     def __init__(self, module: ElfModule):
         self.module = module
@@ -243,34 +101,21 @@ class SiteAnalyzer:
 
     def analyse(self, address: int, tactics: bool = True) -> Site:
         """The mechanism a probe at `address` gets, with its one-line reason. Alone, that is:
-        without `tactics`, no pun or eviction is tried (a plan tries them once the other
-        probes' bytes are known, `shorten`)."""
+        without `tactics`, no short jump is tried (a plan tries them once the other probes'
+        bytes are known, planner.py)."""
         first = self.instruction_at(address)
         sym = self.function_at(address)
-        facts = self.facts(sym) if sym is not None else None
-        x87 = facts.x87 if facts and facts.starts else True
         why_not = can_relocate(first)
         if why_not:
-            raise SiteError(f"{address:#x}: cannot probe `{_text(first)}`: {why_not}")
-        if arch.is_rel32_call(first) or arch.is_rip_indirect_call(first):
-            return Site(address, "jump", "call retargeted to the trampoline (return address kept)",
-                        [first], call_retarget=True, flags_live=False, x87=x87, function=sym)
-        displaced, blocker = self._displace(first, facts)
-        flags_live = not is_entry(sym, address) and not arch.flags_dead_after(
-            facts.instructions_from(facts.index_of(address), FLAGS_SCAN) if facts and facts.starts
-            else displaced)
-        if blocker is None:
-            n, size = len(displaced), sum(i.size for i in displaced)
-            what = "1 instruction" if n == 1 else f"{n} instructions"
-            padding = max(0, arch.JUMP_SIZE - size)
-            spill = f" and {padding} byte(s) of the padding after {sym.name}" if padding else ""
-            return Site(address, "jump", f"displaces {what} ({size} bytes){spill}",
-                        displaced, flags_live=flags_live, x87=x87, function=sym, padding=padding)
-        site = Site(address, "trap", blocker, [first], flags_live=flags_live, x87=x87, function=sym,
-                    run=displaced)
-        if tactics:
-            return self.shorten(site, self.islands(), Overlay(self.module))
+            raise SiteError(f"{address:#x}: cannot probe `{insn_text(first)}`: {why_not}")
+        site = choose_whole(Spot(self, first, sym, self.facts(sym) if sym is not None else None))
+        if tactics and site.mechanism is Mechanism.TRAP:
+            return choose_short(site, self.alone())
         return site
+
+    def alone(self) -> Choice:
+        """What a site's short jump is chosen among when no other probe is planned."""
+        return Choice(self, Overlay(self.module), self.islands(), alone=True)
 
     def islands(self, nprobes: int = 1, room: int | None = None) -> Islands:
         """Empty island zones for this module, past `room` (by default what `nprobes` probes'
@@ -279,63 +124,21 @@ class SiteAnalyzer:
         return Islands(m.start_of_image(), m.end_of_image(), m.fixed_address,
                        text_room(nprobes) if room is None else room)
 
-    def shorten(self, site: Site, islands: Islands, overlay: Overlay) -> Site:
-        """A `pun` or `evict` jump for a site that would otherwise trap, islands taken; or the
-        trap site with the reason it stays one.
+    def flags_live(self, address: int, sym: Symbol | None, facts: FunctionFacts | None,
+                   displaced: list[CsInsn]) -> bool:
+        """The flags may be read after the probe (the trampoline then saves them)."""
+        return not is_entry(sym, address) and not arch.flags_dead_after(
+            facts.instructions_from(facts.index_of(address), FLAGS_SCAN) if facts and facts.starts
+            else displaced)
 
-        The jump covers the site's run: the instructions that may move together, as for a
-        plain jump, but fewer than 5 bytes (up to a `ret`, or before a branch target). The
-        instruction after a run is a known start: what follows a `ret` in its function,
-        the branch target itself, or the next one.
-        """
-        run = site.run or site.displaced[:1]
-        first, last = run[0], run[-1]
-        address, size = first.address, sum(i.size for i in run)
-        if size >= arch.JUMP_SIZE or overlay.patched(address, size):
-            return site
-        jump = tactics.pun(address, size, overlay.read, islands)
-        if jump is None:
-            successor, why = self._evictable(last, site.function, overlay)
-            if successor is not None and size + successor.size > MAX_PATCH:
-                successor, why = None, "and the next instruction is too long to move too"
-            if successor is None:
-                return Site(**{**site.__dict__, "reason": f"{site.reason}; no punned jump fits, {why}"})
-            jump = tactics.evict(address, size, successor, overlay.read, islands)
-            if jump is None and len(run) == 1:
-                jump = self._neighbour_jump(first, successor, overlay, islands)
-            if jump is None:
-                jump = self._chain_jump(address, size, successor, overlay, islands)
-            if jump is None:
-                return Site(**{**site.__dict__, "reason": f"{site.reason}; no island window is free "
-                                                          f"for a punned or evicting jump"})
-        what = {"B2": "punned jump", "T1": f"punned jump after {jump.prefixes} prefix byte(s)",
-                "T2": f"jump over an evicted `{_text(jump.evicted)}`" if jump.evicted else "",
-                "T3": f"short jump into an evicted `{_text(jump.evicted)}` at "
-                      f"{jump.evicted.address:#x}" if jump.evicted else ""}[jump.tactic]
-        if jump.more:
-            what = "jump over evicted " + ", ".join(f"`{_text(i)}`" for i in [jump.evicted] + [m for m, _ in jump.more])
-        if len(run) > 1:
-            what += f" from {len(run)} instructions moved together ({size} bytes)"
-        # After the probe work, the trampoline runs the evicted instructions too, saving a
-        # jump, up to a call (its return address is the next one's jump) or a ret or jmp.
-        displaced = list(run)
-        if jump.tactic == "T2":
-            for insn in [jump.evicted] + [m for m, _ in jump.more]:
-                if (arch.is_call(displaced[-1]) or arch.ends_flow(displaced[-1])
-                        or can_relocate_together(displaced + [insn])):
-                    break
-                displaced.append(insn)
-        return Site(address, jump.mechanism, f"{jump.tactic}: {what} (island at {jump.island:#x})", displaced,
-                    flags_live=site.flags_live, x87=site.x87, function=site.function, jump=jump)
-
-    def _neighbour_jump(self, first: CsInsn, successor: CsInsn, overlay: Overlay,
-                        islands: Islands) -> tactics.Jump | None:
-        """T3 with the first instruction of 6 bytes or more among those that follow `first`
-        (straight-line, no probe, nothing patched) within one patch's reach."""
+    def neighbour(self, first: CsInsn, successor: CsInsn, overlay: Overlay) -> tuple[CsInsn, bytes] | None:
+        """For T3: the first instruction of 6 bytes or more among those that follow `first`
+        (straight-line, no probe, nothing patched) within one patch's reach, and the bytes
+        between."""
         insn, gap = successor, b""
         while insn.address + insn.size - first.address <= MAX_PATCH:
             if insn.size > arch.JUMP_SIZE and not can_relocate(insn):
-                return tactics.neighbour(first.address, first.size, insn, gap, overlay.read, islands)
+                return insn, gap
             if arch.ends_flow(insn) or arch.is_call(insn):
                 return None
             gap += insn.bytes
@@ -347,23 +150,7 @@ class SiteAnalyzer:
                 return None
         return None
 
-    def _chain_jump(self, address: int, size: int, successor: CsInsn, overlay: Overlay,
-                    islands: Islands) -> tactics.Jump | None:
-        """T2 with prefixes, or over two or more instructions: each evicted instruction's own
-        jump runs into the next one's. A longer chain is tried when a shorter one finds no
-        windows (its last rel32 ran into bytes that fix a window out of reach), up to one
-        patch's bytes."""
-        moved = [successor]
-        while True:
-            jump = tactics.chain(address, size, moved, overlay.read, islands)
-            if jump is not None or len(moved) + 1 >= _CHAIN_LONGEST:
-                return jump
-            after, _ = self._evictable(moved[-1], self.function_at(moved[-1].address), overlay)
-            if after is None or size + sum(i.size for i in moved) + after.size > MAX_PATCH:
-                return None
-            moved.append(after)
-
-    def _evictable(self, first: CsInsn, sym: Symbol | None, overlay: Overlay) -> tuple[CsInsn | None, str]:
+    def evictable(self, first: CsInsn, sym: Symbol | None, overlay: Overlay) -> tuple[CsInsn | None, str]:
         """The instruction after `first` when T2 may move it, or why not."""
         at = first.address + first.size
         if not self.module.is_code(at):
@@ -385,11 +172,11 @@ class SiteAnalyzer:
             return None, "and the next instruction is too long to move too"
         why_not = can_relocate(successor)
         if why_not:
-            return None, f"and `{_text(successor)}` cannot be moved: {why_not}"
+            return None, f"and `{insn_text(successor)}` cannot be moved: {why_not}"
         return successor, ""
 
-    def _displace(self, first: CsInsn, facts: FunctionFacts | None) -> tuple[list[CsInsn], str | None]:
-        """Instructions to displace from `first`, or the reason no safe jump fits."""
+    def displace(self, first: CsInsn, facts: FunctionFacts | None) -> tuple[list[CsInsn], str | None]:
+        """Instructions to displace from `first`, and the reason no safe jump fits (None: one does)."""
         displaced = [first]
         size = first.size
         if size >= arch.JUMP_SIZE:
@@ -419,14 +206,13 @@ class SiteAnalyzer:
                 return displaced, f"only {size} bytes before another probe at {insn.address:#x}"
             why_not = can_relocate(insn) or can_relocate_together(displaced + [insn])
             if why_not:
-                return displaced, f"cannot move `{_text(insn)}` at {insn.address:#x}: {why_not}"
+                return displaced, f"cannot move `{insn_text(insn)}` at {insn.address:#x}: {why_not}"
             if size + insn.size > MAX_PATCH:
                 return displaced, (f"only {size} bytes before the {insn.size}-byte `{insn.mnemonic}` at "
                                    f"{insn.address:#x}; with it the patch would exceed {MAX_PATCH} bytes")
             displaced.append(insn)
             size += insn.size
         return displaced, None
-
 
     def _fill_after(self, facts: FunctionFacts, need: int) -> bool:
         """True when `need` bytes after the function are alignment fill nothing can reach.
@@ -455,8 +241,3 @@ def is_entry(sym: Symbol | None, address: int) -> bool:
     zone live), nor an unwind range's (it may be one)."""
     return (sym is not None and address == sym.address and not sym.name.startswith(PREFIX)
             and function_owner(sym.name) == sym.name)
-
-
-def _text(insn: CsInsn) -> str:
-    """An instruction as messages quote it (no trailing space after an operand-less mnemonic)."""
-    return f"{insn.mnemonic} {insn.op_str}".strip()

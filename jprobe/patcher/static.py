@@ -15,10 +15,12 @@ from dataclasses import replace
 import lief
 
 from .. import layout, packing
+from ..chooser import Policy
 from ..elf import ElfModule
 from ..errors import JprobeError, OutputError, SiteError
 from ..islands import REACH, text_room
 from ..loader import find_library
+from ..mechanisms import Mechanism
 from ..output import replacing
 from ..plan import ModulePlan
 from ..planner import cycles_uncollected, resolve_probes
@@ -84,7 +86,7 @@ def plan_file(module: ElfModule, specs: list[ProbeSpec],
     segments = _Segments(module, len(probes))
     # A library dlopen()ed while the runtime is already loaded would run before any islands
     # are mapped: its short sites keep the trap (`jprobe run` gives them puns).
-    plan = plan_in_room(module, probes, segments.room_for, strict, islands=not module.is_library)
+    plan = plan_in_room(module, probes, segments.room_for, Policy(islands=not module.is_library, strict=strict))
     segments.fill(plan)
     if not module.is_library and any(p.islands for p in plan.probes):
         _fence_the_heap(segments.binary, module)
@@ -341,7 +343,7 @@ def _refuse_traps_before_the_runtime(module: ElfModule, plan: ModulePlan) -> Non
     """A library the runtime itself loads (libc.so.6) runs before the runtime's constructor: the
     loader and the runtime's own start-up call its malloc. A trap there would kill the program
     at its first hit; a jump needs nothing from the runtime."""
-    traps = [p for p in plan.probes if p.mechanism == "trap"]
+    traps = [p for p in plan.probes if p.mechanism is Mechanism.TRAP]
     if not traps or not module.is_library or module.soname not in _runtime_needs():
         return
     probe = traps[0]

@@ -25,7 +25,7 @@ that the probed one falls through to, or one known to start an instruction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from itertools import product
 from random import Random
 from typing import Callable, Iterator, NamedTuple
@@ -33,6 +33,7 @@ from typing import Callable, Iterator, NamedTuple
 from capstone import CsInsn
 
 from ..islands import HOP, PAGE, Family, Islands
+from ..mechanisms import Mechanism, Tactic
 
 JMP = 0xE9
 JMP8 = 0xEB
@@ -43,22 +44,22 @@ PADDINGS = (b"", b"\x48", b"\x26\x48")
 _T2_TRIES = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class Jump:
     """A short-instruction jump: bytes to write from the site on, and its islands."""
 
-    tactic: str                         # "B2" | "T1" | "T2"
+    tactic: Tactic                      # B2, T1, T2 or T3
     patched: bytes                      # over the probed instruction (and J for T2)
     island: int                         # the probe's hop
     evicted: CsInsn | None = None
     evicted_island: int | None = None
     depends: int | None = None          # the probe whose patched bytes its rel32 reads
     prefixes: int = 0
-    more: list[tuple[CsInsn, int]] = field(default_factory=list)   # T2 chains: further (evicted, island)
+    more: tuple[tuple[CsInsn, int], ...] = ()   # T2 chains: further (evicted, island)
 
     @property
-    def mechanism(self) -> str:
-        return "evict" if self.evicted is not None else "pun"
+    def mechanism(self) -> Mechanism:
+        return Mechanism.EVICT if self.evicted is not None else Mechanism.PUN
 
 
 class Span(NamedTuple):
@@ -93,7 +94,7 @@ def pun(address: int, length: int, following: Reader, islands: Islands) -> Jump 
             rel = _le(at - origin)
             assert rel[free:] == fixed
             islands.take(at)
-            return Jump("B2" if p == 0 else "T1", padding + bytes([JMP]) + rel[:free], at,
+            return Jump(Tactic.B2 if p == 0 else Tactic.T1, padding + bytes([JMP]) + rel[:free], at,
                         depends=owner, prefixes=p)
     return None
 
@@ -102,9 +103,7 @@ def evict(address: int, length: int, successor: CsInsn, following: Reader, islan
     """T2: jump at `address` over a jump that replaces `successor` (J). Both islands are
     taken on success."""
     jump = joint(address, length, successor.size, following, islands)
-    if jump is not None:
-        jump.evicted = successor
-    return jump
+    return replace(jump, evicted=successor) if jump is not None else None
 
 
 def joint(address: int, length: int, m: int, following: Reader, islands: Islands) -> Jump | None:
@@ -138,7 +137,7 @@ def joint(address: int, length: int, m: int, following: Reader, islands: Islands
             assert rel_j[:shared] == low and rel_j[j_free:] == j_fixed
             islands.take(at_j)
             patch_j = bytes([JMP]) + rel_j[:j_free] + b"\xcc" * (m - 1 - j_free)
-            return Jump("T2", bytes([JMP]) + rel_i[:length - 1] + patch_j, at, None, at_j, depends=owner)
+            return Jump(Tactic.T2, bytes([JMP]) + rel_i[:length - 1] + patch_j, at, None, at_j, depends=owner)
         islands.release(at)
         tries += 1
         if tries >= _T2_TRIES:
@@ -168,7 +167,7 @@ def neighbour(address: int, length: int, n: CsInsn, gap: bytes, following: Reade
                 assert rel_i[free:] == fixed
                 patch_n = bytes([JMP]) + rel_n + bytes([JMP]) + rel_i[:free] + bytes([INT3]) * (n.size - HOP - 1 - free)
                 site = bytes([JMP8, rel8 % 256]) + bytes([INT3]) * (length - 2)
-                return Jump("T3", site + gap + patch_n, at, n, at_n, depends=owner)
+                return Jump(Tactic.T3, site + gap + patch_n, at, n, at_n, depends=owner)
         islands.release(at)
         return None
     return None
@@ -206,8 +205,8 @@ def chain(address: int, length: int, moved: list[CsInsn | Span], following: Read
         chosen = _chain_layout(code, address, pieces, pads, islands, budget)
         if chosen is not None:
             patched, targets = chosen
-            return Jump("T2", patched, targets[0], moved[0], targets[1], depends=after[1], prefixes=pads[0],
-                        more=list(zip(moved[1:], targets[2:])))
+            return Jump(Tactic.T2, patched, targets[0], moved[0], targets[1], depends=after[1], prefixes=pads[0],
+                        more=tuple(zip(moved[1:], targets[2:])))
     return None
 
 
