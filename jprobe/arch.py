@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from .trampolines import tactics
 from .trampolines.asm import Address, CodeBuffer, Later
+from .trampolines.islands import Islands, text_room
 from .trampolines.relocate import can_relocate, can_relocate_together
 from .trampolines.x86_64 import (
-    FILL, FILL_BYTE, JUMP_FIXUP, JUMP_OPCODE, JUMP_SIZE, ModuleStubs, Sweep, branch_target, call_bytes, call_fixup,
+    FILL, FILL_BYTE, JUMP_FIXUP, JUMP_OPCODE, JUMP_SIZE, REACH, ModuleStubs, Sweep, branch_target, call_bytes, call_fixup,
     decode, decode_lazily, decode_one, emit_call_continuation, emit_callback, emit_count, emit_displaced, ends_flow,
     flags_dead_after, is_call, is_rel32_call, is_rip_indirect_call, is_transfer, jump_bytes, jump_target, sweep,
     trap_bytes, vector_state_use,
@@ -28,8 +29,9 @@ __all__ = [
     "can_relocate", "can_relocate_together",
     # The bytes written at a site: a jump (with where its displacement sits), a retargeted call, a trap.
     "JUMP_SIZE", "JUMP_OPCODE", "JUMP_FIXUP", "jump_bytes", "jump_target", "call_bytes", "call_fixup", "trap_bytes",
-    # Jumps shorter than JUMP_SIZE (E9Patch's tactics), through islands.
-    "tactics",
+    # Jumps shorter than JUMP_SIZE (E9Patch's tactics), through islands outside the image, in
+    # zones that the trampolines' room (text_room) and the jumps' REACH bound.
+    "tactics", "Islands", "text_room", "REACH",
     # Trampolines: a code buffer at link-time addresses, and what goes in it.
     "Address", "CodeBuffer", "Later", "FILL_BYTE", "ModuleStubs", "emit_count", "emit_callback", "emit_displaced",
     "emit_call_continuation",

@@ -35,7 +35,6 @@ from . import arch, layout
 from .arch import can_relocate_together, tactics
 from .elf import Symbol
 from .functions import FunctionFacts
-from .islands import Islands
 from .mechanisms import Mechanism, Tactic
 from .overlay import Overlay
 
@@ -122,7 +121,7 @@ class Choice:
 
     code: Code
     overlay: Overlay
-    islands: Islands
+    islands: arch.Islands
     policy: Policy = Policy()
     reaimable: Mapping[int, int] = field(default_factory=dict)
     # Deciding one site as if no other were planned (`jprobe sites`, --strict's first look): a

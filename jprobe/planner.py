@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from . import layout, probetable
+from . import arch, layout, probetable
+from .arch import CodeBuffer, Later, can_relocate, can_relocate_together, tactics
 from .elf import ElfModule
 from .callbacks import Callback, resolve_callback
 from .chooser import Choice, Policy, Site, choose_short
@@ -17,11 +18,7 @@ from .plan import ModulePlan, ProbePlan
 from .overlay import Overlay
 from .probetable import PROBE_SIZE, TABLE_SIZE, TableProbe
 from .sites import SiteAnalyzer, is_entry
-from .trampolines import tactics
-from .trampolines.relocate import can_relocate, can_relocate_together
 from .spec import ProbeSpec
-from . import arch
-from .trampolines.asm import CodeBuffer, Later
 
 
 @dataclass

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import tempfile
 
-from . import counters
+from . import arch, counters
 from .chooser import Policy
 from .elf import ElfModule
 from .errors import JprobeError
-from .islands import text_room
 from .loader import find_module, find_program, needed_closure
 from .planfile import PlannedModule, encode, identity
 from .planner import cycles_uncollected, resolve_probes
@@ -62,7 +61,7 @@ def _plan_module(path: str, name: str, specs: list[ProbeSpec], module: ElfModule
 def _room_for(module: ElfModule, nprobes: int) -> RoomFor:
     """The only room there is (room.RoomFor): past the image, below where islands may be."""
     text = _aligned(module.end_of_image())
-    end = module.end_of_image() + text_room(nprobes)
+    end = module.end_of_image() + arch.text_room(nprobes)
     # The table goes past the trampolines and an eighth more of their size: room a draft
     # plan once needed, kept so that plans stay as they were.
     room = Room(text, lambda size: text + _aligned(size + size // 8 + 1), end, end)

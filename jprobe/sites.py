@@ -18,16 +18,15 @@ from functools import lru_cache
 
 from capstone import CsInsn
 
+from . import arch
+from .arch import can_relocate, can_relocate_together
 from .chooser import MAX_PATCH, Choice, Site, Spot, choose_short, choose_whole, insn_text
 from .elf import ElfModule, Symbol, function_owner
 from .errors import SiteError
 from .frames import PREFIX, Frames
 from .functions import FunctionFacts
-from .islands import Islands, text_room
 from .mechanisms import Mechanism
 from .overlay import Overlay
-from . import arch
-from .trampolines.relocate import can_relocate, can_relocate_together
 
 MAX_INSN = 15
 FLAGS_SCAN = 64          # instructions followed when proving the flags dead
@@ -117,12 +116,12 @@ class SiteAnalyzer:
         """What a site's short jump is chosen among when no other probe is planned."""
         return Choice(self, Overlay(self.module), self.islands(), alone=True)
 
-    def islands(self, nprobes: int = 1, room: int | None = None) -> Islands:
+    def islands(self, nprobes: int = 1, room: int | None = None) -> arch.Islands:
         """Empty island zones for this module, past `room` (by default what `nprobes` probes'
         trampolines need)."""
         m = self.module
-        return Islands(m.start_of_image(), m.end_of_image(), m.fixed_address,
-                       text_room(nprobes) if room is None else room)
+        return arch.Islands(m.start_of_image(), m.end_of_image(), m.fixed_address,
+                       arch.text_room(nprobes) if room is None else room)
 
     def flags_live(self, address: int, sym: Symbol | None, facts: FunctionFacts | None,
                    displaced: list[CsInsn]) -> bool:

@@ -6,7 +6,7 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jprobe.islands import HOP, PAGE, Family, Islands
+from jprobe.trampolines.islands import HOP, PAGE, Family, Islands
 from jprobe.trampolines import tactics
 from support.properties import examples, reached, reaching
 

@@ -14,11 +14,10 @@ from dataclasses import replace
 
 import lief
 
-from .. import layout, packing
+from .. import arch, layout, packing
 from ..chooser import Policy
 from ..elf import ElfModule
 from ..errors import JprobeError, OutputError, SiteError
-from ..islands import REACH, text_room
 from ..loader import find_library
 from ..mechanisms import Mechanism
 from ..output import replacing
@@ -28,7 +27,6 @@ from ..probetable import TABLE_SIZE
 from ..room import Room, plan_in_room
 from ..runtime import runtime_library
 from ..spec import ProbeSpec, check_supported
-from .. import arch
 
 PAGE = 0x1000
 POINTER = 8
@@ -75,7 +73,7 @@ def _fence_the_heap(binary: lief.ELF.Binary, module: ElfModule) -> None:
     segment, where islands would otherwise meet it; past this page, they never do.
     """
     fence = binary.add(_segment(PAGE, lief.ELF.Segment.FLAGS.R))
-    fence.virtual_address = fence.physical_address = -(-(module.end_of_image() + REACH) // PAGE) * PAGE
+    fence.virtual_address = fence.physical_address = -(-(module.end_of_image() + arch.REACH) // PAGE) * PAGE
 
 
 def plan_file(module: ElfModule, specs: list[ProbeSpec],
@@ -109,7 +107,7 @@ class _Segments:
         if sized_by is None:
             # A draft sizes the added segments before LIEF places them, in the room islands avoid.
             text = -(-module.end_of_image() // PAGE) * PAGE
-            return Room(text, text + text_room(self.nprobes) // 2)
+            return Room(text, text + arch.text_room(self.nprobes) // 2)
         self.packed = packed = _packed_room(sized_by, module) if self.pack else 0
         binary = self.binary = lief.ELF.parse(module.path)
         _make_room_for_segments(binary, module.path)

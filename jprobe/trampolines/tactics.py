@@ -32,12 +32,11 @@ from typing import Callable, Iterator, NamedTuple
 
 from capstone import CsInsn
 
-from ..islands import HOP, PAGE, Family, Islands
 from ..mechanisms import Mechanism, Tactic
+from .islands import HOP, PAGE, Family, Islands
+from .x86_64 import INT3, JUMP_OPCODE as JMP
 
-JMP = 0xE9
-JMP8 = 0xEB
-INT3 = 0xCC
+JMP8 = 0xEB                        # jmp rel8
 # Prefixes a near jmp ignores in 64-bit mode: REX.W (operand size is 64 already) and ES.
 # 0x66 is not one of them (AMD honours it: a 16-bit jump).
 PADDINGS = (b"", b"\x48", b"\x26\x48")

@@ -41,6 +41,7 @@ from .relocate import decoder, relocate_with_copies
 
 JUMP_SIZE = 5
 JUMP_OPCODE = 0xE9                  # jmp rel32
+REACH = 0x7F00_0000                 # how far a rel32 reaches, less a margin
 FILL = {X.X86_INS_NOP, X.X86_INS_INT3}         # what compilers put between functions
 RED_ZONE = 128
 INT3 = 0xCC

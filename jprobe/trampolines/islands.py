@@ -2,7 +2,7 @@
 fixed bytes allow.
 
 A punned jump's rel32 overlaps bytes it may not change, so its target can only lie in
-certain windows (a `Family`). The island there is a hop to the probe's trampoline. Islands
+certain windows (a `Family`). The island there is a hop (a `jmp rel32`) to the probe's trampoline. Islands
 live outside the module's image, in two zones: after the room kept for the added text and
 data, and (for code that can sit anywhere) below the image. Both are chosen so that every
 island also reaches the trampolines with a rel32. Islands are packed into as few pages as
@@ -15,10 +15,10 @@ import copy
 from dataclasses import dataclass
 from typing import Iterator
 
+from .x86_64 import JUMP_SIZE as HOP, REACH
+
 PAGE = 0x1000
-HOP = 5                            # `jmp rel32`
 MIB = 1 << 20
-REACH = 0x7F00_0000                # a rel32's reach, less a margin
 LOWEST = 0x10_0000                 # below this, a fixed-address program's islands are not placed
 _MRU = 16                          # recently used pages tried first
 _WALK = 32                         # windows tried from each zone edge
