@@ -9,7 +9,7 @@ The order (WHOLE, then SHORT, below; the first that fits decides):
 3. A jump that needs no more room than the instructions that may move together: punned
    (`pun`: B2, T1), evicting the next instruction (`evict`: T2) or a nearby longer one (T3),
    or a chain of evictions (T2); see trampolines/tactics.py for why they are safe without
-   knowing the control flow. Their targets are islands outside the image (islands.py).
+   knowing the control flow. Their targets are islands outside the image (trampolines/islands.py).
 4. `reaim`: a punned jump over the next probe's own jump, both re-aimed through islands
    chosen together (T2).
 5. Otherwise the `trap` fallback: int3 on the first byte and an out-of-line copy of the
