@@ -210,24 +210,22 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
     stubs = None
     if any(p.spec.handler.kind == "callback" for p in probes):
         stubs = arch.ModuleStubs(buf, table)
-    plans: dict[int, ProbePlan] = {}
+    emitted: dict[int, ProbePlan] = {}
     for i, probe in enumerate(probes):
         if probe.site.mechanism is not Mechanism.TRAP or probe.site.length >= arch.JUMP_SIZE:
-            plans[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs)
-    short, rejumped = _choose_short_sites(module, probes, plans, policy, room) if probes else ({}, [])
+            emitted[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs)
+    short, rejumped = _choose_short_sites(module, probes, emitted, policy, room) if probes else ({}, [])
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
-        plans[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], table, stubs, islands)
-    plans = [plans[i] for i in range(len(probes))]
-    if not isinstance(data_vaddr, int):
-        data_vaddr = data_vaddr(buf.here - text_vaddr)
-    text = buf.finish({table.region: data_vaddr})
-    plans = [replace(plan, target=probe.names()) for probe, plan in zip(probes, plans)]
+        emitted[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], table, stubs, islands)
+    table_vaddr = data_vaddr if isinstance(data_vaddr, int) else data_vaddr(buf.here - text_vaddr)
+    text = buf.finish({table.region: table_vaddr})
+    plans = [replace(emitted[i], target=probe.names()) for i, probe in enumerate(probes)]
     rows = [TableProbe(plan, probe.callback, probe.site.x87) for probe, plan in zip(probes, plans)]
-    data = probetable.encode(os.path.abspath(module.path), data_vaddr, rows, islands, policy.strict)
-    added = [(text_vaddr, text_vaddr + len(text)), (data_vaddr, data_vaddr + len(data))]
+    data = probetable.encode(os.path.abspath(module.path), table_vaddr, rows, islands, policy.strict)
+    added = [(text_vaddr, text_vaddr + len(text)), (table_vaddr, table_vaddr + len(data))]
     return ModulePlan(module=os.path.abspath(module.path), build_id=module.build_id, text_vaddr=text_vaddr,
-                      text=text, data_vaddr=data_vaddr, data=data, probes=plans,
+                      text=text, data_vaddr=table_vaddr, data=data, probes=plans,
                       text_fixups=sorted(off for off, target in buf.references
                                          if not any(lo <= target < hi for lo, hi in added)))
 
