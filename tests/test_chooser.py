@@ -35,7 +35,11 @@ SHAPES = {
     "early": (0x120, "5b" "c3"),                                 # pop rbx; ret; `late` follows at once
     "late": (0x122, MOV_NEG + JMP_RAX),
     "callreg": (0x140, "ffd0" + MOV_NEG + JMP_RAX),              # call rax; mov; jmp rax
-    "nosym": (0x160, "31c0" "48b88877665544332211" "31c0"),      # no symbol; the code ends after it
+    # push rbx; push rbp; then a branch target: a 2-instruction run whose chain needs both of
+    # the 4- (3-)byte add and the 11-byte mov (`mov dword [rsp-0x6f6f6f70], 0`) to find windows
+    "limit17": (0x160, "5355" "4883c090" "c784a49090909000000000" "75ef" "5d5bc3"),
+    "limit16": (0x180, "5355" "83c090" "c784a49090909000000000" "75f0" "5d5bc3"),
+    "nosym": (0x1a0, "31c0" "48b88877665544332211" "31c0"),      # no symbol; the code ends after it
 }
 NOSYM = {"nosym"}
 
@@ -53,7 +57,7 @@ class RawModule:
             return None
 
     def __init__(self):
-        code = bytearray(b"\xcc" * 0x16e)
+        code = bytearray(b"\xcc" * 0x1ae)
         code[0x104:0x110] = b"\x90" * 12                          # padded's alignment fill
         functions = []
         for name, (off, hexcode) in SHAPES.items():
@@ -360,6 +364,7 @@ def test_reaim_returns_the_neighbours_new_jump(module, analyzer):
     assert new.island != s.jump.island
     for island in (s.jump.island, new.island):
         assert in_zone(choice.islands, island) and taken(choice.islands, island)
+    assert sum(page.count(1) for page in choice.islands.pages.values()) == 2 * HOP     # no other island taken
     assert reaim(Short(site, analyzer, choice.overlay), replace(choice, reaimable={})) is None
 
 
@@ -376,3 +381,37 @@ def test_the_planner_records_both_jumps_of_a_reaim(module):
     assert jump_target(code, first.address)[0] == first.islands[0]
     assert [jump_target(code[2:], second.address)[0]] == second.islands
     assert second.trampoline is not None and second.islands[0] != first.islands[0]
+
+
+def test_islands_on_pages_in_use_come_before_a_tactic_earlier_in_the_order(module, analyzer):
+    """Each page is one more mapping at run time: with pages in use, every tactic is tried on
+    them first. The pun of `xor` at `pun` has one 256-byte window, ~16 MiB past the code, on
+    no page in use; its eviction finds islands on the pages in use."""
+    islands = analyzer.islands()
+    lo = islands.after[0]
+    used = range(lo, lo + 0x10_0000, 4096)
+    for page in used:
+        islands.take(page)
+    site = analyzer.analyse(at("pun"), tactics=False)
+    s = choose_short(site, Choice(analyzer, Overlay(module), islands))
+    assert (s.mechanism, s.tactic) == (Mechanism.EVICT, Tactic.T2), s.reason
+    assert {s.jump.island // 4096 * 4096, s.jump.evicted_island // 4096 * 4096} <= set(used)
+    assert sorted(islands.pages) == list(used)                       # no new page
+    # with none in use, the pun as the order says
+    _, s, _ = decide(analyzer, at("pun"))
+    assert s.tactic is Tactic.B2
+
+
+def test_a_chain_stops_at_one_patchs_bytes(module, analyzer):
+    """JP_PATCH_MAX (16) bytes at most: 2 + 3 + 11 fit, 2 + 4 + 11 do not (a trap then)."""
+    _, s, choice = decide(analyzer, at("limit16"))
+    assert (s.mechanism, s.tactic, s.length) == (Mechanism.EVICT, Tactic.T2, 16), s.reason
+    assert s.reason == ("T2: jump over evicted `add eax, -0x70`, `mov dword ptr [rsp + riz*4 - 0x6f6f6f70], 0` "
+                        f"from 2 instructions moved together (2 bytes) (island at {s.jump.island:#x})")
+    assert [text(i) for i in s.displaced] == ["push rbx", "push rbp", "add eax, -0x70",
+                                              "mov dword ptr [rsp + riz*4 - 0x6f6f6f70], 0"]
+    check_jumps(module, s, choice)
+    trap, s, _ = decide(analyzer, at("limit17"))
+    assert trap.reason == f"only 2 bytes before a branch target at {at('limit17', 2):#x}"
+    assert s.mechanism is Mechanism.TRAP and s.jump is None, s.reason
+    assert s.reason == trap.reason + "; no island window is free for a punned or evicting jump"
