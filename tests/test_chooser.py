@@ -39,7 +39,11 @@ SHAPES = {
     # the 4- (3-)byte add and the 11-byte mov (`mov dword [rsp-0x6f6f6f70], 0`) to find windows
     "limit17": (0x160, "5355" "4883c090" "c784a49090909000000000" "75ef" "5d5bc3"),
     "limit16": (0x180, "5355" "83c090" "c784a49090909000000000" "75f0" "5d5bc3"),
-    "nosym": (0x1a0, "31c0" "48b88877665544332211" "31c0"),      # no symbol; the code ends after it
+    "jmpchain": (0x1a0, "31c0" "eb06" + MOV_NEG + JMP_RAX),       # xor; jmp over the mov; mov; jmp rax
+    # xor; 3 or 4 `not eax` (their bytes >= 0x80: no window alone); mov eax,0x80808080; jmp rax
+    "not3": (0x1c0, "31c0" + "f7d0" * 3 + "b880808080" + JMP_RAX),
+    "not4": (0x1e0, "31c0" + "f7d0" * 4 + "b880808080" + JMP_RAX),
+    "nosym": (0x200, "31c0" "48b88877665544332211" "31c0"),      # no symbol; the code ends after it
 }
 NOSYM = {"nosym"}
 
@@ -57,7 +61,7 @@ class RawModule:
             return None
 
     def __init__(self):
-        code = bytearray(b"\xcc" * 0x1ae)
+        code = bytearray(b"\xcc" * 0x20e)
         code[0x104:0x110] = b"\x90" * 12                          # padded's alignment fill
         functions = []
         for name, (off, hexcode) in SHAPES.items():
@@ -415,3 +419,27 @@ def test_a_chain_stops_at_one_patchs_bytes(module, analyzer):
     assert trap.reason == f"only 2 bytes before a branch target at {at('limit17', 2):#x}"
     assert s.mechanism is Mechanism.TRAP and s.jump is None, s.reason
     assert s.reason == trap.reason + "; no island window is free for a punned or evicting jump"
+
+
+def test_a_chain_goes_on_past_a_jump_to_an_instruction_its_function_starts(module, analyzer):
+    """After `jmp`, only what says an instruction starts there lets the chain evict it: here
+    the sweep of `jmpchain` does (no symbol starts at the `mov`)."""
+    _, s, choice = decide(analyzer, at("jmpchain"))
+    assert (s.mechanism, s.tactic) == (Mechanism.EVICT, Tactic.T2), s.reason
+    assert s.reason == ("T2: jump over evicted `jmp 0x4011aa`, `mov dword ptr [rdx - 0x6f6f6f70], eax` "
+                        f"(island at {s.jump.island:#x})")
+    # the trampoline runs the `jmp` after the xor, and nothing after it
+    assert [text(i) for i in s.displaced] == ["xor eax, eax", "jmp 0x4011aa"]
+    check_jumps(module, s, choice)
+
+
+def test_a_chain_moves_at_most_five_instructions(module, analyzer):
+    """The site and 4 evicted instructions; a chain that needs a fifth eviction is not tried."""
+    _, s, choice = decide(analyzer, at("not3"))
+    assert (s.mechanism, s.tactic, s.length) == (Mechanism.EVICT, Tactic.T2, 13), s.reason
+    assert s.reason == ("T2: jump over evicted `not eax`, `not eax`, `not eax`, `mov eax, 0x80808080` "
+                        f"(island at {s.jump.island:#x})")
+    assert len(s.jump.more) == 3
+    check_jumps(module, s, choice)
+    _, s, _ = decide(analyzer, at("not4"))
+    assert s.mechanism is Mechanism.TRAP and s.jump is None, s.reason
