@@ -443,3 +443,13 @@ def test_a_chain_moves_at_most_five_instructions(module, analyzer):
     check_jumps(module, s, choice)
     _, s, _ = decide(analyzer, at("not4"))
     assert s.mechanism is Mechanism.TRAP and s.jump is None, s.reason
+
+
+def test_strict_refuses_a_site_that_would_trap_and_takes_one_that_gets_a_short_jump(module):
+    from jprobe.errors import SiteError
+    with pytest.raises(SiteError, match=rf"needs a trap at {at('not4'):#x} \(2-byte instruction in a function "
+                                        r"with an indirect jump .*; no island window is free .*\); drop --strict"):
+        resolve_probes(module, parse_probes([hex(at("not4"))]), strict=True)
+    probes = resolve_probes(module, parse_probes([hex(at("evict"))]), strict=True)
+    [probe] = build_plan(module, probes, 0x1000_0000, 0x1000_8000, Policy(strict=True)).probes
+    assert probe.mechanism is Mechanism.EVICT and probe.reason.startswith("T2: jump over an evicted `mov")
