@@ -333,3 +333,48 @@ def test_callback_ctx_place_and_defaults(kwargs):
     assert struct.unpack_from("<Q", regs, layout.offsetof("jprobe_regs", "rsp"))[0] == rsp + (8 if pushed else 0)
     if red_zone:
         assert not [w for w in _stack_writes(writes) if w[0] + w[1] > rsp - 128]
+
+
+# ---------------------------------------------------------------------------------------------
+# Displaced instructions and call continuations
+
+SITE = 0x401000
+
+
+@pytest.mark.parametrize("tail, falls_through", [("add rax, 1", True), ("ret", False), ("jmp rbx", False),
+                                                 ("push rbx", True)])
+def test_displaced_copy_refers_to_the_same_addresses_and_returns(tail, falls_through):
+    original = assemble("mov rax, qword ptr [rip + 0x100]") + assemble(tail)
+    moved = arch.decode(original, SITE)
+    where = 0x500000
+    buf = CodeBuffer(where)
+    buf.emit("nop")                                        # not at the buffer's start
+    copies = arch.emit_displaced(buf, moved)
+    code = buf.finish()
+    out = insns(code[1:], where + 1)
+    assert [(a, c) for a, c in copies] == [(moved[0].address, where + 1), (moved[1].address, out[1].address)]
+    load = out[0]
+    assert load.mnemonic == "mov" and load.address + load.size + load.disp == SITE + 7 + 0x100
+    assert (load.address - where + load.disp_offset, SITE + 7 + 0x100) in buf.references
+    assert (out[1].mnemonic, out[1].op_str) == (moved[1].mnemonic, moved[1].op_str)
+    if falls_through:
+        assert len(out) == 3 and out[2].mnemonic == "jmp" and out[2].operands[0].imm == SITE + len(original)
+        assert (out[2].address + 1 - where, SITE + len(original)) in buf.references
+    else:
+        assert len(out) == 2 and out[1].address + out[1].size == where + len(code)
+
+
+@pytest.mark.parametrize("hexcode", ["e8fb0f0000", "ff1500100000"])
+def test_call_continuation_goes_on_to_the_callee(hexcode):
+    """A retargeted call's trampoline ends jumping where the call went: its rel32 target, or
+    the address in its GOT slot."""
+    call = one(hexcode, SITE)
+    buf = CodeBuffer(0x500000)
+    arch.emit_call_continuation(buf, call)
+    jump = insns(buf.finish(), 0x500000)
+    assert len(jump) == 1 and jump[0].mnemonic == "jmp"
+    if call.size == 5:
+        assert jump[0].operands[0].imm == SITE + 5 + 0xFFB
+    else:
+        assert jump[0].operands[0].type == 3 and jump[0].reg_name(jump[0].operands[0].mem.base) == "rip"
+        assert jump[0].address + jump[0].size + jump[0].disp == SITE + 6 + 0x1000
