@@ -378,3 +378,180 @@ def test_call_continuation_goes_on_to_the_callee(hexcode):
     else:
         assert jump[0].operands[0].type == 3 and jump[0].reg_name(jump[0].operands[0].mem.base) == "rip"
         assert jump[0].address + jump[0].size + jump[0].disp == SITE + 6 + 0x1000
+
+
+# ---------------------------------------------------------------------------------------------
+# The module stub, run under unicorn. Unicorn has SSE and x87 but neither AVX nor AVX-512: the
+# few VEX/EVEX moves the stub makes are carried out by the hook below on a model of the
+# zmm and mask registers (a VEX load zeroes what is above it; vzeroupper the bits above 128 of
+# zmm0-15), which also says whether the CPU the mode names would have them at all.
+
+from unicorn import UC_HOOK_CODE  # noqa: E402
+
+TABLE, PROBE, REC = DATA, DATA + 0x400, DATA + 0x800
+GUARD_OFF = -0x48
+CALLER, CALLBACK = CODE + 0x4000, CODE + 0x5000
+CTX = STACK_TOP - 0x800
+MXCSR_PROGRAM, MXCSR_CALLBACK = 0x1FA0, 0x7F80            # the callback changes the rounding mode
+VEC = {name: layout.CONST[f"JP_VEC_{name}"] for name in ("NONE", "SSE", "AVX", "AVX512")}
+NEEDS = {"vmovdqu": VEC["AVX"], "vzeroupper": VEC["AVX"], "vmovdqu64": VEC["AVX512"], "kmovq": VEC["AVX512"]}
+
+
+def _probe_field(name):
+    return PROBE + layout.offsetof("jp_probe", name)
+
+
+def _stub_machine(*, vec_mode, novec=False, callback=True, guard=0, block=True, df=False, x87=False, seed=0):
+    rnd = random.Random(seed)
+    buf = CodeBuffer(CODE)
+    stubs = arch.ModuleStubs(buf, TABLE)
+    assert stubs.common == CODE and CODE < stubs.common_x87 < CALLER
+    buf.raw(b"\xcc" * (CALLER - buf.here))
+    buf.rip("ldmxcsr dword ptr [rip]", REC + 56)
+    buf.emit("fld1; fldpi")
+    buf.call(stubs.common_x87 if x87 else stubs.common)
+    buf.rip("stmxcsr dword ptr [rip]", REC + 48)
+    buf.jmp(END)
+    buf.raw(b"\xcc" * (CALLBACK - buf.here))
+    buf.rip("mov qword ptr [rip], rdi", REC)
+    buf.rip("mov qword ptr [rip], rsp", REC + 8)
+    buf.emit("pushfq; pop rax")
+    buf.rip("mov qword ptr [rip], rax", REC + 16)
+    buf.rip("mov rcx, qword ptr [rip]", TABLE + layout.offsetof("jp_table", "guard_off"))
+    buf.emit("movzx eax, byte ptr fs:[rcx]")
+    buf.rip("mov qword ptr [rip], rax", REC + 24)
+    buf.rip("inc qword ptr [rip]", REC + 32)
+    if not novec:                                       # else it provably leaves them alone
+        buf.emit("; ".join(f"pcmpeqd xmm{i}, xmm{i}" for i in range(16)))
+        buf.rip("ldmxcsr dword ptr [rip]", REC + 40)
+        buf.emit("fninit")
+    buf.emit("mov rsi, -1; mov rdi, -1; mov rdx, -1; mov r8, -1; mov r9, -1; mov r10, -1; mov r11, -1; ret")
+    uc, writes = _machine(buf.finish(), STACK_TOP - 0x1000, seed)
+    uc.mem_write(TABLE + layout.offsetof("jp_table", "vec_mode"), struct.pack("<Q", vec_mode))
+    uc.mem_write(TABLE + layout.offsetof("jp_table", "tls_off"), struct.pack("<q", TLS_OFF))
+    uc.mem_write(TABLE + layout.offsetof("jp_table", "guard_off"), struct.pack("<q", GUARD_OFF))
+    uc.mem_write(FS_BASE + TLS_OFF, struct.pack("<Q", BLOCK if block else 0))
+    uc.mem_write(FS_BASE + GUARD_OFF, bytes([guard]))
+    uc.mem_write(_probe_field("id"), struct.pack("<I", 5))
+    uc.mem_write(_probe_field("hits"), struct.pack("<Q", 40))
+    uc.mem_write(_probe_field("callback"), struct.pack("<Q", CALLBACK if callback else 0))
+    uc.mem_write(_probe_field("flags"), struct.pack("<I", layout.CONST["JP_PROBE_NOVEC"] if novec else 0))
+    uc.mem_write(BLOCK + 8 * 5, struct.pack("<Q", 70))
+    uc.mem_write(REC + 40, struct.pack("<I", MXCSR_CALLBACK))
+    uc.mem_write(REC + 56, struct.pack("<I", MXCSR_PROGRAM))
+    rflags = 0x202 | (0x400 if df else 0)
+    uc.reg_write(U.UC_X86_REG_EFLAGS, rflags)
+    uc.mem_write(CTX + layout.offsetof("jprobe_regs", "rflags"), struct.pack("<Q", rflags))
+    uc.reg_write(U.UC_X86_REG_RDI, CTX)
+    uc.reg_write(U.UC_X86_REG_RSI, PROBE)
+    for i in range(16):
+        uc.reg_write(getattr(U, f"UC_X86_REG_XMM{i}"), rnd.getrandbits(128))
+    model = {"zmm": [rnd.randbytes(64) for _ in range(32)], "k": [rnd.randbytes(8) for _ in range(8)]}
+    return uc, model
+
+
+class _Run:
+    def __init__(self, uc, model, vec_mode, seed=0):
+        self.uc, self.model, self.vec_mode = uc, model, vec_mode
+        self.before = {"model": {k: list(v) for k, v in model.items()},
+                       "xmm": [uc.reg_read(getattr(U, f"UC_X86_REG_XMM{i}")) for i in range(16)],
+                       "regs": _regs(uc)}
+        self.unavailable = []                 # instructions the CPU of vec_mode would not have
+        self.entry_upper = None               # bits above 128 of zmm0-15 as the callback starts
+        self.rnd = random.Random(seed + 1)
+        uc.hook_add(UC_HOOK_CODE, self._hook)
+        uc.emu_start(CALLER, END, count=20_000)
+
+    def _hook(self, uc, address, size, _):
+        if address == CALLBACK:
+            self.entry_upper = [z[16:] for z in self.model["zmm"][:16]]
+            self.model["zmm"] = [self.rnd.randbytes(64) for _ in range(32)]      # the callback's doing
+            self.model["k"] = [self.rnd.randbytes(8) for _ in range(8)]
+            return
+        if not CODE <= address < CALLER:
+            return
+        insn = arch.decode_one(bytes(uc.mem_read(address, 16)), address)
+        if insn.mnemonic not in NEEDS:
+            return
+        if NEEDS[insn.mnemonic] > max(self.vec_mode, VEC["SSE"]):
+            self.unavailable.append(insn.mnemonic)
+        if insn.mnemonic == "vzeroupper":
+            self.model["zmm"][:16] = [z[:16] + bytes(48) for z in self.model["zmm"][:16]]
+            return                                                              # unicorn runs it
+        store = insn.operands[0].type == 3
+        mem = insn.operands[0 if store else 1].mem
+        reg = insn.reg_name(insn.operands[1 if store else 0].reg)
+        assert insn.reg_name(mem.base) == "rsp" and mem.index == 0
+        at = uc.reg_read(U.UC_X86_REG_RSP) + mem.disp
+        kind, n = ("k", int(reg[1:])) if reg.startswith("k") else ("zmm", int(reg[3:]))
+        width = {"y": 32, "z": 64, "k": 8}[reg[0]]
+        if store:
+            uc.mem_write(at, self.model[kind][n][:width])
+        else:
+            full = 64 if kind == "zmm" else 8
+            self.model[kind][n] = bytes(uc.mem_read(at, width)) + bytes(full - width)
+        uc.reg_write(U.UC_X86_REG_RIP, address + insn.size)
+
+    def q(self, at, fmt="<Q"):
+        return struct.unpack(fmt, self.uc.mem_read(at, struct.calcsize(fmt)))[0]
+
+    @property
+    def called(self):
+        return self.q(REC + 32)
+
+
+@pytest.mark.parametrize("vec_mode", sorted(VEC.values()))
+@pytest.mark.parametrize("df", [False, True])
+@pytest.mark.parametrize("x87", [False, True])
+def test_module_stub_calls_the_callback_with_all_vector_state_kept(vec_mode, df, x87):
+    uc, model = _stub_machine(vec_mode=vec_mode, df=df, x87=x87, seed=vec_mode)
+    run = _Run(uc, model, vec_mode)
+    assert run.called == 1
+    assert run.q(REC) == CTX                                   # rdi: the ctx
+    assert run.q(REC + 8) % 16 == 8                            # the C ABI's alignment at entry
+    assert not run.q(REC + 16) & 0x400                         # DF clear in the callback
+    assert run.q(REC + 24) == 1                                # the guard is up during it
+    assert uc.mem_read(FS_BASE + GUARD_OFF, 1)[0] == 0         # and down after
+    assert (run.q(_probe_field("hits")), run.q(BLOCK + 40)) == (40, 71)
+    assert run.q(_probe_field("missed")) == run.q(_probe_field("skipped")) == 0
+    after = _regs(uc)
+    for reg in ("RSP", "RBX", "RBP", "R12", "R13", "R14", "R15"):
+        assert after[reg] == run.before["regs"][reg], reg
+    assert run.q(REC + 48, "<I") == MXCSR_PROGRAM               # MXCSR as the program had it
+    assert run.unavailable == []
+    if vec_mode >= VEC["AVX"]:
+        assert run.entry_upper == [bytes(48)] * 16              # vzeroupper before the callback
+        if vec_mode == VEC["AVX"]:                                # ymm0-15 are all such a CPU has
+            assert [z[:32] for z in run.model["zmm"][:16]] == [z[:32] for z in run.before["model"]["zmm"][:16]]
+        else:
+            assert run.model == run.before["model"]
+    else:
+        xmm = [uc.reg_read(getattr(U, f"UC_X86_REG_XMM{i}")) for i in range(16)]
+        assert xmm == run.before["xmm"]
+    if x87:
+        assert uc.reg_read(U.UC_X86_REG_FPSW) & 0x3800 == 6 << 11       # the two values pushed
+        assert uc.reg_read(U.UC_X86_REG_FPTAG) != 0xFFFF
+
+
+@pytest.mark.parametrize("x87", [False, True])
+def test_module_stub_novec_callback(x87):
+    uc, model = _stub_machine(vec_mode=VEC["AVX512"], novec=True, x87=x87)
+    run = _Run(uc, model, VEC["AVX512"])
+    assert run.called == 1 and run.q(REC) == CTX and run.q(REC + 8) % 16 == 8
+    assert run.q(REC + 24) == 1 and uc.mem_read(FS_BASE + GUARD_OFF, 1)[0] == 0
+    assert _regs(uc)["RSP"] == run.before["regs"]["RSP"]
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_module_stub_skips_an_unresolved_callback_and_misses_a_nested_one(block):
+    hits = (41, 70) if not block else (40, 71)
+    uc, model = _stub_machine(vec_mode=VEC["SSE"], callback=False, block=block)
+    run = _Run(uc, model, VEC["SSE"])
+    assert run.called == 0 and (run.q(_probe_field("hits")), run.q(BLOCK + 40)) == hits
+    assert (run.q(_probe_field("skipped")), run.q(_probe_field("missed"))) == (1, 0)
+    assert uc.mem_read(FS_BASE + GUARD_OFF, 1)[0] == 0
+    uc, model = _stub_machine(vec_mode=VEC["SSE"], guard=1, block=block)
+    run = _Run(uc, model, VEC["SSE"])
+    assert run.called == 0 and (run.q(_probe_field("hits")), run.q(BLOCK + 40)) == hits
+    assert (run.q(_probe_field("skipped")), run.q(_probe_field("missed"))) == (0, 1)
+    assert uc.mem_read(FS_BASE + GUARD_OFF, 1)[0] == 1
