@@ -12,7 +12,7 @@ import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 unicorn = pytest.importorskip("unicorn")
-from unicorn import UC_ARCH_X86, UC_HOOK_MEM_WRITE, UC_MODE_64, Uc  # noqa: E402
+from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_WRITE, UC_MODE_64, Uc  # noqa: E402
 from unicorn import x86_const as U  # noqa: E402
 
 from jprobe import layout  # noqa: E402
@@ -386,8 +386,6 @@ def test_call_continuation_goes_on_to_the_callee(hexcode):
 # zmm and mask registers (a VEX load zeroes what is above it; vzeroupper the bits above 128 of
 # zmm0-15), which also says whether the CPU the mode names would have them at all.
 
-from unicorn import UC_HOOK_CODE  # noqa: E402
-
 TABLE, PROBE, REC = DATA, DATA + 0x400, DATA + 0x800
 GUARD_OFF = -0x48
 CALLER, CALLBACK = CODE + 0x4000, CODE + 0x5000
@@ -426,7 +424,7 @@ def _stub_machine(*, vec_mode, novec=False, callback=True, guard=0, block=True, 
         buf.rip("ldmxcsr dword ptr [rip]", REC + 40)
         buf.emit("fninit")
     buf.emit("mov rsi, -1; mov rdi, -1; mov rdx, -1; mov r8, -1; mov r9, -1; mov r10, -1; mov r11, -1; ret")
-    uc, writes = _machine(buf.finish(), STACK_TOP - 0x1000, seed)
+    uc, _ = _machine(buf.finish(), STACK_TOP - 0x1000, seed)
     uc.mem_write(TABLE + layout.offsetof("jp_table", "vec_mode"), struct.pack("<Q", vec_mode))
     uc.mem_write(TABLE + layout.offsetof("jp_table", "tls_off"), struct.pack("<q", TLS_OFF))
     uc.mem_write(TABLE + layout.offsetof("jp_table", "guard_off"), struct.pack("<q", GUARD_OFF))
