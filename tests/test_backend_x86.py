@@ -139,6 +139,7 @@ def test_ends_flow(text, ends):
 def test_is_transfer(text, transfer):
     assert bool(arch.is_transfer(asm1(text))) is transfer
     assert arch.is_transfer(one("e30e"))                                        # jrcxz
+    assert arch.is_transfer(one("e2fe")) and arch.is_transfer(one("e0fe"))      # loop, loopne
 
 
 @pytest.mark.parametrize("hexcode, rel32", [

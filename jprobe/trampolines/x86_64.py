@@ -175,8 +175,8 @@ def ends_flow(insn: CsInsn) -> bool:
 
 
 def is_transfer(insn: CsInsn) -> bool:
-    """Any jump or call, direct or not."""
-    return insn.group(X.X86_GRP_JUMP) or insn.group(X.X86_GRP_CALL)
+    """Any jump or call, direct or not (`loop` and its kin too: capstone puts them in no jump group)."""
+    return insn.group(X.X86_GRP_JUMP) or insn.group(X.X86_GRP_CALL) or insn.group(capstone.CS_GRP_BRANCH_RELATIVE)
 
 
 def is_indirect_jump(insn: CsInsn) -> bool:
