@@ -44,7 +44,7 @@ def targets(f: Family, a: int) -> bool:
 def families(draw, origin=None, near=None, max_count=64, max_wbits=6):
     """Families whose windows do not cross a sign boundary of the rel32 (as the tactics' do:
     power-of-two sizes, aligned), starting near `near` (an absolute address)."""
-    wbits = draw(st.integers(0, max_wbits))
+    wbits = draw(st.integers(0, min(max_wbits, 6)) | st.integers(min(max_wbits, 12), max_wbits))
     wsize = 1 << wbits
     stride = wsize << draw(st.integers(0, 8))
     count = draw(st.integers(1, max_count))
@@ -233,11 +233,20 @@ def edges(layout):
 
 
 @st.composite
-def histories(draw, layout, model, isl, n=12):
-    """Takes (of free spans, as the tactics do) and releases of earlier takes, applied to both."""
+def histories(draw, layout, model, isl, n=12, windows=()):
+    """Takes (of free spans, as the tactics do) and releases of earlier takes, applied to both;
+    near the zones' edges, or in (or near) the given windows."""
     spans = []
     around = edges(layout)
     for _ in range(draw(st.integers(0, n))):
+        if windows and draw(st.booleans()):
+            w0, w1 = draw(st.sampled_from(windows))
+            at = draw(st.integers(w0 - 2 * HOP, min(w1, w0 + 3 * PAGE)))
+            if model.free(at):
+                isl.take(at)
+                model.take(at)
+                spans.append((at, HOP))
+            continue
         if spans and draw(st.integers(0, 3)) == 0:
             at, size = spans.pop(draw(st.integers(0, len(spans) - 1)))
             isl.release(at, size)
@@ -369,10 +378,9 @@ def slot_cases(draw):
     layout = draw(layouts())
     isl = Islands(*layout)
     model = Model(isl, *layout)
-    draw(histories(layout, model, isl, n=10))
     origin = layout[0] + draw(st.integers(0, layout[1] - layout[0]))
-    f = draw(families(origin=origin, near=draw(st.sampled_from(edges(layout))), max_count=24,
-                      max_wbits=draw(st.sampled_from([6, 14]))))
+    f = draw(families(origin=origin, near=draw(st.sampled_from(edges(layout))), max_count=24, max_wbits=14))
+    draw(histories(layout, model, isl, n=10, windows=ref_windows(f)[:8]))
     return layout, isl, model, f
 
 
@@ -417,3 +425,55 @@ def test_slots_a_single_window_searches_every_used_page_in_it():
     got = list(isl.on_pages_in_use().slots(f))
     assert sorted(got) == [base + (2 + k) * PAGE + HOP for k in range(MRU + 4)]
     assert got[:MRU] == [base + (2 + k) * PAGE + HOP for k in reversed(range(4, MRU + 4))]
+
+
+def fresh(room=0, image=(IMAGE_LO, IMAGE_LO + PAGE)) -> Islands:
+    return Islands(image[0], image[1], False, room)
+
+
+def test_slots_windows_at_page_starts_one_slot_per_page():
+    isl = fresh()
+    base = isl.after[0]
+    f = Family(IMAGE_LO, base - IMAGE_LO, PAGE, 16, 8)           # 16 bytes at the start of each page
+    assert list(isl.slots(f)) == [base + k * PAGE for k in range(8)]
+
+
+def test_slots_multi_page_windows_try_the_two_pages_nearest_the_image():
+    isl = fresh()
+    base, top = isl.after[0], isl.below[1]
+    up = Family(IMAGE_LO, base - IMAGE_LO, 16 * PAGE, 4 * PAGE, 2)   # 4 pages each, after the image
+    assert list(isl.slots(up)) == [base, base + PAGE, base + 16 * PAGE, base + 17 * PAGE]
+    down = Family(IMAGE_LO, B32 - 4 * PAGE - 16 * PAGE, 16 * PAGE, 4 * PAGE, 2)  # below the image
+    assert list(isl.slots(down)) == [top - PAGE, top - 2 * PAGE, top - 17 * PAGE, top - 18 * PAGE]
+    # an island may not end past the zone: the image's first page has no room for one
+    short = Islands(IMAGE_LO + 3, IMAGE_LO + PAGE, False, 0)
+    f = Family(IMAGE_LO, B32 - 3 * PAGE, 16 * PAGE, 4 * PAGE, 1)
+    assert list(short.slots(f)) == [IMAGE_LO - PAGE, IMAGE_LO - 2 * PAGE]
+
+
+def test_slots_after_a_window_outside_the_zone_try_the_next():
+    isl = fresh()
+    top = isl.below[1]
+    # 4-byte windows: the nearest 2 bytes below the image (no room for an island), then lower
+    f = Family(IMAGE_LO, B32 - 2 - 3 * (PAGE - 16), PAGE - 16, 4, 4)
+    assert f.member(3) == (top - 2, top + 1)
+    assert list(isl.slots(f)) == [top - PAGE + 14, top - 2 * PAGE + 30, top - 3 * PAGE + 46]
+
+
+def test_slots_a_single_window_over_many_used_pages():
+    isl = fresh()
+    base = isl.after[0]
+    w0 = base + 10 * PAGE + 0x800
+    f = Family(IMAGE_LO, w0 - IMAGE_LO, 1 << 40, 24 * PAGE - 0x800 + 1)   # ends at a page's first byte
+    w1 = f.member(0)[1]
+    assert w1 == base + 34 * PAGE
+    pages = [w0 - 0x800 + k * PAGE for k in range(25)]          # every page it touches
+    for page in pages[-1:] + pages[1:-1] + pages[:1]:            # the last one used first, the first last
+        isl.take(page + 0xF00)
+    got = list(isl.slots(f))
+    recent = [pages[0] + 0x800] + list(reversed(pages[1:-1]))[:MRU - 1]
+    assert got[:MRU] == recent
+    assert got[MRU:] == [p for p in pages[1:] if p not in recent]    # the rest of the used pages, in order
+    assert got[-1] == w1                                          # the window's last byte, a page's first
+    isl.take(w1 + 0x10)                                          # now the most recent
+    assert next(isl.slots(f)) == w1
