@@ -477,3 +477,14 @@ def test_slots_a_single_window_over_many_used_pages():
     assert got[-1] == w1                                          # the window's last byte, a page's first
     isl.take(w1 + 0x10)                                          # now the most recent
     assert next(isl.slots(f)) == w1
+
+
+def test_slots_of_two_windows_when_the_first_is_in_the_image():
+    isl = fresh()
+    base = isl.after[0]
+    f = Family(IMAGE_LO, 0x100, base + PAGE - IMAGE_LO - 0x100, 16, 2)   # in the image, then after it
+    assert f.member(0) == (IMAGE_LO + 0x100, IMAGE_LO + 0x10F) and not isl.is_free(IMAGE_LO + 0x100)
+    assert list(isl.slots(f)) == [base + PAGE]
+    isl.take(base + PAGE + 3 * PAGE)                              # a page in use elsewhere
+    isl.take(base + PAGE)                                         # the second window's page, now in use
+    assert list(isl.slots(f)) == [base + PAGE + HOP]
