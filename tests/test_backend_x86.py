@@ -12,13 +12,14 @@ import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 unicorn = pytest.importorskip("unicorn")
-from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_WRITE, UC_MODE_64, Uc  # noqa: E402
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_WRITE  # noqa: E402
 from unicorn import x86_const as U  # noqa: E402
 
 from jprobe import layout  # noqa: E402
 from jprobe.errors import RelocationError  # noqa: E402
 from jprobe.trampolines import x86_64 as arch  # noqa: E402
 from jprobe.trampolines.asm import CodeBuffer, assemble  # noqa: E402
+from support.machine import CODE, DATA, END, STACK, STACK_TOP, machine, state  # noqa: E402
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_64)
 _cs.detail = True
@@ -233,35 +234,16 @@ def test_vector_and_mask_moves_decode_to_what_they_say(store, disp):
 # ---------------------------------------------------------------------------------------------
 # The stack the count and callback trampolines touch
 
-CODE, DATA, STACK = 0x400000, 0x600000, 0x800000
-STACK_TOP = STACK + 0x10000
-END = CODE + 0x8000
 FS_BASE, TLS_OFF, BLOCK = DATA + 0x8000, -0x40, DATA + 0x2000
-GPRS = ["RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"]
-STATUS = 0xCD5
 
 
 def _machine(code: bytes, rsp: int, seed: int):
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    for base in (CODE, DATA, STACK):
-        uc.mem_map(base, 0x10000)
-    uc.mem_write(CODE, code)
-    uc.mem_write(END, b"\xf4")
-    rnd = random.Random(seed)
-    for reg in GPRS:
-        uc.reg_write(getattr(U, f"UC_X86_REG_{reg}"), rnd.getrandbits(64))
-    uc.reg_write(U.UC_X86_REG_RSP, rsp)
-    uc.reg_write(U.UC_X86_REG_EFLAGS, 0x202 | (rnd.getrandbits(12) & STATUS))
+    """support.machine's machine, with a thread pointer and its stores recorded."""
+    uc = machine(code, rsp, seed)
     uc.reg_write(U.UC_X86_REG_FS_BASE, FS_BASE)
     writes = []
     uc.hook_add(UC_HOOK_MEM_WRITE, lambda uc, access, address, size, value, data: writes.append((address, size)))
     return uc, writes
-
-
-def _regs(uc):
-    regs = {r: uc.reg_read(getattr(U, f"UC_X86_REG_{r}")) for r in GPRS + ["RSP"]}
-    regs["FLAGS"] = uc.reg_read(U.UC_X86_REG_EFLAGS) & STATUS
-    return regs
 
 
 def _stack_writes(writes):
@@ -284,9 +266,9 @@ def test_count_stack_use(flags_live, path, red_zone):
     if path != "no runtime":
         uc.mem_write(tls_off, struct.pack("<q", TLS_OFF))
         uc.mem_write(FS_BASE + TLS_OFF, struct.pack("<Q", BLOCK if path == "thread block" else 0))
-    before = _regs(uc)
+    before = state(uc)
     uc.emu_start(CODE, END, count=1000)
-    after = _regs(uc)
+    after = state(uc)
     if not flags_live:
         before.pop("FLAGS"), after.pop("FLAGS")
     assert after == before
@@ -324,9 +306,9 @@ def test_callback_ctx_place_and_defaults(kwargs):
     buf.jmp(END)
     rsp = STACK_TOP - 0x1000
     uc, writes = _machine(buf.finish(), rsp, 11)
-    before = _regs(uc)
+    before = state(uc)
     uc.emu_start(CODE, END, count=2000)
-    assert _regs(uc) == dict(before, RDI=0x1234)
+    assert state(uc) == dict(before, RDI=0x1234)
     size = layout.sizeof("jprobe_ctx")
     ctx = struct.unpack("<Q", uc.mem_read(dump, 8))[0]
     assert ctx + size == rsp - (128 if red_zone else 0)
@@ -454,7 +436,7 @@ class _Run:
         self.uc, self.model, self.vec_mode = uc, model, vec_mode
         self.before = {"model": {k: list(v) for k, v in model.items()},
                        "xmm": [uc.reg_read(getattr(U, f"UC_X86_REG_XMM{i}")) for i in range(16)],
-                       "regs": _regs(uc)}
+                       "regs": state(uc)}
         self.unavailable = []                 # instructions the CPU of vec_mode would not have
         self.entry_upper = None               # bits above 128 of zmm0-15 as the callback starts
         self.rnd = random.Random(seed + 1)
@@ -513,7 +495,7 @@ def test_module_stub_calls_the_callback_with_all_vector_state_kept(vec_mode, df,
     assert uc.mem_read(FS_BASE + GUARD_OFF, 1)[0] == 0         # and down after
     assert (run.q(_probe_field("hits")), run.q(BLOCK + 40)) == (40, 71)
     assert run.q(_probe_field("missed")) == run.q(_probe_field("skipped")) == 0
-    after = _regs(uc)
+    after = state(uc)
     for reg in ("RSP", "RBX", "RBP", "R12", "R13", "R14", "R15"):
         assert after[reg] == run.before["regs"][reg], reg
     assert run.q(REC + 48, "<I") == MXCSR_PROGRAM               # MXCSR as the program had it
@@ -538,7 +520,7 @@ def test_module_stub_novec_callback(x87):
     run = _Run(uc, model, VEC["AVX512"])
     assert run.called == 1 and run.q(REC) == CTX and run.q(REC + 8) % 16 == 8
     assert run.q(REC + 24) == 1 and uc.mem_read(FS_BASE + GUARD_OFF, 1)[0] == 0
-    assert _regs(uc)["RSP"] == run.before["regs"]["RSP"]
+    assert state(uc)["RSP"] == run.before["regs"]["RSP"]
 
 
 @pytest.mark.parametrize("block", [False, True])

@@ -5,47 +5,20 @@ exactly one, and every register, flag and byte of the red zone is as it was, or,
 for callbacks, the ctx the stub receives mirrors the registers and edits to it
 come back.
 """
-import random
 import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 unicorn = pytest.importorskip("unicorn")
-from unicorn import Uc, UC_ARCH_X86, UC_MODE_64  # noqa: E402
+from unicorn import Uc  # noqa: E402
 from unicorn import x86_const as U  # noqa: E402
 
 from jprobe import layout  # noqa: E402
 from jprobe.trampolines import x86_64 as arch  # noqa: E402
 from jprobe.trampolines.asm import CodeBuffer, assemble  # noqa: E402
+from support.machine import CODE, DATA, END, GPRS, STACK, STACK_TOP, STATUS_MASK, machine, state  # noqa: E402
 from support.properties import examples  # noqa: E402
-
-CODE, DATA, STACK = 0x400000, 0x600000, 0x800000
-STACK_TOP = STACK + 0x10000
-GPRS = ["RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"]
-STATUS_MASK = 0xCD5                                   # CF PF AF ZF SF DF OF
-END = CODE + 0x8000
-
-
-def machine(code: bytes, rsp: int, seed: int) -> Uc:
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    for base in (CODE, DATA, STACK):
-        uc.mem_map(base, 0x10000)
-    uc.mem_write(CODE, code)
-    uc.mem_write(END, b"\xf4")
-    rnd = random.Random(seed)
-    uc.mem_write(STACK, bytes(rnd.getrandbits(8) for _ in range(0x10000)))
-    for reg in GPRS:
-        uc.reg_write(getattr(U, f"UC_X86_REG_{reg}"), rnd.getrandbits(64))
-    uc.reg_write(U.UC_X86_REG_RSP, rsp)
-    uc.reg_write(U.UC_X86_REG_EFLAGS, 0x202 | (rnd.getrandbits(12) & STATUS_MASK))
-    return uc
-
-
-def state(uc: Uc) -> dict:
-    regs = {r: uc.reg_read(getattr(U, f"UC_X86_REG_{r}")) for r in GPRS + ["RSP"]}
-    regs["FLAGS"] = uc.reg_read(U.UC_X86_REG_EFLAGS) & STATUS_MASK
-    return regs
 
 
 def run(uc: Uc) -> None:
