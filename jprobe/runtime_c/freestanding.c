@@ -458,20 +458,23 @@ void jp_heap_child_fork(void)
 	heap_lock = 0;
 }
 
-/* len bytes of fresh memory aligned to CHUNK, or NULL. */
+/*
+ * len bytes of fresh memory aligned to CHUNK, or NULL.  The start is taken
+ * at least a page into the mapping and a page is left after it, so both
+ * trims are always made: the runtime's system calls do not depend on where
+ * the kernel happened to place the mapping (tests compare them run to run).
+ */
 static void *map_aligned(size_t len)
 {
-	unsigned char *p = mmap(NULL, len + CHUNK, PROT_RW, MAP_ANON_PRIVATE, -1, 0);
+	unsigned char *p = mmap(NULL, len + CHUNK + PAGE, PROT_RW, MAP_ANON_PRIVATE, -1, 0);
 	uintptr_t start, end;
 
 	if (p == (void *)-1)
 		return NULL;
-	start = ((uintptr_t)p + CHUNK - 1) & ~(CHUNK - 1);
-	end = (uintptr_t)p + len + CHUNK;
-	if (start > (uintptr_t)p)
-		munmap(p, start - (uintptr_t)p);
-	if (end > start + len)
-		munmap((void *)(start + len), end - start - len);
+	start = ((uintptr_t)p + PAGE + CHUNK - 1) & ~(CHUNK - 1);
+	end = (uintptr_t)p + len + CHUNK + PAGE;
+	munmap(p, start - (uintptr_t)p);
+	munmap((void *)(start + len), end - start - len);
 	return (void *)start;
 }
 
