@@ -38,6 +38,6 @@ class Overlay:
             out.append(b)
             if owner is not None:
                 owners.add(owner)
-        if len(owners) > 1 or len(out) != size:
+        if len(owners) > 1:
             return None
         return bytes(out), next(iter(owners), None)

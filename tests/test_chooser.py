@@ -7,7 +7,7 @@ import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 from jprobe import arch
-from jprobe.chooser import Choice, Policy, Short, Site, Spot, choose_short, choose_whole, reaim
+from jprobe.chooser import Choice, Policy, Short, Site, Spot, choose_short, reaim
 from jprobe.elf import Symbol
 from jprobe.mechanisms import Mechanism, Tactic
 from jprobe.overlay import Overlay

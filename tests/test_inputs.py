@@ -169,7 +169,7 @@ def test_running_a_named_rewritten_module_is_refused(rewritten, build, tmp_path)
     _, once = rewritten
     lib = build.lib("short_lib.c", ["-O2"])
     twice = patch(lib, tmp_path / "short_lib.so", ["lib_calls"])
-    for probe, command, path in ((f"compute", [once, 10, 3], once), (f"{twice}:tiny", ["true"], twice)):
+    for probe, command, path in (("compute", [once, 10, 3], once), (f"{twice}:tiny", ["true"], twice)):
         r = jprobe("run", "-p", probe, "--", *command)
         assert "rewritten by `jprobe patch`" in _one_line_naming(r, path)
         assert r.stdout == "", "the program ran"
