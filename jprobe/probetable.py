@@ -16,7 +16,6 @@ from .plan import ProbePlan
 TABLE_SIZE = layout.sizeof("jp_table")
 PROBE_SIZE = layout.sizeof("jp_probe")
 ISLAND_SIZE = layout.sizeof("jp_island")
-WRAP = (1 << 64) - 1
 
 
 class TableProbe(NamedTuple):
@@ -81,18 +80,16 @@ def encode(module_path: str, data_vaddr: int, probes: list[TableProbe],
     header.version = layout.TABLE_VERSION
     header.nprobes = len(probes)
     header.flags = layout.CONST["JP_TABLE_STRICT"] if strict else 0
-    # A table may sit below its module (`jprobe attach` maps room where it finds it): its
-    # addresses are then negative, and wrap as the bias is added to them.
-    header.probes = table_probes & WRAP
+    header.probes = table_probes
     records = ffi.new("struct jp_island[]", max(len(islands), 1))
     for record, (at, target, owner) in zip(records, islands):
         hop = arch.jump_bytes(at, target, arch.JUMP_SIZE)
         record.at, record.target, record.probe = at, target, owner
         record.len, record.fixup = len(hop), arch.JUMP_FIXUP
         record.code = hop + bytes(8 - len(hop))
-    header.islands = (table_probes + len(probes) * PROBE_SIZE) & WRAP
+    header.islands = table_probes + len(probes) * PROBE_SIZE
     header.nislands = len(islands)
-    header.strings = (header.islands + len(islands) * ISLAND_SIZE) & WRAP
+    header.strings = header.islands + len(islands) * ISLAND_SIZE
     header.module = strings.add(module_path)
     # Last, in id order: the specs that name only their address, which a packed table
     # leaves out (the runtime writes them back, in this order).

@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 
 from .. import layout
@@ -98,6 +99,8 @@ class LiveSession:
         self._modules: dict[str, ElfModule] = {}
         self.batches: list[Batch] = []
         self.rewound = 0
+        # Seconds the last plan() and apply() took, by step (benchmarks/bench.py shows them).
+        self.timings: dict[str, float] = {}
 
     # -- planning -------------------------------------------------------------------------
     def plan(self, specs: list[ProbeSpec]) -> list[Batch]:
@@ -111,16 +114,21 @@ class LiveSession:
         for spec in specs:
             loaded = self._find(spec.module, mapped)
             by_module.setdefault(loaded.path, (loaded, []))[1].append(spec)
+        started = time.perf_counter()
         with cycles_uncollected():
-            return [self._plan(loaded, module_specs, mapped) for loaded, module_specs in by_module.values()]
+            batches = [self._plan(loaded, module_specs, mapped) for loaded, module_specs in by_module.values()]
+        self.timings = {"planning": time.perf_counter() - started}
+        return batches
 
     def _plan(self, loaded: LoadedModule, specs: list[ProbeSpec], mapped: list[Mapping]) -> Batch:
         module = self._module(loaded.path, loaded.file)
         probes = resolve_probes(module, specs, strict=False)
         region = self._region(loaded, mapped)
-        base = region.base - loaded.bias
-        text, data = base + region.text_used, base + HALF + region.data_used
-        room = Room(text, data, base + HALF, base + 2 * HALF)
+        # Planned just past the image, where every address is positive (the back end
+        # decodes at link-time addresses), then moved to the region, which may lie below.
+        planned = _page_up(module.end_of_image())
+        text, data = planned + region.text_used, planned + HALF + region.data_used
+        room = Room(text, data, planned + HALF, planned + 2 * HALF)
         try:
             plan = plan_in_room(module, probes, lambda outgrown: room if outgrown is None else None,
                                 Policy(islands=False, strict=self.strict))
@@ -129,6 +137,11 @@ class LiveSession:
                 raise
             raise AttachError(f"process {self.pid}: no room left for more probes in {loaded.path} in "
                               f"this session; detach and attach again") from None
+        base = region.base - loaded.bias
+        try:
+            plan = plan.moved(base - planned)
+        except ValueError as err:
+            raise AttachError(f"process {self.pid}: {err}; no room near enough for jprobe's trampolines") from None
         for p in plan.probes:
             if p.mechanism is Mechanism.TRAP:
                 raise SiteError(f"'{p.spec}': needs a trap at {p.address:#x} ({p.reason}), which jprobe attach "
@@ -187,16 +200,25 @@ class LiveSession:
     # -- writing --------------------------------------------------------------------------
     def apply(self, batches: list[Batch]) -> None:
         """Write `batches` into the process in one stop of the world."""
+        clock = [time.perf_counter()]
+
+        def lap(step: str) -> None:
+            clock.append(time.perf_counter())
+            self.timings[step] = clock[-1] - clock[-2]
         try:
             with StoppedWorld(self.pid) as world:
+                lap("stopping")
                 for batch in batches:
                     self._map(world, batch.module, batch.region)
                     self._vacate(world, batch.region)
+                lap("injecting")
                 for batch in batches:
                     _check_sites(world, batch)
                 for batch in batches:
                     self._write(world, batch)
                 self.rewound += world.rewound
+                lap("patching")
+            lap("resuming")
         except BaseException:
             for batch in batches:           # their room is free again
                 self._forget(batch)

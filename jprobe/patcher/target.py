@@ -33,9 +33,9 @@ def check_process(pid: int) -> None:
         with open(f"/proc/{pid}/status") as f:
             status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
     except FileNotFoundError:
-        raise AttachError(f"no process {pid}; give the pid of a running process (`pgrep NAME`)") from None
+        raise ProcessGone(f"no process {pid}; give the pid of a running process (`pgrep NAME`)") from None
     if status.get("State", "").startswith("Z"):
-        raise AttachError(f"process {pid} has exited (a zombie); give the pid of a running process")
+        raise ProcessGone(f"process {pid} has exited (a zombie); give the pid of a running process")
     tracer = int(status.get("TracerPid", "0"))
     if tracer and tracer != os.getpid():
         raise AttachError(f"process {pid} is already traced by process {tracer} ({comm(tracer)}); "
