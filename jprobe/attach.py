@@ -53,7 +53,7 @@ class Process:
         self._session = LiveSession(pid, strict)
         self.executable = self._session.executable
         self._probes: list[Probe] = []
-        self.exited = False
+        self.exited = ""                 # why the session ended early, if it did
         self.detached = False
 
     def __enter__(self) -> "Process":
@@ -99,16 +99,25 @@ class Process:
         self.detached = True
         try:
             self._session.remove_all()
-        except ProcessGone:
-            self.exited = True
+        except ProcessGone as err:
+            self.exited = str(err)
         finally:
             for p in self._probes:
                 p._settle()
             self._session.release()
 
+    def ended(self) -> str | None:
+        """Why the session cannot go on (the process exited or exec'd), or None."""
+        try:
+            if self._session.exec_happened():
+                return f"process {self.pid} exec'd: its probes went with its old image"
+        except ProcessGone:
+            return f"process {self.pid} exited"
+        return None
+
     def report(self) -> dict:
         """The SPEC §3 report of this session so far."""
-        errors = [f"process {self.pid} exited during the session"] if self.exited else []
+        errors = [self.exited] if self.exited else []
         return {"pid": self.pid, "executable": self.executable, "probes": [p.entry() for p in self._probes],
                 "errors": errors}
 

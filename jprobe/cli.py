@@ -115,9 +115,10 @@ def _cmd_attach(args: argparse.Namespace) -> int:
         if not args.json:
             sys.stderr.write(f"jprobe: {len(probes)} probe(s) live in process {args.pid}; "
                              f"{'Ctrl-C to end' if args.duration is None else f'for {args.duration:g} s'}\n")
-        why = wait_for_end(args.pid, args.duration)
+        why = wait_for_end(args.pid, args.duration, proc.ended)
+    why = why or proc.exited
     if why:
-        sys.stderr.write(f"jprobe: {why}\n")
+        sys.stderr.write(f"jprobe: {why}; the report holds the hits until then\n")
     report = proc.report()
     sys.stdout.write(json.dumps(report, indent=1) + "\n" if args.json else format_report(report))
     return 0

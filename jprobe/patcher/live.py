@@ -38,7 +38,7 @@ from ..room import Room, plan_in_room
 from ..spec import ProbeSpec
 from . import remote
 from .ptrace import pidfd_getfd
-from .target import AttachError, Mapping, check_process, executable, file_of, maps
+from .target import AttachError, Mapping, ProcessGone, check_process, descendants, executable, file_of, maps
 from .world import StoppedWorld
 
 PAGE = 0x1000
@@ -261,12 +261,34 @@ class LiveSession:
             self.rewound += world.rewound
 
     def remove_all(self) -> None:
-        """Every probe out, in one stop of the world."""
+        """Every probe out, in one stop of the world; then out of the processes forked
+        meanwhile, which inherited the patched code and the regions (their hits counted
+        in the same tables)."""
+        if self.exec_happened():
+            raise ProcessGone(f"process {self.pid} exec'd {executable(self.pid)}: its probes went with its "
+                              f"old image")
+        names = self._region_labels()
         live = [(b, [i for i, on in enumerate(b.live) if on]) for b in self.batches]
         if any(indices for _, indices in live):
             with StoppedWorld(self.pid) as world:
                 self._unpatch(world, live, whole=True)
                 self.rewound += world.rewound
+        everything = [(b, list(range(len(b.live)))) for b in self.batches]
+        for child in descendants(self.pid):
+            try:
+                if names & {m.path for m in maps(child)}:
+                    with StoppedWorld(child) as world:
+                        self._unpatch(world, everything, whole=True, inherited=True)
+            except ProcessGone:
+                continue
+
+    def exec_happened(self) -> bool:
+        """The process has replaced its image (exec): none of the regions is mapped any more."""
+        names = self._region_labels()
+        return bool(names) and not names & {m.path for m in maps(self.pid)}
+
+    def _region_labels(self) -> set[str]:
+        return {f"/memfd:{_region_name(b.module)} (deleted)" for b in self.batches}
 
     def release(self) -> None:
         """jprobe's views of the regions closed; the target keeps them mapped for reuse."""
@@ -276,15 +298,19 @@ class LiveSession:
                 region.mapped = False
         self.regions.clear()
 
-    def _unpatch(self, world: StoppedWorld, work: list[tuple[Batch, list[int]]], whole: bool = False) -> None:
+    def _unpatch(self, world: StoppedWorld, work: list[tuple[Batch, list[int]]], whole: bool = False,
+                 inherited: bool = False) -> None:
         """Sites back as they were; threads stepped out of the taken probes' trampolines (with
-        `whole`, out of the regions' code altogether: no probe is left in them)."""
+        `whole`, out of the regions' code altogether: no probe is left in them). In a forked
+        child (`inherited`), the sites that hold what jprobe wrote: it forked with those."""
         for batch, indices in work:
             bias = batch.module.bias
             for i in indices:
                 probe = batch.plan.probes[i]
                 at = bias + probe.address
                 if world.read(at, len(probe.patched)) != probe.patched:
+                    if inherited:
+                        continue
                     raise AttachError(f"process {self.pid}: the code at '{probe.spec}' ({at:#x}) changed "
                                       f"since jprobe patched it; left as it is")
                 world.write(at, probe.original[:len(probe.patched)])
@@ -319,7 +345,9 @@ def _move_out_of_site(world: StoppedWorld, probe: ProbePlan, bias: int) -> None:
             if rip not in copies:
                 raise AttachError(f"thread {thread.tid} is stopped at {rip:#x}, inside '{probe.spec}' "
                                   f"but at no instruction jprobe relocated; try again")
-            thread.edit().rip = copies[rip]
+            moved = thread.regs.copy()
+            moved.rip = copies[rip]
+            world.set_regs(thread, moved)
 
 
 def _check_sites(world: StoppedWorld, batch: Batch) -> None:

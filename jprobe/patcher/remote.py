@@ -57,13 +57,12 @@ class Caller:
         regs.rax, regs.orig_rax, regs.rip = nr, NO_SYSCALL, self.site
         for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
             setattr(regs, name, value & ((1 << 64) - 1))
-        thread.regs = regs
         try:
+            self.world.set_regs(thread, regs)
             self.world.step_while(thread, lambda rip: rip == self.site)
             result = thread.regs.rax
         finally:
-            ptrace.set_regs(thread.tid, resume)
-            thread.regs, thread.original = resume, None
+            self.world.set_regs(thread, resume)
         return result - (1 << 64) if result >= 1 << 63 else result
 
     def scratch(self, data: bytes) -> int:

@@ -76,6 +76,26 @@ def threads(pid: int) -> set[int]:
         raise ProcessGone(f"process {pid} exited") from None
 
 
+def descendants(pid: int) -> list[int]:
+    """Processes forked from `pid`, and from them, now alive (children before their own)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop(0)
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
 def maps(pid: int) -> list[Mapping]:
     try:
         with open(f"/proc/{pid}/maps") as f:

@@ -39,14 +39,8 @@ MAX_STEPS = 100_000
 @dataclass
 class Thread:
     tid: int
-    regs: Regs                       # as the thread will resume (edited by the writer)
+    regs: Regs                       # as the thread will resume
     signal: int = 0                  # a signal it was stopped with, delivered when it resumes
-    original: Regs | None = None     # the registers it was stopped with, when edited since
-
-    def edit(self) -> Regs:
-        if self.original is None:
-            self.original = self.regs.copy()
-        return self.regs
 
 
 @dataclass
@@ -89,17 +83,22 @@ class StoppedWorld:
                 raise ProcessGone(f"process {self.pid} exited") from None
         return self._mem
 
+    # -- registers ------------------------------------------------------------------------
+    def set_regs(self, thread: Thread, regs: Regs) -> None:
+        """`thread` resumes with `regs`: written at once, so that the thread is consistent
+        whenever it resumes (if jprobe is killed, the kernel lets it run as it is)."""
+        ptrace.set_regs(thread.tid, regs)
+        thread.regs = regs
+
     # -- stepping -------------------------------------------------------------------------
     def step_while(self, thread: Thread, inside) -> None:
         """Single-step `thread` until inside(rip) is false (it has left code about to go)."""
-        ptrace.set_regs(thread.tid, thread.regs)
         for _ in range(MAX_STEPS):
             if not inside(thread.regs.rip):
                 return
             ptrace.singlestep(thread.tid)
             self._wait_stop(thread.tid, stepping=thread)
             thread.regs = ptrace.get_regs(thread.tid)
-            thread.original = None                  # it has run on: these are its registers
         raise AttachError(f"thread {thread.tid} did not leave jprobe's trampolines in {MAX_STEPS} steps")
 
     # -- stopping and releasing -----------------------------------------------------------
@@ -169,13 +168,14 @@ class StoppedWorld:
         self.threads[tid] = thread
         if regs.orig_rax != NO_SYSCALL and regs.rax == EINTR and not pending_signals(self.pid, tid):
             if self.read(regs.rip - 2, 2) == SYSCALL:
-                edited = thread.edit()
-                edited.rip -= 2
-                edited.rax = edited.orig_rax
+                rewound = regs.copy()
+                rewound.rip -= 2
+                rewound.rax = rewound.orig_rax
+                self.set_regs(thread, rewound)
                 self.rewound += 1
 
     def _release(self) -> None:
-        """Every traced thread untraced and running, with the registers it is to resume with."""
+        """Every traced thread untraced and running (with the registers set_regs gave it)."""
         try:
             for tid in sorted(self._traced):
                 thread = self.threads.get(tid)
@@ -184,8 +184,6 @@ class StoppedWorld:
                         ptrace.interrupt(tid)
                         self._wait_stop(tid)
                         thread = self.threads.get(tid)
-                    if thread is not None and thread.original is not None:
-                        ptrace.set_regs(tid, thread.regs)
                     ptrace.detach(tid, thread.signal if thread is not None else 0)
                 except (OSError, ProcessGone):
                     pass                            # it exited meanwhile
