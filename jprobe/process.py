@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .errors import AttachError, ProcessGone
 from .patcher.live import Batch, LiveSession
-from .patcher.target import AttachError, ProcessGone
 from .spec import parse_probes
-
-__all__ = ["attach", "Process", "Probe", "AttachError", "ProcessGone"]
 
 
 class Probe:
@@ -121,7 +119,3 @@ class Process:
         return {"pid": self.pid, "executable": self.executable, "probes": [p.entry() for p in self._probes],
                 "errors": errors}
 
-
-def attach(pid: int, strict: bool = False) -> Process:
-    """Attach to process `pid`; use as a context manager (SPEC §5)."""
-    return Process(pid, strict)
