@@ -1,11 +1,19 @@
 """`jprobe.attach(pid)`: probes in a running process (SPEC §5), taken out when the block ends."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
 
-from .errors import AttachError, ProcessGone
-from .patcher.live import Batch, LiveSession
-from .spec import parse_probes
+from . import layout
+from .errors import AttachError, HandlerError, ProcessGone
+from .patcher.live import PYTHON, Batch, LiveSession
+from .spec import Handler, ProbeSpec, parse_probes
+
+# cffi callbacks given to trampolines: kept for the process's life, since a thread may be
+# inside one (or about to return into its caller) after its probe is removed.
+_CALLABLES: list[Any] = []
 
 
 class Probe:
@@ -60,16 +68,24 @@ class Process:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def probe(self, spec: str) -> Probe:
-        """One probe (SPEC §1 spec), live when this returns."""
-        return self.probes([spec])[0]
+    def probe(self, spec: str, handler: Callable[[Any], None] | None = None) -> Probe:
+        """One probe (SPEC §1 spec), live when this returns. `handler`: a Python callable
+        run at each hit with the probe's context (`ctx.regs.rdi`, writable), in jprobe's own
+        process only (README: when it can deadlock)."""
+        return self.probes([spec], handler)[0]
 
-    def probes(self, specs: Iterable[str]) -> list[Probe]:
+    def probes(self, specs: Iterable[str], handler: Callable[[Any], None] | None = None) -> list[Probe]:
         """Several probes placed in one stop of the world, in the order given."""
         if self.detached:
             raise AttachError(f"process {self.pid}: detached already; attach again")
         parsed = parse_probes(list(specs))
+        if handler is not None:
+            parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
         batches = self._session.plan(parsed)
+        if handler is not None:
+            address = _callable_address(handler)
+            for batch in batches:
+                batch.callbacks.update({i: address for i in range(len(batch.plan.probes))})
         self._session.apply(batches)
         made = {}
         for batch in batches:
@@ -119,3 +135,21 @@ class Process:
         return {"pid": self.pid, "executable": self.executable, "probes": [p.entry() for p in self._probes],
                 "errors": errors}
 
+
+
+def _with_callable(spec: ProbeSpec, handler: Callable[[Any], None], pid: int) -> ProbeSpec:
+    if pid != os.getpid():
+        raise HandlerError(f"'{spec.text}': a Python callable handler runs only in jprobe's own process "
+                           f"(jprobe.attach(os.getpid())); for process {pid} give a count handler")
+    if "=" in spec.text:
+        raise HandlerError(f"'{spec.text}': a handler in the spec and handler= too; give one of them")
+    name = getattr(handler, "__qualname__", type(handler).__name__)
+    return replace(spec, handler=Handler("callback", library=PYTHON, function=name))
+
+
+def _callable_address(handler: Callable[[Any], None]) -> int:
+    """A C function pointer that calls `handler` with a `struct jprobe_ctx *` (cffi takes
+    the GIL around the call)."""
+    callback = layout.ffi.callback("void(struct jprobe_ctx *)", handler)
+    _CALLABLES.append(callback)
+    return int(layout.ffi.cast("uintptr_t", callback))

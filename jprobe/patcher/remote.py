@@ -113,3 +113,21 @@ def find_shared(pid: int, name: str) -> tuple[Mapping, int] | None:
         except OSError:
             continue
     return None
+
+
+def create_shared_here(name: str, base: int, half: int) -> tuple[int, int]:
+    """create_shared() for jprobe's own process (`jprobe.attach(os.getpid())`)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    ours = os.dup(fd)
+    os.set_inheritable(ours, False)
+    try:
+        os.ftruncate(fd, 2 * half)
+        for offset, prot in ((0, PROT_READ | PROT_EXEC), (half, PROT_READ | PROT_WRITE)):
+            at = ptrace.mmap(base + offset, half, prot, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, offset)
+            if at != base + offset:
+                raise AttachError(f"cannot map jprobe's code at {base + offset:#x} in this process")
+    except BaseException:
+        os.close(fd)
+        os.close(ours)
+        raise
+    return fd, ours
