@@ -14,6 +14,7 @@ from .spec import Handler, ProbeSpec, parse_probes
 # cffi callbacks given to trampolines: kept for the process's life, since a thread may be
 # inside one (or about to return into its caller) after its probe is removed.
 _CALLABLES: list[Any] = []
+COUNTERS = ("hits", "missed", "skipped")            # struct jp_probe's
 
 
 class Probe:
@@ -27,24 +28,35 @@ class Probe:
         self.address = plan.address
         self.mechanism = str(plan.mechanism)
         self.handler = plan.handler
-        self._final: int | None = None
+        self._final: dict[str, int] | None = None
 
     @property
     def hits(self) -> int:
-        return self._final if self._final is not None else self._batch.hits(self._index)
+        return self._count("hits")
+
+    @property
+    def missed(self) -> int:
+        """Hits whose handler did not run: the thread was in a handler already."""
+        return self._count("missed")
 
     @property
     def removed(self) -> bool:
         return self._final is not None
 
+    def _count(self, name: str) -> int:
+        return self._final[name] if self._final is not None else self._batch.counter(self._index, name)
+
     def _settle(self) -> None:
         if self._final is None:
-            self._final = self._batch.hits(self._index)
+            self._final = {name: self._batch.counter(self._index, name) for name in COUNTERS}
 
     def entry(self) -> dict:
         """Its line in the report (SPEC §3)."""
-        return {"probe": self.spec, "module": self.module, "address": f"{self.address:#x}",
-                "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": 0}
+        e = {"probe": self.spec, "module": self.module, "address": f"{self.address:#x}",
+             "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": 0}
+        if self.handler != "count":
+            e["missed"], e["callback_skipped"] = self.missed, self._count("skipped")
+        return e
 
     def __repr__(self) -> str:
         return f"<Probe {self.spec} {self.mechanism} hits={self.hits}>"

@@ -45,7 +45,6 @@ PAGE = 0x1000
 HALF = 32 << 20                    # a region's trampolines, and its tables: virtual, filled as used
 SPAN = (2 << 30) - (64 << 20)      # module and region together, within a rel32's reach
 HEAP_ROOM = 512 << 20              # left for the heap to grow, where it does
-HITS = layout.offsetof("jp_probe", "hits")
 CALLBACK = layout.offsetof("jp_probe", "callback")
 GUARD_OFF = layout.offsetof("jp_table", "guard_off")
 VEC_MODE = layout.offsetof("jp_table", "vec_mode")
@@ -92,7 +91,12 @@ class Batch:
     callbacks: dict[int, int] = field(default_factory=dict)   # probe index -> function address
 
     def hits(self, i: int) -> int:
-        return struct.unpack_from("<Q", self.region.view, self.table_offset + TABLE_SIZE + i * PROBE_SIZE + HITS)[0]
+        return self.counter(i, "hits")
+
+    def counter(self, i: int, name: str) -> int:
+        """Probe `i`'s counter `name` (hits, missed, skipped: struct jp_probe), read live."""
+        at = self.table_offset + TABLE_SIZE + i * PROBE_SIZE + layout.offsetof("jp_probe", name)
+        return struct.unpack_from("<Q", self.region.view, at)[0]
 
 
 class LiveSession:
