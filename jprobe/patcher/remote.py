@@ -24,14 +24,19 @@ RED_ZONE = 128
 
 def syscall_site(pid: int) -> int:
     """The address of a `syscall` instruction in the target's code (the vDSO's first)."""
-    code = [m for m in maps(pid) if "x" in m.perms]
+    code = [m for m in maps(pid) if "x" in m.perms and m.path != "[vsyscall]"]   # vsyscall: unreadable
     code.sort(key=lambda m: m.path != "[vdso]")
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
         for m in code:
-            mem.seek(m.start)
-            found = mem.read(min(m.end - m.start, 1 << 20)).find(SYSCALL)
+            try:
+                found = os.pread(fd, min(m.end - m.start, 1 << 20), m.start).find(SYSCALL)
+            except OSError:
+                continue
             if found >= 0:
                 return m.start + found
+    finally:
+        os.close(fd)
     raise AttachError(f"process {pid}: no `syscall` instruction found in its code")
 
 
