@@ -77,7 +77,7 @@ def finish(proc: subprocess.Popen) -> None:
 def live_count(loop: Path, n: int) -> str:
     """One run of the loop with a `count` probe at `target` attached while it waits: its output
     line, after checking that the probe counted exactly n hits."""
-    from jprobe.attach import attach
+    from jprobe import attach
 
     proc = start_waiting(loop, n)
     try:
@@ -110,7 +110,7 @@ def attach_once(attach, pid: int, specs: list[str]) -> dict:
 
 def worker(loop: Path, specs: list[str]) -> dict:
     """In this interpreter (jprobe imported, libc not parsed): a cold attach, then a warm one."""
-    from jprobe.attach import attach
+    from jprobe import attach
 
     proc = start_waiting(loop, 1)
     try:
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("LOOP", "SPECS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        import jprobe.attach  # noqa: F401  (a warm interpreter: jprobe imported before the clock runs)
+        import jprobe.process  # noqa: F401  (a warm interpreter: jprobe imported before the clock runs)
         loop, specs = args.worker
         print(json.dumps(worker(Path(loop), json.loads(Path(specs).read_text()))))
         return

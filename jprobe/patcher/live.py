@@ -126,12 +126,13 @@ class LiveSession:
                 raise HandlerError(f"'{spec.text}': jprobe attach places `count` probes (and, in its own "
                                    f"process, Python callables) only in this release; drop the handler "
                                    f"(or `%return`), or use `jprobe run`")
+        started = time.perf_counter()
         mapped = maps(self.pid)
+        found = {name: self._find(name, mapped) for name in {spec.module for spec in specs}}
         by_module: dict[str, tuple[LoadedModule, list[ProbeSpec]]] = {}
         for spec in specs:
-            loaded = self._find(spec.module, mapped)
+            loaded = found[spec.module]
             by_module.setdefault(loaded.path, (loaded, []))[1].append(spec)
-        started = time.perf_counter()
         with cycles_uncollected():
             batches = [self._plan(loaded, module_specs, mapped) for loaded, module_specs in by_module.values()]
         self.timings = {"planning": time.perf_counter() - started}
