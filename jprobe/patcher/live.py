@@ -20,6 +20,7 @@ threads have no private counter blocks (jprobe_table.h, tls_off 0).
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import layout
+from ..callbacks import Callback
 from ..chooser import Policy
 from ..elf import ElfModule
 from ..errors import HandlerError, JprobeError, SiteError, SymbolError
@@ -36,7 +38,7 @@ from ..planner import cycles_uncollected, resolve_probes
 from ..probetable import PROBE_SIZE, TABLE_SIZE
 from ..room import Room, plan_in_room
 from ..spec import ProbeSpec
-from . import remote
+from . import inject, remote
 from .ptrace import pidfd_getfd
 from .target import AttachError, Mapping, ProcessGone, check_process, descendants, executable, file_of, maps
 from .world import StoppedWorld, stopped
@@ -89,6 +91,7 @@ class Batch:
     table_offset: int              # of its table in the region's view
     live: list[bool] = field(default_factory=list)
     callbacks: dict[int, int] = field(default_factory=dict)   # probe index -> function address
+    wanted: dict[int, Callback] = field(default_factory=dict)  # C callbacks to load and resolve
 
     def hits(self, i: int) -> int:
         return self.counter(i, "hits")
@@ -121,11 +124,9 @@ class LiveSession:
     def plan(self, specs: list[ProbeSpec]) -> list[Batch]:
         """Batches for `specs`, one per module, planned into free room of its region."""
         for spec in specs:
-            python = self.local and spec.handler.kind == "callback" and spec.handler.library == PYTHON
-            if spec.on_return or spec.handler.kind != "count" and not python:
-                raise HandlerError(f"'{spec.text}': jprobe attach places `count` probes (and, in its own "
-                                   f"process, Python callables) only in this release; drop the handler "
-                                   f"(or `%return`), or use `jprobe run`")
+            if spec.on_return or spec.handler.kind == "trace":
+                raise HandlerError(f"'{spec.text}': jprobe attach places `count` and callback probes only in "
+                                   f"this release; drop `trace` (or `%return`), or use `jprobe run`")
         started = time.perf_counter()
         mapped = maps(self.pid)
         found = {name: self._find(name, mapped) for name in {spec.module for spec in specs}}
@@ -164,7 +165,9 @@ class LiveSession:
             if p.mechanism is Mechanism.TRAP:
                 raise SiteError(f"'{p.spec}': needs a trap at {p.address:#x} ({p.reason}), which jprobe attach "
                                 f"cannot serve (no runtime in the target yet); probe another instruction")
-        batch = Batch(loaded, plan, region, plan.data_vaddr - base, [True] * len(plan.probes))
+        batch = Batch(loaded, plan, region, plan.data_vaddr - base, [True] * len(plan.probes),
+                      wanted={i: p.callback for i, p in enumerate(probes)
+                              if p.callback is not None and p.callback.library != PYTHON})
         region.text_used = _page_up(plan.text_vaddr + len(plan.text) - base)
         region.data_used = _page_up(plan.data_vaddr + len(plan.data) - base - HALF)
         return batch
@@ -238,13 +241,54 @@ class LiveSession:
             if self.local:
                 for batch in batches:
                     self._map_here(batch.module, batch.region)
+            self._resolve_callbacks(batches)
+            loading = time.perf_counter() - clock[-1]
             self.rewound += stopped(self.pid, work)
+            self.timings["injecting"] += loading
+            self.timings["stopping"] -= loading
             lap("resuming")
         except BaseException:
             for batch in batches:           # their room is free again
                 self._forget(batch)
             raise
         self.batches.extend(batches)
+
+    def _resolve_callbacks(self, batches: list[Batch]) -> None:
+        """The run-time address of each C callback, its library loaded first where it is not
+        yet (inject.py: by a thread of the process's own; in jprobe's own process, ctypes)."""
+        wanted = [(b, i, cb) for b in batches for i, cb in b.wanted.items()]
+        if not wanted:
+            return
+        libraries = {cb.library: inject.Library.of(cb.library) for _, _, cb in wanted}
+        if self.local:
+            for batch, i, cb in wanted:
+                function = getattr(ctypes.CDLL(libraries[cb.library].path), cb.function)
+                batch.callbacks[i] = ctypes.cast(function, ctypes.c_void_p).value
+            return
+        start = {path: self._module(lib.path, lib.path).start_of_image() for path, lib in libraries.items()}
+        mapped = maps(self.pid)
+        todo = [lib for path, lib in libraries.items() if lib.mapped(mapped, start[path]) is None]
+        if todo:
+            functions = inject.functions_of(self.pid, mapped, self._module_and_bias)
+            first, region = batches[0].module, batches[0].region
+            text, data = region.text_used, HALF + region.data_used
+            region.text_used, region.data_used = region.text_used + PAGE, region.data_used + PAGE
+
+            def work(world: StoppedWorld) -> None:
+                self._map(world, first, region)
+                inject.Loader(world, self.site, region.view, region.base, text, data).load(todo, functions)
+            self.rewound += stopped(self.pid, work)
+            mapped = maps(self.pid)
+        for batch, i, cb in wanted:
+            lib = libraries[cb.library]
+            bias = lib.mapped(mapped, start[cb.library])
+            if bias is None:
+                raise AttachError(f"process {self.pid}: {lib.path} is not mapped after loading it")
+            batch.callbacks[i] = bias + self._module(lib.path, lib.path).resolve(cb.function).address
+
+    def _module_and_bias(self, path: str) -> tuple[ElfModule, int]:
+        loaded = self._find(path, maps(self.pid))
+        return self._module(loaded.path, loaded.file), loaded.bias
 
     def _map(self, world: StoppedWorld, loaded: LoadedModule, region: Region) -> None:
         if region.mapped:

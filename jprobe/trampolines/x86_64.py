@@ -304,6 +304,29 @@ def trap_bytes(length: int, original: bytes) -> bytes:
     return bytes([INT3]) + original[1:length]
 
 
+# The block a loader thread reads and writes (emit_loader), one 8-byte slot each.
+LOADER_SLOTS = ("dlopen", "dlerror", "pthread_self", "pthread_detach", "path", "handle", "error", "done")
+RTLD_NOW = 2
+
+
+def emit_loader(buf: CodeBuffer) -> None:
+    """A thread's start routine (rdi: a block of LOADER_SLOTS) that detaches itself, dlopen()s
+    the block's path, leaves the handle (or dlerror()'s message) in the block, sets `done` and
+    returns. It runs in a thread of its own, so that no lock the program's threads hold can be
+    taken twice by one thread."""
+    slot = {name: 8 * i for i, name in enumerate(LOADER_SLOTS)}
+    buf.emit("push rbx; mov rbx, rdi")                           # the stack is 16-byte aligned now
+    buf.emit(f"call qword ptr [rbx + {slot['pthread_self']}]; mov rdi, rax")
+    buf.emit(f"call qword ptr [rbx + {slot['pthread_detach']}]")
+    buf.emit(f"mov rdi, qword ptr [rbx + {slot['path']}]; mov esi, {RTLD_NOW}")
+    buf.emit(f"call qword ptr [rbx + {slot['dlopen']}]; mov qword ptr [rbx + {slot['handle']}], rax")
+    buf.emit("test rax, rax")
+    buf.jcc(0x5, "loaded")                                       # jnz
+    buf.emit(f"call qword ptr [rbx + {slot['dlerror']}]; mov qword ptr [rbx + {slot['error']}], rax")
+    buf.label("loaded")
+    buf.emit(f"mov qword ptr [rbx + {slot['done']}], 1; pop rbx; xor eax, eax; ret")
+
+
 class ModuleStubs:
     """Code shared by every callback probe of a module, emitted once at the start of its text."""
 

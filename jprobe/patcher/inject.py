@@ -1,0 +1,211 @@
+"""C callback libraries loaded into a running process, by a thread of the process's own.
+
+Loading a library takes the dynamic loader's lock and malloc's; a thread borrowed in the
+middle of whatever it was doing may hold either, and would then wait for itself forever
+(kubo/injector's warning). So the borrowed thread only calls `pthread_create`, and a new
+thread, the process's own, calls `dlopen` (arch.emit_loader) while every other thread runs:
+it waits, if it must, for a lock until its holder releases it.
+
+`pthread_create` itself takes the thread-stack cache's lock and calls `calloc`. A thread can
+hold those locks only while it runs code of libc or of the dynamic loader (nothing there calls
+back into the program with them held), or in a signal handler that interrupted such code. So
+the borrowed thread is one stopped in the program's own code, or blocked in a system call
+that waits for the outside world (`epoll_wait`, `read`, `nanosleep`...: libc makes none of
+them with those locks held), and with no signal frame on its stack (no return address to
+glibc's `__restore_rt`, which every handler returns through). Its general and vector
+registers are put back after the call.
+
+The library's bytes go into a sealed memfd the process creates (`/proc/self/fd/N` is what it
+opens): so the process reads exactly the file jprobe analysed, whatever its mount namespace,
+and no one can change it afterwards. The memfd is named after the file's digest, and a
+library already loaded by an earlier attach is found by that name and not loaded again.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from .. import arch
+from ..errors import AttachError, HandlerError, SymbolError
+from ..loader import find_library
+from . import ptrace, remote
+from .target import Mapping, maps
+from .world import SYSCALL, StoppedWorld, Thread
+
+MFD_ALLOW_SEALING = 2
+F_ADD_SEALS, SEALS = 1033, 1 | 2 | 4 | 8         # seal, shrink, grow, write
+# Calls that wait for the outside world; libc makes none while it holds a lock.
+WAITING = {0, 7, 17, 19, 23, 34, 35, 43, 45, 47, 61, 65, 70, 128, 130, 208, 220, 230, 232, 247,
+           270, 271, 281, 288, 299, 441}
+INTERRUPTED = {-errno.EINTR, -512, -513, -514, -516}     # -EINTR, -ERESTART*
+RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")          # mov rax, 15 (rt_sigreturn); syscall
+STACK_SCAN = 64 << 10
+LOAD_TIMEOUT = 10.0
+SLOT = {name: 8 * i for i, name in enumerate(arch.LOADER_SLOTS)}
+BLOCK = 8 * len(arch.LOADER_SLOTS) + 8           # the slots, then the new thread's pthread_t
+PAGE, REQUEST = 0x1000, 0x400                  # room of one library's request block
+NEEDED = ("dlopen", "dlerror", "pthread_self", "pthread_detach", "pthread_create")
+SYSTEM = ("libc.so", "ld-linux", "libpthread.so", "libdl.so")
+
+
+@dataclass(frozen=True)
+class Library:
+    path: str                    # as jprobe read it
+    label: str                   # its memfd's name in the process's maps
+    data: bytes
+
+    @classmethod
+    def of(cls, name: str) -> "Library":
+        path = name if "/" in name else find_library(name)
+        if path is None:
+            raise HandlerError(f"{name}: callback library not found; give its path")
+        with open(path, "rb") as f:
+            data = f.read()
+        return cls(path, f"jprobe-lib:{hashlib.sha256(data).hexdigest()[:16]}", data)
+
+    def mapped(self, mapped: list[Mapping], image_start: int) -> int | None:
+        """The load bias of this library in the process (whose first segment is at
+        `image_start`), if an attach loaded it already."""
+        first = [m for m in mapped if m.path == f"/memfd:{self.label} (deleted)" and m.offset == 0]
+        if not first:
+            return None
+        return min(m.start for m in first) - (image_start & ~(PAGE - 1))
+
+
+class Loader:
+    """Loads libraries into the process `world` has stopped, with a page of trampoline room
+    (`text`) and one of table room (`data`) of a region it shares with jprobe: `view` is
+    jprobe's window on the region, `base` the region's run-time address."""
+
+    def __init__(self, world: StoppedWorld, site: int, view, base: int, text: int, data: int):
+        self.world, self.site, self.pid = world, site, world.pid
+        self.region, self.text_off, self.data_off = view, text, data
+        self.text, self.data = base + text, base + data
+
+    def load(self, libraries: list[Library], functions: dict[str, int]) -> None:
+        """dlopen() each library in the process, by a thread of its own; then every thread
+        but the borrowed one runs, and the borrowed one too once its call returns."""
+        buf = arch.CodeBuffer(self.text)
+        arch.emit_loader(buf)
+        pad = buf.here
+        code = buf.finish() + arch.trap_bytes(1, b"\0")
+        self.region[self.text_off:self.text_off + len(code)] = code
+        call = remote.Caller(self.world, self.site)
+        blocks = []
+        if len(libraries) > PAGE // REQUEST:
+            raise AttachError(f"process {self.pid}: more than {PAGE // REQUEST} callback libraries at once")
+        for k, lib in enumerate(libraries):
+            fd = call.check("memfd_create", call(remote.NR_MEMFD_CREATE, call.scratch(lib.label.encode() + b"\0"),
+                                                 remote.MFD_CLOEXEC | MFD_ALLOW_SEALING))
+            ours = ptrace.pidfd_getfd(self.pid, fd)
+            try:
+                os.write(ours, lib.data)
+                fcntl.fcntl(ours, F_ADD_SEALS, SEALS)
+            finally:
+                os.close(ours)
+            at = self.data_off + REQUEST * k
+            path = f"/proc/self/fd/{fd}".encode() + b"\0"
+            slots = [functions["dlopen"], functions["dlerror"], functions["pthread_self"],
+                     functions["pthread_detach"], self._address(at) + BLOCK, 0, 0, 0, 0]
+            self.region[at:at + BLOCK + len(path)] = struct.pack(f"<{len(slots)}Q", *slots) + path
+            blocks.append(at)
+        thread = borrowable(self.world)
+        for at in blocks:
+            block = self._address(at)
+            result = self.world.call(thread, functions["pthread_create"], (block + BLOCK - 8, 0, self.text, block), pad)
+            if result & 0xffffffff:
+                raise AttachError(f"process {self.pid}: pthread_create failed ({os.strerror(result & 0xffffffff)}) "
+                                  f"starting jprobe's loader thread")
+        for lib, at in zip(libraries, blocks):
+            self._wait(lib, at)
+
+    def _address(self, at: int) -> int:
+        """The run-time address of offset `at` of the region."""
+        return self.data + at - self.data_off
+
+    def _wait(self, lib: Library, at: int) -> None:
+        deadline = time.monotonic() + LOAD_TIMEOUT
+        while not struct.unpack_from("<Q", self.region, at + SLOT["done"])[0]:
+            if time.monotonic() > deadline:
+                raise AttachError(f"process {self.pid}: loading {lib.path} took over {LOAD_TIMEOUT:g} s "
+                                  f"(its constructors, or the loader's lock held by the program)")
+            time.sleep(0.0005)
+        if not struct.unpack_from("<Q", self.region, at + SLOT["handle"])[0]:
+            error = struct.unpack_from("<Q", self.region, at + SLOT["error"])[0]
+            with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
+                mem.seek(error)
+                why = mem.read(512).split(b"\0")[0].decode(errors="replace") if error else "no reason given"
+            raise HandlerError(f"{lib.path}: process {self.pid} cannot load it: {why}")
+
+
+def functions_of(pid: int, mapped: list[Mapping], module_of) -> dict[str, int]:
+    """Run-time addresses of what loading needs (NEEDED), from the system libraries the
+    process has mapped (libc 2.34 has them all; before, libdl and libpthread)."""
+    found: dict[str, int] = {}
+    for path in sorted({m.path for m in mapped if os.path.basename(m.path).startswith(SYSTEM)}):
+        module, bias = module_of(path)
+        for name in NEEDED:
+            if name not in found:
+                try:
+                    found[name] = bias + module.resolve(name).address
+                except SymbolError:
+                    continue
+    missing = [n for n in NEEDED if n not in found]
+    if missing:
+        raise AttachError(f"process {pid}: cannot load a callback library: it has no {', '.join(missing)} "
+                          f"(glibc 2.34 or later has them in libc; before, libdl and libpthread must be loaded)")
+    return found
+
+
+def borrowable(world: StoppedWorld) -> Thread:
+    """A stopped thread that holds none of the locks pthread_create takes (see above)."""
+    mapped = maps(world.pid)
+    system = [(m.start, m.end) for m in mapped
+              if "x" in m.perms and os.path.basename(m.path).startswith(SYSTEM)]
+    restorers = _restorers(world, mapped)
+    for thread in sorted(world.threads.values(), key=lambda t: t.tid):
+        regs = thread.regs
+        if thread.signal or restorers is None:
+            continue
+        in_system = any(lo <= regs.rip < hi for lo, hi in system)
+        if in_system and not _waiting(world, thread):
+            continue
+        if not _signal_frame(world, mapped, regs.rsp, restorers):
+            return thread
+    raise AttachError(f"process {world.pid}: no thread is at a point where it may safely start jprobe's "
+                      f"loader thread (all are inside libc, or in signal handlers); try again")
+
+
+def _waiting(world: StoppedWorld, thread: Thread) -> bool:
+    regs = thread.regs
+    if regs.orig_rax >= 1 << 63 or regs.orig_rax not in WAITING:
+        return False
+    rax = regs.rax - (1 << 64) if regs.rax >= 1 << 63 else regs.rax
+    rewound = rax == regs.orig_rax and world.read(regs.rip, 2) == SYSCALL
+    return rax in INTERRUPTED or rewound
+
+
+def _restorers(world: StoppedWorld, mapped: list[Mapping]) -> set[int] | None:
+    """Where glibc's `__restore_rt` is (a handler's return address), or None if not found."""
+    found = set()
+    for m in mapped:
+        if "x" in m.perms and os.path.basename(m.path).startswith("libc.so"):
+            code = world.read(m.start, m.end - m.start)
+            at = code.find(RESTORE_RT)
+            while at >= 0:
+                found.add(m.start + at)
+                at = code.find(RESTORE_RT, at + 1)
+    return found or None
+
+
+def _signal_frame(world: StoppedWorld, mapped: list[Mapping], rsp: int, restorers: set[int]) -> bool:
+    stack = next((m for m in mapped if m.start <= rsp < m.end), None)
+    if stack is None:
+        return True
+    data = world.read(rsp & ~7, min(STACK_SCAN, stack.end - (rsp & ~7)))
+    return any(word in restorers for word in struct.unpack(f"<{len(data) // 8}Q", data[:len(data) // 8 * 8]))
