@@ -244,8 +244,9 @@ class LiveSession:
             self._resolve_callbacks(batches)
             loading = time.perf_counter() - clock[-1]
             self.rewound += stopped(self.pid, work)
-            self.timings["injecting"] += loading
-            self.timings["stopping"] -= loading
+            if "stopping" in self.timings:          # not when a forked child stopped the threads
+                self.timings["injecting"] += loading
+                self.timings["stopping"] -= loading
             lap("resuming")
         except BaseException:
             for batch in batches:           # their room is free again
