@@ -49,6 +49,7 @@ LOAD_TIMEOUT = 10.0
 SLOT = {name: 8 * i for i, name in enumerate(arch.LOADER_SLOTS)}
 BLOCK = 8 * len(arch.LOADER_SLOTS) + 8           # the slots, then the new thread's pthread_t
 PAGE, REQUEST = 0x1000, 0x400                  # room of one library's request block
+MESSAGE = REQUEST - 0x100                       # where in it the loader copies dlerror()'s message
 NEEDED = ("dlopen", "dlerror", "pthread_self", "pthread_detach", "pthread_create")
 SYSTEM = ("libc.so", "ld-linux", "libpthread.so", "libdl.so")
 
@@ -111,7 +112,8 @@ class Loader:
             at = self.data_off + REQUEST * k
             path = f"/proc/self/fd/{fd}".encode() + b"\0"
             slots = [functions["dlopen"], functions["dlerror"], functions["pthread_self"],
-                     functions["pthread_detach"], self._address(at) + BLOCK, 0, 0, 0, 0]
+                     functions["pthread_detach"], self._address(at) + BLOCK, 0, self._address(at) + MESSAGE, 0, 0]
+            self.region[at + MESSAGE] = 0
             self.region[at:at + BLOCK + len(path)] = struct.pack(f"<{len(slots)}Q", *slots) + path
             blocks.append(at)
         thread = borrowable(self.world)
@@ -136,11 +138,8 @@ class Loader:
                                   f"(its constructors, or the loader's lock held by the program)")
             time.sleep(0.0005)
         if not struct.unpack_from("<Q", self.region, at + SLOT["handle"])[0]:
-            error = struct.unpack_from("<Q", self.region, at + SLOT["error"])[0]
-            with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
-                mem.seek(error)
-                why = mem.read(512).split(b"\0")[0].decode(errors="replace") if error else "no reason given"
-            raise HandlerError(f"{lib.path}: process {self.pid} cannot load it: {why}")
+            why = bytes(self.region[at + MESSAGE:at + REQUEST]).split(b"\0")[0].decode(errors="replace")
+            raise HandlerError(f"{lib.path}: process {self.pid} cannot load it: {why or 'dlopen() failed'}")
 
 
 def functions_of(pid: int, mapped: list[Mapping], module_of) -> dict[str, int]:

@@ -311,9 +311,10 @@ RTLD_NOW = 2
 
 def emit_loader(buf: CodeBuffer) -> None:
     """A thread's start routine (rdi: a block of LOADER_SLOTS) that detaches itself, dlopen()s
-    the block's path, leaves the handle (or dlerror()'s message) in the block, sets `done` and
-    returns. It runs in a thread of its own, so that no lock the program's threads hold can be
-    taken twice by one thread."""
+    the block's path, leaves the handle in the block (or, when it fails, copies dlerror()'s
+    message to `error`, 255 bytes at most: the message dies with the thread), sets `done` and
+    returns. It runs in a thread of its own, so that no lock the program's threads hold can
+    be taken twice by one thread."""
     slot = {name: 8 * i for i, name in enumerate(LOADER_SLOTS)}
     buf.emit("push rbx; mov rbx, rdi")                           # the stack is 16-byte aligned now
     buf.emit(f"call qword ptr [rbx + {slot['pthread_self']}]; mov rdi, rax")
@@ -322,7 +323,14 @@ def emit_loader(buf: CodeBuffer) -> None:
     buf.emit(f"call qword ptr [rbx + {slot['dlopen']}]; mov qword ptr [rbx + {slot['handle']}], rax")
     buf.emit("test rax, rax")
     buf.jcc(0x5, "loaded")                                       # jnz
-    buf.emit(f"call qword ptr [rbx + {slot['dlerror']}]; mov qword ptr [rbx + {slot['error']}], rax")
+    buf.emit(f"call qword ptr [rbx + {slot['dlerror']}]; mov rsi, rax; mov rdi, qword ptr [rbx + {slot['error']}]")
+    buf.emit("mov ecx, 255; test rsi, rsi")
+    buf.jcc(0x4, "loaded")                                       # jz: no message
+    buf.label("copy")
+    buf.emit("mov al, byte ptr [rsi]; mov byte ptr [rdi], al; inc rsi; inc rdi; test al, al")
+    buf.jcc(0x4, "loaded")                                       # jz: its NUL copied
+    buf.emit("dec ecx")
+    buf.jcc(0x5, "copy")                                         # jnz
     buf.label("loaded")
     buf.emit(f"mov qword ptr [rbx + {slot['done']}], 1; pop rbx; xor eax, eax; ret")
 
