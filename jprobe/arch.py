@@ -14,7 +14,7 @@ from .trampolines.islands import Islands, text_room
 from .trampolines.relocate import can_relocate, can_relocate_together
 from .trampolines.x86_64 import (
     FILL, FILL_BYTE, JUMP_FIXUP, JUMP_OPCODE, JUMP_SIZE, LOADER_SLOTS, REACH, ModuleStubs, Sweep, branch_target, call_bytes, call_fixup,
-    decode, decode_lazily, decode_one, emit_call_continuation, emit_callback, emit_count, emit_displaced, emit_loader,
+    decode, decode_lazily, decode_one, emit_call_continuation, emit_callback, emit_count, emit_displaced, emit_load_hook, emit_loader,
     ends_flow,
     flags_dead_after, is_call, is_rel32_call, is_rip_indirect_call, is_transfer, jump_bytes, jump_target, sweep,
     trap_bytes, vector_state_use,
@@ -38,4 +38,6 @@ __all__ = [
     "emit_call_continuation",
     # Loading a library into a running process: a thread's start routine that dlopen()s it.
     "LOADER_SLOTS", "emit_loader",
+    # Libraries loaded later: a hook on the dynamic loader that waits for jprobe's probes.
+    "emit_load_hook",
 ]

@@ -141,6 +141,11 @@ class ElfModule:
         hint = f"; did you mean {', '.join(close)}?" if close else "; list them with `nm -D` or `nm`"
         raise SymbolError(f"{self.path}: no function symbol '{name}'{hint}")
 
+    def variable(self, name: str) -> int | None:
+        """The link-time address of the data symbol `name`, if the file defines one."""
+        sym = next((s for s in self.binary.symbols if s.name == name and s.is_variable and s.shndx != 0), None)
+        return None if sym is None else sym.value
+
     def function_at(self, address: int) -> Symbol | None:
         """The function whose [start, end) holds `address`, if any."""
         i = bisect.bisect_right(self._starts, address) - 1

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 from . import layout
-from .errors import AttachError, HandlerError, ProcessGone
+from .errors import AttachError, HandlerError, JprobeError, ProcessGone
 from .patcher.live import PYTHON, Batch, LiveSession
+from .patcher.loads import LoadWatcher
 from .spec import Handler, ProbeSpec, parse_probes
 
 # cffi callbacks given to trampolines: kept for the process's life, since a thread may be
@@ -18,17 +20,31 @@ COUNTERS = ("hits", "missed", "skipped")            # struct jp_probe's
 
 
 class Probe:
-    """One probe site in the process; `hits` is read live from memory the target shares."""
+    """One probe site in the process; `hits` is read live from memory the target shares. A
+    probe on a library the process has not loaded yet waits (`pending`) until it does."""
 
-    def __init__(self, batch: Batch, index: int, name: str):
-        self._batch, self._index = batch, index
-        plan = batch.plan.probes[index]
-        self.spec = name
-        self.module = batch.module.path
-        self.address = plan.address
-        self.mechanism = str(plan.mechanism)
-        self.handler = plan.handler
+    def __init__(self, name: str, module: str, handler: str):
+        self.spec, self.module, self.handler = name, module, handler
+        self.address = 0
+        self.mechanism = "pending"
+        self._batch: Batch | None = None
+        self._index = 0
         self._final: dict[str, int] | None = None
+
+    @classmethod
+    def placed(cls, batch: Batch, index: int, name: str) -> "Probe":
+        probe = cls(name, batch.module.path, batch.plan.probes[index].handler)
+        probe._place(batch, index)
+        return probe
+
+    def _place(self, batch: Batch, index: int) -> None:
+        plan = batch.plan.probes[index]
+        self._batch, self._index = batch, index
+        self.module, self.address, self.mechanism = batch.module.path, plan.address, str(plan.mechanism)
+
+    @property
+    def pending(self) -> bool:
+        return self._batch is None and self._final is None
 
     @property
     def hits(self) -> int:
@@ -44,11 +60,13 @@ class Probe:
         return self._final is not None
 
     def _count(self, name: str) -> int:
-        return self._final[name] if self._final is not None else self._batch.counter(self._index, name)
+        if self._final is not None:
+            return self._final[name]
+        return 0 if self._batch is None else self._batch.counter(self._index, name)
 
     def _settle(self) -> None:
         if self._final is None:
-            self._final = {name: self._batch.counter(self._index, name) for name in COUNTERS}
+            self._final = {name: self._count(name) for name in COUNTERS}
 
     def entry(self) -> dict:
         """Its line in the report (SPEC §3)."""
@@ -56,6 +74,8 @@ class Probe:
              "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": 0}
         if self.handler != "count":
             e["missed"], e["callback_skipped"] = self.missed, self._count("skipped")
+        if self.mechanism == "pending":
+            e["loaded"] = False
         return e
 
     def __repr__(self) -> str:
@@ -71,6 +91,10 @@ class Process:
         self._session = LiveSession(pid, strict)
         self.executable = self._session.executable
         self._probes: list[Probe] = []
+        self._pending: list[tuple[ProbeSpec, Probe]] = []
+        self._errors: list[str] = []
+        self._watcher: LoadWatcher | None = None
+        self._lock = threading.RLock()         # the load watcher's thread changes probes too
         self.exited = ""                 # why the session ended early, if it did
         self.detached = False
 
@@ -87,49 +111,91 @@ class Process:
         return self.probes([spec], handler)[0]
 
     def probes(self, specs: Iterable[str], handler: Callable[[Any], None] | None = None) -> list[Probe]:
-        """Several probes placed in one stop of the world, in the order given."""
-        if self.detached:
-            raise AttachError(f"process {self.pid}: detached already; attach again")
-        parsed = parse_probes(list(specs))
-        if handler is not None:
-            parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
+        """Several probes placed in one stop of the world, in the order given; those on a
+        library the process has not loaded yet are placed when it loads it, before its code
+        runs."""
+        with self._lock:
+            if self.detached:
+                raise AttachError(f"process {self.pid}: detached already; attach again")
+            parsed = parse_probes(list(specs))
+            if handler is not None:
+                parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
+            waiting = [spec for spec in parsed if spec.module is not None and self._session.loaded(spec.module) is None]
+            made = self._place([spec for spec in parsed if spec not in waiting], handler)
+            for spec in waiting:
+                if spec.handler.kind == "callback":
+                    raise HandlerError(f"'{spec.text}': {spec.module} is not loaded yet, and a probe waiting "
+                                       f"for a library takes `count` only in this release")
+                made[spec.target()] = Probe(spec.target(), spec.module, str(spec.handler))
+                self._pending.append((spec, made[spec.target()]))
+            if waiting and self._watcher is None:
+                self._watcher = LoadWatcher(self._session, self._loaded_something)
+            out = [made[spec.target()] for spec in parsed]
+            self._probes.extend(p for p in made.values() if p not in self._probes)
+            return out
+
+    def _place(self, parsed: list[ProbeSpec], handler: Callable[[Any], None] | None) -> dict[str, Probe]:
+        if not parsed:
+            return {}
         batches = self._session.plan(parsed)
         if handler is not None:
             address = _callable_address(handler)
             for batch in batches:
                 batch.callbacks.update({i: address for i in range(len(batch.plan.probes))})
         self._session.apply(batches)
-        made = {}
-        for batch in batches:
-            for i, plan in enumerate(batch.plan.probes):
-                for name in plan.target.split("\n"):
-                    made[name] = Probe(batch, i, name)
-        out = [made[spec.target()] for spec in parsed]
-        self._probes.extend(made.values())
-        return out
+        return {name: Probe.placed(batch, i, name) for batch in batches
+                for i, plan in enumerate(batch.plan.probes) for name in plan.target.split("\n")}
+
+    def _loaded_something(self) -> None:
+        """The process has loaded a library (the load watcher's thread): the probes waiting for
+        it are placed now, before its code runs."""
+        with self._lock:
+            if self.detached:
+                return
+            ready = [(spec, probe) for spec, probe in self._pending if self._session.loaded(spec.module)]
+            if not ready:
+                return
+            self._pending = [pair for pair in self._pending if pair not in ready]
+            try:
+                placed = self._place([spec for spec, _ in ready], None)
+            except JprobeError as err:
+                self._errors.append(str(err))
+                return
+            for spec, probe in ready:
+                new = placed[spec.target()]
+                probe._place(new._batch, new._index)
 
     def remove(self, probe: Probe) -> None:
         """Take `probe` out (every name of its site); it keeps its final `hits`."""
-        if probe.removed:
-            return
-        self._session.remove(probe._batch, [probe._index])
-        for p in self._probes:
-            if p._batch is probe._batch and p._index == probe._index:
-                p._settle()
+        with self._lock:
+            if probe.removed:
+                return
+            if probe.pending:
+                self._pending = [(s, p) for s, p in self._pending if p is not probe]
+            else:
+                self._session.remove(probe._batch, [probe._index])
+            for p in self._probes:
+                if p is probe or p._batch is not None and p._batch is probe._batch and p._index == probe._index:
+                    p._settle()
 
     def detach(self) -> None:
         """Every probe out, the process left running and untraced. A process that has exited
         meanwhile ends the session too, its counts final."""
-        if self.detached:
-            return
-        self.detached = True
+        with self._lock:
+            if self.detached:
+                return
+            self.detached = True
+            try:
+                self._session.remove_all()
+            except ProcessGone as err:
+                self.exited = str(err)
+            finally:
+                for p in self._probes:
+                    p._settle()
         try:
-            self._session.remove_all()
-        except ProcessGone as err:
-            self.exited = str(err)
+            if self._watcher is not None:
+                self._watcher.stop()
         finally:
-            for p in self._probes:
-                p._settle()
             self._session.release()
 
     def ended(self) -> str | None:
@@ -143,7 +209,7 @@ class Process:
 
     def report(self) -> dict:
         """The SPEC §3 report of this session so far."""
-        errors = [self.exited] if self.exited else []
+        errors = self._errors + ([self.exited] if self.exited else [])
         return {"pid": self.pid, "executable": self.executable, "probes": [p.entry() for p in self._probes],
                 "errors": errors}
 

@@ -92,6 +92,7 @@ class Batch:
     live: list[bool] = field(default_factory=list)
     callbacks: dict[int, int] = field(default_factory=dict)   # probe index -> function address
     wanted: dict[int, Callback] = field(default_factory=dict)  # C callbacks to load and resolve
+    extra: list[tuple[int, bytes]] = field(default_factory=list)   # (region offset, code) of its own
 
     def hits(self, i: int) -> int:
         return self.counter(i, "hits")
@@ -100,6 +101,10 @@ class Batch:
         """Probe `i`'s counter `name` (hits, missed, skipped: struct jp_probe), read live."""
         at = self.table_offset + TABLE_SIZE + i * PROBE_SIZE + layout.offsetof("jp_probe", name)
         return struct.unpack_from("<Q", self.region.view, at)[0]
+
+
+class NotLoaded(SymbolError):
+    """The module a probe names is not (yet) loaded in the process."""
 
 
 class LiveSession:
@@ -167,7 +172,7 @@ class LiveSession:
                                 f"cannot serve (no runtime in the target yet); probe another instruction")
         batch = Batch(loaded, plan, region, plan.data_vaddr - base, [True] * len(plan.probes),
                       wanted={i: p.callback for i, p in enumerate(probes)
-                              if p.callback is not None and p.callback.library != PYTHON})
+                              if p.callback is not None and not p.callback.library.startswith("<")})
         region.text_used = _page_up(plan.text_vaddr + len(plan.text) - base)
         region.data_used = _page_up(plan.data_vaddr + len(plan.data) - base - HALF)
         return batch
@@ -189,7 +194,7 @@ class LiveSession:
                 candidates = sorted(p for p in paths if os.path.basename(p).startswith(wanted + "."))
             if not candidates:
                 loaded = sorted({os.path.basename(p) for p in paths if ".so" in p})
-                raise SymbolError(f"'{name}': not loaded in process {self.pid}; it has loaded "
+                raise NotLoaded(f"'{name}': not loaded in process {self.pid}; it has loaded "
                                   f"{', '.join(loaded) or 'no library'}")
             if len(candidates) > 1:
                 raise SymbolError(f"'{name}': names several modules of process {self.pid} "
@@ -291,6 +296,20 @@ class LiveSession:
         loaded = self._find(path, maps(self.pid))
         return self._module(loaded.path, loaded.file), loaded.bias
 
+    def loaded(self, name: str | None) -> LoadedModule | None:
+        """The module `name` names (a spec's MODULE) as the process has it, or None while the
+        process has not loaded it."""
+        try:
+            return self._find(name, maps(self.pid))
+        except NotLoaded:
+            return None
+
+    def region_of(self, loaded: LoadedModule) -> Region:
+        return self._region(loaded, maps(self.pid))
+
+    def module(self, loaded: LoadedModule) -> ElfModule:
+        return self._module(loaded.path, loaded.file)
+
     def _map(self, world: StoppedWorld, loaded: LoadedModule, region: Region) -> None:
         if region.mapped:
             return
@@ -316,6 +335,8 @@ class LiveSession:
         base = batch.region.base - bias
         view[plan.text_vaddr - base:plan.text_vaddr - base + len(plan.text)] = plan.text
         view[batch.table_offset:batch.table_offset + len(plan.data)] = plan.data
+        for offset, code in batch.extra:
+            view[offset:offset + len(code)] = code
         if batch.callbacks:
             table = batch.table_offset
             struct.pack_into("<qQ", view, table + GUARD_OFF, TCB_GUARD, 0)

@@ -135,3 +135,7 @@ def mmap(at: int, size: int, prot: int, flags: int, fd: int, offset: int) -> int
     the address, or -1."""
     result = _libc.mmap(at, size, prot, flags, fd, offset)
     return -1 if result is None or result == ctypes.c_void_p(-1).value else result
+
+
+def munmap(at: int, size: int) -> None:
+    _libc.munmap(ctypes.c_void_p(at), ctypes.c_size_t(size))
