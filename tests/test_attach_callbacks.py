@@ -3,6 +3,8 @@ process by a thread of its own, started from a thread borrowed where it holds no
 registers (vector state included) go back as they were."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -94,3 +96,28 @@ def test_a_missing_library_or_function(target, callback, tmp_path):
         with pytest.raises(HandlerError, match="nope"):
             proc.probe(f"work={callback}:nope")
     assert target.quit() == "ok bad=0\n"
+
+
+def test_a_process_in_another_mount_namespace(build, callback):
+    """Its program is where jprobe cannot see it (a tmpfs of its own mount namespace, as in a
+    container): jprobe reads it through /proc/PID/root, and the callback library reaches the
+    process as a memfd, whatever paths it can see."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to make a mount namespace")
+    program = build("attach_cb_target.c", ["-O2", "-g", "-pthread"], out_name="attach_cb_target")
+    script = f"mount -t tmpfs tmpfs /mnt && cp {program} /mnt/target && exec /mnt/target"
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        assert not os.path.exists("/mnt/target") and os.readlink(f"/proc/{proc.pid}/exe") == "/mnt/target"
+        target = Target.__new__(Target)
+        target.proc, target.pid = proc, proc.pid
+        with jprobe.attach(proc.pid) as attached:
+            p = attached.probe(f"work={callback}:on_work")
+            assert target.run(20) == expected(20, seven_as=8) and p.hits == 20
+            assert p.module == "/mnt/target"
+        assert target.quit() == "ok bad=0\n"
+    finally:
+        proc.kill()
+        proc.wait()

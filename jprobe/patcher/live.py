@@ -134,6 +134,10 @@ class LiveSession:
                                    f"this release; drop `trace` (or `%return`), or use `jprobe run`")
         started = time.perf_counter()
         mapped = maps(self.pid)
+        if any(spec.handler.kind == "callback" for spec in specs) and not any(
+                os.path.basename(m.path) == "libc.so.6" for m in mapped):
+            raise HandlerError(f"process {self.pid} does not run on glibc: jprobe attach gives it `count` "
+                               f"probes only (a callback's guard lives in glibc's thread control block)")
         found = {name: self._find(name, mapped) for name in {spec.module for spec in specs}}
         by_module: dict[str, tuple[LoadedModule, list[ProbeSpec]]] = {}
         for spec in specs:
