@@ -12,7 +12,7 @@ from . import arch, counters
 from .chooser import Policy
 from .elf import ElfModule
 from .errors import JprobeError
-from .loader import find_module, find_program, needed_closure
+from .loader import ModuleNotFound, find_module, find_program, needed_closure
 from .planfile import PlannedModule, encode, identity
 from .planner import cycles_uncollected, resolve_probes
 from .room import Room, RoomFor, plan_in_room
@@ -91,10 +91,25 @@ def _is_elf(path: str) -> bool:
         return f.read(4) == b"\x7fELF"
 
 
+def found_later(program: str, specs: list[ProbeSpec]) -> list[ProbeSpec]:
+    """The specs on a library that the dynamic loader would not find (a plugin the program
+    dlopen()s by a path of its own): they wait until the program loads it."""
+    main = ElfModule(program) if _is_elf(program) else None
+    later = []
+    for spec in specs:
+        if spec.module is not None and "/" not in spec.module:
+            try:
+                find_module(spec.module, main)
+            except ModuleNotFound:
+                later.append(spec)
+    return later
+
+
 def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tuple[int, dict]:
     """Run `command` under the probes; its exit status (as a shell reports it) and the report."""
     program = find_program(command[0])
-    modules = plan_modules(program, specs, strict)
+    later = found_later(program, specs)
+    modules = plan_modules(program, [s for s in specs if s not in later], strict)
     notes = rewritten_elsewhere(program, modules)
     for note in notes:
         sys.stderr.write(f"jprobe: note: {note}\n")
@@ -109,13 +124,62 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
         for var in ("LD_PRELOAD", "LD_AUDIT"):
             env[var] = _prepend(runtime_library(), os.environ.get(var))
         env.pop("JPROBE_REPORT", None)
-        # close_fds=False: the program inherits every descriptor jprobe was given (make's
-        # jobserver, `5>file`), as under perf stat or strace; jprobe's own are close-on-exec.
-        proc = subprocess.Popen(command, executable=program, env=env, close_fds=False)
-        status = forwarding.wait(proc)
+        with _Later(later, strict, env) as waiting:
+            # close_fds=False: the program inherits every descriptor jprobe was given (make's
+            # jobserver, `5>file`), as under perf stat or strace; jprobe's own are close-on-exec.
+            proc = subprocess.Popen(command, executable=program, env=env, close_fds=False)
+            waiting.attach(proc.pid)
+            status = forwarding.wait(proc)
         report = counters.build_report(counters_path, modules, proc.pid, program)
-    report["errors"] = notes + report["errors"]
+    report["probes"] += waiting.probes
+    report["errors"] = notes + report["errors"] + waiting.errors
     return (128 - status if status < 0 else status), report
+
+
+class _Later:
+    """Probes on libraries the program loads by a path of its own: the runtime holds the
+    program before any of its code runs (JPROBE_HOLD) while jprobe attaches to it and leaves
+    them waiting for their library (jprobe attach's load watcher, patcher/loads.py). They are
+    placed in the program's first process (and the processes it forks after it loaded the
+    library), not in the programs it execs."""
+
+    def __init__(self, specs: list[ProbeSpec], strict: bool, env: dict[str, str]):
+        self.specs, self.strict = specs, strict
+        self.probes: list[dict] = []
+        self.errors: list[str] = []
+        self.process = None
+        self.go = -1
+        if specs:
+            hold, self.go = os.pipe()
+            os.set_inheritable(hold, True)
+            self.hold = hold
+            env["JPROBE_HOLD"] = str(hold)
+
+    def __enter__(self) -> "_Later":
+        return self
+
+    def attach(self, pid: int) -> None:
+        if not self.specs:
+            return
+        from .process import Process
+        os.close(self.hold)
+        try:
+            self.process = Process(pid, self.strict)
+            self.process.probes([s.text for s in self.specs])
+        except JprobeError as err:
+            self.errors.append(f"probes on libraries loaded later were not placed: {err}")
+        finally:
+            os.close(self.go)                   # the program goes on
+            self.go = -1
+
+    def __exit__(self, *exc) -> None:
+        if self.go >= 0:
+            os.close(self.go)
+        if self.process is not None:
+            self.process.detach()
+            report = self.process.report()
+            self.probes = report["probes"]
+            self.errors = [e for e in report["errors"] if e != self.process.exited]
 
 
 def _prepend(library: str, search_list: str | None) -> str:

@@ -3,12 +3,15 @@ and are placed when the library is loaded, before any of its code (its construct
 runs."""
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 
 import pytest
 
 import jprobe
+from support.run import child_env
 
 
 class Host:
@@ -72,3 +75,27 @@ def test_loads_after_detach_are_not_held_up(host, plugin):
     assert host.say(f"load {plugin}") == "loaded 1"
     assert time.monotonic() - started < 0.5
     assert host.say("10") == f"done 10 {plug_sum(10)}"
+
+
+def test_jprobe_run_probes_a_plugin_the_program_loads_by_its_own_path(build, plugin, tmp_path):
+    """`jprobe run -p libplugin.so:f`: the loader would not find the library (the program
+    dlopen()s it by a path of its own), so the probe waits for it, as under attach."""
+    program = build("attach_host.c", ["-O2", "-g"], out_name="attach_host")
+    name = plugin.rsplit("/", 1)[1]
+    cmd = [sys.executable, "-m", "jprobe", "run", "-p", f"{name}:plug", "-p", "libc.so.6:getenv",
+           "--report", str(tmp_path / "r.json"), "--", str(program)]
+    r = subprocess.run(cmd, input=f"load {plugin}\n100\n0\n", capture_output=True, text=True,
+                       env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"ready\nloaded 1\ndone 100 {plug_sum(100)}\n"
+    report = json.loads((tmp_path / "r.json").read_text())
+    entry = next(p for p in report["probes"] if p["probe"] == f"{name}:plug")
+    assert (entry["hits"], entry["mechanism"], entry["module"]) == (102, "jump", plugin)
+    assert report["errors"] == []
+
+
+def test_jprobe_run_says_when_the_plugin_never_loaded(build, plugin, tmp_path):
+    program = build("attach_host.c", ["-O2", "-g"], out_name="attach_host")
+    cmd = [sys.executable, "-m", "jprobe", "run", "-p", "libnever_there.so:plug", "--", str(program)]
+    r = subprocess.run(cmd, input="0\n", capture_output=True, text=True, env=child_env(), timeout=120)
+    assert r.returncode == 0 and "never loaded" in r.stderr, r.stderr

@@ -97,9 +97,13 @@ def test_flow_marker_proves_a_run(flow_o2, tmp_path):
     assert marker.exists()
 
 
-def test_module_not_found(flow_o2, tmp_path):
-    err = _refused(tmp_path, ["libnope.so.3:f"], [flow_o2, "exit", 0])
-    assert "libnope.so.3" in err
+def test_a_module_the_loader_cannot_find_waits_and_is_reported_never_loaded(flow_o2, tmp_path):
+    """It may be a plugin the program dlopen()s by a path of its own (test_attach_loads.py):
+    the probe waits for it, and the report says it never came."""
+    r = subprocess.run([sys.executable, "-m", "jprobe", "run", "-p", "libnope.so.3:f", "--", str(flow_o2),
+                        "exit", "0"], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "never loaded" in r.stderr and "libnope.so.3" in r.stderr
 
 
 def test_unknown_symbol_in_library(flow_o2, tmp_path):

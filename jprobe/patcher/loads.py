@@ -56,7 +56,7 @@ class LoadWatcher:
         region.data_used += PAGE
         self.request, self.answer = region.base + words, region.base + words + 4
         buf = arch.CodeBuffer(region.base + text)
-        arch.emit_load_hook(buf, r_debug + R_STATE, self.request, self.answer)
+        arch.emit_load_hook(buf, r_debug + R_STATE, self.request, self.answer, session.pid)
         spec = parse_probe(f"{loader}:_dl_debug_state")
         spec = replace(spec, handler=Handler("callback", library=HOOK, function="load_hook"))
         batches = session.plan([spec])

@@ -43,10 +43,13 @@
 #include "shm.h"
 #include "threads.h"
 #include "traps.h"
+#include "sys.h"
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static bool run_mode;		/* `jprobe run` started us (JPROBE_COUNTERS) */
@@ -292,6 +295,30 @@ static const char *env_value(char **env, const char *name)
 }
 
 /*
+ * `jprobe run` holds the program here, before any of its code runs, while it
+ * attaches to it for probes on libraries the program will load by a path of
+ * its own (JPROBE_HOLD: the read end of a pipe; a byte on it, or its end,
+ * says go).  The variable is emptied so that the programs it starts are not
+ * held.
+ */
+static void hold(char **env)
+{
+	char *value = (char *)env_value(env, "JPROBE_HOLD");
+	long fd = 0;
+	char go;
+	const char *c;
+
+	if (!value || !*value)
+		return;
+	for (c = value; *c >= '0' && *c <= '9'; c++)
+		fd = fd * 10 + (*c - '0');
+	while (jp_syscall(SYS_read, fd, &go, 1) == -EINTR)
+		;
+	jp_syscall(SYS_close, fd, 0, 0);
+	value[0] = '\0';
+}
+
+/*
  * `jprobe run` started us: run mode as soon as the counters file is usable,
  * so that a problem with the plan goes into it.
  */
@@ -310,6 +337,7 @@ static void open_run_files(char **env)
 	jp_errors_to(jp_counters_error);
 	jp_report_off();
 	jp_plan_open(plan);
+	hold(env);
 }
 
 static void read_environment(char **env)

@@ -335,21 +335,24 @@ def emit_loader(buf: CodeBuffer) -> None:
     buf.emit(f"mov qword ptr [rbx + {slot['done']}], 1; pop rbx; xor eax, eax; ret")
 
 
-NR_FUTEX, FUTEX_WAIT, FUTEX_WAKE, ETIMEDOUT = 202, 0, 1, 110
+NR_GETPID, NR_FUTEX, FUTEX_WAIT, FUTEX_WAKE, ETIMEDOUT = 39, 202, 0, 1, 110
 RT_CONSISTENT = 0                  # enum r_state (link.h)
 HOOK_WAIT_NS = 2_000_000_000       # a load waits this long, at most, for jprobe's answer
 
 
-def emit_load_hook(buf: CodeBuffer, r_state: int, request: int, answer: int) -> None:
+def emit_load_hook(buf: CodeBuffer, r_state: int, request: int, answer: int, pid: int) -> None:
     """A C-ABI function for a callback probe on the dynamic loader's `_dl_debug_state`: when
     the loader says the link map is consistent (a library mapped and relocated, its
     initialisers not run yet), it takes a ticket (request: a shared uint32 jprobe watches)
     and wakes jprobe's watcher, then waits on a futex until jprobe's answer (a shared uint32)
     reaches it, so that
     jprobe patches the new library before any of its code runs; at most HOOK_WAIT_NS at a
-    time, and not at all once the answer has caught up. Clobbers only what the ABI lets it."""
+    time, and not at all once the answer has caught up; a process forked from process `pid`
+    (which inherited the hook) does not wait. Clobbers only what the ABI lets it."""
     buf.emit(f"movabs rax, {r_state}; cmp dword ptr [rax], {RT_CONSISTENT}")
     buf.jcc(0x5, "hook_out")                                     # jne: a load half done
+    buf.emit(f"mov eax, {NR_GETPID}; syscall; cmp eax, {pid}")
+    buf.jcc(0x5, "hook_out")                                     # jne: a forked child
     buf.emit(f"movabs rdi, {request}; mov r8d, 1; lock xadd dword ptr [rdi], r8d; inc r8d")
     buf.emit(f"push r8; mov esi, {FUTEX_WAKE}; mov edx, 1; mov eax, {NR_FUTEX}; syscall; pop r8")   # jprobe's watcher
     buf.emit(f"movabs rdi, {answer}")
