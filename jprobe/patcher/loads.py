@@ -12,7 +12,6 @@ probes wait, none per probe hit.
 """
 from __future__ import annotations
 
-import ctypes
 import struct
 import threading
 from dataclasses import replace
@@ -26,13 +25,9 @@ from .live import HALF, PAGE, LiveSession
 
 HOOK = "<jprobe>"                   # the callback "library" of jprobe's own code
 R_STATE = 24                        # offsetof(struct r_debug, r_state)
-NR_FUTEX, FUTEX_WAIT, FUTEX_WAKE = 202, 0, 1
+FUTEX_WAIT, FUTEX_WAKE = 0, 1
 PROT_RW, MAP_SHARED = 3, 1
 POLL = 0.2                          # seconds between looks at whether to stop
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
 
 
 class LoadWatcher:
@@ -75,9 +70,7 @@ class LoadWatcher:
         return struct.unpack_from("<I", self.region.view, self.request - self.region.base + offset)[0]
 
     def _futex(self, offset: int, op: int, value: int, timeout: float | None = None) -> None:
-        spec = _Timespec(int(timeout), int(timeout % 1 * 1e9)) if timeout is not None else None
-        ptrace._libc.syscall(NR_FUTEX, ctypes.c_void_p(self._words + offset), op, value,
-                             ctypes.byref(spec) if spec is not None else None, None, 0)
+        ptrace.futex(self._words + offset, op, value, timeout)
 
     def _serve(self) -> None:
         seen = self._word(0)

@@ -21,7 +21,8 @@ XSTATE_MAX = 1 << 14              # room for any xsave area the kernel gives
 O_TRACECLONE = 0x8
 EVENT_CLONE, EVENT_STOP = 3, 128
 WALL = 0x40000000                 # __WALL: wait for threads as well as processes
-NR_PIDFD_OPEN, NR_PIDFD_GETFD = 434, 438
+NR_FUTEX, NR_PIDFD_OPEN, NR_PIDFD_GETFD = 202, 434, 438
+PR_SET_PTRACER = 0x59616d61
 
 
 class Regs(ctypes.Structure):
@@ -139,3 +140,19 @@ def mmap(at: int, size: int, prot: int, flags: int, fd: int, offset: int) -> int
 
 def munmap(at: int, size: int) -> None:
     _libc.munmap(ctypes.c_void_p(at), ctypes.c_size_t(size))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+
+def futex(address: int, op: int, value: int, timeout: float | None = None) -> None:
+    """futex(2) on a word of memory shared with another process (not FUTEX_PRIVATE)."""
+    spec = None if timeout is None else _Timespec(int(timeout), int(timeout % 1 * 1e9))
+    _libc.syscall(NR_FUTEX, ctypes.c_void_p(address), op, value,
+                  None if spec is None else ctypes.byref(spec), None, 0)
+
+
+def allow_tracer(pid: int) -> None:
+    """Under Yama's ptrace_scope 1 only an ancestor may trace: let `pid` trace this process."""
+    _libc.prctl(PR_SET_PTRACER, pid, 0, 0, 0)

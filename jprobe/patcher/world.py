@@ -280,7 +280,7 @@ def _from_child(pid: int, work: Callable[[StoppedWorld], None]) -> int:
     os.close(go_r)
     os.close(done_w)
     try:
-        _allow_tracer(child)
+        ptrace.allow_tracer(child)
         os.write(go_w, b"g")
         answer = b""
         while chunk := os.read(done_r, 4096):
@@ -298,9 +298,3 @@ def _from_child(pid: int, work: Callable[[StoppedWorld], None]) -> int:
     if kind == "attach":
         raise AttachError(message)
     raise AttachError(f"internal error in the process that stops this one's threads: {text}")
-
-
-def _allow_tracer(child: int) -> None:
-    """Under Yama's ptrace_scope 1 only an ancestor may trace: name the child as ours."""
-    PR_SET_PTRACER = 0x59616d61
-    ptrace._libc.prctl(PR_SET_PTRACER, child, 0, 0, 0)
