@@ -25,6 +25,14 @@ int main(int argc, char **argv)
 	long n = argc > 1 ? atol(argv[1]) : 100000000L;
 	struct timespec t0, t1;
 	long s = 0;
+	/* LOOP_WAIT: start only once a line comes on stdin (`jprobe attach` first) */
+	if (getenv("LOOP_WAIT")) {
+		char line[16];
+		printf("ready\n");
+		fflush(stdout);
+		if (!fgets(line, sizeof(line), stdin))
+			return 1;
+	}
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (long i = 0; i < n; i++)
 		s += target(i);

@@ -101,6 +101,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _strict_status(report, status) if args.strict else status
 
 
+def _cmd_attach(args: argparse.Namespace) -> int:
+    from .attach import attach
+    from .report import format_report
+    from .session import wait_for_end
+
+    if not args.probe:
+        raise JprobeError("attach: no probe given; add at least one -p PROBE (e.g. -p libc.so.6:malloc)")
+    if args.duration is not None and args.duration <= 0:
+        raise JprobeError(f"attach: --duration {args.duration}: give a number of seconds above 0")
+    with attach(args.pid, strict=args.strict) as proc:
+        probes = proc.probes(args.probe)
+        if not args.json:
+            sys.stderr.write(f"jprobe: {len(probes)} probe(s) live in process {args.pid}; "
+                             f"{'Ctrl-C to end' if args.duration is None else f'for {args.duration:g} s'}\n")
+        why = wait_for_end(args.pid, args.duration, proc.ended)
+    why = why or proc.exited
+    if why:
+        sys.stderr.write(f"jprobe: {why}; the report holds the hits until then\n")
+    report = proc.report()
+    sys.stdout.write(json.dumps(report, indent=1) + "\n" if args.json else format_report(report))
+    return 0
+
+
 def _strict_status(report: dict, status: int) -> int:
     """Under --strict, a probe the runtime left unpatched (it would have become a trap once
     the program ran: an island's page taken, a module loaded later) fails the run, after the
@@ -134,6 +157,12 @@ def _common_options(default: object) -> argparse.ArgumentParser:
     return common
 
 
+def _pid(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a process id; give a number (`pgrep NAME`)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(argparse.SUPPRESS)
     parser = _Parser(prog="jprobe", description="User-space jump probes for x86-64 ELF programs.",
@@ -163,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     u.set_defaults(func=_cmd_run)
 
+    a = sub.add_parser("attach", parents=[common], help="probe a running process, then detach")
+    a.add_argument("pid", type=_pid, metavar="PID")
+    a.add_argument("-p", "--probe", action="append", default=[], metavar="PROBE")
+    a.add_argument("--duration", type=float, metavar="SECONDS", help="end after SECONDS (default: Ctrl-C)")
+    a.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    a.set_defaults(func=_cmd_attach)
+
     r = sub.add_parser("report", parents=[common], help="pretty-print a JSON report")
     r.add_argument("file")
     r.set_defaults(func=_cmd_report)
@@ -177,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-I{include_dir()}")
         return 0
     if not args.command:
-        parser.error("no command given (patch, run, sites, report)")
+        parser.error("no command given (patch, run, attach, sites, report)")
     try:
         return args.func(args)
     except JprobeError as e:

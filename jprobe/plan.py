@@ -9,7 +9,8 @@ it (a packed form, a re-aimed jump) makes a new one instead.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import struct
+from dataclasses import asdict, dataclass, field, replace
 
 from .mechanisms import Mechanism
 
@@ -51,6 +52,25 @@ class ModulePlan:
     # (packing.py); empty when they are written as they are.
     packed: bytes = b""
 
+    def moved(self, delta: int) -> "ModulePlan":
+        """The plan with its trampolines and table `delta` bytes away from where it was made,
+        as an applier that finds room elsewhere writes it: the text's references to the
+        module lose `delta`, the sites' jumps to the text gain it. (The table's own address
+        fields stay as planned: only the runtime reads them, and it moves plans itself.)"""
+        text = bytearray(self.text)
+        for off in self.text_fixups:
+            _add32(text, off, -delta, self.module)
+        probes = []
+        for p in self.probes:
+            patched = bytearray(p.patched)
+            if p.patch_fixup is not None:
+                _add32(patched, p.patch_fixup, delta, self.module)
+            probes.append(replace(p, patched=bytes(patched),
+                                  trampoline=None if p.trampoline is None else p.trampoline + delta,
+                                  boundaries=[(orig, copy + delta) for orig, copy in p.boundaries]))
+        return replace(self, text=bytes(text), text_vaddr=self.text_vaddr + delta,
+                       data_vaddr=self.data_vaddr + delta, probes=probes)
+
     def to_json(self) -> str:
         def encode(value):
             if isinstance(value, bytes):
@@ -70,3 +90,10 @@ class ModulePlan:
                   for p in raw.pop("probes")]
         return cls(**{**raw, "text": bytes.fromhex(raw["text"]), "data": bytes.fromhex(raw["data"]),
                       "packed": bytes.fromhex(raw.get("packed", ""))}, probes=probes)
+
+
+def _add32(code: bytearray, offset: int, delta: int, module: str) -> None:
+    value = struct.unpack_from("<i", code, offset)[0] + delta
+    if not -(1 << 31) <= value < 1 << 31:
+        raise ValueError(f"{module}: a rel32 at offset {offset:#x} is out of reach once moved")
+    struct.pack_into("<i", code, offset, value)

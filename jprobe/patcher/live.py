@@ -1,0 +1,410 @@
+"""The live applier: patch plans written into a running process, and taken out again.
+
+Plans are made as for any applier, before anything stops (planning reads only files and
+/proc). Each module gets one region of memory shared between the target and jprobe (a memfd:
+trampolines in its first half, mapped read-execute near the module; probe tables in its
+second, read-write), so that hits are read live by jprobe with no system call in the target.
+Every change is written in one stop of the world (world.py):
+
+- a new batch of probes: its trampolines and table into free room of the region, then each
+  site, after moving a thread stopped strictly inside the site to the relocated copy of the
+  instruction it was about to run (the plan's boundaries);
+- a batch taken out: each site's original bytes back (checked to be what jprobe wrote), and
+  threads stopped in trampoline code single-stepped until they have left it, so that no
+  thread can be in code that a later batch overwrites and the final counts are final.
+
+Regions stay mapped when jprobe detaches: a thread may still be inside them (in a signal
+handler's frame), and the next attach finds them by name and reuses them, so attach/detach
+cycles do not add mappings. The table counts with locked increments: without the runtime,
+threads have no private counter blocks (jprobe_table.h, tls_off 0).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+
+from .. import layout
+from ..chooser import Policy
+from ..elf import ElfModule
+from ..errors import HandlerError, JprobeError, SiteError, SymbolError
+from ..mechanisms import Mechanism
+from ..plan import ModulePlan, ProbePlan
+from ..planner import cycles_uncollected, resolve_probes
+from ..probetable import PROBE_SIZE, TABLE_SIZE
+from ..room import Room, plan_in_room
+from ..spec import ProbeSpec
+from . import remote
+from .ptrace import pidfd_getfd
+from .target import AttachError, Mapping, ProcessGone, check_process, descendants, executable, file_of, maps
+from .world import StoppedWorld
+
+PAGE = 0x1000
+HALF = 32 << 20                    # a region's trampolines, and its tables: virtual, filled as used
+SPAN = (2 << 30) - (64 << 20)      # module and region together, within a rel32's reach
+HEAP_ROOM = 512 << 20              # left for the heap to grow, where it does
+HITS = layout.offsetof("jp_probe", "hits")
+
+
+@dataclass
+class LoadedModule:
+    path: str                      # as the target names it
+    file: str                      # where jprobe reads it
+    bias: int
+    lo: int                        # run-time extent of its image
+    hi: int
+
+
+@dataclass
+class Region:
+    """A module's shared memory: trampolines at `base`, tables at `base + HALF`."""
+    base: int
+    fd: int                        # ours
+    view: mmap.mmap
+    text_used: int = 0
+    data_used: int = 0
+    mapped: bool = True            # False until the target has mapped it (a stop of the world)
+    target_fd: int = -1
+
+    def close(self) -> None:
+        self.view.close()
+        os.close(self.fd)
+
+
+@dataclass
+class Batch:
+    """Probes planned and written together in one module."""
+    module: LoadedModule
+    plan: ModulePlan
+    region: Region
+    table_offset: int              # of its table in the region's view
+    live: list[bool] = field(default_factory=list)
+
+    def hits(self, i: int) -> int:
+        return struct.unpack_from("<Q", self.region.view, self.table_offset + TABLE_SIZE + i * PROBE_SIZE + HITS)[0]
+
+
+class LiveSession:
+    """Probes in one running process; `remove_all` takes every one out, `release` leaves."""
+
+    def __init__(self, pid: int, strict: bool = False):
+        check_process(pid)
+        _check_seccomp(pid)
+        self.pid, self.strict = pid, strict
+        self.executable = executable(pid)
+        self.site = remote.syscall_site(pid)
+        self.regions: dict[str, Region] = {}
+        self._modules: dict[str, ElfModule] = {}
+        self.batches: list[Batch] = []
+        self.rewound = 0
+        # Seconds the last plan() and apply() took, by step (benchmarks/bench.py shows them).
+        self.timings: dict[str, float] = {}
+
+    # -- planning -------------------------------------------------------------------------
+    def plan(self, specs: list[ProbeSpec]) -> list[Batch]:
+        """Batches for `specs`, one per module, planned into free room of its region."""
+        for spec in specs:
+            if spec.on_return or spec.handler.kind != "count":
+                raise HandlerError(f"'{spec.text}': jprobe attach places `count` probes only in this "
+                                   f"release; drop the handler (or `%return`), or use `jprobe run`")
+        mapped = maps(self.pid)
+        by_module: dict[str, tuple[LoadedModule, list[ProbeSpec]]] = {}
+        for spec in specs:
+            loaded = self._find(spec.module, mapped)
+            by_module.setdefault(loaded.path, (loaded, []))[1].append(spec)
+        started = time.perf_counter()
+        with cycles_uncollected():
+            batches = [self._plan(loaded, module_specs, mapped) for loaded, module_specs in by_module.values()]
+        self.timings = {"planning": time.perf_counter() - started}
+        return batches
+
+    def _plan(self, loaded: LoadedModule, specs: list[ProbeSpec], mapped: list[Mapping]) -> Batch:
+        module = self._module(loaded.path, loaded.file)
+        probes = resolve_probes(module, specs, strict=False)
+        region = self._region(loaded, mapped)
+        # Planned just past the image, where every address is positive (the back end
+        # decodes at link-time addresses), then moved to the region, which may lie below.
+        planned = _page_up(module.end_of_image())
+        text, data = planned + region.text_used, planned + HALF + region.data_used
+        room = Room(text, data, planned + HALF, planned + 2 * HALF)
+        try:
+            plan = plan_in_room(module, probes, lambda outgrown: room if outgrown is None else None,
+                                Policy(islands=False, strict=self.strict))
+        except JprobeError as err:
+            if "outgrew" not in str(err):
+                raise
+            raise AttachError(f"process {self.pid}: no room left for more probes in {loaded.path} in "
+                              f"this session; detach and attach again") from None
+        base = region.base - loaded.bias
+        try:
+            plan = plan.moved(base - planned)
+        except ValueError as err:
+            raise AttachError(f"process {self.pid}: {err}; no room near enough for jprobe's trampolines") from None
+        for p in plan.probes:
+            if p.mechanism is Mechanism.TRAP:
+                raise SiteError(f"'{p.spec}': needs a trap at {p.address:#x} ({p.reason}), which jprobe attach "
+                                f"cannot serve (no runtime in the target yet); probe another instruction")
+        batch = Batch(loaded, plan, region, plan.data_vaddr - base, [True] * len(plan.probes))
+        region.text_used = _page_up(plan.text_vaddr + len(plan.text) - base)
+        region.data_used = _page_up(plan.data_vaddr + len(plan.data) - base - HALF)
+        return batch
+
+    def _module(self, path: str, file: str) -> ElfModule:
+        if path not in self._modules:
+            self._modules[path] = ElfModule(file)
+        return self._modules[path]
+
+    def _find(self, name: str | None, mapped: list[Mapping]) -> LoadedModule:
+        """The module a spec names, as the target has it mapped."""
+        paths = {m.path for m in mapped if m.path.startswith("/")}
+        if name is None:
+            path = self.executable
+        else:
+            wanted = os.path.basename(name) if "/" not in name else os.path.abspath(name)
+            candidates = sorted(p for p in paths if p == wanted or os.path.basename(p) == wanted)
+            if not candidates:
+                candidates = sorted(p for p in paths if os.path.basename(p).startswith(wanted + "."))
+            if not candidates:
+                loaded = sorted({os.path.basename(p) for p in paths if ".so" in p})
+                raise SymbolError(f"'{name}': not loaded in process {self.pid}; it has loaded "
+                                  f"{', '.join(loaded) or 'no library'}")
+            if len(candidates) > 1:
+                raise SymbolError(f"'{name}': names several modules of process {self.pid} "
+                                  f"({', '.join(candidates)}); give its path")
+            path = candidates[0]
+        parts = [m for m in mapped if m.path == path]
+        if not parts:
+            raise SymbolError(f"'{path}': not mapped in process {self.pid}")
+        first = min(parts, key=lambda m: (m.offset, m.start))
+        file = file_of(self.pid, first)
+        module = self._module(path, file)
+        bias = first.start - (module.start_of_image() & ~(PAGE - 1))
+        return LoadedModule(path, file, bias, bias + module.start_of_image(), bias + module.end_of_image())
+
+    def _region(self, loaded: LoadedModule, mapped: list[Mapping]) -> Region:
+        region = self.regions.get(loaded.path)
+        if region is not None:
+            return region
+        found = remote.find_shared(self.pid, _region_name(loaded))
+        if found is not None:
+            mapping, target_fd = found
+            fd = pidfd_getfd(self.pid, target_fd)
+            region = Region(mapping.start, fd, mmap.mmap(fd, 2 * HALF), target_fd=target_fd)
+        else:
+            region = Region(_free_room(loaded, mapped, self.executable), -1, None, mapped=False)  # type: ignore[arg-type]
+        self.regions[loaded.path] = region
+        return region
+
+    # -- writing --------------------------------------------------------------------------
+    def apply(self, batches: list[Batch]) -> None:
+        """Write `batches` into the process in one stop of the world."""
+        clock = [time.perf_counter()]
+
+        def lap(step: str) -> None:
+            clock.append(time.perf_counter())
+            self.timings[step] = clock[-1] - clock[-2]
+        try:
+            with StoppedWorld(self.pid) as world:
+                lap("stopping")
+                for batch in batches:
+                    self._map(world, batch.module, batch.region)
+                    self._vacate(world, batch.region)
+                lap("injecting")
+                for batch in batches:
+                    _check_sites(world, batch)
+                for batch in batches:
+                    self._write(world, batch)
+                self.rewound += world.rewound
+                lap("patching")
+            lap("resuming")
+        except BaseException:
+            for batch in batches:           # their room is free again
+                self._forget(batch)
+            raise
+        self.batches.extend(batches)
+
+    def _map(self, world: StoppedWorld, loaded: LoadedModule, region: Region) -> None:
+        if region.mapped:
+            return
+        target_fd, fd = remote.create_shared(world, self.site, _region_name(loaded), region.base, HALF)
+        region.fd, region.target_fd, region.view, region.mapped = fd, target_fd, mmap.mmap(fd, 2 * HALF), True
+
+    @staticmethod
+    def _vacate(world: StoppedWorld, region: Region) -> None:
+        """No thread in the region's code (one in a signal handler's frame since the last
+        session, or stepped no further when a batch came out): it is about to be rewritten."""
+        for thread in list(world.threads.values()):
+            world.step_while(thread, lambda rip: region.base <= rip < region.base + HALF)
+
+    def _write(self, world: StoppedWorld, batch: Batch) -> None:
+        plan, bias, view = batch.plan, batch.module.bias, batch.region.view
+        base = batch.region.base - bias
+        view[plan.text_vaddr - base:plan.text_vaddr - base + len(plan.text)] = plan.text
+        view[batch.table_offset:batch.table_offset + len(plan.data)] = plan.data
+        for probe in plan.probes:
+            _move_out_of_site(world, probe, bias)
+            world.write(bias + probe.address, probe.patched)
+
+    def _forget(self, batch: Batch) -> None:
+        """A batch never written gives its room back (batches are planned and written in turn)."""
+        region = batch.region
+        base = region.base - batch.module.bias
+        region.text_used = min(region.text_used, batch.plan.text_vaddr - base)
+        region.data_used = min(region.data_used, batch.table_offset - HALF)
+
+    def remove(self, batch: Batch, indices: list[int]) -> None:
+        """Take probes `indices` of `batch` out, in one stop of the world."""
+        with StoppedWorld(self.pid) as world:
+            self._unpatch(world, [(batch, indices)])
+            self.rewound += world.rewound
+
+    def remove_all(self) -> None:
+        """Every probe out, in one stop of the world; then out of the processes forked
+        meanwhile, which inherited the patched code and the regions (their hits counted
+        in the same tables)."""
+        if self.exec_happened():
+            raise ProcessGone(f"process {self.pid} exec'd {executable(self.pid)}: its probes went with its "
+                              f"old image")
+        names = self._region_labels()
+        live = [(b, [i for i, on in enumerate(b.live) if on]) for b in self.batches]
+        if any(indices for _, indices in live):
+            with StoppedWorld(self.pid) as world:
+                self._unpatch(world, live, whole=True)
+                self.rewound += world.rewound
+        everything = [(b, list(range(len(b.live)))) for b in self.batches]
+        for child in descendants(self.pid):
+            try:
+                if names & {m.path for m in maps(child)}:
+                    with StoppedWorld(child) as world:
+                        self._unpatch(world, everything, whole=True, inherited=True)
+            except ProcessGone:
+                continue
+
+    def exec_happened(self) -> bool:
+        """The process has replaced its image (exec): none of the regions is mapped any more."""
+        names = self._region_labels()
+        return bool(names) and not names & {m.path for m in maps(self.pid)}
+
+    def _region_labels(self) -> set[str]:
+        return {f"/memfd:{_region_name(b.module)} (deleted)" for b in self.batches}
+
+    def release(self) -> None:
+        """jprobe's views of the regions closed; the target keeps them mapped for reuse."""
+        for region in self.regions.values():
+            if region.mapped:
+                region.close()
+                region.mapped = False
+        self.regions.clear()
+
+    def _unpatch(self, world: StoppedWorld, work: list[tuple[Batch, list[int]]], whole: bool = False,
+                 inherited: bool = False) -> None:
+        """Sites back as they were; threads stepped out of the taken probes' trampolines (with
+        `whole`, out of the regions' code altogether: no probe is left in them). In a forked
+        child (`inherited`), the sites that hold what jprobe wrote: it forked with those."""
+        for batch, indices in work:
+            bias = batch.module.bias
+            for i in indices:
+                probe = batch.plan.probes[i]
+                at = bias + probe.address
+                if world.read(at, len(probe.patched)) != probe.patched:
+                    if inherited:
+                        continue
+                    raise AttachError(f"process {self.pid}: the code at '{probe.spec}' ({at:#x}) changed "
+                                      f"since jprobe patched it; left as it is")
+                world.write(at, probe.original[:len(probe.patched)])
+                batch.live[i] = False
+        if whole:
+            for region in {id(b.region): b.region for b, _ in work}.values():
+                self._vacate(world, region)
+            return
+        spans = [span for batch, indices in work for span in _trampolines(batch, indices)]
+        for thread in list(world.threads.values()):
+            world.step_while(thread, lambda rip: any(lo <= rip < hi for lo, hi in spans))
+
+
+def _trampolines(batch: Batch, indices: list[int]) -> list[tuple[int, int]]:
+    """Run-time extents of probes `indices`' trampolines: straight-line code, each up to the
+    next trampoline (or the batch's text end), so a thread stepped through one leaves it."""
+    bias, plan = batch.module.bias, batch.plan
+    starts = sorted({p.trampoline for p in plan.probes if p.trampoline is not None})
+    ends = dict(zip(starts, starts[1:] + [plan.text_vaddr + len(plan.text)]))
+    wanted = [plan.probes[i].trampoline for i in indices]
+    return [(bias + t, bias + ends[t]) for t in wanted if t is not None]
+
+
+def _move_out_of_site(world: StoppedWorld, probe: ProbePlan, bias: int) -> None:
+    """A thread stopped strictly inside the bytes a site's patch covers resumes at the
+    relocated copy of the instruction it was about to run."""
+    start, end = bias + probe.address, bias + probe.address + len(probe.patched)
+    copies = {bias + orig: bias + copy for orig, copy in probe.boundaries}
+    for thread in world.threads.values():
+        rip = thread.regs.rip
+        if start < rip < end:
+            if rip not in copies:
+                raise AttachError(f"thread {thread.tid} is stopped at {rip:#x}, inside '{probe.spec}' "
+                                  f"but at no instruction jprobe relocated; try again")
+            moved = thread.regs.copy()
+            moved.rip = copies[rip]
+            world.set_regs(thread, moved)
+
+
+def _check_sites(world: StoppedWorld, batch: Batch) -> None:
+    """Each site holds the bytes the plan was made from: the file is the one mapped, and no
+    one else (another jprobe, a debugger's breakpoint) has changed it."""
+    for probe in batch.plan.probes:
+        at = batch.module.bias + probe.address
+        now = world.read(at, len(probe.patched))
+        if now != probe.original[:len(probe.patched)]:
+            why = ("another jprobe session has probed it" if now[:1] == b"\xe9" else
+                   "a debugger's breakpoint is there" if now[:1] == b"\xcc" else
+                   "the file on disk differs from the one mapped")
+            raise AttachError(f"'{probe.spec}': the code at {at:#x} in process {world.pid} is not the "
+                              f"file's ({why}); nothing was changed")
+
+
+def _check_seccomp(pid: int) -> None:
+    with open(f"/proc/{pid}/status") as f:
+        mode = next((line.split()[1] for line in f if line.startswith("Seccomp:")), "0")
+    if mode != "0":
+        raise AttachError(f"process {pid} runs under seccomp ({'strict' if mode == '1' else 'a filter'}): "
+                          f"the system calls jprobe attach makes in it (memfd_create, mmap) may kill it; "
+                          f"use `jprobe run` to start it probed instead")
+
+
+def _region_name(loaded: LoadedModule) -> str:
+    return f"jprobe:{os.path.basename(loaded.path)[:64]}@{loaded.bias:x}"
+
+
+def _page_up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def _free_room(loaded: LoadedModule, mapped: list[Mapping], executable_path: str) -> int:
+    """Where a region of 2 * HALF bytes can go: free, within a rel32 of every byte of the
+    module, nearest to it; never where the heap grows (the gap after [heap], or after the
+    program when it has no heap yet)."""
+    size = 2 * HALF
+    spans = sorted((m.start, m.end) for m in mapped)
+    heap = [m for m in mapped if m.path == "[heap]"]
+    grows = max(m.end for m in heap) if heap else max(m.end for m in mapped if m.path == executable_path)
+    best = None
+    lo_limit = max(loaded.hi - SPAN, PAGE << 4)
+    hi_limit = loaded.lo + SPAN
+    gaps = [(a_end + PAGE, b_start - PAGE) for (_, a_end), (b_start, _) in zip(spans, spans[1:])]
+    growth = next((a for a, _ in gaps if a - PAGE >= grows), None)
+    for a, b in gaps:
+        lo, hi = max(a, lo_limit), min(b, hi_limit)
+        if a == growth:
+            lo = max(lo, a + HEAP_ROOM)
+        top = (hi - size) & ~(PAGE - 1)
+        at = top if hi <= loaded.lo or a == growth else -(-lo // PAGE) * PAGE
+        if at < lo or at + size > hi:
+            continue
+        distance = loaded.lo - (at + size) if at + size <= loaded.lo else at - loaded.hi
+        if best is None or distance < best[0]:
+            best = (distance, at)
+    if best is None:
+        raise AttachError(f"{loaded.path}: no free room within 2 GiB of it for jprobe's trampolines")
+    return best[1]

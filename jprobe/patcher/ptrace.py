@@ -1,0 +1,104 @@
+"""The few ptrace(2) requests `jprobe attach` makes, through libc (no module on PyPI keeps
+PTRACE_SEIZE/PTRACE_INTERRUPT, which let a tracer stop a thread without a signal the program
+could see), and the x86-64 register file they read and write."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.restype = ctypes.c_long
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_libc.syscall.restype = ctypes.c_long
+
+SINGLESTEP, GETREGS, SETREGS, DETACH = 9, 12, 13, 17
+SETOPTIONS, GETEVENTMSG, SEIZE, INTERRUPT = 0x4200, 0x4201, 0x4206, 0x4207
+O_TRACECLONE = 0x8
+EVENT_CLONE, EVENT_STOP = 3, 128
+WALL = 0x40000000                 # __WALL: wait for threads as well as processes
+NR_PIDFD_OPEN, NR_PIDFD_GETFD = 434, 438
+
+
+class Regs(ctypes.Structure):
+    """struct user_regs_struct (sys/user.h), in its order."""
+    _fields_ = [(name, ctypes.c_ulonglong) for name in (
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
+        "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base",
+        "ds", "es", "fs", "gs")]
+
+    def copy(self) -> "Regs":
+        return Regs.from_buffer_copy(self)
+
+
+def _call(request: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p | None = 0) -> int:
+    ctypes.set_errno(0)
+    result = _libc.ptrace(request, tid, addr, data)
+    err = ctypes.get_errno()
+    if result == -1 and err:
+        raise OSError(err, f"ptrace({request:#x}) on {tid}: {os.strerror(err)}")
+    return result
+
+
+def seize(tid: int) -> None:
+    """Trace `tid` without stopping it; threads it creates are traced from their start."""
+    _call(SEIZE, tid, 0, O_TRACECLONE)
+
+
+def interrupt(tid: int) -> None:
+    _call(INTERRUPT, tid)
+
+
+def detach(tid: int, signal: int = 0) -> None:
+    """Let `tid` run untraced, delivering `signal` (one it was stopped with) or none."""
+    _call(DETACH, tid, 0, signal)
+
+
+def singlestep(tid: int, signal: int = 0) -> None:
+    _call(SINGLESTEP, tid, 0, signal)
+
+
+def get_regs(tid: int) -> Regs:
+    regs = Regs()
+    _call(GETREGS, tid, 0, ctypes.addressof(regs))
+    return regs
+
+
+def set_regs(tid: int, regs: Regs) -> None:
+    _call(SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+def event_message(tid: int) -> int:
+    value = ctypes.c_ulong()
+    _call(GETEVENTMSG, tid, 0, ctypes.addressof(value))
+    return value.value
+
+
+def wait(tid: int) -> int:
+    """The next wait status of traced thread `tid` (blocking)."""
+    while True:
+        try:
+            return os.waitpid(tid, WALL)[1]
+        except InterruptedError:
+            continue
+
+
+def pidfd_getfd(pid: int, fd: int) -> int:
+    """A descriptor of ours for descriptor `fd` of process `pid` (Linux 5.6)."""
+    pidfd = _libc.syscall(NR_PIDFD_OPEN, pid, 0)
+    if pidfd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    try:
+        ours = _libc.syscall(NR_PIDFD_GETFD, pidfd, fd, 0)
+        if ours < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return ours
+    finally:
+        os.close(pidfd)
+
+
+def gone(err: OSError) -> bool:
+    """The thread a request named has exited (or is exiting)."""
+    return err.errno == errno.ESRCH

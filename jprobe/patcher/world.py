@@ -1,0 +1,195 @@
+"""Every thread of a process stopped, for as long as a `with` block writes its code.
+
+jprobe is the tracer only inside the block: it seizes every thread (PTRACE_SEIZE, and
+threads they create meanwhile are traced from their start), until the set is stable; stops
+them with PTRACE_INTERRUPT, which sends no signal the program could see; and detaches them
+all when the block ends, whatever ended it. Between blocks the process is not traced:
+signals are not held up, and a debugger may attach.
+
+A thread blocked in a system call when it is stopped comes out of the call. Most calls are
+restarted by the kernel when the thread resumes; those that return EINTR instead
+(epoll_wait, poll with a signal mask, semop, sigtimedwait... see signal(7)) would make the
+program see an error it never had. Such a thread is rewound to its `syscall` instruction with
+the call's number back in rax, so it issues the call again when it resumes (a relative
+timeout grows by the time it was stopped) -- unless a signal is pending for it, which is then
+the call's real interruption.
+
+Ctrl-C and the termination signals are held back while threads are stopped, so that jprobe
+never leaves a thread stopped or moved halfway; they take effect when the block ends.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass, field
+
+from . import ptrace
+from .ptrace import Regs
+from .target import AttachError, ProcessGone, check_process, pending_signals, permission_hint, threads
+
+EINTR = (1 << 64) - errno.EINTR
+NO_SYSCALL = (1 << 64) - 1
+SYSCALL = b"\x0f\x05"
+HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+# How many instructions a thread may take to leave a trampoline when it is stepped out.
+MAX_STEPS = 100_000
+
+
+@dataclass
+class Thread:
+    tid: int
+    regs: Regs                       # as the thread will resume
+    signal: int = 0                  # a signal it was stopped with, delivered when it resumes
+
+
+@dataclass
+class StoppedWorld:
+    pid: int
+    threads: dict[int, Thread] = field(default_factory=dict)
+    rewound: int = 0                 # system calls rewound so that they see no EINTR
+
+    def __enter__(self) -> "StoppedWorld":
+        self._held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+        self._traced: set[int] = set()
+        self._mem = None
+        try:
+            self._stop_all()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release()
+
+    # -- memory ---------------------------------------------------------------------------
+    def read(self, address: int, size: int) -> bytes:
+        data = os.pread(self._memory(), size, address)
+        if len(data) != size:
+            raise ProcessGone(f"process {self.pid}: cannot read {size} bytes at {address:#x}")
+        return data
+
+    def write(self, address: int, data: bytes) -> None:
+        """Write to any page, read-only code included (the kernel makes it a private copy)."""
+        if os.pwrite(self._memory(), data, address) != len(data):
+            raise ProcessGone(f"process {self.pid}: cannot write {len(data)} bytes at {address:#x}")
+
+    def _memory(self) -> int:
+        if self._mem is None:
+            try:
+                self._mem = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ProcessGone(f"process {self.pid} exited") from None
+        return self._mem
+
+    # -- registers ------------------------------------------------------------------------
+    def set_regs(self, thread: Thread, regs: Regs) -> None:
+        """`thread` resumes with `regs`: written at once, so that the thread is consistent
+        whenever it resumes (if jprobe is killed, the kernel lets it run as it is)."""
+        ptrace.set_regs(thread.tid, regs)
+        thread.regs = regs
+
+    # -- stepping -------------------------------------------------------------------------
+    def step_while(self, thread: Thread, inside) -> None:
+        """Single-step `thread` until inside(rip) is false (it has left code about to go)."""
+        for _ in range(MAX_STEPS):
+            if not inside(thread.regs.rip):
+                return
+            ptrace.singlestep(thread.tid)
+            self._wait_stop(thread.tid, stepping=thread)
+            thread.regs = ptrace.get_regs(thread.tid)
+        raise AttachError(f"thread {thread.tid} did not leave jprobe's trampolines in {MAX_STEPS} steps")
+
+    # -- stopping and releasing -----------------------------------------------------------
+    def _stop_all(self) -> None:
+        check_process(self.pid)
+        while True:
+            fresh = threads(self.pid) - self._traced
+            if not fresh:
+                break
+            seized = []
+            for tid in sorted(fresh):
+                try:
+                    ptrace.seize(tid)
+                except OSError as err:
+                    if ptrace.gone(err):
+                        continue
+                    if err.errno == errno.EPERM:
+                        raise AttachError(permission_hint(self.pid)) from None
+                    raise
+                self._traced.add(tid)
+                seized.append(tid)
+            for tid in seized:
+                try:
+                    ptrace.interrupt(tid)
+                except OSError as err:
+                    if not ptrace.gone(err):
+                        raise
+            for tid in seized:
+                self._wait_stop(tid)
+        if not self.threads:
+            raise ProcessGone(f"process {self.pid} exited")
+
+    def _wait_stop(self, tid: int, stepping: Thread | None = None) -> None:
+        """Wait until `tid` is in a ptrace stop (with `stepping`: until its single step is
+        done) and note it, with threads it created meanwhile."""
+        while True:
+            status = ptrace.wait(tid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self._traced.discard(tid)
+                self.threads.pop(tid, None)
+                if stepping is not None or tid == self.pid:
+                    raise ProcessGone(f"process {self.pid} exited")
+                return
+            if not os.WIFSTOPPED(status):
+                continue
+            sig, event = os.WSTOPSIG(status), status >> 16
+            if event == ptrace.EVENT_CLONE:
+                child = ptrace.event_message(tid)
+                self._traced.add(child)
+                self._wait_stop(child)
+                sig = 0
+            elif event != 0:
+                sig = 0                             # an interrupt (or group) stop
+            if stepping is None:
+                if tid not in self.threads:
+                    self._note(tid, sig)
+                return
+            if event == 0 and sig == signal.SIGTRAP:
+                return                              # the step is done
+            if sig:
+                stepping.signal = sig               # delivered when the thread resumes
+            ptrace.singlestep(tid)
+
+    def _note(self, tid: int, sig: int) -> None:
+        regs = ptrace.get_regs(tid)
+        thread = Thread(tid, regs, sig)
+        self.threads[tid] = thread
+        if regs.orig_rax != NO_SYSCALL and regs.rax == EINTR and not pending_signals(self.pid, tid):
+            if self.read(regs.rip - 2, 2) == SYSCALL:
+                rewound = regs.copy()
+                rewound.rip -= 2
+                rewound.rax = rewound.orig_rax
+                self.set_regs(thread, rewound)
+                self.rewound += 1
+
+    def _release(self) -> None:
+        """Every traced thread untraced and running (with the registers set_regs gave it)."""
+        try:
+            for tid in sorted(self._traced):
+                thread = self.threads.get(tid)
+                try:
+                    if thread is None:              # seized, never seen stopped
+                        ptrace.interrupt(tid)
+                        self._wait_stop(tid)
+                        thread = self.threads.get(tid)
+                    ptrace.detach(tid, thread.signal if thread is not None else 0)
+                except (OSError, ProcessGone):
+                    pass                            # it exited meanwhile
+            self._traced.clear()
+        finally:
+            if self._mem is not None:
+                os.close(self._mem)
+                self._mem = None
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._held)
