@@ -233,6 +233,61 @@ def test_a_hundred_sessions_on_one_process(service):
         assert_healthy(t)
 
 
+def test_threads_born_while_attaching(service_o2):
+    """Two threads start and join threads all the time (each calls `born` 100 times): jprobe
+    must stop those born while it stops the others, and let those that die go."""
+    with running_target(service_o2, pause_us=0, spawners=2) as t:
+        for cycle in range(20):
+            with attached(t.pid) as proc:
+                born, counted = bounded(ANSWER_S, proc.probes, ["born", "counted"])
+                grows(lambda: born.hits, f"session {cycle}: born's hits")
+                t.count(100)
+                assert counted.hits == 100, f"session {cycle}"
+            assert_restored(t, ["born", "counted"])
+        assert_healthy(t)
+
+
+def test_a_child_forked_while_attached_keeps_no_probe(service_o2):
+    """The child (it calls `counted` every millisecond) inherits the patched code; after the
+    detach its code is the original and it runs on."""
+    with running_target(service_o2) as t:
+        with attached(t.pid) as proc:
+            counted = bounded(ANSWER_S, proc.probe, "counted")
+            child = t.fork()
+            t.count(100)
+            time.sleep(0.1)
+            assert counted.hits >= 100
+        time.sleep(0.2)
+        assert child.alive(), f"the child died: {t.describe()}"
+        assert child.code("counted", 16) == child.original_code("counted", 16), "the child keeps the probe"
+        child.assert_free()
+        assert_restored(t, ["counted"])
+        time.sleep(0.2)
+        assert child.alive(), f"the child died after the detach: {t.describe()}"
+        assert_healthy(t)
+
+
+def test_exec_ends_the_session(service_o2):
+    """The target executes itself again: the session ends with a message, nothing is written
+    into the new image, and it runs as a fresh start does."""
+    with running_target(service_o2) as t:
+        proc = bounded(ANSWER_S, jprobe.attach, t.pid)
+        session = bounded(ANSWER_S, proc.__enter__)
+        counted = bounded(ANSWER_S, session.probe, "counted")
+        t.count(100)
+        t.send("exec", "ready")
+        with pytest.raises(jprobe.JprobeError) as e:
+            bounded(ANSWER_S, session.probe, "tick1")
+        assert "exec" in one_line_error(e.value)
+        try:
+            bounded(ANSWER_S, proc.__exit__, None, None, None)
+        except jprobe.JprobeError as e:
+            one_line_error(e)
+        assert counted.hits == 100
+        assert_restored(t, ["counted", "tick1"])
+        assert_healthy(t)
+
+
 # --------------------------------------------------------------------------
 # errors (one line, JprobeError)
 # --------------------------------------------------------------------------
@@ -420,6 +475,20 @@ def test_cli_unknown_symbol(service_o2):
         assert_healthy(t)
 
 
+def test_cli_exec_ends_it(service_o2):
+    with running_target(service_o2) as t:
+        with cli_attach(t.pid, "-p", "counted", "--json") as c:
+            t.wait_patched("counted", lambda: c.poll() is None)
+            t.count(50)
+            t.send("exec", "ready")
+            out, err = c.communicate(timeout=ANSWER_S)
+        assert c.returncode >= 0, f"jprobe attach killed by signal {-c.returncode}"
+        assert "Traceback" not in err
+        assert "exec" in err, f"no message saying the process executed a program: {err!r}"
+        assert_restored(t, ["counted"])
+        assert_healthy(t)
+
+
 # --------------------------------------------------------------------------
 # the target dies
 # --------------------------------------------------------------------------
@@ -427,7 +496,7 @@ def test_cli_unknown_symbol(service_o2):
 def _die(t: Target, reap: bool) -> None:
     t.proc.kill()
     deadline = time.monotonic() + ANSWER_S
-    while Path(f"/proc/{t.pid}/stat").read_text().split(") ")[1][0] != "Z":
+    while t.alive():
         assert time.monotonic() < deadline, "SIGKILL did not end the target"
         time.sleep(0.01)
     if reap:

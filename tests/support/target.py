@@ -50,61 +50,11 @@ def _drain(stream, sink) -> None:
         sink(line)
 
 
-class Target:
-    """The fixture program, its stdin/stdout protocol, and its state read from /proc."""
+class Seen:
+    """A process of the fixture's program as /proc shows it."""
 
-    def __init__(self, binary: Path, pause_us: int = 200, preexec_fn=None):
-        self.binary = Path(binary)
-        self.proc = subprocess.Popen([str(binary), str(pause_us)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     preexec_fn=preexec_fn)
-        self.pid = self.proc.pid
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.errors: list[str] = []
-        for stream, sink in ((self.proc.stdout, self.lines.put), (self.proc.stderr, self.errors.append)):
-            threading.Thread(target=_drain, args=(stream, sink), daemon=True).start()
-        try:
-            self.expect("ready")
-        except BaseException:
-            self.kill()
-            raise
-
-    # ---- the protocol ------------------------------------------------------------------
-
-    def expect(self, prefix: str, timeout: float = ANSWER_S) -> str:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"the target said nothing for {timeout} s (wanted {prefix!r}); "
-                                 f"{self.describe()}") from None
-        assert line.startswith(prefix), f"the target said {line!r}, not {prefix!r}...; {self.describe()}"
-        return line.strip()
-
-    def send(self, command: str, answer: str, timeout: float = ANSWER_S) -> str:
-        assert self.proc.poll() is None, f"the target is gone before {command!r}; {self.describe()}"
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self.expect(answer, timeout)
-
-    def count(self, n: int) -> None:
-        """`counted` called exactly n times, over 4 threads, before this returns."""
-        self.send(f"count {n}", f"done {n}")
-
-    def progress(self) -> int:
-        return int(self.send("progress", "progress").split()[1])
-
-    def quit(self) -> str:
-        """The final line, "ok eintr=E bad=B", once the program has exited 0."""
-        line = self.send("quit", "ok")
-        assert self.proc.wait(ANSWER_S) == 0, self.describe()
-        return line
-
-    def describe(self) -> str:
-        status = self.proc.poll()
-        state = "running" if status is None else f"exited {status}"
-        return f"target pid {self.pid} {state}, stderr: {''.join(self.errors[-20:])!r}"
-
-    # ---- /proc ---------------------------------------------------------------------------
+    def __init__(self, pid: int, binary: Path):
+        self.pid, self.binary = pid, Path(binary)
 
     def threads(self) -> dict[int, tuple[str, int, int]]:
         """{tid: (state letter, tracer pid, pending signal mask)} of every thread."""
@@ -162,6 +112,13 @@ class Target:
         """The first bytes of the executable's function `name` as the process has them now."""
         return self.memory(self.runtime_address(name), size)
 
+    def alive(self) -> bool:
+        """Running, not a zombie nor gone."""
+        try:
+            return Path(f"/proc/{self.pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+        except OSError:
+            return False
+
     def original_code(self, name: str, size: int = 5) -> bytes:
         return read_vaddr(self.binary, symbol(self.binary, name)[0], size)
 
@@ -172,6 +129,66 @@ class Target:
             assert still_running(), "jprobe ended before the probe was in place"
             assert time.monotonic() < deadline, f"no jump at {name} after {timeout} s"
             time.sleep(0.01)
+
+
+class Target(Seen):
+    """The fixture program started, and its stdin/stdout protocol."""
+
+    def __init__(self, binary: Path, pause_us: int = 200, spawners: int = 0, preexec_fn=None):
+        self.proc = subprocess.Popen([str(binary), str(pause_us), str(spawners)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=preexec_fn)
+        super().__init__(self.proc.pid, binary)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.errors: list[str] = []
+        for stream, sink in ((self.proc.stdout, self.lines.put), (self.proc.stderr, self.errors.append)):
+            threading.Thread(target=_drain, args=(stream, sink), daemon=True).start()
+        try:
+            self.expect("ready")
+        except BaseException:
+            self.kill()
+            raise
+
+    # ---- the protocol ------------------------------------------------------------------
+
+    def expect(self, prefix: str, timeout: float = ANSWER_S) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the target said nothing for {timeout} s (wanted {prefix!r}); "
+                                 f"{self.describe()}") from None
+        assert line.startswith(prefix), f"the target said {line!r}, not {prefix!r}...; {self.describe()}"
+        return line.strip()
+
+    def send(self, command: str, answer: str, timeout: float = ANSWER_S) -> str:
+        assert self.proc.poll() is None, f"the target is gone before {command!r}; {self.describe()}"
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.expect(answer, timeout)
+
+    def count(self, n: int) -> None:
+        """`counted` called exactly n times, over 4 threads, before this returns."""
+        self.send(f"count {n}", f"done {n}")
+
+    def progress(self) -> int:
+        return int(self.send("progress", "progress").split()[1])
+
+    def quit(self) -> str:
+        """The final line, "ok eintr=E bad=B", once the program has exited 0."""
+        line = self.send("quit", "ok")
+        assert self.proc.wait(ANSWER_S) == 0, self.describe()
+        return line
+
+    def describe(self) -> str:
+        status = self.proc.poll()
+        state = "running" if status is None else f"exited {status}"
+        return f"target pid {self.pid} {state}, stderr: {''.join(self.errors[-20:])!r}"
+
+    def fork(self) -> Seen:
+        """The child of the fixture's "fork" command: it calls `counted` every millisecond, and
+        dies with its parent."""
+        return Seen(int(self.send("fork", "child").split()[1]), self.binary)
+
 
     # ---- the end -----------------------------------------------------------------------
 
@@ -191,9 +208,9 @@ def remove_semaphore(pid: int) -> None:
 
 
 @contextmanager
-def running_target(binary: Path, pause_us: int = 200, preexec_fn=None) -> Iterator[Target]:
+def running_target(binary: Path, pause_us: int = 200, spawners: int = 0, preexec_fn=None) -> Iterator[Target]:
     """The fixture, ready; killed at the end whatever the test did."""
-    target = Target(binary, pause_us, preexec_fn)
+    target = Target(binary, pause_us, spawners, preexec_fn)
     try:
         yield target
     finally:
