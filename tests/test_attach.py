@@ -214,6 +214,22 @@ def test_probe_in_libc_while_a_thread_mallocs(service_o2):
         assert_healthy(t)
 
 
+def test_attach_while_a_thread_holds_mallocs_lock(service_o2):
+    """kubo/injector's warning: a thread parked inside malloc_stats, holding the main arena's
+    lock, blocked writing to a full pipe.  An injector that calls malloc or dlopen in a
+    borrowed thread deadlocks here; jprobe must attach, count and detach, three times."""
+    with running_target(service_o2) as t:
+        t.send("park", "parked")
+        for cycle in range(3):
+            with attached(t.pid) as proc:
+                counted = bounded(ANSWER_S, proc.probe, "counted")
+                t.count(100)
+                assert counted.hits == 100, f"session {cycle}"
+            assert_restored(t, ["counted"])
+        t.send("unpark", "unparked")
+        assert_healthy(t)
+
+
 def test_a_hundred_sessions_on_one_process(service):
     """Attach, probe, count, detach, 100 times: each session counts exactly, and after the
     first no session leaves a mapping more."""
@@ -285,6 +301,21 @@ def test_exec_ends_the_session(service_o2):
             one_line_error(e)
         assert counted.hits == 100
         assert_restored(t, ["counted", "tick1"])
+        assert_healthy(t)
+
+
+def test_probes_on_the_calls_threads_are_blocked_in(service_o2):
+    """libc's epoll_wait, poll, semop, sigtimedwait and read, with a thread blocked in each:
+    no EINTR, and `read` (the main thread's, one per command) counted."""
+    blocking = ["epoll_wait", "poll", "semop", "sigtimedwait", "clock_nanosleep", "read"]
+    with running_target(service_o2) as t:
+        with attached(t.pid) as proc:
+            probes = dict(zip(blocking, bounded(ANSWER_S, proc.probes, [f"libc.so.6:{f}" for f in blocking])))
+            for _ in range(20):
+                t.progress()
+            assert probes["read"].hits in (19, 20), "one read per command (the last may be on its way)"
+            grows(lambda: probes["clock_nanosleep"].hits, "the workers' rests")
+            assert probes["epoll_wait"].hits == probes["semop"].hits == probes["sigtimedwait"].hits == 0
         assert_healthy(t)
 
 
@@ -577,13 +608,15 @@ def test_jprobe_killed_while_attached(service_o2):
         assert_healthy(t)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=lambda s: s.name)
 @pytest.mark.parametrize("delay_ms", [100, 200, 300, 400, 600])
-def test_jprobe_killed_during_attach(service_o2, delay_ms):
-    """SIGKILL at some point of `jprobe attach` (startup, stopping threads, injecting, patching):
-    the target runs on, its threads neither stopped nor traced."""
+def test_jprobe_interrupted_during_attach(service_o2, sig, delay_ms):
+    """SIGKILL or Ctrl-C at some point of `jprobe attach` (starting, stopping threads,
+    injecting, patching): it ends, and the target runs on, no thread stopped or traced."""
     with running_target(service_o2, pause_us=0) as t:
         with cli_attach(t.pid, "-p", "counted", *[a for k in TICKS for a in ("-p", k)]) as c:
             time.sleep(delay_ms / 1000)
-            c.kill()
+            c.send_signal(sig)
+            bounded(ANSWER_S, c.wait)
         time.sleep(0.3)
         assert_healthy(t)
