@@ -10,9 +10,10 @@ loop's ns/iteration (clock_gettime around the loop only, so patch-time,
 start-up and report-writing costs are excluded).  Every row reports the median
 of --runs runs.  Overhead is ns/iteration minus row (1)'s; the ratio compares a
 row's overhead with that of a jprobe `count` probe at `target`.  Rows 2r and 4r run the loop
-under `jprobe run` instead of patching the file.  A second table shows how hits/s scale with
-threads (benchmarks/threads.c, T = 1, 2, 4, 8) under `jprobe run`, and a third what planning
-many probes costs (benchmarks/plan_scale.py).
+under `jprobe run` instead of patching the file; row 2a attaches to it while it waits to start.
+A second table shows how hits/s scale with threads (benchmarks/threads.c, T = 1, 2, 4, 8) under
+`jprobe run`, a third what planning many probes costs (benchmarks/plan_scale.py), and a fourth
+how long attaching to a running process takes (benchmarks/attach_scale.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import threading
 import uuid
 from pathlib import Path
 
+import attach_scale                 # benchmarks/attach_scale.py, next to this file
 import plan_scale                   # benchmarks/plan_scale.py, next to this file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,6 +192,11 @@ def jprobe_run(argv, spec, expect_hits):
 def row_jprobe_run(loop, spec, n, runs):
     """The loop started by `jprobe run`: the runtime patches it in-process at start-up."""
     return median_runs(lambda: parse_ns(jprobe_run([loop, n], spec, n)), runs)
+
+
+def row_jprobe_attach(loop, n, runs):
+    """The loop attached to while it waits to start (LOOP_WAIT): the probe written into it live."""
+    return median_runs(lambda: parse_ns(attach_scale.live_count(loop, n)), runs)
 
 
 def parse_rate(text):
@@ -394,6 +401,26 @@ def planning_table(runs):
     return (f"### Planning at scale (benchmarks/plan_scale.py; median of {runs} runs)\n\n{table}")
 
 
+def attach_table(loop, runs):
+    """Attach latency (benchmarks/attach_scale.py): 1, 100 and 1,000 libc probes into a running
+    process through the API, step by step, and the `jprobe attach` command end to end."""
+    try:
+        table = attach_scale.table(*attach_scale.measure(loop, runs))
+    except Exception as e:  # the other tables stand on their own
+        table = f"failed: {e}\n"
+    return f"### Attach latency (benchmarks/attach_scale.py; ms, median of {runs} runs)\n\n{table}"
+
+
+def live_bar(results):
+    """The issue's bar for row 2a: a live count probe costs what a static one does."""
+    static, live = results["2"][2], results["2a"][2]
+    if static is None or live is None:
+        return "Bar: live count probes cost what static ones do (<= +2 ns a hit): not measured."
+    extra = live - static
+    return (f"Bar: live count probes cost what static ones do (<= +2 ns a hit): row 2a - row 2 = "
+            f"{extra:+.2f} ns, {'met' if extra <= 2 else 'NOT met'}.")
+
+
 # ---------------------------------------------------------------------------
 
 RESULTS_HEADER = """## Benchmark: the cost of a probe hit
@@ -408,7 +435,10 @@ pushes the original return address.  Row (5) enables the uprobe as a tracefs eve
 is a trap into the kernel plus a ring-buffer record); Row (6) spawns the loop under Frida and
 attaches a CModule `onEnter` to `target` before resuming it.  Rows 2r and 4r start the same
 loop with `jprobe run` (the preloaded runtime patches it in-process at start-up) instead of
-running a file written by `jprobe patch`.  Rows whose tool is missing say why they were skipped.
+running a file written by `jprobe patch`.  Row 2a starts the loop with LOOP_WAIT=1, so that it
+waits for a line on stdin before its timed loop, attaches to it with `jprobe.attach(pid)`, places
+the probe, lets it run and checks that `Probe.hits` read from the shared counters is exactly N.
+Rows whose tool is missing say why they were skipped.
 
 The thread table runs `benchmarks/threads.c`: T threads, pinned round-robin to the CPUs the
 process may use, each call a noinline `target` N times after a common start barrier; the time
@@ -421,6 +451,19 @@ functions (spread over the library; "all": every one) and `jprobe patch` of pyth
 1,000 of its exported functions: the whole command's wall time and peak RSS, then, in a
 process of its own, the planning alone (what the command does before it runs the program or
 writes the file), wall and CPU seconds, and the time to import jprobe, which it excludes.
+
+The attach table puts N of libc's exported functions (spread over the library, as above, leaving
+out those whose entry would need a trap, which attach refuses) into `benchmarks/loop.c` waiting
+under LOOP_WAIT=1 (one thread, blocked in `read`).  Each run is a fresh interpreter with jprobe
+imported and a fresh target: "cold" times `jprobe.attach(pid)` then `Process.probes(specs)`, from
+the call until it returns with the probes live (libc parsed in the call; the first attach to libc
+in the target injects its shared region), split into the steps `LiveSession.timings` records
+(planning; stopping the threads; injecting, the remote `memfd_create` and `mmap`; patching;
+resuming them) and the rest of the call (parsing the specs, reading /proc, finding the module);
+"detach" times leaving the session.  "warm": the same interpreter attaches to the same target again
+after that detach (a fresh `Process`: libc parsed again, the region found and reused).  The last
+rows time `python -m jprobe attach PID -p ... --duration 0.01 --json` (a fresh target each run)
+from its start to its exit, checking that its report lists every probe.
 
 """
 
@@ -462,6 +505,8 @@ def main():
          lambda: row_jprobe(loop, "target", N_FAST, a.runs, "loop.count")),
         ("2r", "`jprobe run` `count` at `target` entry", N_FAST,
          lambda: row_jprobe_run(loop, "target", N_FAST, a.runs)),
+        ("2a", "count probe, live (`jprobe.attach` to the waiting loop) at `target` entry", N_FAST,
+         lambda: row_jprobe_attach(loop, N_FAST, a.runs)),
         ("3", "jprobe static `count` on the `call target` site", N_FAST,
          lambda: row_jprobe(loop, f"main+{call_site - main_a:#x}", N_FAST, a.runs, "loop.callsite")),
         ("4", "jprobe static C callback (full context; vector state provably untouched) at `target`", N_CB,
@@ -511,6 +556,8 @@ def main():
         ratio = (over / count_over) if (over is not None and count_over and count_over > 0) else None
         lines.append(f"| {rid} | {label} | {fmt_n(n)} | {med:.2f} | "
                      f"{'' if over is None else f'{over:.2f}'} | {'' if ratio is None else f'{ratio:.1f}x'} |")
+    lines.append("")
+    lines.append(live_bar(results))
     print("running thread scaling ...", file=sys.stderr, flush=True)
     lines.extend(thread_table(N_FAST, a.runs))
     lines.append("")
@@ -521,6 +568,9 @@ def main():
     print("running planning at scale ...", file=sys.stderr, flush=True)
     lines.append("")
     lines.append(planning_table(a.runs))
+    print("running attach latency ...", file=sys.stderr, flush=True)
+    lines.append("")
+    lines.append(attach_table(loop, a.runs))
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).write_text(RESULTS_HEADER + text)

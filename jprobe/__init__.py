@@ -3,10 +3,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import JprobeError
+from typing import TYPE_CHECKING
+
+from .errors import AttachError, JprobeError, ProcessGone
 from .plan import ModulePlan
 
-__all__ = ["JprobeError", "patch_file"]
+if TYPE_CHECKING:
+    from .process import Process
+
+__all__ = ["AttachError", "JprobeError", "ProcessGone", "attach", "patch_file"]
 
 
 def patch_file(input_path: str, output_path: str, probes: Iterable[str], strict: bool = False) -> ModulePlan:
@@ -15,3 +20,11 @@ def patch_file(input_path: str, output_path: str, probes: Iterable[str], strict:
     from .spec import parse_probes
 
     return _patch(input_path, output_path, parse_probes(probes), strict=strict)
+
+
+def attach(pid: int, strict: bool = False) -> "Process":
+    """Attach to running process `pid`; a context manager whose end takes every probe out
+    and detaches (SPEC §5, README "jprobe attach")."""
+    from .process import Process
+
+    return Process(pid, strict)

@@ -102,7 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
-    from .attach import attach
+    from . import attach
     from .report import format_report
     from .session import wait_for_end
 

@@ -31,3 +31,11 @@ class HandlerError(JprobeError):
 
 class OutputError(JprobeError):
     """The output cannot be written."""
+
+
+class AttachError(JprobeError):
+    """A process cannot be attached to (or stopped being there)."""
+
+
+class ProcessGone(AttachError):
+    """The process exited (or exec'd) while jprobe was attached."""

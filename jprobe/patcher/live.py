@@ -39,13 +39,20 @@ from ..spec import ProbeSpec
 from . import remote
 from .ptrace import pidfd_getfd
 from .target import AttachError, Mapping, ProcessGone, check_process, descendants, executable, file_of, maps
-from .world import StoppedWorld
+from .world import StoppedWorld, stopped
 
 PAGE = 0x1000
 HALF = 32 << 20                    # a region's trampolines, and its tables: virtual, filled as used
 SPAN = (2 << 30) - (64 << 20)      # module and region together, within a rel32's reach
 HEAP_ROOM = 512 << 20              # left for the heap to grow, where it does
-HITS = layout.offsetof("jp_probe", "hits")
+CALLBACK = layout.offsetof("jp_probe", "callback")
+GUARD_OFF = layout.offsetof("jp_table", "guard_off")
+VEC_MODE = layout.offsetof("jp_table", "vec_mode")
+PYTHON = "<python>"                # the callback "library" of a Python callable handler
+# The callback guard (jprobe_table.h, "Callbacks are not re-entered") of a process without
+# the runtime: a byte of glibc's thread control block at %fs:0x80, in __glibc_unused2, which
+# glibc keeps, unused since 2.26, for the size of tcbhead_t that other programs rely on.
+TCB_GUARD = 0x80
 
 
 @dataclass
@@ -81,9 +88,15 @@ class Batch:
     region: Region
     table_offset: int              # of its table in the region's view
     live: list[bool] = field(default_factory=list)
+    callbacks: dict[int, int] = field(default_factory=dict)   # probe index -> function address
 
     def hits(self, i: int) -> int:
-        return struct.unpack_from("<Q", self.region.view, self.table_offset + TABLE_SIZE + i * PROBE_SIZE + HITS)[0]
+        return self.counter(i, "hits")
+
+    def counter(self, i: int, name: str) -> int:
+        """Probe `i`'s counter `name` (hits, missed, skipped: struct jp_probe), read live."""
+        at = self.table_offset + TABLE_SIZE + i * PROBE_SIZE + layout.offsetof("jp_probe", name)
+        return struct.unpack_from("<Q", self.region.view, at)[0]
 
 
 class LiveSession:
@@ -91,10 +104,12 @@ class LiveSession:
 
     def __init__(self, pid: int, strict: bool = False):
         check_process(pid)
-        _check_seccomp(pid)
         self.pid, self.strict = pid, strict
+        self.local = pid == os.getpid()          # jprobe's own process: no remote system calls
+        if not self.local:
+            _check_seccomp(pid)
         self.executable = executable(pid)
-        self.site = remote.syscall_site(pid)
+        self.site = None if self.local else remote.syscall_site(pid)
         self.regions: dict[str, Region] = {}
         self._modules: dict[str, ElfModule] = {}
         self.batches: list[Batch] = []
@@ -106,15 +121,18 @@ class LiveSession:
     def plan(self, specs: list[ProbeSpec]) -> list[Batch]:
         """Batches for `specs`, one per module, planned into free room of its region."""
         for spec in specs:
-            if spec.on_return or spec.handler.kind != "count":
-                raise HandlerError(f"'{spec.text}': jprobe attach places `count` probes only in this "
-                                   f"release; drop the handler (or `%return`), or use `jprobe run`")
+            python = self.local and spec.handler.kind == "callback" and spec.handler.library == PYTHON
+            if spec.on_return or spec.handler.kind != "count" and not python:
+                raise HandlerError(f"'{spec.text}': jprobe attach places `count` probes (and, in its own "
+                                   f"process, Python callables) only in this release; drop the handler "
+                                   f"(or `%return`), or use `jprobe run`")
+        started = time.perf_counter()
         mapped = maps(self.pid)
+        found = {name: self._find(name, mapped) for name in {spec.module for spec in specs}}
         by_module: dict[str, tuple[LoadedModule, list[ProbeSpec]]] = {}
         for spec in specs:
-            loaded = self._find(spec.module, mapped)
+            loaded = found[spec.module]
             by_module.setdefault(loaded.path, (loaded, []))[1].append(spec)
-        started = time.perf_counter()
         with cycles_uncollected():
             batches = [self._plan(loaded, module_specs, mapped) for loaded, module_specs in by_module.values()]
         self.timings = {"planning": time.perf_counter() - started}
@@ -205,19 +223,22 @@ class LiveSession:
         def lap(step: str) -> None:
             clock.append(time.perf_counter())
             self.timings[step] = clock[-1] - clock[-2]
+        def work(world: StoppedWorld) -> None:
+            lap("stopping")
+            for batch in batches:
+                self._map(world, batch.module, batch.region)
+                self._vacate(world, batch.region)
+            lap("injecting")
+            for batch in batches:
+                _check_sites(world, batch)
+            for batch in batches:
+                self._write(world, batch)
+            lap("patching")
         try:
-            with StoppedWorld(self.pid) as world:
-                lap("stopping")
+            if self.local:
                 for batch in batches:
-                    self._map(world, batch.module, batch.region)
-                    self._vacate(world, batch.region)
-                lap("injecting")
-                for batch in batches:
-                    _check_sites(world, batch)
-                for batch in batches:
-                    self._write(world, batch)
-                self.rewound += world.rewound
-                lap("patching")
+                    self._map_here(batch.module, batch.region)
+            self.rewound += stopped(self.pid, work)
             lap("resuming")
         except BaseException:
             for batch in batches:           # their room is free again
@@ -232,6 +253,13 @@ class LiveSession:
         region.fd, region.target_fd, region.view, region.mapped = fd, target_fd, mmap.mmap(fd, 2 * HALF), True
 
     @staticmethod
+    def _map_here(loaded: LoadedModule, region: Region) -> None:
+        if region.mapped:
+            return
+        target_fd, fd = remote.create_shared_here(_region_name(loaded), region.base, HALF)
+        region.fd, region.target_fd, region.view, region.mapped = fd, target_fd, mmap.mmap(fd, 2 * HALF), True
+
+    @staticmethod
     def _vacate(world: StoppedWorld, region: Region) -> None:
         """No thread in the region's code (one in a signal handler's frame since the last
         session, or stepped no further when a batch came out): it is about to be rewritten."""
@@ -243,6 +271,12 @@ class LiveSession:
         base = batch.region.base - bias
         view[plan.text_vaddr - base:plan.text_vaddr - base + len(plan.text)] = plan.text
         view[batch.table_offset:batch.table_offset + len(plan.data)] = plan.data
+        if batch.callbacks:
+            table = batch.table_offset
+            struct.pack_into("<qQ", view, table + GUARD_OFF, TCB_GUARD, 0)
+            struct.pack_into("<Q", view, table + VEC_MODE, vec_mode())
+            for i, function in batch.callbacks.items():
+                struct.pack_into("<Q", view, table + TABLE_SIZE + i * PROBE_SIZE + CALLBACK, function)
         for probe in plan.probes:
             _move_out_of_site(world, probe, bias)
             world.write(bias + probe.address, probe.patched)
@@ -256,9 +290,9 @@ class LiveSession:
 
     def remove(self, batch: Batch, indices: list[int]) -> None:
         """Take probes `indices` of `batch` out, in one stop of the world."""
-        with StoppedWorld(self.pid) as world:
-            self._unpatch(world, [(batch, indices)])
-            self.rewound += world.rewound
+        self.rewound += stopped(self.pid, lambda world: self._unpatch(world, [(batch, indices)]))
+        for i in indices:
+            batch.live[i] = False
 
     def remove_all(self) -> None:
         """Every probe out, in one stop of the world; then out of the processes forked
@@ -270,15 +304,15 @@ class LiveSession:
         names = self._region_labels()
         live = [(b, [i for i, on in enumerate(b.live) if on]) for b in self.batches]
         if any(indices for _, indices in live):
-            with StoppedWorld(self.pid) as world:
-                self._unpatch(world, live, whole=True)
-                self.rewound += world.rewound
+            self.rewound += stopped(self.pid, lambda world: self._unpatch(world, live, whole=True))
+            for batch, indices in live:
+                for i in indices:
+                    batch.live[i] = False
         everything = [(b, list(range(len(b.live)))) for b in self.batches]
         for child in descendants(self.pid):
             try:
                 if names & {m.path for m in maps(child)}:
-                    with StoppedWorld(child) as world:
-                        self._unpatch(world, everything, whole=True, inherited=True)
+                    stopped(child, lambda world: self._unpatch(world, everything, whole=True, inherited=True))
             except ProcessGone:
                 continue
 
@@ -314,7 +348,6 @@ class LiveSession:
                     raise AttachError(f"process {self.pid}: the code at '{probe.spec}' ({at:#x}) changed "
                                       f"since jprobe patched it; left as it is")
                 world.write(at, probe.original[:len(probe.patched)])
-                batch.live[i] = False
         if whole:
             for region in {id(b.region): b.region for b, _ in work}.values():
                 self._vacate(world, region)
@@ -408,3 +441,14 @@ def _free_room(loaded: LoadedModule, mapped: list[Mapping], executable_path: str
     if best is None:
         raise AttachError(f"{loaded.path}: no free room within 2 GiB of it for jprobe's trampolines")
     return best[1]
+
+
+def vec_mode() -> int:
+    """The vector state callback trampolines save on this CPU (JP_VEC_*), as the runtime
+    decides it (modules.c): /proc/cpuinfo lists a feature only when the kernel enabled its
+    state."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    if "avx512f" in flags:
+        return layout.CONST["JP_VEC_AVX512"]
+    return layout.CONST["JP_VEC_AVX" if "avx" in flags else "JP_VEC_SSE"]

@@ -1,4 +1,4 @@
-"""The few ptrace(2) requests `jprobe attach` makes, through libc (no module on PyPI keeps
+"""The few ptrace(2) requests (and other system calls) `jprobe attach` makes, through libc (no module on PyPI keeps
 PTRACE_SEIZE/PTRACE_INTERRUPT, which let a tracer stop a thread without a signal the program
 could see), and the x86-64 register file they read and write."""
 from __future__ import annotations
@@ -11,6 +11,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 _libc.syscall.restype = ctypes.c_long
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 
 SINGLESTEP, GETREGS, SETREGS, DETACH = 9, 12, 13, 17
 SETOPTIONS, GETEVENTMSG, SEIZE, INTERRUPT = 0x4200, 0x4201, 0x4206, 0x4207
@@ -102,3 +104,10 @@ def pidfd_getfd(pid: int, fd: int) -> int:
 def gone(err: OSError) -> bool:
     """The thread a request named has exited (or is exiting)."""
     return err.errno == errno.ESRCH
+
+
+def mmap(at: int, size: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    """mmap(2) in this process, at an address of jprobe's choosing (Python's mmap cannot);
+    the address, or -1."""
+    result = _libc.mmap(at, size, prot, flags, fd, offset)
+    return -1 if result is None or result == ctypes.c_void_p(-1).value else result

@@ -24,14 +24,19 @@ RED_ZONE = 128
 
 def syscall_site(pid: int) -> int:
     """The address of a `syscall` instruction in the target's code (the vDSO's first)."""
-    code = [m for m in maps(pid) if "x" in m.perms]
+    code = [m for m in maps(pid) if "x" in m.perms and m.path != "[vsyscall]"]   # vsyscall: unreadable
     code.sort(key=lambda m: m.path != "[vdso]")
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
         for m in code:
-            mem.seek(m.start)
-            found = mem.read(min(m.end - m.start, 1 << 20)).find(SYSCALL)
+            try:
+                found = os.pread(fd, min(m.end - m.start, 1 << 20), m.start).find(SYSCALL)
+            except OSError:
+                continue
             if found >= 0:
                 return m.start + found
+    finally:
+        os.close(fd)
     raise AttachError(f"process {pid}: no `syscall` instruction found in its code")
 
 
@@ -113,3 +118,21 @@ def find_shared(pid: int, name: str) -> tuple[Mapping, int] | None:
         except OSError:
             continue
     return None
+
+
+def create_shared_here(name: str, base: int, half: int) -> tuple[int, int]:
+    """create_shared() for jprobe's own process (`jprobe.attach(os.getpid())`)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    ours = os.dup(fd)
+    os.set_inheritable(ours, False)
+    try:
+        os.ftruncate(fd, 2 * half)
+        for offset, prot in ((0, PROT_READ | PROT_EXEC), (half, PROT_READ | PROT_WRITE)):
+            at = ptrace.mmap(base + offset, half, prot, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, offset)
+            if at != base + offset:
+                raise AttachError(f"cannot map jprobe's code at {base + offset:#x} in this process")
+    except BaseException:
+        os.close(fd)
+        os.close(ours)
+        raise
+    return fd, ours

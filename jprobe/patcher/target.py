@@ -5,15 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..errors import JprobeError
-
-
-class AttachError(JprobeError):
-    """A process cannot be attached to (or stopped being there)."""
-
-
-class ProcessGone(AttachError):
-    """The process exited (or exec'd) while jprobe was attached."""
+from ..errors import AttachError, ProcessGone
 
 
 @dataclass(frozen=True)
@@ -102,6 +94,8 @@ def maps(pid: int) -> list[Mapping]:
             lines = f.read().splitlines()
     except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(f"process {pid} exited") from None
+    except PermissionError:
+        raise AttachError(permission_hint(pid)) from None
     out = []
     for line in lines:
         fields = line.split(maxsplit=5)
@@ -116,6 +110,8 @@ def executable(pid: int) -> str:
         return os.readlink(f"/proc/{pid}/exe")
     except FileNotFoundError:
         raise ProcessGone(f"process {pid} exited") from None
+    except PermissionError:
+        raise AttachError(permission_hint(pid)) from None
 
 
 def file_of(pid: int, mapping: Mapping) -> str:

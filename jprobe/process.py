@@ -1,13 +1,20 @@
 """`jprobe.attach(pid)`: probes in a running process (SPEC §5), taken out when the block ends."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
 
-from .patcher.live import Batch, LiveSession
-from .patcher.target import AttachError, ProcessGone
-from .spec import parse_probes
+from . import layout
+from .errors import AttachError, HandlerError, ProcessGone
+from .patcher.live import PYTHON, Batch, LiveSession
+from .spec import Handler, ProbeSpec, parse_probes
 
-__all__ = ["attach", "Process", "Probe", "AttachError", "ProcessGone"]
+# cffi callbacks given to trampolines: kept for the process's life, since a thread may be
+# inside one (or about to return into its caller) after its probe is removed.
+_CALLABLES: list[Any] = []
+COUNTERS = ("hits", "missed", "skipped")            # struct jp_probe's
 
 
 class Probe:
@@ -21,24 +28,35 @@ class Probe:
         self.address = plan.address
         self.mechanism = str(plan.mechanism)
         self.handler = plan.handler
-        self._final: int | None = None
+        self._final: dict[str, int] | None = None
 
     @property
     def hits(self) -> int:
-        return self._final if self._final is not None else self._batch.hits(self._index)
+        return self._count("hits")
+
+    @property
+    def missed(self) -> int:
+        """Hits whose handler did not run: the thread was in a handler already."""
+        return self._count("missed")
 
     @property
     def removed(self) -> bool:
         return self._final is not None
 
+    def _count(self, name: str) -> int:
+        return self._final[name] if self._final is not None else self._batch.counter(self._index, name)
+
     def _settle(self) -> None:
         if self._final is None:
-            self._final = self._batch.hits(self._index)
+            self._final = {name: self._batch.counter(self._index, name) for name in COUNTERS}
 
     def entry(self) -> dict:
         """Its line in the report (SPEC §3)."""
-        return {"probe": self.spec, "module": self.module, "address": f"{self.address:#x}",
-                "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": 0}
+        e = {"probe": self.spec, "module": self.module, "address": f"{self.address:#x}",
+             "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": 0}
+        if self.handler != "count":
+            e["missed"], e["callback_skipped"] = self.missed, self._count("skipped")
+        return e
 
     def __repr__(self) -> str:
         return f"<Probe {self.spec} {self.mechanism} hits={self.hits}>"
@@ -62,16 +80,24 @@ class Process:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def probe(self, spec: str) -> Probe:
-        """One probe (SPEC §1 spec), live when this returns."""
-        return self.probes([spec])[0]
+    def probe(self, spec: str, handler: Callable[[Any], None] | None = None) -> Probe:
+        """One probe (SPEC §1 spec), live when this returns. `handler`: a Python callable
+        run at each hit with the probe's context (`ctx.regs.rdi`, writable), in jprobe's own
+        process only (README: when it can deadlock)."""
+        return self.probes([spec], handler)[0]
 
-    def probes(self, specs: Iterable[str]) -> list[Probe]:
+    def probes(self, specs: Iterable[str], handler: Callable[[Any], None] | None = None) -> list[Probe]:
         """Several probes placed in one stop of the world, in the order given."""
         if self.detached:
             raise AttachError(f"process {self.pid}: detached already; attach again")
         parsed = parse_probes(list(specs))
+        if handler is not None:
+            parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
         batches = self._session.plan(parsed)
+        if handler is not None:
+            address = _callable_address(handler)
+            for batch in batches:
+                batch.callbacks.update({i: address for i in range(len(batch.plan.probes))})
         self._session.apply(batches)
         made = {}
         for batch in batches:
@@ -122,6 +148,20 @@ class Process:
                 "errors": errors}
 
 
-def attach(pid: int, strict: bool = False) -> Process:
-    """Attach to process `pid`; use as a context manager (SPEC §5)."""
-    return Process(pid, strict)
+
+def _with_callable(spec: ProbeSpec, handler: Callable[[Any], None], pid: int) -> ProbeSpec:
+    if pid != os.getpid():
+        raise HandlerError(f"'{spec.text}': a Python callable handler runs only in jprobe's own process "
+                           f"(jprobe.attach(os.getpid())); for process {pid} give a count handler")
+    if "=" in spec.text:
+        raise HandlerError(f"'{spec.text}': a handler in the spec and handler= too; give one of them")
+    name = getattr(handler, "__qualname__", type(handler).__name__)
+    return replace(spec, handler=Handler("callback", library=PYTHON, function=name))
+
+
+def _callable_address(handler: Callable[[Any], None]) -> int:
+    """A C function pointer that calls `handler` with a `struct jprobe_ctx *` (cffi takes
+    the GIL around the call)."""
+    callback = layout.ffi.callback("void(struct jprobe_ctx *)", handler)
+    _CALLABLES.append(callback)
+    return int(layout.ffi.cast("uintptr_t", callback))
