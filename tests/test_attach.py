@@ -283,10 +283,10 @@ def test_a_child_forked_while_attached_keeps_no_probe(service_o2):
         assert_healthy(t)
 
 
-def test_exec_ends_the_session(service_o2):
+def test_exec_ends_the_session(service):
     """The target executes itself again: the session ends with a message, nothing is written
     into the new image, and it runs as a fresh start does."""
-    with running_target(service_o2) as t:
+    with running_target(service) as t:
         proc = bounded(ANSWER_S, jprobe.attach, t.pid)
         session = bounded(ANSWER_S, proc.__enter__)
         counted = bounded(ANSWER_S, session.probe, "counted")

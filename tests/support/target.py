@@ -189,14 +189,19 @@ class Target(Seen):
         dies with its parent."""
         return Seen(int(self.send("fork", "child").split()[1]), self.binary)
 
-
     # ---- the end -----------------------------------------------------------------------
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(ANSWER_S)
-        remove_semaphore(self.pid)
+        try:
+            self.proc.wait(ANSWER_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the target cannot be reaped {ANSWER_S} s after SIGKILL (a tracer that "
+                                 f"does not let its threads go?) {{tid: (state, tracer, pending)}}: "
+                                 f"{self.threads()}") from None
+        finally:
+            remove_semaphore(self.pid)
 
 
 def remove_semaphore(pid: int) -> None:
