@@ -201,10 +201,9 @@ class Process:
     def ended(self) -> str | None:
         """Why the session cannot go on (the process exited or exec'd), or None."""
         try:
-            if self._session.exec_happened():
-                return f"process {self.pid} exec'd: its probes went with its old image"
-        except ProcessGone:
-            return f"process {self.pid} exited"
+            self._session.check_image()
+        except ProcessGone as err:
+            return str(err)
         return None
 
     def report(self) -> dict:

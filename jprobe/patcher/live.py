@@ -40,7 +40,8 @@ from ..room import Room, plan_in_room
 from ..spec import ProbeSpec
 from . import inject, remote
 from .ptrace import pidfd_getfd
-from .target import AttachError, Mapping, ProcessGone, check_process, descendants, executable, file_of, maps
+from .target import (AttachError, Mapping, ProcessGone, auxv, check_process, descendants, executable, file_of,
+                     maps)
 from .world import StoppedWorld, stopped
 
 PAGE = 0x1000
@@ -117,6 +118,7 @@ class LiveSession:
         if not self.local:
             _check_seccomp(pid)
         self.executable = executable(pid)
+        self._image = auxv(pid)                  # another after an exec (new stack, vDSO, ...)
         self.site = None if self.local else remote.syscall_site(pid)
         self.regions: dict[str, Region] = {}
         self._modules: dict[str, ElfModule] = {}
@@ -133,6 +135,7 @@ class LiveSession:
                 raise HandlerError(f"'{spec.text}': jprobe attach places `count` and callback probes only in "
                                    f"this release; drop `trace` (or `%return`), or use `jprobe run`")
         started = time.perf_counter()
+        self.check_image()
         mapped = maps(self.pid)
         if any(spec.handler.kind == "callback" for spec in specs) and not any(
                 os.path.basename(m.path) == "libc.so.6" for m in mapped):
@@ -236,6 +239,7 @@ class LiveSession:
             clock.append(time.perf_counter())
             self.timings[step] = clock[-1] - clock[-2]
         def work(world: StoppedWorld) -> None:
+            self.check_image()                 # the threads are stopped: no exec now
             lap("stopping")
             for batch in batches:
                 self._map(world, batch.module, batch.region)
@@ -368,9 +372,7 @@ class LiveSession:
         """Every probe out, in one stop of the world; then out of the processes forked
         meanwhile, which inherited the patched code and the regions (their hits counted
         in the same tables)."""
-        if self.exec_happened():
-            raise ProcessGone(f"process {self.pid} exec'd {executable(self.pid)}: its probes went with its "
-                              f"old image")
+        self.check_image()
         names = self._region_labels()
         live = [(b, [i for i, on in enumerate(b.live) if on]) for b in self.batches]
         if any(indices for _, indices in live):
@@ -387,9 +389,15 @@ class LiveSession:
                 continue
 
     def exec_happened(self) -> bool:
-        """The process has replaced its image (exec): none of the regions is mapped any more."""
+        """The process has replaced its image (exec) since jprobe attached: its auxiliary
+        vector is another, or none of the regions is mapped any more."""
         names = self._region_labels()
-        return bool(names) and not names & {m.path for m in maps(self.pid)}
+        return auxv(self.pid) != self._image or bool(names) and not names & {m.path for m in maps(self.pid)}
+
+    def check_image(self) -> None:
+        if self.exec_happened():
+            raise ProcessGone(f"process {self.pid} exec'd {executable(self.pid)}: the session ended with "
+                              f"its old image; attach again")
 
     def _region_labels(self) -> set[str]:
         return {f"/memfd:{_region_name(b.module)} (deleted)" for b in self.batches}

@@ -114,6 +114,17 @@ def executable(pid: int) -> str:
         raise AttachError(permission_hint(pid)) from None
 
 
+def auxv(pid: int) -> bytes:
+    """The process's auxiliary vector: the kernel gives each image its own (exec)."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(f"process {pid} exited") from None
+    except PermissionError:
+        raise AttachError(permission_hint(pid)) from None
+
+
 def file_of(pid: int, mapping: Mapping) -> str:
     """A path to the file behind `mapping` that jprobe can read: its own path when that is
     the same file (same inode), else through the process's root (a container's files)."""

@@ -234,7 +234,7 @@ class StoppedWorld:
                         thread = self.threads.get(tid)
                     ptrace.detach(tid, thread.signal if thread is not None else 0)
                 except (OSError, ProcessGone):
-                    pass                            # it exited meanwhile
+                    _reap(tid)                      # it died meanwhile: a traced zombie is ours to reap
             self._traced &= {keep}
             self.threads = {tid: t for tid, t in self.threads.items() if tid == keep}
         finally:
@@ -243,6 +243,13 @@ class StoppedWorld:
                     os.close(self._mem)
                     self._mem = None
                 signal.pthread_sigmask(signal.SIG_SETMASK, self._held)
+
+
+def _reap(tid: int) -> None:
+    try:
+        os.waitpid(tid, os.WNOHANG | ptrace.WALL)
+    except ChildProcessError:
+        pass
 
 
 def stopped(pid: int, work: Callable[[StoppedWorld], None]) -> int:
