@@ -113,7 +113,9 @@ def _cmd_attach(args: argparse.Namespace) -> int:
     with attach(args.pid, strict=args.strict) as proc:
         probes = proc.probes(args.probe)
         if not args.json:
-            sys.stderr.write(f"jprobe: {len(probes)} probe(s) live in process {args.pid}; "
+            waiting = [p.spec for p in probes if p.pending]
+            also = f", {len(waiting)} waiting for their library to load" if waiting else ""
+            sys.stderr.write(f"jprobe: {len(probes) - len(waiting)} probe(s) live in process {args.pid}{also}; "
                              f"{'Ctrl-C to end' if args.duration is None else f'for {args.duration:g} s'}\n")
         why = wait_for_end(args.pid, args.duration, proc.ended)
     why = why or proc.exited

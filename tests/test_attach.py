@@ -378,12 +378,27 @@ def test_a_process_already_traced_is_refused(service_o2, how):
             t.assert_free()
 
 
+def test_a_module_not_loaded_yet_waits(service_o2):
+    """A library the process has not loaded: the probe waits for it (test_attach_loads.py),
+    said in the report; the session goes on."""
+    with running_target(service_o2) as t:
+        with attached(t.pid) as proc:
+            waiting = bounded(ANSWER_S, proc.probe, "libjprobe-no-such-module.so:f")
+            assert (waiting.pending, waiting.mechanism, waiting.hits) == (True, "pending", 0)
+            counted = bounded(ANSWER_S, proc.probe, "counted")
+            t.count(300)
+            assert counted.hits == 300
+            entry = next(p for p in proc.report()["probes"] if p["probe"] == waiting.spec)
+            assert entry["loaded"] is False
+        assert_restored(t, ["counted"])
+        assert_healthy(t)
+
+
 @pytest.mark.parametrize("spec, named", [
     ("no_such_function", "no_such_function"),
     ("libc.so.6:no_such_function", "no_such_function"),
-    ("libjprobe-no-such-module.so:f", "libjprobe-no-such-module.so"),
 ])
-def test_a_symbol_or_module_not_in_the_target(service_o2, spec, named):
+def test_a_symbol_not_in_the_target(service_o2, spec, named):
     """Refused with a one-line error; the session goes on and counts what it can."""
     with running_target(service_o2) as t:
         with attached(t.pid) as proc:
