@@ -94,7 +94,9 @@ class Process:
         self._pending: list[tuple[ProbeSpec, Probe]] = []
         self._errors: list[str] = []
         self._watcher: LoadWatcher | None = None
-        self._lock = threading.RLock()         # the load watcher's thread changes probes too
+        # Held while jprobe changes the process (and its threads may be stopped): the load
+        # watcher's thread changes probes too.
+        self.stopping = threading.RLock()
         self.exited = ""                 # why the session ended early, if it did
         self.detached = False
 
@@ -114,7 +116,7 @@ class Process:
         """Several probes placed in one stop of the world, in the order given; those on a
         library the process has not loaded yet are placed when it loads it, before its code
         runs."""
-        with self._lock:
+        with self.stopping:
             if self.detached:
                 raise AttachError(f"process {self.pid}: detached already; attach again")
             parsed = parse_probes(list(specs))
@@ -149,7 +151,7 @@ class Process:
     def _loaded_something(self) -> None:
         """The process has loaded a library (the load watcher's thread): the probes waiting for
         it are placed now, before its code runs."""
-        with self._lock:
+        with self.stopping:
             if self.detached:
                 return
             ready = [(spec, probe) for spec, probe in self._pending if self._session.loaded(spec.module)]
@@ -167,7 +169,7 @@ class Process:
 
     def remove(self, probe: Probe) -> None:
         """Take `probe` out (every name of its site); it keeps its final `hits`."""
-        with self._lock:
+        with self.stopping:
             if probe.removed:
                 return
             if probe.pending:
@@ -181,7 +183,7 @@ class Process:
     def detach(self) -> None:
         """Every probe out, the process left running and untraced. A process that has exited
         meanwhile ends the session too, its counts final."""
-        with self._lock:
+        with self.stopping:
             if self.detached:
                 return
             self.detached = True

@@ -2,11 +2,13 @@
 and report the whole process tree's hits when it has ended."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 from . import arch, counters
 from .chooser import Policy
@@ -129,7 +131,7 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tup
             # jobserver, `5>file`), as under perf stat or strace; jprobe's own are close-on-exec.
             proc = subprocess.Popen(command, executable=program, env=env, close_fds=False)
             waiting.attach(proc.pid)
-            status = forwarding.wait(proc)
+            status = forwarding.wait(proc, waiting.lock)
         report = counters.build_report(counters_path, modules, proc.pid, program)
     report["probes"] += waiting.probes
     report["errors"] = notes + report["errors"] + waiting.errors
@@ -148,6 +150,9 @@ class _Later:
         self.probes: list[dict] = []
         self.errors: list[str] = []
         self.process = None
+        # Held while jprobe's threads are stopped: the program is jprobe's child, so waiting
+        # for it then (Popen.poll) would take a stop's status meant for the stopping.
+        self.lock: threading.RLock | contextlib.nullcontext = contextlib.nullcontext()
         self.go = -1
         if specs:
             hold, self.go = os.pipe()
@@ -165,6 +170,7 @@ class _Later:
         os.close(self.hold)
         try:
             self.process = Process(pid, self.strict)
+            self.lock = self.process.stopping
             self.process.probes([s.text for s in self.specs])
         except JprobeError as err:
             self.errors.append(f"probes on libraries loaded later were not placed: {err}")
@@ -212,8 +218,9 @@ class _Forwarding:
     def _record(self, sig: int, frame) -> None:
         self.pending.append(sig)
 
-    def wait(self, proc: subprocess.Popen) -> int:
-        """The program's wait status (negative: killed by that signal), signals passed on.
+    def wait(self, proc: subprocess.Popen, lock) -> int:
+        """The program's wait status (negative: killed by that signal), signals passed on;
+        never while `lock` is held (jprobe's threads stopping the program's).
 
         With the signals blocked, sigtimedwait() tells who sent each one; SIGCHLD (blocked
         too) ends the wait when the program ends.
@@ -222,13 +229,15 @@ class _Forwarding:
         signal.pthread_sigmask(signal.SIG_BLOCK, waited)
         try:
             while True:
-                while self.pending:
-                    proc.send_signal(self.pending.pop(0))
-                if proc.poll() is not None:
-                    return proc.returncode
+                with lock:
+                    while self.pending:
+                        proc.send_signal(self.pending.pop(0))
+                    if proc.poll() is not None:
+                        return proc.returncode
                 info = signal.sigtimedwait(waited, 1.0)
                 if info is not None and info.si_signo != signal.SIGCHLD and info.si_code != self.SI_KERNEL:
-                    proc.send_signal(info.si_signo)
+                    with lock:
+                        proc.send_signal(info.si_signo)
         finally:
             while signal.sigtimedwait(waited, 0) is not None:
                 pass               # the program has ended: nobody to pass them to

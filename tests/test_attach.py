@@ -540,7 +540,9 @@ def test_cli_exec_ends_it(service_o2):
 # --------------------------------------------------------------------------
 
 def _die(t: Target, reap: bool) -> None:
-    t.proc.kill()
+    # os.kill, not Popen.kill: that polls first, and the test process is the target's tracer
+    # too while it attaches, so the poll would take a stop meant for jprobe.
+    os.kill(t.pid, signal.SIGKILL)
     deadline = time.monotonic() + ANSWER_S
     while t.alive():
         assert time.monotonic() < deadline, "SIGKILL did not end the target"

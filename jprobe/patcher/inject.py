@@ -83,8 +83,8 @@ class Loader:
     (`text`) and one of table room (`data`) of a region it shares with jprobe: `view` is
     jprobe's window on the region, `base` the region's run-time address."""
 
-    def __init__(self, world: StoppedWorld, site: int, view, base: int, text: int, data: int):
-        self.world, self.site, self.pid = world, site, world.pid
+    def __init__(self, world: StoppedWorld, view, base: int, text: int, data: int):
+        self.world, self.pid = world, world.pid
         self.region, self.text_off, self.data_off = view, text, data
         self.text, self.data = base + text, base + data
 
@@ -96,7 +96,7 @@ class Loader:
         pad = buf.here
         code = buf.finish() + arch.trap_bytes(1, b"\0")
         self.region[self.text_off:self.text_off + len(code)] = code
-        call = remote.Caller(self.world, self.site)
+        call = remote.Caller(self.world)
         blocks = []
         if len(libraries) > PAGE // REQUEST:
             raise AttachError(f"process {self.pid}: more than {PAGE // REQUEST} callback libraries at once")

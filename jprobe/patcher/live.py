@@ -118,8 +118,9 @@ class LiveSession:
         if not self.local:
             _check_seccomp(pid)
         self.executable = executable(pid)
-        self._image = auxv(pid)                  # another after an exec (new stack, vDSO, ...)
-        self.site = None if self.local else remote.syscall_site(pid)
+        # The image's identity, another after an exec (new stack, vDSO...): read with the
+        # threads stopped, since a process caught in execve() stops once it is complete.
+        self._image = auxv(pid) if self.local else _stopped_auxv(pid)
         self.regions: dict[str, Region] = {}
         self._modules: dict[str, ElfModule] = {}
         self.batches: list[Batch] = []
@@ -290,7 +291,7 @@ class LiveSession:
 
             def work(world: StoppedWorld) -> None:
                 self._map(world, first, region)
-                inject.Loader(world, self.site, region.view, region.base, text, data).load(todo, functions)
+                inject.Loader(world, region.view, region.base, text, data).load(todo, functions)
             self.rewound += stopped(self.pid, work)
             mapped = maps(self.pid)
         for batch, i, cb in wanted:
@@ -321,7 +322,7 @@ class LiveSession:
     def _map(self, world: StoppedWorld, loaded: LoadedModule, region: Region) -> None:
         if region.mapped:
             return
-        target_fd, fd = remote.create_shared(world, self.site, _region_name(loaded), region.base, HALF)
+        target_fd, fd = remote.create_shared(world, _region_name(loaded), region.base, HALF)
         region.fd, region.target_fd, region.view, region.mapped = fd, target_fd, mmap.mmap(fd, 2 * HALF), True
 
     @staticmethod
@@ -445,6 +446,12 @@ def _trampolines(batch: Batch, indices: list[int]) -> list[tuple[int, int]]:
     return [(bias + t, bias + ends[t]) for t in wanted if t is not None]
 
 
+def _stopped_auxv(pid: int) -> bytes:
+    image = []
+    stopped(pid, lambda world: image.append(auxv(pid)))
+    return image[0]
+
+
 def _move_out_of_site(world: StoppedWorld, probe: ProbePlan, bias: int) -> None:
     """A thread stopped strictly inside the bytes a site's patch covers resumes at the
     relocated copy of the instruction it was about to run."""
@@ -476,8 +483,11 @@ def _check_sites(world: StoppedWorld, batch: Batch) -> None:
 
 
 def _check_seccomp(pid: int) -> None:
-    with open(f"/proc/{pid}/status") as f:
-        mode = next((line.split()[1] for line in f if line.startswith("Seccomp:")), "0")
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mode = next((line.split()[1] for line in f if line.startswith("Seccomp:")), "0")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(f"process {pid} exited") from None
     if mode != "0":
         raise AttachError(f"process {pid} runs under seccomp ({'strict' if mode == '1' else 'a filter'}): "
                           f"the system calls jprobe attach makes in it (memfd_create, mmap) may kill it; "

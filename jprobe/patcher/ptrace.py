@@ -101,15 +101,6 @@ def event_message(tid: int) -> int:
     return value.value
 
 
-def wait(tid: int) -> int:
-    """The next wait status of traced thread `tid` (blocking)."""
-    while True:
-        try:
-            return os.waitpid(tid, WALL)[1]
-        except InterruptedError:
-            continue
-
-
 def pidfd_getfd(pid: int, fd: int) -> int:
     """A descriptor of ours for descriptor `fd` of process `pid` (Linux 5.6)."""
     pidfd = _libc.syscall(NR_PIDFD_OPEN, pid, 0)

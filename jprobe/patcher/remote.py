@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from . import ptrace
-from .target import AttachError, Mapping, maps
+from .target import AttachError, Mapping, ProcessGone, maps
 from .world import NO_SYSCALL, SYSCALL, StoppedWorld, Thread
 
 NR_CLOSE, NR_MMAP, NR_MEMFD_CREATE = 3, 9, 319
@@ -26,7 +26,10 @@ def syscall_site(pid: int) -> int:
     """The address of a `syscall` instruction in the target's code (the vDSO's first)."""
     code = [m for m in maps(pid) if "x" in m.perms and m.path != "[vsyscall]"]   # vsyscall: unreadable
     code.sort(key=lambda m: m.path != "[vdso]")
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(f"process {pid} exited") from None
     try:
         for m in code:
             try:
@@ -43,8 +46,10 @@ def syscall_site(pid: int) -> int:
 class Caller:
     """One stopped thread of the world, borrowed for system calls."""
 
-    def __init__(self, world: StoppedWorld, site: int):
-        self.world, self.site = world, site
+    def __init__(self, world: StoppedWorld):
+        # Looked for with the threads stopped: a process caught in execve() is stopped only
+        # once its new image is complete.
+        self.world, self.site = world, syscall_site(world.pid)
         self.thread = self._pick(world)
 
     @staticmethod
@@ -86,10 +91,10 @@ class Caller:
         return result
 
 
-def create_shared(world: StoppedWorld, site: int, name: str, base: int, half: int) -> tuple[int, int]:
+def create_shared(world: StoppedWorld, name: str, base: int, half: int) -> tuple[int, int]:
     """A memfd of 2 * `half` bytes in the target, its first half mapped read-execute at `base`,
     its second read-write right after: (the target's descriptor, ours)."""
-    call = Caller(world, site)
+    call = Caller(world)
     fd = call.check("memfd_create", call(NR_MEMFD_CREATE, call.scratch(name.encode() + b"\0"), MFD_CLOEXEC))
     ours = ptrace.pidfd_getfd(world.pid, fd)
     try:
@@ -111,7 +116,11 @@ def find_shared(pid: int, name: str) -> tuple[Mapping, int] | None:
     mapping = next((m for m in maps(pid) if m.path == label and m.offset == 0), None)
     if mapping is None:
         return None
-    for entry in os.listdir(f"/proc/{pid}/fd"):
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(f"process {pid} exited") from None
+    for entry in entries:
         try:
             if os.readlink(f"/proc/{pid}/fd/{entry}") == label:
                 return mapping, int(entry)

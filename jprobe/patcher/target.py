@@ -24,7 +24,7 @@ def check_process(pid: int) -> None:
     try:
         with open(f"/proc/{pid}/status") as f:
             status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(f"no process {pid}; give the pid of a running process (`pgrep NAME`)") from None
     if status.get("State", "").startswith("Z"):
         raise ProcessGone(f"process {pid} has exited (a zombie); give the pid of a running process")
@@ -64,7 +64,7 @@ def comm(pid: int) -> str:
 def threads(pid: int) -> set[int]:
     try:
         return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(f"process {pid} exited") from None
 
 
@@ -108,7 +108,7 @@ def maps(pid: int) -> list[Mapping]:
 def executable(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/exe")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(f"process {pid} exited") from None
     except PermissionError:
         raise AttachError(permission_hint(pid)) from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,12 @@ FATAL = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 # How many instructions a thread may take to leave a trampoline when it is stepped out.
 MAX_STEPS = 100_000
+# Waiting for a thread to stop: polls from 20 us, doubling up to 1 ms; past 0.3 ms the other
+# threads are polled too.
+POLL_FIRST, POLL_OTHERS, POLL_MAX = 20e-6, 0.3e-3, 1e-3
+REAP_S = 5.0                       # how long killed threads may take to exit
+STOLEN_AFTER = 0.05                # a stop's status not come by then may have been taken
+STOPPED = ptrace.EVENT_STOP << 16 | signal.SIGTRAP << 8 | 0x7f     # a wait status: an interrupt stop
 
 
 @dataclass
@@ -56,6 +63,7 @@ class StoppedWorld:
     def __enter__(self) -> "StoppedWorld":
         self._held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
         self._traced: set[int] = set()
+        self._statuses: dict[int, list[int]] = {}
         self._mem = None
         try:
             self._stop_all()
@@ -83,7 +91,7 @@ class StoppedWorld:
         if self._mem is None:
             try:
                 self._mem = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 raise ProcessGone(f"process {self.pid} exited") from None
         return self._mem
 
@@ -119,14 +127,14 @@ class StoppedWorld:
         tid = thread.tid
         ptrace.cont(tid)
         while True:
-            status = ptrace.wait(tid)
+            status = self._status(tid)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self._traced.discard(tid)
                 raise ProcessGone(f"process {self.pid} exited")
             sig, event = os.WSTOPSIG(status), status >> 16
             if event == ptrace.EVENT_CLONE:                    # a thread it made: let it run
                 child = ptrace.event_message(tid)
-                ptrace.wait(child)
+                self._status(child)
                 ptrace.detach(child)
             elif event == 0 and sig == signal.SIGTRAP and ptrace.get_regs(tid).rip == rip:
                 return ptrace.get_regs(tid).rax
@@ -147,6 +155,49 @@ class StoppedWorld:
             self._wait_stop(thread.tid, stepping=thread)
             thread.regs = ptrace.get_regs(thread.tid)
         raise AttachError(f"thread {thread.tid} did not leave jprobe's trampolines in {MAX_STEPS} steps")
+
+    # -- waiting --------------------------------------------------------------------------
+    def _status(self, tid: int) -> int:
+        """The next wait status of traced thread `tid`. Polled: the exit of a process's
+        leader is reported only once its other threads are reaped, so while it waits, the
+        statuses of the other traced threads are collected too, and kept until asked for."""
+        if self._statuses.get(tid):
+            return self._statuses[tid].pop(0)
+        delay, waited = POLL_FIRST, 0.0
+        while True:
+            status = _poll(tid)
+            if status is not None:
+                return status
+            if delay >= POLL_OTHERS:
+                for other in self._traced - {tid}:
+                    found = _poll(other)
+                    if found is not None:
+                        self._statuses.setdefault(other, []).append(found)
+            if waited > STOLEN_AFTER:
+                # The process is jprobe's child too, and another thread of jprobe's waited
+                # for it (Popen.poll()): that took the stop's status. /proc still tells.
+                state = _state(self.pid, tid)
+                if state in ("", "X", "Z"):
+                    return 0                        # gone: as an exit
+                if state == "t":
+                    return STOPPED
+            time.sleep(delay)
+            waited += delay
+            delay = min(2 * delay, POLL_MAX)
+
+    def _reap(self, dying: list[int]) -> None:
+        """Wait for the exits of traced threads that were killed: until the tracer has reaped
+        them, the process cannot be reaped by its parent. Its leader's exit comes only after
+        the others': it goes last."""
+        deadline = time.monotonic() + REAP_S
+        for tid in sorted(dying, key=lambda t: t == self.pid):
+            while time.monotonic() < deadline:
+                kept = self._statuses.get(tid)
+                status = kept.pop(0) if kept else _poll(tid)
+                if status is not None and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                    break
+                time.sleep(POLL_MAX)
+            self._traced.discard(tid)
 
     # -- stopping and releasing -----------------------------------------------------------
     def _stop_all(self) -> None:
@@ -182,7 +233,7 @@ class StoppedWorld:
         """Wait until `tid` is in a ptrace stop (with `stepping`: until its single step is
         done) and note it, with threads it created meanwhile."""
         while True:
-            status = ptrace.wait(tid)
+            status = self._status(tid)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self._traced.discard(tid)
                 self.threads.pop(tid, None)
@@ -210,7 +261,12 @@ class StoppedWorld:
             ptrace.singlestep(tid)
 
     def _note(self, tid: int, sig: int) -> None:
-        regs = ptrace.get_regs(tid)
+        try:
+            regs = ptrace.get_regs(tid)
+        except OSError as err:
+            if not ptrace.gone(err):
+                raise
+            return                                  # it is dying: nothing of it to keep
         thread = Thread(tid, regs, sig)
         self.threads[tid] = thread
         if regs.orig_rax != NO_SYSCALL and regs.rax == EINTR and not pending_signals(self.pid, tid):
@@ -225,6 +281,7 @@ class StoppedWorld:
         """Every traced thread (but `keep`, which stays stopped) untraced and running, with
         the registers set_regs gave it; with no `keep`, the world has ended."""
         try:
+            dying = []
             for tid in sorted(self._traced - {keep}):
                 thread = self.threads.get(tid)
                 try:
@@ -232,9 +289,11 @@ class StoppedWorld:
                         ptrace.interrupt(tid)
                         self._wait_stop(tid)
                         thread = self.threads.get(tid)
-                    ptrace.detach(tid, thread.signal if thread is not None else 0)
+                    if tid in self._traced:
+                        ptrace.detach(tid, thread.signal if thread is not None else 0)
                 except (OSError, ProcessGone):
-                    _reap(tid)                      # it died meanwhile: a traced zombie is ours to reap
+                    dying.append(tid)               # killed meanwhile: its exit is ours to reap
+            self._reap(dying)
             self._traced &= {keep}
             self.threads = {tid: t for tid, t in self.threads.items() if tid == keep}
         finally:
@@ -245,11 +304,22 @@ class StoppedWorld:
                 signal.pthread_sigmask(signal.SIG_SETMASK, self._held)
 
 
-def _reap(tid: int) -> None:
+def _state(pid: int, tid: int) -> str:
+    """The state letter /proc gives thread `tid` ("" when it is gone)."""
     try:
-        os.waitpid(tid, os.WNOHANG | ptrace.WALL)
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rpartition(") ")[2][:1]
+    except OSError:
+        return ""
+
+
+def _poll(tid: int) -> int | None:
+    """`tid`'s wait status if it has one now (an exit when it is no tracee of ours any more)."""
+    try:
+        got, status = os.waitpid(tid, os.WNOHANG | ptrace.WALL)
     except ChildProcessError:
-        pass
+        return 0                                    # gone and reaped: as an exit
+    return status if got == tid else None
 
 
 def stopped(pid: int, work: Callable[[StoppedWorld], None]) -> int:
@@ -258,11 +328,20 @@ def stopped(pid: int, work: Callable[[StoppedWorld], None]) -> int:
     os.getpid())`), a forked child stops them and runs `work` (on its copy of jprobe's state:
     what `work` writes to memory shared with the process, and the process's memory through
     /proc, is all that counts)."""
-    if pid != os.getpid():
-        with StoppedWorld(pid) as world:
-            work(world)
-            return world.rewound
-    return _from_child(pid, work)
+    try:
+        if pid != os.getpid():
+            with StoppedWorld(pid) as world:
+                work(world)
+                return world.rewound
+        return _from_child(pid, work)
+    except OSError as err:
+        if not ptrace.gone(err):
+            raise
+        try:
+            check_process(pid)
+        except ProcessGone:
+            raise ProcessGone(f"process {pid} exited") from None
+        raise AttachError(f"process {pid}: a thread exited while jprobe was writing; try again") from None
 
 
 def _from_child(pid: int, work: Callable[[StoppedWorld], None]) -> int:
