@@ -22,7 +22,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q -n 2 tests
 
-# Probes changed 1,000 times while 8 threads run through them (tests marked stress).
+# Probes changed 1,000 times while 8 threads run through them, 1,000 attach sessions on one
+# process (tests marked stress).
 stress: install
 	$(PY) -m pytest -q -m stress tests
 

@@ -233,10 +233,19 @@ def test_attach_while_a_thread_holds_mallocs_lock(service_o2):
 def test_a_hundred_sessions_on_one_process(service):
     """Attach, probe, count, detach, 100 times: each session counts exactly, and after the
     first no session leaves a mapping more."""
+    sessions(service, 100)
+
+
+@pytest.mark.stress
+def test_stress_a_thousand_sessions(service_o2):
+    sessions(service_o2, 1000)
+
+
+def sessions(service, n: int) -> None:
     with running_target(service) as t:
         t.count(1)                  # stdin's buffer allocated before the first look at maps
         maps = [t.maps_lines()]
-        for cycle in range(100):
+        for cycle in range(n):
             with attached(t.pid) as proc:
                 counted = bounded(ANSWER_S, proc.probe, "counted")
                 bounded(ANSWER_S, proc.probes, ["tick3", "libc.so.6:free"])
