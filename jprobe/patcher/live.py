@@ -31,7 +31,7 @@ from .. import layout
 from ..callbacks import Callback
 from ..chooser import Policy
 from ..elf import ElfModule
-from ..errors import HandlerError, JprobeError, SiteError, SymbolError
+from ..errors import AttachError, HandlerError, JprobeError, ProcessGone, SiteError, SymbolError
 from ..mechanisms import Mechanism
 from ..plan import ModulePlan, ProbePlan
 from ..planner import cycles_uncollected, resolve_probes
@@ -40,14 +40,10 @@ from ..room import Room, plan_in_room
 from ..spec import ProbeSpec
 from . import inject, remote
 from .ptrace import pidfd_getfd
-from .target import (AttachError, Mapping, ProcessGone, auxv, check_process, descendants, executable, file_of,
-                     maps)
+from .target import Mapping, auxv, check_process, descendants, executable, file_of, maps
+from .regions import HALF, PAGE, LoadedModule, Region, free_room, page_up, region_name
 from .world import StoppedWorld, stopped
 
-PAGE = 0x1000
-HALF = 32 << 20                    # a region's trampolines, and its tables: virtual, filled as used
-SPAN = (2 << 30) - (64 << 20)      # module and region together, within a rel32's reach
-HEAP_ROOM = 512 << 20              # left for the heap to grow, where it does
 CALLBACK = layout.offsetof("jp_probe", "callback")
 GUARD_OFF = layout.offsetof("jp_table", "guard_off")
 VEC_MODE = layout.offsetof("jp_table", "vec_mode")
@@ -56,31 +52,6 @@ PYTHON = "<python>"                # the callback "library" of a Python callable
 # the runtime: a byte of glibc's thread control block at %fs:0x80, in __glibc_unused2, which
 # glibc keeps, unused since 2.26, for the size of tcbhead_t that other programs rely on.
 TCB_GUARD = 0x80
-
-
-@dataclass
-class LoadedModule:
-    path: str                      # as the target names it
-    file: str                      # where jprobe reads it
-    bias: int
-    lo: int                        # run-time extent of its image
-    hi: int
-
-
-@dataclass
-class Region:
-    """A module's shared memory: trampolines at `base`, tables at `base + HALF`."""
-    base: int
-    fd: int                        # ours
-    view: mmap.mmap
-    text_used: int = 0
-    data_used: int = 0
-    mapped: bool = True            # False until the target has mapped it (a stop of the world)
-    target_fd: int = -1
-
-    def close(self) -> None:
-        self.view.close()
-        os.close(self.fd)
 
 
 @dataclass
@@ -158,7 +129,7 @@ class LiveSession:
         region = self._region(loaded, mapped)
         # Planned just past the image, where every address is positive (the back end
         # decodes at link-time addresses), then moved to the region, which may lie below.
-        planned = _page_up(module.end_of_image())
+        planned = page_up(module.end_of_image())
         text, data = planned + region.text_used, planned + HALF + region.data_used
         room = Room(text, data, planned + HALF, planned + 2 * HALF)
         try:
@@ -181,8 +152,8 @@ class LiveSession:
         batch = Batch(loaded, plan, region, plan.data_vaddr - base, [True] * len(plan.probes),
                       wanted={i: p.callback for i, p in enumerate(probes)
                               if p.callback is not None and not p.callback.library.startswith("<")})
-        region.text_used = _page_up(plan.text_vaddr + len(plan.text) - base)
-        region.data_used = _page_up(plan.data_vaddr + len(plan.data) - base - HALF)
+        region.text_used = page_up(plan.text_vaddr + len(plan.text) - base)
+        region.data_used = page_up(plan.data_vaddr + len(plan.data) - base - HALF)
         return batch
 
     def _module(self, path: str, file: str) -> ElfModule:
@@ -221,13 +192,13 @@ class LiveSession:
         region = self.regions.get(loaded.path)
         if region is not None:
             return region
-        found = remote.find_shared(self.pid, _region_name(loaded))
+        found = remote.find_shared(self.pid, region_name(loaded))
         if found is not None:
             mapping, target_fd = found
             fd = pidfd_getfd(self.pid, target_fd)
             region = Region(mapping.start, fd, mmap.mmap(fd, 2 * HALF), target_fd=target_fd)
         else:
-            region = Region(_free_room(loaded, mapped, self.executable), -1, None, mapped=False)  # type: ignore[arg-type]
+            region = Region(free_room(loaded, mapped, self.executable), -1, None, mapped=False)  # type: ignore[arg-type]
         self.regions[loaded.path] = region
         return region
 
@@ -322,14 +293,14 @@ class LiveSession:
     def _map(self, world: StoppedWorld, loaded: LoadedModule, region: Region) -> None:
         if region.mapped:
             return
-        target_fd, fd = remote.create_shared(world, _region_name(loaded), region.base, HALF)
+        target_fd, fd = remote.create_shared(world, region_name(loaded), region.base, HALF)
         region.fd, region.target_fd, region.view, region.mapped = fd, target_fd, mmap.mmap(fd, 2 * HALF), True
 
     @staticmethod
     def _map_here(loaded: LoadedModule, region: Region) -> None:
         if region.mapped:
             return
-        target_fd, fd = remote.create_shared_here(_region_name(loaded), region.base, HALF)
+        target_fd, fd = remote.create_shared_here(region_name(loaded), region.base, HALF)
         region.fd, region.target_fd, region.view, region.mapped = fd, target_fd, mmap.mmap(fd, 2 * HALF), True
 
     @staticmethod
@@ -401,7 +372,7 @@ class LiveSession:
                               f"its old image; attach again")
 
     def _region_labels(self) -> set[str]:
-        return {f"/memfd:{_region_name(b.module)} (deleted)" for b in self.batches}
+        return {f"/memfd:{region_name(b.module)} (deleted)" for b in self.batches}
 
     def release(self) -> None:
         """jprobe's views of the regions closed; the target keeps them mapped for reuse."""
@@ -492,43 +463,6 @@ def _check_seccomp(pid: int) -> None:
         raise AttachError(f"process {pid} runs under seccomp ({'strict' if mode == '1' else 'a filter'}): "
                           f"the system calls jprobe attach makes in it (memfd_create, mmap) may kill it; "
                           f"use `jprobe run` to start it probed instead")
-
-
-def _region_name(loaded: LoadedModule) -> str:
-    return f"jprobe:{os.path.basename(loaded.path)[:64]}@{loaded.bias:x}"
-
-
-def _page_up(n: int) -> int:
-    return -(-n // PAGE) * PAGE
-
-
-def _free_room(loaded: LoadedModule, mapped: list[Mapping], executable_path: str) -> int:
-    """Where a region of 2 * HALF bytes can go: free, within a rel32 of every byte of the
-    module, nearest to it; never where the heap grows (the gap after [heap], or after the
-    program when it has no heap yet)."""
-    size = 2 * HALF
-    spans = sorted((m.start, m.end) for m in mapped)
-    heap = [m for m in mapped if m.path == "[heap]"]
-    grows = max(m.end for m in heap) if heap else max(m.end for m in mapped if m.path == executable_path)
-    best = None
-    lo_limit = max(loaded.hi - SPAN, PAGE << 4)
-    hi_limit = loaded.lo + SPAN
-    gaps = [(a_end + PAGE, b_start - PAGE) for (_, a_end), (b_start, _) in zip(spans, spans[1:])]
-    growth = next((a for a, _ in gaps if a - PAGE >= grows), None)
-    for a, b in gaps:
-        lo, hi = max(a, lo_limit), min(b, hi_limit)
-        if a == growth:
-            lo = max(lo, a + HEAP_ROOM)
-        top = (hi - size) & ~(PAGE - 1)
-        at = top if hi <= loaded.lo or a == growth else -(-lo // PAGE) * PAGE
-        if at < lo or at + size > hi:
-            continue
-        distance = loaded.lo - (at + size) if at + size <= loaded.lo else at - loaded.hi
-        if best is None or distance < best[0]:
-            best = (distance, at)
-    if best is None:
-        raise AttachError(f"{loaded.path}: no free room within 2 GiB of it for jprobe's trampolines")
-    return best[1]
 
 
 def vec_mode() -> int:

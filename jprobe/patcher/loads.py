@@ -21,7 +21,8 @@ from .. import arch
 from ..errors import JprobeError, SymbolError
 from ..spec import Handler, parse_probe
 from . import ptrace
-from .live import HALF, PAGE, LiveSession
+from .live import LiveSession
+from .regions import HALF, PAGE
 
 HOOK = "<jprobe>"                   # the callback "library" of jprobe's own code
 R_STATE = 24                        # offsetof(struct r_debug, r_state)
