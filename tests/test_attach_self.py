@@ -118,3 +118,30 @@ def test_an_exception_in_the_handler_leaves_the_call_alone(lib, monkeypatch):
         p = me.probe(f"{lib.path}:mix", handler=on_mix)
         assert lib.mix(2, 3) == mix(2, 3) and p.hits == 1
     assert [str(e) for e in reported] == ["handler bug"]   # cffi reports it, as for any callback
+
+
+def test_a_change_that_fails_halfway_is_rolled_back(lib, monkeypatch):
+    """The second site of a batch cannot be written: the first gets its bytes back, nothing
+    is left patched, and the session goes on."""
+    from jprobe.errors import AttachError
+    from jprobe.patcher import live
+
+    before = {name: code(lib) for name in ("mix",)}
+    many = ctypes.string_at(ctypes.cast(lib.mix_many, ctypes.c_void_p).value, 16)
+    real, seen = live._move_out_of_site, []
+
+    def fail_second(world, probe, bias):
+        seen.append(probe.spec)
+        if len(seen) == 2:
+            raise AttachError("injected failure")
+        real(world, probe, bias)
+
+    with jprobe.attach(os.getpid()) as me:
+        monkeypatch.setattr(live, "_move_out_of_site", fail_second)
+        with pytest.raises(AttachError, match="injected failure"):
+            me.probes([f"{lib.path}:mix", f"{lib.path}:mix_many"])    # (in the forked child)
+        assert code(lib) == before["mix"]
+        assert ctypes.string_at(ctypes.cast(lib.mix_many, ctypes.c_void_p).value, 16) == many
+        monkeypatch.setattr(live, "_move_out_of_site", real)
+        p = me.probe(f"{lib.path}:mix")
+        assert lib.mix(1, 2) == mix(1, 2) and p.hits == 1

@@ -219,8 +219,13 @@ class LiveSession:
             lap("injecting")
             for batch in batches:
                 _check_sites(world, batch)
-            for batch in batches:
-                self._write(world, batch)
+            written: list[tuple[ProbePlan, int]] = []
+            try:
+                for batch in batches:
+                    self._write(world, batch, written)
+            except BaseException:
+                _roll_back(world, written)
+                raise
             lap("patching")
         try:
             if self.local:
@@ -310,7 +315,7 @@ class LiveSession:
         for thread in list(world.threads.values()):
             world.step_while(thread, lambda rip: region.base <= rip < region.base + HALF)
 
-    def _write(self, world: StoppedWorld, batch: Batch) -> None:
+    def _write(self, world: StoppedWorld, batch: Batch, written: list[tuple[ProbePlan, int]]) -> None:
         plan, bias, view = batch.plan, batch.module.bias, batch.region.view
         base = batch.region.base - bias
         view[plan.text_vaddr - base:plan.text_vaddr - base + len(plan.text)] = plan.text
@@ -325,7 +330,11 @@ class LiveSession:
                 struct.pack_into("<Q", view, table + TABLE_SIZE + i * PROBE_SIZE + CALLBACK, function)
         for probe in plan.probes:
             _move_out_of_site(world, probe, bias)
+            written.append((probe, bias))
             world.write(bias + probe.address, probe.patched)
+            if world.read(bias + probe.address, len(probe.patched)) != probe.patched:
+                raise AttachError(f"'{probe.spec}': process {self.pid} does not read back what jprobe wrote "
+                                  f"at {bias + probe.address:#x}")
 
     def _forget(self, batch: Batch) -> None:
         """A batch never written gives its room back (batches are planned and written in turn)."""
@@ -421,6 +430,19 @@ def _stopped_auxv(pid: int) -> bytes:
     image = []
     stopped(pid, lambda world: image.append(auxv(pid)))
     return image[0]
+
+
+def _roll_back(world: StoppedWorld, written: list[tuple[ProbePlan, int]]) -> None:
+    """A change that failed halfway: the sites written so far get their bytes back, and the
+    threads moved into their trampolines go back to the same instructions in place."""
+    for probe, bias in reversed(written):
+        world.write(bias + probe.address, probe.original[:len(probe.patched)])
+        back = {bias + copy: bias + orig for orig, copy in probe.boundaries}
+        for thread in world.threads.values():
+            if thread.regs.rip in back:
+                moved = thread.regs.copy()
+                moved.rip = back[thread.regs.rip]
+                world.set_regs(thread, moved)
 
 
 def _move_out_of_site(world: StoppedWorld, probe: ProbePlan, bias: int) -> None:
