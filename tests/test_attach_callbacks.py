@@ -121,3 +121,20 @@ def test_a_process_in_another_mount_namespace(build, callback):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_borrowed_thread_gets_its_vector_state_back(build, callback):
+    """The process's only thread is busy in its own code with a sum kept in vector registers:
+    it is the one borrowed to start the loader thread, and must resume with every register
+    as it was (the resume pad's xrstor), in each of several processes."""
+    program = build("attach_fp_target.c", ["-O2", "-g"], out_name="attach_fp_target")
+    for _ in range(8):
+        t = Target(program)
+        try:
+            with jprobe.attach(t.pid) as proc:
+                p = proc.probe(f"work={callback}:on_work")
+                assert t.run(20) == expected(20, seven_as=8) and p.hits == 20
+            assert t.quit() == "ok bad=0\n"
+        finally:
+            t.proc.kill()
+            t.proc.wait()

@@ -22,6 +22,7 @@ library already loaded by an earlier attach is found by that name and not loaded
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -35,7 +36,7 @@ from ..errors import AttachError, HandlerError, SymbolError
 from ..loader import find_library
 from . import ptrace, remote
 from .target import Mapping, maps
-from .world import SYSCALL, StoppedWorld, Thread
+from .world import NO_SYSCALL, SYSCALL, StoppedWorld, Thread
 
 MFD_ALLOW_SEALING = 2
 F_ADD_SEALS, SEALS = 1033, 1 | 2 | 4 | 8         # seal, shrink, grow, write
@@ -48,8 +49,12 @@ STACK_SCAN = 64 << 10
 LOAD_TIMEOUT = 10.0
 SLOT = {name: 8 * i for i, name in enumerate(arch.LOADER_SLOTS)}
 BLOCK = 8 * len(arch.LOADER_SLOTS) + 8           # the slots, then the new thread's pthread_t
-PAGE, REQUEST = 0x1000, 0x400                  # room of one library's request block
+PAGE, REQUEST = 0x1000, 0x400                  # room of the loader's request block
 MESSAGE = REQUEST - 0x100                       # where in it the loader copies dlerror()'s message
+SAVE_PAGES = 4                                  # the borrowed thread's save block, then the request
+REQUEST_AT = SAVE_PAGES * PAGE - REQUEST
+PENDING = (1 << 64) - 1                         # the call's result, until it has returned
+RESTART_SAME, RESTART_BLOCK, NR_RESTART_SYSCALL = {-512, -513, -514}, -516, 219
 NEEDED = ("dlopen", "dlerror", "pthread_self", "pthread_detach", "pthread_create")
 SYSTEM = ("libc.so", "ld-linux", "libpthread.so", "libdl.so")
 
@@ -79,67 +84,98 @@ class Library:
 
 
 class Loader:
-    """Loads libraries into the process `world` has stopped, with a page of trampoline room
-    (`text`) and one of table room (`data`) of a region it shares with jprobe: `view` is
-    jprobe's window on the region, `base` the region's run-time address."""
+    """Loads one library into a process, with room of a region the process shares with jprobe
+    (`view`, at run-time address `base`): a page of its trampoline half at offset `text`, and
+    SAVE_PAGES pages of its table half at `data`.
 
-    def __init__(self, world: StoppedWorld, view, base: int, text: int, data: int):
-        self.world, self.pid = world, world.pid
-        self.region, self.text_off, self.data_off = view, text, data
+    start() runs with the threads stopped: it borrows a thread and leaves it about to call
+    `pthread_create`, returning to code (arch.emit_resume) that puts back, by itself, every
+    register it was stopped with; the world is then released, and no thread is traced while
+    the call runs (a jprobe killed meanwhile leaves the process whole). finish() waits for the
+    call's result and for the new thread's `dlopen`."""
+
+    def __init__(self, pid: int, view, base: int, text: int, data: int):
+        self.region, self.pid = view, pid
+        self.text_off, self.data_off = text, data
         self.text, self.data = base + text, base + data
+        self.request = data + REQUEST_AT
 
-    def load(self, libraries: list[Library], functions: dict[str, int]) -> None:
-        """dlopen() each library in the process, by a thread of its own; then every thread
-        but the borrowed one runs, and the borrowed one too once its call returns."""
+    def start(self, world: StoppedWorld, lib: Library, functions: dict[str, int]) -> None:
+        call = remote.Caller(world)
+        fd = call.check("memfd_create", call(remote.NR_MEMFD_CREATE, call.scratch(lib.label.encode() + b"\0"),
+                                             remote.MFD_CLOEXEC | MFD_ALLOW_SEALING))
+        ours = ptrace.pidfd_getfd(self.pid, fd)
+        try:
+            os.write(ours, lib.data)
+            fcntl.fcntl(ours, F_ADD_SEALS, SEALS)
+        finally:
+            os.close(ours)
+        path = f"/proc/self/fd/{fd}".encode() + b"\0"
+        block = self._address(self.request)
+        slots = [functions["dlopen"], functions["dlerror"], functions["pthread_self"],
+                 functions["pthread_detach"], block + BLOCK, 0, block + MESSAGE, 0, 0]
+        self.region[self.request:self.request + REQUEST] = bytes(REQUEST)
+        self.region[self.request:self.request + BLOCK + len(path)] = struct.pack(f"<{len(slots)}Q", *slots) + path
+        thread = borrowable(world)
+        pad = self._save(thread)
+        world.prepare_call(thread, functions["pthread_create"], (block + BLOCK - 8, 0, self.text, block), pad)
+
+    def _save(self, thread: Thread) -> int:
+        """The loader routine and the resume pad in the text page, the thread's state in the
+        save block; where the pad is."""
+        resume = restarted(thread.regs)
+        xstate = ptrace.get_vector_state(thread.tid)
+        if arch.RESUME_XSAVE + len(xstate) > REQUEST_AT:
+            raise AttachError(f"process {self.pid}: thread {thread.tid}'s vector state is larger than "
+                              f"jprobe keeps room for ({len(xstate)} bytes)")
         buf = arch.CodeBuffer(self.text)
         arch.emit_loader(buf)
         pad = buf.here
-        code = buf.finish() + arch.trap_bytes(1, b"\0")
+        arch.emit_resume(buf, self.data, [name for name, _ in ptrace.Regs._fields_])
+        code = buf.finish()
         self.region[self.text_off:self.text_off + len(code)] = code
-        call = remote.Caller(self.world)
-        blocks = []
-        if len(libraries) > PAGE // REQUEST:
-            raise AttachError(f"process {self.pid}: more than {PAGE // REQUEST} callback libraries at once")
-        for k, lib in enumerate(libraries):
-            fd = call.check("memfd_create", call(remote.NR_MEMFD_CREATE, call.scratch(lib.label.encode() + b"\0"),
-                                                 remote.MFD_CLOEXEC | MFD_ALLOW_SEALING))
-            ours = ptrace.pidfd_getfd(self.pid, fd)
-            try:
-                os.write(ours, lib.data)
-                fcntl.fcntl(ours, F_ADD_SEALS, SEALS)
-            finally:
-                os.close(ours)
-            at = self.data_off + REQUEST * k
-            path = f"/proc/self/fd/{fd}".encode() + b"\0"
-            slots = [functions["dlopen"], functions["dlerror"], functions["pthread_self"],
-                     functions["pthread_detach"], self._address(at) + BLOCK, 0, self._address(at) + MESSAGE, 0, 0]
-            self.region[at + MESSAGE] = 0
-            self.region[at:at + BLOCK + len(path)] = struct.pack(f"<{len(slots)}Q", *slots) + path
-            blocks.append(at)
-        thread = borrowable(self.world)
-        for at in blocks:
-            block = self._address(at)
-            result = self.world.call(thread, functions["pthread_create"], (block + BLOCK - 8, 0, self.text, block), pad)
-            if result & 0xffffffff:
-                raise AttachError(f"process {self.pid}: pthread_create failed ({os.strerror(result & 0xffffffff)}) "
-                                  f"starting jprobe's loader thread")
-        for lib, at in zip(libraries, blocks):
-            self._wait(lib, at)
+        save = self.data_off
+        struct.pack_into("<Q", self.region, save + arch.RESUME_RESULT, PENDING)
+        self.region[save + arch.RESUME_GPRS:save + arch.RESUME_GPRS + ctypes.sizeof(resume)] = bytes(resume)
+        self.region[save + arch.RESUME_XSAVE:save + arch.RESUME_XSAVE + len(xstate)] = xstate
+        return pad
+
+    def finish(self, lib: Library) -> None:
+        """Once the world runs again: the call's result, then the new thread's dlopen()."""
+        deadline = time.monotonic() + LOAD_TIMEOUT
+        while (result := struct.unpack_from("<Q", self.region, self.data_off + arch.RESUME_RESULT)[0]) == PENDING:
+            self._before(deadline, lib)
+        if result & 0xffffffff:
+            raise AttachError(f"process {self.pid}: pthread_create failed ({os.strerror(result & 0xffffffff)}) "
+                              f"starting jprobe's loader thread")
+        while not struct.unpack_from("<Q", self.region, self.request + SLOT["done"])[0]:
+            self._before(deadline, lib)
+        if not struct.unpack_from("<Q", self.region, self.request + SLOT["handle"])[0]:
+            at = self.request + MESSAGE
+            why = bytes(self.region[at:self.request + REQUEST]).split(b"\0")[0].decode(errors="replace")
+            raise HandlerError(f"{lib.path}: process {self.pid} cannot load it: {why or 'dlopen() failed'}")
+
+    def _before(self, deadline: float, lib: Library) -> None:
+        if time.monotonic() > deadline:
+            raise AttachError(f"process {self.pid}: loading {lib.path} took over {LOAD_TIMEOUT:g} s "
+                              f"(its constructors, or the loader's lock held by the program)")
+        time.sleep(0.0005)
 
     def _address(self, at: int) -> int:
         """The run-time address of offset `at` of the region."""
         return self.data + at - self.data_off
 
-    def _wait(self, lib: Library, at: int) -> None:
-        deadline = time.monotonic() + LOAD_TIMEOUT
-        while not struct.unpack_from("<Q", self.region, at + SLOT["done"])[0]:
-            if time.monotonic() > deadline:
-                raise AttachError(f"process {self.pid}: loading {lib.path} took over {LOAD_TIMEOUT:g} s "
-                                  f"(its constructors, or the loader's lock held by the program)")
-            time.sleep(0.0005)
-        if not struct.unpack_from("<Q", self.region, at + SLOT["handle"])[0]:
-            why = bytes(self.region[at + MESSAGE:at + REQUEST]).split(b"\0")[0].decode(errors="replace")
-            raise HandlerError(f"{lib.path}: process {self.pid} cannot load it: {why or 'dlopen() failed'}")
+
+def restarted(regs: ptrace.Regs) -> ptrace.Regs:
+    """The registers a thread stopped in an interrupted system call resumes with: the call
+    made again, as the kernel would have restarted it (arch/x86 signal code)."""
+    out = regs.copy()
+    rax = out.rax - (1 << 64) if out.rax >= 1 << 63 else out.rax
+    if out.orig_rax != NO_SYSCALL and rax in RESTART_SAME:
+        out.rax, out.rip = out.orig_rax, out.rip - 2
+    elif out.orig_rax != NO_SYSCALL and rax == RESTART_BLOCK:
+        out.rax, out.rip = NR_RESTART_SYSCALL, out.rip - 2
+    return out
 
 
 def functions_of(pid: int, mapped: list[Mapping], module_of) -> dict[str, int]:

@@ -262,13 +262,20 @@ class LiveSession:
         if todo:
             functions = inject.functions_of(self.pid, mapped, self._module_and_bias)
             first, region = batches[0].module, batches[0].region
-            text, data = region.text_used, HALF + region.data_used
-            region.text_used, region.data_used = region.text_used + PAGE, region.data_used + PAGE
+            for lib in todo:
+                # Room of its own for each: the borrowed thread may still be on its way out
+                # of the last one's code when the next is written.
+                text, data = region.text_used, HALF + region.data_used
+                region.text_used += PAGE
+                region.data_used += inject.SAVE_PAGES * PAGE
+                loader = inject.Loader(self.pid, region.view, region.base, text, data)
 
-            def work(world: StoppedWorld) -> None:
-                self._map(world, first, region)
-                inject.Loader(world, region.view, region.base, text, data).load(todo, functions)
-            self.rewound += stopped(self.pid, work)
+                def work(world: StoppedWorld) -> None:
+                    self._map(world, first, region)
+                    loader.region = region.view             # mapped now, if it was not
+                    loader.start(world, lib, functions)
+                self.rewound += stopped(self.pid, work)
+                loader.finish(lib)
             mapped = maps(self.pid)
         for batch, i, cb in wanted:
             lib = libraries[cb.library]

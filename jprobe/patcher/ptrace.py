@@ -14,8 +14,8 @@ _libc.syscall.restype = ctypes.c_long
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 
-CONT, SINGLESTEP, GETREGS, SETREGS, DETACH = 7, 9, 12, 13, 17
-SETOPTIONS, GETEVENTMSG, GETREGSET, SETREGSET, SEIZE, INTERRUPT = 0x4200, 0x4201, 0x4204, 0x4205, 0x4206, 0x4207
+SINGLESTEP, GETREGS, SETREGS, DETACH = 9, 12, 13, 17
+GETEVENTMSG, GETREGSET, SEIZE, INTERRUPT = 0x4201, 0x4204, 0x4206, 0x4207
 NT_X86_XSTATE = 0x202
 XSTATE_MAX = 1 << 14              # room for any xsave area the kernel gives
 O_TRACECLONE = 0x8
@@ -63,10 +63,6 @@ def singlestep(tid: int, signal: int = 0) -> None:
     _call(SINGLESTEP, tid, 0, signal)
 
 
-def cont(tid: int, signal: int = 0) -> None:
-    _call(CONT, tid, 0, signal)
-
-
 class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
@@ -77,12 +73,6 @@ def get_vector_state(tid: int) -> bytes:
     iov = _Iovec(ctypes.addressof(buf), XSTATE_MAX)
     _call(GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
     return buf.raw[:iov.len]
-
-
-def set_vector_state(tid: int, state: bytes) -> None:
-    buf = ctypes.create_string_buffer(state, len(state))
-    iov = _Iovec(ctypes.addressof(buf), len(state))
-    _call(SETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
 
 
 def get_regs(tid: int) -> Regs:

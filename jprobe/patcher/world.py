@@ -35,7 +35,6 @@ NO_SYSCALL = (1 << 64) - 1
 SYSCALL = b"\x0f\x05"
 RED_ZONE = 128
 DF = 0x400                            # rflags' direction flag: clear at a call (SysV ABI)
-FATAL = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 # How many instructions a thread may take to leave a trampoline when it is stepped out.
 MAX_STEPS = 100_000
@@ -103,47 +102,17 @@ class StoppedWorld:
         thread.regs = regs
 
     # -- calling --------------------------------------------------------------------------
-    def call(self, thread: Thread, function: int, args: tuple[int, ...], pad: int) -> int:
-        """`function(*args)` run by `thread` alone (every other thread released first, so that
-        none holds a lock it waits for), until it returns to `pad` (an int3); its return value.
-        The thread then resumes exactly as it was stopped: general and vector registers."""
-        saved, vector = thread.regs.copy(), ptrace.get_vector_state(thread.tid)
-        self._release(keep=thread.tid)
-        sp = ((saved.rsp - RED_ZONE - 256) & ~15) - 8           # as a `call` leaves it
-        self.write(sp, pad.to_bytes(8, "little"))
-        regs = saved.copy()
+    def prepare_call(self, thread: Thread, function: int, args: tuple[int, ...], return_to: int) -> None:
+        """`thread` resumes, when the world is released, by calling `function(*args)`, which
+        returns to `return_to` (code that puts the thread back by itself: arch.emit_resume)."""
+        sp = ((thread.regs.rsp - RED_ZONE - 256) & ~15) - 8      # as a `call` leaves it
+        self.write(sp, return_to.to_bytes(8, "little"))
+        regs = thread.regs.copy()
         regs.rsp, regs.rip, regs.orig_rax, regs.rax = sp, function, NO_SYSCALL, 0
         regs.eflags &= ~DF
         for name, value in zip(("rdi", "rsi", "rdx", "rcx", "r8", "r9"), args):
             setattr(regs, name, value)
-        try:
-            self.set_regs(thread, regs)
-            return self._run_until(thread, pad + 1)
-        finally:
-            ptrace.set_vector_state(thread.tid, vector)
-            self.set_regs(thread, saved)
-
-    def _run_until(self, thread: Thread, rip: int) -> int:
-        tid = thread.tid
-        ptrace.cont(tid)
-        while True:
-            status = self._status(tid)
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                self._traced.discard(tid)
-                raise ProcessGone(f"process {self.pid} exited")
-            sig, event = os.WSTOPSIG(status), status >> 16
-            if event == ptrace.EVENT_CLONE:                    # a thread it made: let it run
-                child = ptrace.event_message(tid)
-                self._status(child)
-                ptrace.detach(child)
-            elif event == 0 and sig == signal.SIGTRAP and ptrace.get_regs(tid).rip == rip:
-                return ptrace.get_regs(tid).rax
-            elif event == 0 and sig in FATAL:
-                raise AttachError(f"process {self.pid}: thread {tid} got signal {sig} while running "
-                                  f"jprobe's call; it was put back where it was stopped")
-            elif event == 0:
-                thread.signal = sig                             # delivered when it resumes
-            ptrace.cont(tid)
+        self.set_regs(thread, regs)
 
     # -- stepping -------------------------------------------------------------------------
     def step_while(self, thread: Thread, inside) -> None:
@@ -277,12 +246,11 @@ class StoppedWorld:
                 self.set_regs(thread, rewound)
                 self.rewound += 1
 
-    def _release(self, keep: int | None = None) -> None:
-        """Every traced thread (but `keep`, which stays stopped) untraced and running, with
-        the registers set_regs gave it; with no `keep`, the world has ended."""
+    def _release(self) -> None:
+        """Every traced thread untraced and running, with the registers set_regs gave it."""
         try:
             dying = []
-            for tid in sorted(self._traced - {keep}):
+            for tid in sorted(self._traced):
                 thread = self.threads.get(tid)
                 try:
                     if thread is None:              # seized, never seen stopped
@@ -294,14 +262,13 @@ class StoppedWorld:
                 except (OSError, ProcessGone):
                     dying.append(tid)               # killed meanwhile: its exit is ours to reap
             self._reap(dying)
-            self._traced &= {keep}
-            self.threads = {tid: t for tid, t in self.threads.items() if tid == keep}
+            self._traced.clear()
+            self.threads.clear()
         finally:
-            if keep is None:
-                if self._mem is not None:
-                    os.close(self._mem)
-                    self._mem = None
-                signal.pthread_sigmask(signal.SIG_SETMASK, self._held)
+            if self._mem is not None:
+                os.close(self._mem)
+                self._mem = None
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._held)
 
 
 def _state(pid: int, tid: int) -> str:

@@ -335,6 +335,31 @@ def emit_loader(buf: CodeBuffer) -> None:
     buf.emit(f"mov qword ptr [rbx + {slot['done']}], 1; pop rbx; xor eax, eax; ret")
 
 
+# A borrowed thread's save block (emit_resume): offsets of the call's result, its general
+# registers (in the order of `struct user_regs_struct`), a stack of its own and its xsave area.
+RESUME_RESULT, RESUME_GPRS, RESUME_STACK, RESUME_XSAVE = 0, 64, 512, 576
+_RESTORED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+def emit_resume(buf: CodeBuffer, save: int, gprs: Sequence[str]) -> None:
+    """Where a borrowed thread's call returns: it leaves the call's result (rax) in its save
+    block at `save`, then takes back, from the block, everything it was stopped with: the
+    xsave area (x87, SSE, AVX and the rest, through xrstor), rflags (popfq on the block's own
+    stack: the red zone below the thread's rsp may hold live data), the general registers,
+    rsp, and jumps to its rip. So it resumes by itself, traced or not."""
+    slot = {name: save + RESUME_GPRS + 8 * i for i, name in enumerate(gprs)}
+    buf.rip("mov qword ptr [rip], rax", save + RESUME_RESULT)
+    buf.emit("mov eax, -1; mov edx, -1")
+    buf.rip("xrstor64 [rip]", save + RESUME_XSAVE)
+    buf.rip("lea rsp, [rip]", save + RESUME_STACK)
+    buf.rip("push qword ptr [rip]", slot["eflags"])
+    buf.emit("popfq")
+    for reg in _RESTORED:
+        buf.rip(f"mov {reg}, qword ptr [rip]", slot[reg])
+    buf.rip("mov rsp, qword ptr [rip]", slot["rsp"])
+    buf.rip("jmp qword ptr [rip]", slot["rip"])
+
+
 NR_GETPID, NR_FUTEX, FUTEX_WAIT, FUTEX_WAKE, ETIMEDOUT = 39, 202, 0, 1, 110
 RT_CONSISTENT = 0                  # enum r_state (link.h)
 HOOK_WAIT_NS = 2_000_000_000       # a load waits this long, at most, for jprobe's answer
