@@ -76,15 +76,31 @@ class StoppedWorld:
 
     # -- memory ---------------------------------------------------------------------------
     def read(self, address: int, size: int) -> bytes:
-        data = os.pread(self._memory(), size, address)
+        try:
+            data = os.pread(self._memory(), size, address)
+        except OSError:
+            data = b""
         if len(data) != size:
-            raise ProcessGone(f"process {self.pid}: cannot read {size} bytes at {address:#x}")
+            raise self._unreachable("read", size, address)
         return data
 
     def write(self, address: int, data: bytes) -> None:
         """Write to any page, read-only code included (the kernel makes it a private copy)."""
-        if os.pwrite(self._memory(), data, address) != len(data):
-            raise ProcessGone(f"process {self.pid}: cannot write {len(data)} bytes at {address:#x}")
+        try:
+            written = os.pwrite(self._memory(), data, address)
+        except OSError:
+            written = 0
+        if written != len(data):
+            raise self._unreachable("write", len(data), address)
+
+    def _unreachable(self, what: str, size: int, address: int) -> AttachError:
+        try:
+            check_process(self.pid)
+        except ProcessGone:
+            return ProcessGone(f"process {self.pid} exited")
+        except AttachError:
+            pass
+        return AttachError(f"process {self.pid}: cannot {what} {size} bytes at {address:#x} (not mapped)")
 
     def _memory(self) -> int:
         if self._mem is None:
