@@ -122,7 +122,8 @@ class Process:
             parsed = parse_probes(list(specs))
             if handler is not None:
                 parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
-            waiting = [spec for spec in parsed if spec.module is not None and self._session.loaded(spec.module) is None]
+            absent = {name for name in {spec.module for spec in parsed} - {None} if self._session.loaded(name) is None}
+            waiting = [spec for spec in parsed if spec.module in absent]
             made = self._place([spec for spec in parsed if spec not in waiting], handler)
             for spec in waiting:
                 if spec.handler.kind == "callback":
