@@ -12,8 +12,9 @@ back into the program with them held), or in a signal handler that interrupted s
 the borrowed thread is one stopped in the program's own code, or blocked in a system call
 that waits for the outside world (`epoll_wait`, `read`, `nanosleep`...: libc makes none of
 them with those locks held), and with no signal frame on its stack (no return address to
-glibc's `__restore_rt`, which every handler returns through). Its general and vector
-registers are put back after the call.
+glibc's `__restore_rt`, which every handler returns through). (The loader's own locks are
+recursive: a thread that holds one takes it again.) It is not traced while it calls: it
+returns to code of jprobe's that puts back everything it was stopped with (arch.emit_resume).
 
 The library's bytes go into a sealed memfd the process creates (`/proc/self/fd/N` is what it
 opens): so the process reads exactly the file jprobe analysed, whatever its mount namespace,
