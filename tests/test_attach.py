@@ -472,6 +472,26 @@ def test_permission_denied(service_o2):
         shutil.rmtree(home)
 
 
+def test_root_attaches_to_another_users_process(service_o2):
+    """Part 7: root probes a process of `nobody`'s: exact counts, the process as it was after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the target runs as nobody")
+    home = Path(tempfile.mkdtemp(prefix="jprobe-attach-"))
+    try:
+        home.chmod(0o755)
+        binary = Path(shutil.copy2(service_o2, home / "service"))
+        with running_target(binary, preexec_fn=_as_nobody) as t:
+            assert Path(f"/proc/{t.pid}/status").read_text().split("Uid:")[1].split()[0] == str(NOBODY)
+            with attached(t.pid) as proc:
+                counted = bounded(ANSWER_S, proc.probe, "counted")
+                t.count(400)
+                assert counted.hits == 400
+            assert_restored(t, ["counted"])
+            assert_healthy(t)
+    finally:
+        shutil.rmtree(home)
+
+
 # --------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------
