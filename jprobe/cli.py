@@ -65,11 +65,11 @@ def _cmd_sites(args: argparse.Namespace) -> int:
 
 
 def _applier_note(applier: str, asked: str | None) -> str:
-    """Which applier a site table predicts, and how to ask for the other."""
+    """Which applier a site table predicts, and how to ask for another."""
     if applier == "patch and run":
-        return "as `jprobe patch` and `jprobe run` both decide them"
-    other = "patch" if applier == "run" else "run"
-    how = "" if asked else f"; `--for {other}` for `jprobe {other}`"
+        return "as `jprobe patch` and `jprobe run` both decide them; `--for attach` for `jprobe attach`"
+    others = [a for a in ("patch", "run", "attach") if a != applier]
+    how = "" if asked else "; " + ", ".join(f"`--for {a}` for `jprobe {a}`" for a in others)
     return f"as `jprobe {applier}` decides them{how}"
 
 
@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input")
     s.add_argument("location", nargs="?", metavar="LOCATION",
                    help="SYMBOL, SYMBOL+OFFSET or ADDRESS, as -p takes them: that function's instructions")
-    s.add_argument("--for", dest="applier", choices=("patch", "run"),
-                   help="decide as this applier would (they differ for a library's short sites)")
+    s.add_argument("--for", dest="applier", choices=("patch", "run", "attach"),
+                   help="decide as this applier would (they differ for short sites)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_sites)
 

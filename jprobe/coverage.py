@@ -6,18 +6,21 @@ from capstone import CsInsn
 from .elf import ElfModule, Symbol
 from .errors import JprobeError, SpecError, SymbolError
 from .frames import PREFIX
+from .mechanisms import Mechanism
 from .planner import resolve_address
 from .sites import SiteAnalyzer
 from .spec import COUNT, ProbeSpec, parse_probe
 from . import arch
 
 
-def _row(analyzer: SiteAnalyzer, insn, tactics: bool) -> dict:
+def _row(analyzer: SiteAnalyzer, insn, tactics: bool, traps: bool = True) -> dict:
     try:
         site = analyzer.analyse(insn.address, tactics=tactics)
         mechanism, reason, tactic = site.mechanism, site.reason, site.tactic
     except JprobeError as e:
         mechanism, reason, tactic = "none", str(e), None
+    if mechanism == Mechanism.TRAP and not traps:
+        mechanism, reason = "none", f"refused: needs a trap ({reason}), which `jprobe attach` cannot serve"
     return {"address": f"{insn.address:#x}", "mechanism": mechanism, "tactic": tactic, "reason": reason,
             "instruction": f"{insn.mnemonic} {insn.op_str}".strip()}
 
@@ -44,25 +47,30 @@ def predicted_applier(module: ElfModule, applier: str | None) -> str:
 
 def site_table(path: str, location: str | None, applier: str | None = None) -> tuple[ElfModule, list[dict]]:
     """(the module, one row per instruction) for LOCATION's function, or for all executable code,
-    as `applier` ("patch", "run", None: see predicted_applier) would decide each site.
+    as `applier` ("patch", "run", "attach", None: see predicted_applier) would decide each site.
 
     `jprobe patch` gives a library no islands (they would not be mapped before its code runs),
-    so its short sites trap; for a program both appliers place islands."""
+    so its short sites trap; for a program both appliers place islands. `jprobe attach` places
+    no islands and no traps: a site that would need one is refused (mechanism "none")."""
     module = ElfModule(path)
     analyzer = SiteAnalyzer(module)
-    tactics = not (module.is_library and applier == "patch")
+    tactics = applier != "attach" and not (module.is_library and applier == "patch")
+    traps = applier != "attach"
+
+    def rows_of(insns) -> list[dict]:
+        return [_row(analyzer, i, tactics, traps) for i in insns]
     if location is not None:
-        return module, [_row(analyzer, i, tactics) for i in _instructions_at(analyzer, location)]
+        return module, rows_of(_instructions_at(analyzer, location))
     rows = []
     for _, start, end in module.code_sections():
         address = start
         for sym in (s for s in module.functions if start <= s.address < end):
             if sym.address < address:
                 continue                       # nested or overlapping symbol: already covered
-            rows += [_row(analyzer, i, tactics) for i in _loose_code(module, address, sym.address)]
-            rows += [_row(analyzer, i, tactics) for i in analyzer.facts(sym).insns]
+            rows += rows_of(_loose_code(module, address, sym.address))
+            rows += rows_of(analyzer.facts(sym).insns)
             address = max(address, sym.end)
-        rows += [_row(analyzer, i, tactics) for i in _loose_code(module, address, end)]
+        rows += rows_of(_loose_code(module, address, end))
     return module, rows
 
 

@@ -4,7 +4,7 @@
   code was refused), and LOCATION is what `-p` takes: SYMBOL, SYMBOL+OFFSET, ADDRESS, or a
   name jprobe itself prints (`frame@0x...` for code only the unwind table describes);
 - on a library the two appliers differ (`jprobe patch` gives short sites a trap, `jprobe run`
-  a pun): `sites` says which one it predicts, `--for patch|run` chooses, and the prediction is
+  a pun): `sites` says which one it predicts, `--for patch|run|attach` chooses, and the prediction is
   what the applier then does.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_bad_location_is_one_line(build, location, words):
 
 
 # --------------------------------------------------------------------------
-# which applier: --for patch|run
+# which applier: --for patch|run|attach
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,22 @@ def test_sites_for_patch_is_what_patch_does(short_lib, tmp_path):
     assert _mechanism([short_lib, "tiny", "--for", "patch"]) == ("patch", "trap")
     r = jprobe("patch", short_lib, "-o", tmp_path / "lib.so", "-p", "tiny", check=True)
     assert r.stdout.split()[2] == "trap"
+
+
+def test_sites_for_attach_is_what_attach_does(short_lib):
+    """`jprobe attach` places no trap and no island: the short site is refused, and attaching
+    refuses it the same way."""
+    import ctypes
+    import os
+
+    import jprobe
+    from jprobe.errors import SiteError
+
+    applier, predicted = _mechanism([short_lib, "tiny", "--for", "attach"])
+    assert (applier, predicted) == ("attach", "none")
+    ctypes.CDLL(str(short_lib))
+    with jprobe.attach(os.getpid()) as me, pytest.raises(SiteError, match="jprobe attach"):
+        me.probe(f"{short_lib}:tiny")
 
 
 def test_sites_for_run_is_what_run_does(short_lib, tmp_path):
