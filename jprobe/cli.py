@@ -102,14 +102,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
-    from . import attach
-    from .report import format_report
-    from .session import wait_for_end
+    from .session import ENDING, held
 
     if not args.probe:
         raise JprobeError("attach: no probe given; add at least one -p PROBE (e.g. -p libc.so.6:malloc)")
     if args.duration is not None and args.duration <= 0:
         raise JprobeError(f"attach: --duration {args.duration}: give a number of seconds above 0")
+    # Ctrl-C or SIGTERM from here on ends the session normally (SPEC §2): held while jprobe
+    # loads and attaches, they end the wait as soon as it begins.
+    with held(ENDING):
+        return _attach_session(args)
+
+
+def _attach_session(args: argparse.Namespace) -> int:
+    from . import attach
+    from .report import format_report
+    from .session import wait_for_end
+
     with attach(args.pid, strict=args.strict) as proc:
         probes = proc.probes(args.probe)
         if not args.json:

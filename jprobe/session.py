@@ -5,10 +5,21 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CHECK_EVERY = 0.5                  # seconds between looks for an exec
+
+
+@contextmanager
+def held(signals: tuple[int, ...]) -> Iterator[None]:
+    """`signals` blocked in this thread (left pending) while the block runs."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def wait_for_end(pid: int, duration: float | None, ended: Callable[[], str | None]) -> str | None:

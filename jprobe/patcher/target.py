@@ -138,6 +138,15 @@ def file_of(pid: int, mapping: Mapping) -> str:
                       f"(replaced since it was loaded?); restart the process to probe it")
 
 
+def tracer_of(pid: int, tid: int) -> int:
+    """The pid tracing thread `tid` (0: none, or the thread is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            return int(next((line.split()[1] for line in f if line.startswith("TracerPid:")), "0"))
+    except OSError:
+        return 0
+
+
 def pending_signals(pid: int, tid: int) -> int:
     """Signals pending for thread `tid` (its own and its process's) that it does not block."""
     try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from . import ptrace
 from .ptrace import Regs
-from .target import AttachError, ProcessGone, check_process, pending_signals, permission_hint, threads
+from .target import AttachError, ProcessGone, check_process, pending_signals, permission_hint, threads, tracer_of
 
 EINTR = (1 << 64) - errno.EINTR
 NO_SYSCALL = (1 << 64) - 1
@@ -198,9 +198,12 @@ class StoppedWorld:
                 except OSError as err:
                     if ptrace.gone(err):
                         continue
-                    if err.errno == errno.EPERM:
+                    if err.errno != errno.EPERM:
+                        raise
+                    if tracer_of(self.pid, tid) != os.getpid():
                         raise AttachError(permission_hint(self.pid)) from None
-                    raise
+                    # Born of a thread seized a moment ago, and traced from its start: its
+                    # first stop comes by itself (its creator's clone event may come later).
                 self._traced.add(tid)
                 seized.append(tid)
             for tid in seized:
@@ -210,7 +213,8 @@ class StoppedWorld:
                     if not ptrace.gone(err):
                         raise
             for tid in seized:
-                self._wait_stop(tid)
+                if tid not in self.threads:                 # not noted as a creator's child
+                    self._wait_stop(tid)
         if not self.threads:
             raise ProcessGone(f"process {self.pid} exited")
 
@@ -230,8 +234,9 @@ class StoppedWorld:
             sig, event = os.WSTOPSIG(status), status >> 16
             if event == ptrace.EVENT_CLONE:
                 child = ptrace.event_message(tid)
-                self._traced.add(child)
-                self._wait_stop(child)
+                if child not in self.threads:             # not seen stopped yet
+                    self._traced.add(child)
+                    self._wait_stop(child)
                 sig = 0
             elif event != 0:
                 sig = 0                             # an interrupt (or group) stop
