@@ -48,6 +48,7 @@ INTERRUPTED = {-errno.EINTR, -512, -513, -514, -516}     # -EINTR, -ERESTART*
 RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")          # mov rax, 15 (rt_sigreturn); syscall
 STACK_SCAN = 64 << 10
 LOAD_TIMEOUT = 10.0
+TRIES, TRY_AGAIN_S = 50, 0.002                   # looks for a thread to borrow, and the pause between
 SLOT = {name: 8 * i for i, name in enumerate(arch.LOADER_SLOTS)}
 BLOCK = 8 * len(arch.LOADER_SLOTS) + 8           # the slots, then the new thread's pthread_t
 PAGE, REQUEST = 0x1000, 0x400                  # room of the loader's request block
@@ -58,6 +59,10 @@ PENDING = (1 << 64) - 1                         # the call's result, until it ha
 RESTART_SAME, RESTART_BLOCK, NR_RESTART_SYSCALL = {-512, -513, -514}, -516, 219
 NEEDED = ("dlopen", "dlerror", "pthread_self", "pthread_detach", "pthread_create")
 SYSTEM = ("libc.so", "ld-linux", "libpthread.so", "libdl.so")
+
+
+class NoSafeThread(AttachError):
+    """No thread may be borrowed now; a moment later one may."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class Loader:
         self.request = data + REQUEST_AT
 
     def start(self, world: StoppedWorld, lib: Library, functions: dict[str, int]) -> None:
+        thread = borrowable(world)                  # first: NoSafeThread leaves nothing behind
         call = remote.Caller(world)
         fd = call.check("memfd_create", call(remote.NR_MEMFD_CREATE, call.scratch(lib.label.encode() + b"\0"),
                                              remote.MFD_CLOEXEC | MFD_ALLOW_SEALING))
@@ -117,7 +123,6 @@ class Loader:
                  functions["pthread_detach"], block + BLOCK, 0, block + MESSAGE, 0, 0]
         self.region[self.request:self.request + REQUEST] = bytes(REQUEST)
         self.region[self.request:self.request + BLOCK + len(path)] = struct.pack(f"<{len(slots)}Q", *slots) + path
-        thread = borrowable(world)
         pad = self._save(thread)
         world.prepare_call(thread, functions["pthread_create"], (block + BLOCK - 8, 0, self.text, block), pad)
 
@@ -213,8 +218,8 @@ def borrowable(world: StoppedWorld) -> Thread:
             continue
         if not _signal_frame(world, mapped, regs.rsp, restorers):
             return thread
-    raise AttachError(f"process {world.pid}: no thread is at a point where it may safely start jprobe's "
-                      f"loader thread (all are inside libc, or in signal handlers); try again")
+    raise NoSafeThread(f"process {world.pid}: no thread is at a point where it may safely start jprobe's "
+                       f"loader thread (all were inside libc, or in signal handlers, {TRIES} times); try again")
 
 
 def _waiting(world: StoppedWorld, thread: Thread) -> bool:

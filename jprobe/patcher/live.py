@@ -274,7 +274,14 @@ class LiveSession:
                     self._map(world, first, region)
                     loader.region = region.view             # mapped now, if it was not
                     loader.start(world, lib, functions)
-                self.rewound += stopped(self.pid, work)
+                for attempt in range(inject.TRIES):
+                    try:
+                        self.rewound += stopped(self.pid, work)
+                        break
+                    except inject.NoSafeThread:
+                        if attempt == inject.TRIES - 1:
+                            raise
+                        time.sleep(inject.TRY_AGAIN_S)       # the threads run on a moment
                 loader.finish(lib)
             mapped = maps(self.pid)
         for batch, i, cb in wanted:
