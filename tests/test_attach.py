@@ -446,50 +446,49 @@ except jprobe.JprobeError as e:
 """
 
 
-def test_permission_denied(service_o2):
-    """Another user's process, attached without CAP_SYS_PTRACE (root dropping it)."""
+@contextmanager
+def nobodys_target(service: Path, why: str) -> Iterator[Target]:
+    """The fixture run as `nobody`, from a copy it may execute; skipped unless jprobe is root."""
     if os.geteuid() != 0:
-        pytest.skip("needs root: the target runs as nobody and jprobe as root without CAP_SYS_PTRACE")
+        pytest.skip(f"needs root: {why}")
     home = Path(tempfile.mkdtemp(prefix="jprobe-attach-"))
     try:
         home.chmod(0o755)
-        binary = Path(shutil.copy2(service_o2, home / "service"))
+        binary = Path(shutil.copy2(service, home / "service"))
         with running_target(binary, preexec_fn=_as_nobody) as t:
-            r = subprocess.run([sys.executable, "-c", ATTACH_ONCE, str(t.pid)], capture_output=True, text=True,
-                               env=child_env(), timeout=ANSWER_S, preexec_fn=_without_cap_sys_ptrace)
-            if r.returncode == 77:
-                pytest.skip("could not drop CAP_SYS_PTRACE (no CAP_SETPCAP)")
-            assert r.stdout.startswith("JprobeError:"), (r.stdout, r.stderr)
-            assert "permission" in one_line_error(r.stdout).lower()
-            assert str(t.pid) in r.stdout
-
-            c = cli("attach", t.pid, "-p", "counted", preexec_fn=_without_cap_sys_ptrace)
-            out, err = c.communicate(timeout=ANSWER_S)
-            assert c.returncode == 2, err
-            assert "Traceback" not in err and "permission" in one_line_error(err).lower()
-            assert_healthy(t)
+            yield t
     finally:
         shutil.rmtree(home)
+
+
+def test_permission_denied(service_o2):
+    """Another user's process, attached without CAP_SYS_PTRACE (root dropping it)."""
+    with nobodys_target(service_o2, "the target runs as nobody and jprobe as root without CAP_SYS_PTRACE") as t:
+        r = subprocess.run([sys.executable, "-c", ATTACH_ONCE, str(t.pid)], capture_output=True, text=True,
+                           env=child_env(), timeout=ANSWER_S, preexec_fn=_without_cap_sys_ptrace)
+        if r.returncode == 77:
+            pytest.skip("could not drop CAP_SYS_PTRACE (no CAP_SETPCAP)")
+        assert r.stdout.startswith("JprobeError:"), (r.stdout, r.stderr)
+        assert "permission" in one_line_error(r.stdout).lower()
+        assert str(t.pid) in r.stdout
+
+        c = cli("attach", t.pid, "-p", "counted", preexec_fn=_without_cap_sys_ptrace)
+        out, err = c.communicate(timeout=ANSWER_S)
+        assert c.returncode == 2, err
+        assert "Traceback" not in err and "permission" in one_line_error(err).lower()
+        assert_healthy(t)
 
 
 def test_root_attaches_to_another_users_process(service_o2):
     """Part 7: root probes a process of `nobody`'s: exact counts, the process as it was after."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the target runs as nobody")
-    home = Path(tempfile.mkdtemp(prefix="jprobe-attach-"))
-    try:
-        home.chmod(0o755)
-        binary = Path(shutil.copy2(service_o2, home / "service"))
-        with running_target(binary, preexec_fn=_as_nobody) as t:
-            assert Path(f"/proc/{t.pid}/status").read_text().split("Uid:")[1].split()[0] == str(NOBODY)
-            with attached(t.pid) as proc:
-                counted = bounded(ANSWER_S, proc.probe, "counted")
-                t.count(400)
-                assert counted.hits == 400
-            assert_restored(t, ["counted"])
-            assert_healthy(t)
-    finally:
-        shutil.rmtree(home)
+    with nobodys_target(service_o2, "the target runs as nobody") as t:
+        assert Path(f"/proc/{t.pid}/status").read_text().split("Uid:")[1].split()[0] == str(NOBODY)
+        with attached(t.pid) as proc:
+            counted = bounded(ANSWER_S, proc.probe, "counted")
+            t.count(400)
+            assert counted.hits == 400
+        assert_restored(t, ["counted"])
+        assert_healthy(t)
 
 
 # --------------------------------------------------------------------------
