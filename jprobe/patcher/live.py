@@ -196,7 +196,7 @@ class LiveSession:
         if found is not None:
             mapping, target_fd = found
             fd = pidfd_getfd(self.pid, target_fd)
-            region = Region(mapping.start, fd, mmap.mmap(fd, 2 * HALF), target_fd=target_fd)
+            region = Region(mapping.start, fd, mmap.mmap(fd, 2 * HALF))
         else:
             region = Region(free_room(loaded, mapped, self.executable), -1, None, mapped=False)  # type: ignore[arg-type]
         self.regions[loaded.path] = region
@@ -230,7 +230,7 @@ class LiveSession:
         try:
             if self.local:
                 for batch in batches:
-                    self._map_here(batch.module, batch.region)
+                    self._map(None, batch.module, batch.region)
             self._resolve_callbacks(batches)
             loading = time.perf_counter() - clock[-1]
             self.rewound += stopped(self.pid, work)
@@ -309,18 +309,15 @@ class LiveSession:
     def module(self, loaded: LoadedModule) -> ElfModule:
         return self._module(loaded.path, loaded.file)
 
-    def _map(self, world: StoppedWorld, loaded: LoadedModule, region: Region) -> None:
+    def _map(self, world: StoppedWorld | None, loaded: LoadedModule, region: Region) -> None:
+        """The region mapped in the process (by its system calls; in jprobe's own process,
+        `world` None, by jprobe's) and in jprobe."""
         if region.mapped:
             return
-        target_fd, fd = remote.create_shared(world, region_name(loaded), region.base, HALF)
-        region.fd, region.target_fd, region.view, region.mapped = fd, target_fd, mmap.mmap(fd, 2 * HALF), True
-
-    @staticmethod
-    def _map_here(loaded: LoadedModule, region: Region) -> None:
-        if region.mapped:
-            return
-        target_fd, fd = remote.create_shared_here(region_name(loaded), region.base, HALF)
-        region.fd, region.target_fd, region.view, region.mapped = fd, target_fd, mmap.mmap(fd, 2 * HALF), True
+        name = region_name(loaded)
+        fd = (remote.create_shared_here(name, region.base, HALF) if world is None
+              else remote.create_shared(world, name, region.base, HALF))
+        region.fd, region.view, region.mapped = fd, mmap.mmap(fd, 2 * HALF), True
 
     @staticmethod
     def _vacate(world: StoppedWorld, region: Region) -> None:

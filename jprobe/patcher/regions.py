@@ -34,7 +34,6 @@ class Region:
     text_used: int = 0
     data_used: int = 0
     mapped: bool = True            # False until the target has mapped it (a stop of the world)
-    target_fd: int = -1
 
     def close(self) -> None:
         self.view.close()

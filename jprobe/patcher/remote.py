@@ -13,13 +13,12 @@ import os
 
 from . import ptrace
 from .target import AttachError, Mapping, ProcessGone, maps
-from .world import NO_SYSCALL, SYSCALL, StoppedWorld, Thread
+from .world import NO_SYSCALL, RED_ZONE, SYSCALL, StoppedWorld, Thread
 
 NR_CLOSE, NR_MMAP, NR_MEMFD_CREATE = 3, 9, 319
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_FIXED_NOREPLACE = 0x01, 0x100000
 MFD_CLOEXEC = 1
-RED_ZONE = 128
 
 
 def syscall_site(pid: int) -> int:
@@ -91,9 +90,10 @@ class Caller:
         return result
 
 
-def create_shared(world: StoppedWorld, name: str, base: int, half: int) -> tuple[int, int]:
+def create_shared(world: StoppedWorld, name: str, base: int, half: int) -> int:
     """A memfd of 2 * `half` bytes in the target, its first half mapped read-execute at `base`,
-    its second read-write right after: (the target's descriptor, ours)."""
+    its second read-write right after: jprobe's descriptor of it (the process keeps its own
+    open, close-on-exec, for a later attach to find)."""
     call = Caller(world)
     fd = call.check("memfd_create", call(NR_MEMFD_CREATE, call.scratch(name.encode() + b"\0"), MFD_CLOEXEC))
     ours = ptrace.pidfd_getfd(world.pid, fd)
@@ -107,7 +107,7 @@ def create_shared(world: StoppedWorld, name: str, base: int, half: int) -> tuple
     except BaseException:
         os.close(ours)
         raise
-    return fd, ours
+    return ours
 
 
 def find_shared(pid: int, name: str) -> tuple[Mapping, int] | None:
@@ -129,7 +129,7 @@ def find_shared(pid: int, name: str) -> tuple[Mapping, int] | None:
     return None
 
 
-def create_shared_here(name: str, base: int, half: int) -> tuple[int, int]:
+def create_shared_here(name: str, base: int, half: int) -> int:
     """create_shared() for jprobe's own process (`jprobe.attach(os.getpid())`)."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     ours = os.dup(fd)
@@ -144,4 +144,4 @@ def create_shared_here(name: str, base: int, half: int) -> tuple[int, int]:
         os.close(fd)
         os.close(ours)
         raise
-    return fd, ours
+    return ours
