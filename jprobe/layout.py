@@ -39,15 +39,16 @@ def _strings(header: str) -> dict[str, bytes]:
 
 ffi = cffi.FFI()
 ffi.cdef(_declarations("jprobe.h") + _declarations("jprobe_table.h") + _declarations("jprobe_plan.h")
-         + _declarations("jprobe_shm.h"))
-_HEADERS = ("jprobe_table.h", "jprobe_plan.h", "jprobe_shm.h")
+         + _declarations("jprobe_shm.h") + _declarations("jprobe_ring.h"))
+_HEADERS = ("jprobe_table.h", "jprobe_plan.h", "jprobe_shm.h", "jprobe_ring.h")
 CONST = {name: value for header in _HEADERS for name, value in _enums(header).items()}
 STRING = {name: value for header in _HEADERS for name, value in _strings(header).items()}
 
 MAGIC = STRING["JP_MAGIC"]
 TABLE_VERSION = CONST["JP_TABLE_VERSION"]
 MECHANISMS = {m: CONST[f"JP_MECH_{m.name}"] for m in Mechanism}
-HANDLERS = {"count": CONST["JP_HANDLER_COUNT"], "callback": CONST["JP_HANDLER_CALLBACK"]}
+HANDLERS = {"count": CONST["JP_HANDLER_COUNT"], "callback": CONST["JP_HANDLER_CALLBACK"],
+            "trace": CONST["JP_HANDLER_TRACE"]}
 
 
 def offsetof(struct: str, field: str) -> int:

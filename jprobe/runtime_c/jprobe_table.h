@@ -18,7 +18,7 @@
 
 #define JP_MAGIC	"JPROBE\0\1"
 #define JP_MAGIC_LEN	8
-#define JP_TABLE_VERSION 4
+#define JP_TABLE_VERSION 5
 
 /* JPROBE_LAYOUT_BEGIN: read by jprobe's planner (via cffi). */
 struct jp_table {
@@ -41,6 +41,8 @@ struct jp_table {
 	uint64_t text_size;
 	uint64_t strings_size;	/* bytes of the string pool once unpacked */
 	uint64_t unpacked;	/* runtime: 1 once unpacked */
+	int64_t ring_off;	/* runtime: see "Trace buffers" below; 0 = none */
+	int64_t rstack_off;	/* runtime: see "Return probes" below; 0 = none */
 };
 
 struct jp_probe {
@@ -62,6 +64,10 @@ struct jp_probe {
 	uint8_t original[16];	/* JP_PATCH_MAX: the site's bytes before patching */
 	uint64_t missed;	/* callback: hits while the thread was in a callback */
 	uint64_t skipped;	/* callback: hits before the callback was resolved */
+	uint64_t lost;		/* trace: records dropped (buffer full, or none for the thread) */
+	uint64_t ret_missed;	/* %return: calls whose return was not followed (see below) */
+	uint32_t trace;		/* string offset: trace(...)'s arguments, "arg1,rax"; 0 = none */
+	uint32_t pad2;
 };
 
 /*
@@ -185,7 +191,7 @@ enum { JP_HOLE_HITS = 0, JP_HOLE_TLS = 1, JP_HOLE_SLOT = 2 };
  * missed + skipped.  The runtime sets guard_off before it sets any callback.
  */
 
-enum { JP_HANDLER_COUNT = 0, JP_HANDLER_CALLBACK = 1 };
+enum { JP_HANDLER_COUNT = 0, JP_HANDLER_CALLBACK = 1, JP_HANDLER_TRACE = 2 };
 enum { JP_MECH_JUMP = 0, JP_MECH_PUN = 1, JP_MECH_EVICT = 2, JP_MECH_TRAP = 3 };
 /*
  * Punned and evicting jumps (JP_MECH_PUN, JP_MECH_EVICT) land on islands.
@@ -213,6 +219,21 @@ enum { JP_VEC_NONE = 0, JP_VEC_SSE = 1, JP_VEC_AVX = 2, JP_VEC_AVX512 = 3 };
  * a trap): the probe counts nothing, and the report says so.
  */
 #define JP_PROBE_UNPATCHED	0x4
+/* A %return probe: its handler runs when the function returns (see below). */
+#define JP_PROBE_RETURN	0x8
+
+/*
+ * Trace buffers.  When ring_off is non-zero, the word at %fs:ring_off is this
+ * thread's struct jp_ring (jprobe_ring.h) or 0; a trace trampoline appends
+ * one record to it, or counts the record in jp_probe.lost when there is no
+ * ring or no room.  Never blocks, never a system call.
+ *
+ * Return probes.  When rstack_off is non-zero, the word at %fs:rstack_off is
+ * this thread's struct jp_rstack (jprobe_ring.h) or 0.  The entry trampoline
+ * of a %return probe pushes {slot, return address} and replaces the return
+ * address in the slot by its return trampoline; without a stack or room in
+ * it the return is not followed and jp_probe.ret_missed counts it.
+ */
 
 /*
  * Planned with --strict: no probe may become a trap at run time either.  A

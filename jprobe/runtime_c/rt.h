@@ -72,6 +72,7 @@
 
 #include "jprobe.h"
 #include "jprobe_plan.h"
+#include "jprobe_ring.h"
 #include "jprobe_shm.h"
 #include "jprobe_table.h"
 
