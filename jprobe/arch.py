@@ -12,6 +12,7 @@ from .trampolines import tactics
 from .trampolines.asm import Address, CodeBuffer, Later
 from .trampolines.islands import Islands, text_room
 from .trampolines.relocate import can_relocate, can_relocate_together
+from .trampolines.returns import emit_hijack, emit_lost, emit_return_head, emit_return_tail
 from .trampolines.x86_64 import (
     FILL, FILL_BYTE, JUMP_FIXUP, JUMP_OPCODE, JUMP_SIZE, LOADER_SLOTS, REACH, RESUME_GPRS, RESUME_RESULT,
     RESUME_STACK, RESUME_XSAVE, ModuleStubs, Sweep, branch_target, call_bytes, call_fixup,
@@ -37,6 +38,8 @@ __all__ = [
     # Trampolines: a code buffer at link-time addresses, and what goes in it.
     "Address", "CodeBuffer", "Later", "FILL_BYTE", "ModuleStubs", "emit_count", "emit_callback", "emit_displaced",
     "emit_call_continuation",
+    # Following a function's return: the entry's hijack, the return trampoline around the work.
+    "emit_hijack", "emit_return_head", "emit_return_tail", "emit_lost",
     # Loading a library into a running process: a thread's start routine that dlopen()s it,
     # and the way a borrowed thread takes back its state after the call that starts it.
     "LOADER_SLOTS", "emit_loader", "RESUME_RESULT", "RESUME_GPRS", "RESUME_STACK", "RESUME_XSAVE", "emit_resume",

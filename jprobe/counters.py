@@ -51,6 +51,7 @@ class Tally:
     hits: defaultdict = field(default_factory=_per_pid)       # {key: {pid: n}}
     missed: defaultdict = field(default_factory=_per_pid)     # callback not run: already in one
     skipped: defaultdict = field(default_factory=_per_pid)    # callback not run: not resolved yet
+    ret_missed: defaultdict = field(default_factory=_per_pid)  # %return: calls whose return went unseen
     errors: list[str] = field(default_factory=list)           # the messages the processes left
     settled: dict = field(default_factory=dict)               # {key: TRAP}: fell back at run time
     unpatched: set = field(default_factory=set)               # keys whose site a process left alone
@@ -85,6 +86,7 @@ def tally(path: str, modules: list[PlannedModule]) -> Tally:
                 out.hits[key][pid] += probe.hits
                 out.missed[key][pid] += probe.missed
                 out.skipped[key][pid] += probe.skipped
+                out.ret_missed[key][pid] += probe.ret_missed
                 if probe.mechanism == trap:
                     out.settled[key] = Mechanism.TRAP
                 if probe.flags & unpatched:
@@ -102,15 +104,24 @@ def _callback_probes(modules: list[PlannedModule]) -> set[tuple[int, int]]:
             for j, probe in enumerate(_table_probes(m.plan.data, len(m.plan.probes))) if probe.handler == callback}
 
 
+def _return_probes(modules: list[PlannedModule]) -> set[tuple[int, int]]:
+    """The %return probes, as their plans' tables say."""
+    returns = layout.CONST["JP_PROBE_RETURN"]
+    return {(i, j) for i, m in enumerate(modules)
+            for j, probe in enumerate(_table_probes(m.plan.data, len(m.plan.probes))) if probe.flags & returns}
+
+
 def build_report(path: str, modules: list[PlannedModule], pid: int, executable: str) -> dict:
     """The SPEC §3 report of a whole `jprobe run` process tree (`by_pid` when several hit).
 
     A module no process placed and no error names never loaded: its probes say `"loaded":
     false` rather than pass for probes that were never hit. A callback probe says why its
     callback did not run for some hits (`missed`, `callback_skipped`); a probe some process
-    left unpatched says `"patched": false`."""
+    left unpatched says `"patched": false`; a %return probe, how many calls it saw whose
+    return it did not follow (`returns_missed`: no room in the thread's return stack, or a
+    thread the runtime did not start)."""
     t = tally(path, modules)
-    callbacks = _callback_probes(modules)
+    callbacks, returns = _callback_probes(modules), _return_probes(modules)
     pids = sorted({p for per_pid in t.hits.values() for p in per_pid} - {pid})
     never = {i for i, m in enumerate(modules)
              if i not in t.placed and not any(m.plan.module in e for e in t.errors)}
@@ -120,6 +131,8 @@ def build_report(path: str, modules: list[PlannedModule], pid: int, executable: 
         e = {"probe": name, "module": modules[i].plan.module, "address": f"{probe.address:#x}",
              "mechanism": t.settled.get(key, probe.mechanism), "handler": probe.handler,
              "hits": t.hits[key].get(one_pid, 0), "lost": 0}
+        if key in returns:
+            e["returns_missed"] = t.ret_missed[key].get(one_pid, 0)
         if key in callbacks:
             e["missed"] = t.missed[key].get(one_pid, 0)
             e["callback_skipped"] = t.skipped[key].get(one_pid, 0)

@@ -192,6 +192,8 @@ def pack(plan: ModulePlan, read: Reader, check: bool = True) -> bytes:
     probes = ffi.from_buffer("struct jp_probe[]", plan.data[tab.probes_at:tab.probes_at + tab.nprobes * _PROBE_SIZE])
     islands = ffi.from_buffer("struct jp_island[]", plan.data[tab.islands_at:tab.islands_at
                                                               + tab.nislands * layout.sizeof("jp_island")])
+    if any(probes[i].flags & layout.CONST["JP_PROBE_RETURN"] for i in range(tab.nprobes)):
+        raise ValueError("a %return probe's sites and fields have no packed form")
     pool = plan.data[tab.strings_at:]
     # Address specs sit at the end of the pool in id order (planner._Strings): cut there.
     cut = len(pool)

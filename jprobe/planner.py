@@ -6,13 +6,14 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from . import arch, layout, probetable
 from .arch import CodeBuffer, Later, can_relocate, can_relocate_together, tactics
 from .elf import ElfModule
 from .callbacks import Callback, resolve_callback
 from .chooser import Choice, Policy, Site, choose_short
-from .errors import SiteError, SymbolError
+from .errors import SiteError, SpecError, SymbolError
 from .mechanisms import Mechanism, Tactic
 from .plan import ModulePlan, ProbePlan
 from .overlay import Overlay
@@ -29,6 +30,10 @@ class ResolvedProbe:
     analyzer: SiteAnalyzer
     callback: Callback | None = None
     aliases: list[ProbeSpec] = field(default_factory=list)   # other names of this site (same handler)
+    # The %return probe of the same function when this is its entry probe: one site, one
+    # trampoline, which does this probe's work and then follows the return for that one.
+    follower: "ResolvedProbe | None" = None
+    rider: bool = False                # a %return probe whose site its entry probe patches
 
     def names(self) -> str:
         """Every name of the site, as the table and the report give them: one per line (a
@@ -71,35 +76,60 @@ def resolve_address(module: ElfModule, spec: ProbeSpec) -> int:
 def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> list[ResolvedProbe]:
     """Addresses and site decisions for every spec, conflicts refused."""
     analyzer = SiteAnalyzer(module)
-    first: dict[int, ProbeSpec] = {}
-    aliases: dict[int, list[ProbeSpec]] = {}
+    first: dict[tuple[int, bool], ProbeSpec] = {}
+    aliases: dict[tuple[int, bool], list[ProbeSpec]] = {}
     for spec in specs:
         address = resolve_address(module, spec)
         analyzer.instruction_at(address)          # boundary check with a clear error
-        if address not in first:
-            first[address] = spec
-            aliases[address] = []
-        elif spec.handler != first[address].handler:
-            raise SiteError(f"'{spec.text}': at the same address {address:#x} as '{first[address].text}' "
+        if spec.on_return:
+            _check_function_entry(module, spec, address)
+        key = (address, spec.on_return)
+        if key not in first:
+            first[key] = spec
+            aliases[key] = []
+        elif spec.handler != first[key].handler:
+            raise SiteError(f"'{spec.text}': at the same address {address:#x} as '{first[key].text}' "
                             f"(aliases, as `nm -D` lists them), with another handler; give both one handler")
         else:
-            aliases[address].append(spec)         # one site, reported under each name
-    analyzer.reserved = set(first)
-    resolved = []
-    for address, spec in first.items():
+            aliases[key].append(spec)             # one site, reported under each name
+    analyzer.reserved = {address for address, _ in first}
+    resolved: dict[tuple[int, bool], ResolvedProbe] = {}
+    for (address, on_return), spec in first.items():
         site = analyzer.analyse(address, tactics=False)
         if strict and site.mechanism is Mechanism.TRAP:
             _refuse_trap(spec, choose_short(site, analyzer.alone()))
-        resolved.append(ResolvedProbe(spec, address, site, analyzer, resolve_callback(spec), aliases[address]))
+        if on_return:
+            _check_return_site(spec, site)
+        resolved[address, on_return] = ResolvedProbe(spec, address, site, analyzer, resolve_callback(spec),
+                                                     aliases[address, on_return])
+    for (address, on_return), probe in resolved.items():
+        if on_return and (address, False) in resolved:
+            resolved[address, False].follower = probe
+            probe.rider = True
     # Outside any function symbol nothing says where instructions start, so one probe's
     # bytes may cover another's address: both patches would corrupt each other.
-    by_address = sorted(resolved, key=lambda p: p.address)
+    by_address = sorted((p for p in resolved.values() if not p.rider), key=lambda p: p.address)
     for before, after in zip(by_address, by_address[1:]):
         if before.address + before.site.length > after.address:
             raise SiteError(f"'{after.spec.text}': {after.address:#x} is inside the instruction(s) that "
                             f"'{before.spec.text}' patches ({before.address:#x}, {before.site.length} bytes); "
                             f"give addresses that `objdump -d` prints as instruction starts")
-    return resolved
+    return list(resolved.values())
+
+
+def _check_function_entry(module: ElfModule, spec: ProbeSpec, address: int) -> None:
+    """A %return probe sits where the return address is the top of the stack: a function's entry."""
+    if spec.symbol is None or spec.offset or not is_entry(module.function_at(address), address):
+        raise SpecError(f"'{spec.text}': %return needs a function's entry (a function symbol, no offset "
+                        f"or address); write FUNCTION%return")
+
+
+def _check_return_site(spec: ProbeSpec, site: Site) -> None:
+    """A return is followed from a plain jump's trampoline only: a trap, pun or eviction there
+    would need the hijack in the trap handler or an island, which jprobe does not build."""
+    if site.mechanism is not Mechanism.JUMP or site.jump is not None or site.call_retarget:
+        raise SiteError(f"'{spec.text}': the function's entry takes no 5-byte jump ({site.reason}), which "
+                        f"following its return needs; probe the callers' instructions after the call instead")
 
 
 def _refuse_trap(spec: ProbeSpec, site: Site) -> None:
@@ -128,9 +158,13 @@ def _choose_short_sites(module: ElfModule, probes: list[ResolvedProbe], plans: d
     for plan in plans.values():
         overlay.put(plan.address, plan.address, plan.patched, unstable_first=plan.mechanism is Mechanism.TRAP,
                     unstable=policy.strict and policy.movable and plan.patch_fixup is not None)
-    reaimable = {plan.address: len(plan.patched) for plan in plans.values() if _reaimable_plan(plan)}
+    # A jump whose trampoline follows a return keeps its bytes: a %return probe riding on it
+    # has the same ones.
+    followed = {p.address for p in probes if p.follower is not None}
+    reaimable = {plan.address: len(plan.patched) for plan in plans.values()
+                 if _reaimable_plan(plan) and plan.address not in followed}
     choice = Choice(analyzer, overlay, analyzer.islands(len(probes), room), policy, reaimable)
-    at_address = {p.address: i for i, p in enumerate(probes)}
+    at_address = {p.address: i for i, p in enumerate(probes) if not p.rider}
     decided: dict[int, Site] = {}
     rejumped: dict[int, tuple[int, int, int]] = {}     # probe id -> its island record
     for i in sorted((i for i, p in enumerate(probes) if p.site.mechanism is Mechanism.TRAP),
@@ -210,18 +244,29 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
     stubs = None
     if any(p.spec.handler.kind == "callback" for p in probes):
         stubs = arch.ModuleStubs(buf, table)
+    index = {id(p): i for i, p in enumerate(probes)}
     emitted: dict[int, ProbePlan] = {}
     for i, probe in enumerate(probes):
+        if probe.rider:
+            continue
         if probe.site.mechanism is not Mechanism.TRAP or probe.site.length >= arch.JUMP_SIZE:
-            emitted[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs)
+            follow = probe if probe.spec.on_return else probe.follower
+            returns = None if follow is None else _Return(follow, index[id(follow)], desc_addr[index[id(follow)]])
+            emitted[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs, returns=returns)
     short, rejumped = _choose_short_sites(module, probes, emitted, policy, room) if probes else ({}, [])
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
         emitted[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], table, stubs, islands)
+    for i, probe in enumerate(probes):
+        if probe.rider:                   # the same bytes as its entry probe's, nothing of its own to undo
+            host = next(j for j, p in enumerate(probes) if p.follower is probe)
+            emitted[i] = replace(emitted[host], spec=probe.spec.text, handler=str(probe.spec.handler),
+                                 resume=None, boundaries=[])
     table_vaddr = data_vaddr if isinstance(data_vaddr, int) else data_vaddr(buf.here - text_vaddr)
     text = buf.finish({table.region: table_vaddr})
     plans = [replace(emitted[i], target=probe.names()) for i, probe in enumerate(probes)]
-    rows = [TableProbe(plan, probe.callback, probe.site.x87) for probe, plan in zip(probes, plans)]
+    rows = [TableProbe(plan, probe.callback, probe.site.x87, probe.spec.on_return)
+            for probe, plan in zip(probes, plans)]
     data = probetable.encode(os.path.abspath(module.path), table_vaddr, rows, islands, policy.strict)
     added = [(text_vaddr, text_vaddr + len(text)), (table_vaddr, table_vaddr + len(data))]
     return ModulePlan(module=os.path.abspath(module.path), build_id=module.build_id, text_vaddr=text_vaddr,
@@ -230,24 +275,37 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
                                          if not any(lo <= target < hi for lo, hi in added)))
 
 
+class _Return(NamedTuple):
+    """The %return probe a trampoline follows the return for: its table row."""
+    probe: ResolvedProbe
+    index: int
+    desc: Later
+
+
 def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: Later,
                 table: Later, stubs: arch.ModuleStubs | None,
-                islands: list[tuple[int, int, int]] | None = None) -> ProbePlan:
+                islands: list[tuple[int, int, int]] | None = None, returns: _Return | None = None) -> ProbePlan:
     hits = desc + layout.offsetof("jp_probe", "hits")
     start = buf.here
     callback = probe.spec.handler.kind == "callback"
     # The red zone is dead at a function's entry (the caller's call wrote over it) and
     # inside a retargeted call, so the trampoline need not step over it there.
     red_zone = not (site.call_retarget or is_entry(site.function, probe.address))
+    return_label = buf.fresh("return")
 
     def probe_work() -> None:
-        if callback:
+        if probe.spec.on_return:
+            pass                                        # its work is at the return
+        elif callback:
             stub = stubs.common_x87 if site.x87 else stubs.common
             arch.emit_callback(buf, stub, desc, index, probe.address, red_zone=red_zone,
                                return_pushed=site.call_retarget)
         else:
             arch.emit_count(buf, hits, index, table + layout.offsetof("jp_table", "tls_off"), site.flags_live,
                             red_zone=red_zone)
+        if returns is not None:
+            arch.emit_hijack(buf, return_label, table + layout.offsetof("jp_table", "rstack_off"),
+                             returns.desc + layout.offsetof("jp_probe", "ret_missed"), site.flags_live)
 
     original = module.read(probe.address, site.length)
     if site.mechanism is Mechanism.TRAP:
@@ -266,6 +324,9 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         resume = buf.here if len(site.displaced) == 1 and not site.padding else None
         copies = arch.emit_displaced(buf, site.displaced)
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
+        if returns is not None:
+            buf.label(return_label)
+            _emit_return_work(buf, returns, table, stubs)
         return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=site.mechanism, reason=site.reason,
                          handler=str(probe.spec.handler), original=original, patched=patched, trampoline=start,
                          patch_fixup=fixup, target=probe.spec.target(), resume=resume,
@@ -274,6 +335,23 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
     return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=site.mechanism, reason=site.reason,
                      handler=str(probe.spec.handler), original=original, patched=patched, trampoline=start,
                      patch_fixup=fixup, target=probe.spec.target())
+
+
+def _emit_return_work(buf: CodeBuffer, returns: _Return, table: Later, stubs: arch.ModuleStubs | None) -> None:
+    """The return trampoline: the %return probe's work as if at the function's `ret`, whose
+    red zone is dead and flags too (a call clobbers them). A callback there keeps x87 state
+    as well: a `long double` comes back in st(0)."""
+    rstack_off = table + layout.offsetof("jp_table", "rstack_off")
+    lost = buf.fresh("return_lost")
+    arch.emit_return_head(buf, rstack_off, lost)
+    probe, index, desc = returns
+    if probe.spec.handler.kind == "callback":
+        arch.emit_callback(buf, stubs.common_x87, desc, index, probe.address, red_zone=False, at_return=True)
+    else:
+        arch.emit_count(buf, desc + layout.offsetof("jp_probe", "hits"), index,
+                        table + layout.offsetof("jp_table", "tls_off"), flags_live=False, red_zone=False)
+    arch.emit_return_tail(buf, rstack_off)
+    arch.emit_lost(buf, lost)
 
 
 def _past_the_pun(probe: ResolvedProbe, site: Site) -> list:

@@ -23,6 +23,7 @@ class TableProbe(NamedTuple):
     plan: ProbePlan
     callback: Callback | None      # its C callback, for a `=LIB:FUNC` handler
     x87: bool                      # the site, as analysed alone, needs x87 state kept (JP_PROBE_X87)
+    on_return: bool = False        # a %return probe (JP_PROBE_RETURN)
 
 
 class _Strings:
@@ -53,11 +54,13 @@ def encode(module_path: str, data_vaddr: int, probes: list[TableProbe],
     leaves a probe that would fall back to a trap as it was."""
     ffi = layout.ffi
     table_probes = data_vaddr + TABLE_SIZE
-    by_address = {p.plan.address: i for i, p in enumerate(probes)}
+    by_address: dict[int, int] = {}
+    for i, p in enumerate(probes):
+        by_address.setdefault(p.plan.address, i)        # a %return probe and its entry probe: one site
     strings = _Strings()
     header = ffi.new("struct jp_table *")
     descs = ffi.new("struct jp_probe[]", max(len(probes), 1))
-    for i, (plan, callback, x87) in enumerate(probes):
+    for i, (plan, callback, x87, on_return) in enumerate(probes):
         d = descs[i]
         d.address = plan.address
         d.resume = plan.resume or 0
@@ -66,7 +69,7 @@ def encode(module_path: str, data_vaddr: int, probes: list[TableProbe],
         d.handler = layout.HANDLERS["count" if callback is None else "callback"]
         d.mechanism = layout.MECHANISMS[plan.mechanism]
         d.id = i
-        d.flags = layout.CONST["JP_PROBE_X87"] if x87 else 0
+        d.flags = (layout.CONST["JP_PROBE_X87"] if x87 else 0) | (layout.CONST["JP_PROBE_RETURN"] if on_return else 0)
         d.len = len(plan.original)
         d.original = plan.original + bytes(layout.CONST["JP_PATCH_MAX"] - len(plan.original))
         d.depends = 1 + by_address[plan.depends] if plan.depends is not None else 0
@@ -93,7 +96,7 @@ def encode(module_path: str, data_vaddr: int, probes: list[TableProbe],
     header.module = strings.add(module_path)
     # Last, in id order: the specs that name only their address, which a packed table
     # leaves out (the runtime writes them back, in this order).
-    for i, (plan, _, _) in enumerate(probes):
+    for i, (plan, *_) in enumerate(probes):
         if plan.target == address_spec(plan.address):
             descs[i].spec = strings.append(plan.target)
     header.strings_size = len(strings.data)

@@ -6,7 +6,9 @@ each PROBE holds ``probe``, ``module``, ``address``, ``mechanism``, ``handler``,
 ``events_file`` (where the trace records went), ``loaded: false`` (its module never
 loaded), ``patched: false`` (its site was left as it was), and for a C callback ``missed``
 and ``callback_skipped`` (hits whose callback did not run: the thread was already in a
-callback, or the callback was not resolved yet).  A merged report (``jprobe run``) adds
+callback, or the callback was not resolved yet), and for a ``%return`` probe ``returns_missed``
+(calls whose return was not followed: the thread's return stack was full, or the runtime did
+not start the thread).  A merged report (``jprobe run``) adds
 ``"pids"``: every process that wrote a report.
 """
 
@@ -22,8 +24,9 @@ from .errors import JprobeError
 __all__ = ["ReportError", "load_report", "format_report", "merge_reports"]
 
 _HINT = "pass a file written by --report, --json or JPROBE_REPORT"
-# A callback probe's hits whose callback did not run, and why (SPEC §3): summed like hits.
-_CALLBACK_COUNTS = ("missed", "callback_skipped")
+# A callback probe's hits whose callback did not run, and why (SPEC §3), and a %return probe's
+# calls whose return it did not follow: summed like hits.
+_CALLBACK_COUNTS = ("missed", "callback_skipped", "returns_missed")
 
 
 class ReportError(JprobeError):

@@ -30,6 +30,7 @@
 #include "islands.h"
 #include "quiesce.h"
 #include "shm.h"
+#include "returns.h"
 #include "threads.h"
 #include "traps.h"
 #include "sys.h"
@@ -1294,6 +1295,7 @@ static void go_live(struct jp_module *m)
 	if (!jp_claim_table(m))
 		return;
 	jp_count_per_thread(m);
+	jp_follow_returns(m);
 	install_callbacks(m);
 	jp_publish_traps(m, m->placed->traps);
 	__atomic_store_n(&m->jumps, m->placed->jumps, __ATOMIC_RELEASE);

@@ -43,7 +43,8 @@ struct jp_rframe {
 	uint64_t ret;		/* the return address itself */
 	uint64_t tsc;		/* entry time stamp, when the return's handler asks for a duration */
 	uint64_t args[6];	/* arg1..arg6 at entry, when the return's handler asks for them */
-	uint64_t pad[7];
+	uint64_t hijack;	/* what the slot holds instead: the probe's return trampoline */
+	uint64_t pad[6];
 };
 
 struct jp_rstack {

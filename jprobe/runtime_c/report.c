@@ -178,6 +178,9 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 		putf(b, ", \"missed\": %" PRIu64 ", \"callback_skipped\": %" PRIu64,
 		     __atomic_load_n(&p->missed, __ATOMIC_RELAXED),
 		     __atomic_load_n(&p->skipped, __ATOMIC_RELAXED));
+	if (p->flags & JP_PROBE_RETURN)
+		putf(b, ", \"returns_missed\": %" PRIu64,
+		     __atomic_load_n(&p->ret_missed, __ATOMIC_RELAXED));
 	if (__atomic_load_n(&p->flags, __ATOMIC_RELAXED) & JP_PROBE_UNPATCHED)
 		puts_(b, ", \"patched\": false");
 	puts_(b, "}");

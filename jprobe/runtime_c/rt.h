@@ -26,6 +26,8 @@
  *	    builds on
  *	shm.c		the counters file of `jprobe run` (jprobe_shm.h)
  *	threads.c	per-thread counter blocks, the callback guard
+ *	returns.c	%return probes' per-thread return stacks, and the
+ *			unwinder's entry points kept off them
  *	callbacks.c	C callbacks loaded (dlopen + dlsym) and installed
  *	traps.c		trap probes and the signal functions around them
  *	islands.c	islands for punned and evicting jumps, their fall-back
@@ -47,7 +49,7 @@
  * its rescan (jp_report_set_up()); quiesce.c gives traps.c its handler of
  * move requests (jp_serve_moves()); apply.c gives a placed module the ops
  * of its counter blocks (struct jp_block_ops, tables.h).  A new feature
- * (attach, return probes, trace buffers) is a new file on floor 2, which
+ * (trace buffers, say) is a new file on floor 2, which
  * floors 0 and 1 need not know.
  *
  * Start-up: jprobe_rt_start() (startup.c) runs once, before the program's

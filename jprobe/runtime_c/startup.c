@@ -41,6 +41,7 @@
 #include "modules.h"
 #include "report.h"
 #include "shm.h"
+#include "returns.h"
 #include "threads.h"
 #include "traps.h"
 #include "sys.h"
@@ -68,6 +69,7 @@ static void set_up_module(struct jp_module *m, const struct jp_found *f)
 	if (!jp_claim_table(m))
 		return;
 	jp_count_per_thread(m);
+	jp_follow_returns(m);
 	jp_land_file_islands(m, f->phdr, f->phnum);
 	jp_publish_traps(m, jp_build_trap_index(m));
 	if (callbacks_ready)

@@ -31,6 +31,7 @@ void jp_zero_counts(struct jp_probe *p)
 	__atomic_store_n(&p->hits, 0, __ATOMIC_RELAXED);
 	__atomic_store_n(&p->missed, 0, __ATOMIC_RELAXED);
 	__atomic_store_n(&p->skipped, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&p->ret_missed, 0, __ATOMIC_RELAXED);
 }
 
 /* ---- what a table may say --------------------------------------------- */

@@ -331,15 +331,41 @@ static void put_start(struct start *s)
 	__atomic_store_n(&s->busy, 0, __ATOMIC_RELEASE);
 }
 
+/* What a feature above gives each new thread (jp_on_thread_start()). */
+#define JP_START_HOOKS	4
+static void (*start_hooks[JP_START_HOOKS])(void);
+static int nstart_hooks;	/* atomic */
+
+/*
+ * Call fn() at the start of every thread created from now on, before its
+ * function; also makes pthread_create() wrap threads when nothing counts
+ * per thread.  Called once per feature, at start-up or under the dl lock.
+ */
+void jp_on_thread_start(void (*fn)(void))
+{
+	int i, n = __atomic_load_n(&nstart_hooks, __ATOMIC_ACQUIRE);
+
+	for (i = 0; i < n; i++)
+		if (start_hooks[i] == fn)
+			return;
+	if (n == JP_START_HOOKS)
+		return;
+	start_hooks[n] = fn;
+	__atomic_store_n(&nstart_hooks, n + 1, __ATOMIC_RELEASE);
+}
+
 static void *start_thread(void *arg)
 {
 	struct start *s = arg;
 	void *(*fn)(void *) = s->fn;
 	void *fn_arg = s->arg;
 	int saved_errno = errno;
+	int i, n = __atomic_load_n(&nstart_hooks, __ATOMIC_ACQUIRE);
 
 	put_start(s);
 	attach_thread();
+	for (i = 0; i < n; i++)
+		start_hooks[i]();
 	errno = saved_errno;	/* the thread starts as it would without us */
 	return fn(fn_arg);
 }
@@ -360,7 +386,8 @@ JP_EXPORT int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
 
 	if (!real)
 		return EAGAIN;
-	if (!__atomic_load_n(&counting, __ATOMIC_ACQUIRE) || !(s = get_start()))
+	if ((!__atomic_load_n(&counting, __ATOMIC_ACQUIRE) &&
+	     !__atomic_load_n(&nstart_hooks, __ATOMIC_ACQUIRE)) || !(s = get_start()))
 		return real(thread, attr, fn, arg);
 	s->fn = fn;
 	s->arg = arg;

@@ -21,5 +21,6 @@ void jp_leave_callback(void);
 void jp_blocks_prepare_fork(void);
 void jp_blocks_parent_fork(void);
 void jp_blocks_child_fork(void);
+void jp_on_thread_start(void (*fn)(void));
 
 #endif /* JPROBE_RT_THREADS_H */

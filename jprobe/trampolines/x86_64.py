@@ -583,14 +583,16 @@ def emit_count(buf: CodeBuffer, hits: Address, probe_id: int, tls_off: Address, 
 
 
 def emit_callback(buf: CodeBuffer, stub: int, probe_desc: Address, probe_id: int, site: int,
-                  red_zone: bool = True, return_pushed: bool = False) -> None:
+                  red_zone: bool = True, return_pushed: bool = False, at_return: bool = False) -> None:
     """Build a struct jprobe_ctx on the stack, call the module stub, take back edited registers.
 
     `red_zone` False skips no red zone: at a function entry or in a retargeted call the
     caller's red zone died with its call. `return_pushed` (a retargeted call) says the
     probed `call` already pushed its return address, so the program's rsp at the probe
     (before that call) is 8 bytes above the trampoline's; reached by a `jmp` (a function
-    entry included) the two are the same.
+    entry included) the two are the same. `at_return`: at a followed return, whose `ret` is
+    yet to run ([rsp]: the return address): rsp and rip are what the caller resumes with,
+    the `address` the function's.
     """
     skip = RED_ZONE if red_zone else 0
     rsp_above = _CTX_SIZE + skip + (8 if return_pushed else 0)
@@ -602,6 +604,9 @@ def emit_callback(buf: CodeBuffer, stub: int, probe_desc: Address, probe_id: int
         buf.emit(f"push {reg}")
     buf.rip("lea rax, [rip]", site)
     buf.emit(f"mov qword ptr [rsp + {_REG['rip']}], rax; mov qword ptr [rsp + {_CTX['address']}], rax")
+    if at_return:
+        rsp_above = _CTX_SIZE + 8
+        buf.emit(f"mov rax, qword ptr [rsp + {_CTX_SIZE}]; mov qword ptr [rsp + {_REG['rip']}], rax")
     buf.emit(f"lea rax, [rsp + {rsp_above}]; mov qword ptr [rsp + {_REG['rsp']}], rax; mov rdi, rsp")
     buf.rip("lea rsi, [rip]", probe_desc)
     buf.call(stub)

@@ -150,3 +150,46 @@ def check_kernel_counts(binary, vaddrs, argv, jprobe_hits, env=None) -> None:
     for v, kc in zip(vaddrs, counts):
         assert jprobe_hits[v] == kc, (
             f"probe at {v:#x}: jprobe counted {jprobe_hits[v]}, a kernel uprobe counted {kc}")
+
+
+def kernel_return_counts(binary, functions: dict[str, int], argv, buffer_kb: int = 16384) -> dict[str, int]:
+    """How many times kernel uretprobes see each function return: `functions` maps a name to
+    its file offset in `binary`. uprobe_profile counts a uretprobe's entries, not its
+    returns, so the returns are counted as events in a trace instance of our own (no other
+    test's events mixed in, a buffer that holds them all: an overrun fails the test).
+    The probes go on a private copy of `binary`, as in kernel_uprobe_counts."""
+    binary = Path(binary)
+    d = Path(os.environ.get("TMPDIR", "/tmp")) / f"jpt-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    target = d / binary.name
+    shutil.copy2(binary, target)
+    argv = [str(target) if str(a) == str(binary) else str(a) for a in argv]
+    tag = f"{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    group, instance = f"jpr_{tag}", TRACEFS / "instances" / f"jpr_{tag}"
+    names = {f"r{tag}_{k}": name for k, name in enumerate(functions)}
+    events = TRACEFS / "uprobe_events"
+    added = False
+    try:
+        instance.mkdir()
+        (instance / "buffer_size_kb").write_text(f"{buffer_kb}\n")
+        append_event(events, "\n".join(f"r:{group}/{n} {target}:{functions[f]:#x}" for n, f in names.items()))
+        added = True
+        (instance / "events" / group / "enable").write_text("1\n")
+        run_prog(argv)
+        (instance / "events" / group / "enable").write_text("0\n")
+        for stats in (instance / "per_cpu").glob("cpu*/stats"):
+            overrun = [line for line in stats.read_text().splitlines() if line.startswith("overrun:")]
+            assert overrun == ["overrun: 0"], f"trace buffer overrun ({stats}): {overrun}"
+        counts = dict.fromkeys(functions, 0)
+        for line in read_whole(instance / "trace").splitlines():
+            if not line.startswith("#"):
+                for n, f in names.items():
+                    if f" {n}:" in line:
+                        counts[f] += 1
+        return counts
+    finally:
+        if instance.exists():
+            instance.rmdir()
+        if added:
+            append_event(events, "\n".join(f"-:{group}/{n}" for n in names))
+        shutil.rmtree(d, ignore_errors=True)

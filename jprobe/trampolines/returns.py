@@ -1,0 +1,149 @@
+"""x86-64 code that follows a function's return: the hijack at its entry, the return trampoline.
+
+The entry keeps {slot, return address} in the thread's return stack (struct jp_rstack,
+jprobe_ring.h) and writes the return trampoline's address into the slot; the function's
+`ret` then lands in the trampoline, which finds its frame by the slot, puts the real return
+address back where it was, runs the probe's work as if at that `ret`, and returns for real.
+
+Frames are found by their slot, never by position alone: a `longjmp`, a C++ exception or a
+signal handler that never returns leaves frames behind, and a return finds its own below
+them (dropping them). The entry drops the top frames that are provably dead, those below
+its own slot on the same stack (a live frame's slot lies above every deeper call's) and one
+at its slot that no longer holds that frame's trampoline. A frame at the same slot that does
+is a tail call's (`jmp` from a followed function to another): both stay, and the returns
+unwind them in turn. "Same stack" means within STACK_NEAR bytes; a frame farther below
+belongs to another stack (a signal stack that is interrupted, or one we interrupted) and is
+kept.
+
+Registers: the entry leaves all of them and live flags as they were. After a `ret` the flags
+are dead (every call clobbers them), the other registers are not (`-fipa-ra` callers keep
+values in caller-saved registers across calls they know), so the trampoline keeps them.
+"""
+from __future__ import annotations
+
+from .. import layout
+from .asm import Address, CodeBuffer
+
+DEPTH = layout.CONST["JP_RSTACK_DEPTH"]
+STACK_NEAR = 0x40000                      # frames this close below a slot are on its stack
+_FRAME = layout.sizeof("jp_rframe")
+_FRAMES = layout.offsetof("jp_rstack", "frames")
+_SLOT = layout.offsetof("jp_rframe", "slot")
+_RET = layout.offsetof("jp_rframe", "ret")
+_TSC = layout.offsetof("jp_rframe", "tsc")
+_ARGS = layout.offsetof("jp_rframe", "args")
+_HIJACK = layout.offsetof("jp_rframe", "hijack")
+_SHIFT = _FRAME.bit_length() - 1
+assert _FRAME == 1 << _SHIFT and _FRAMES == _FRAME and _SLOT == 0, "frames[d] is at stack + (d + 1) << _SHIFT"
+_JZ, _JNZ, _JA, _JB, _JAE, _JS = 0x4, 0x5, 0x7, 0x2, 0x3, 0x8
+_ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+_LOST = b"jprobe: a followed return lost its frame; aborting\n"
+_NR_WRITE = 1
+
+
+def emit_hijack(buf: CodeBuffer, return_trampoline: str | Address, rstack_off: Address, missed: Address,
+                flags_live: bool, save_args: bool = False, save_time: bool = False) -> None:
+    """At a function's entry ([rsp]: the return address, the red zone dead): follow the return.
+
+    Without a return stack (a thread the runtime did not start) or room in it, the call is
+    counted in `missed` and its return is not followed. `save_args` keeps arg1..arg6 and
+    `save_time` a time stamp in the frame, for a return handler that reports them.
+    """
+    missed_l, gc, below, dead, push, out = (buf.fresh(n) for n in ("ret_missed", "ret_gc", "ret_below", "ret_dead",
+                                                                   "ret_push", "ret_out"))
+    saved = ["rax", "rcx", "rdx", "rsi"]
+    buf.emit("push rax")
+    if flags_live:
+        buf.emit("lahf; seto al; push rax")
+        saved.insert(1, "flags")
+    buf.emit("push rcx; push rdx; push rsi")
+    above = 8 * len(saved)                              # from rsp to the slot
+    buf.rip("mov rcx, qword ptr [rip]", rstack_off)
+    buf.emit("test rcx, rcx")
+    buf.jcc(_JZ, missed_l)
+    buf.emit("mov rcx, qword ptr fs:[rcx]; test rcx, rcx")
+    buf.jcc(_JZ, missed_l)
+    buf.emit(f"lea rsi, [rsp + {above}]; mov rax, qword ptr [rcx]")
+    buf.label(gc)                                        # rax: depth, frames below it kept
+    buf.emit("test rax, rax")
+    buf.jcc(_JZ, push)
+    buf.emit(f"mov rdx, rax; shl rdx, {_SHIFT}; add rdx, rcx; cmp qword ptr [rdx], rsi")   # the top frame's slot
+    buf.jcc(_JA, push)                                   # above this call's: alive
+    buf.jcc(_JB, below)
+    buf.emit(f"mov rdx, qword ptr [rdx + {_HIJACK}]; cmp rdx, qword ptr [rsi]")
+    buf.jcc(_JZ, push)                                   # this very slot, still its return: a tail call
+    buf.jmp(dead)
+    buf.label(below)
+    buf.emit(f"mov rdx, qword ptr [rdx]; add rdx, {STACK_NEAR}; cmp rdx, rsi")
+    buf.jcc(_JB, push)                                   # far below: another stack's, kept
+    buf.label(dead)
+    buf.emit("dec rax")                                  # below this call's slot, or over: dead
+    buf.jmp(gc)
+    buf.label(push)
+    buf.emit(f"cmp rax, {DEPTH}")
+    buf.jcc(_JAE, missed_l)
+    # Slot, then the frame counted, then the slot again: a signal handler's probed call
+    # between the first two used this frame and gave it back (its depth balanced).
+    buf.emit(f"mov rdx, rax; shl rdx, {_SHIFT}; lea rdx, [rcx + rdx + {_FRAMES}]; mov qword ptr [rdx], rsi; "
+             f"inc rax; mov qword ptr [rcx], rax; mov qword ptr [rdx], rsi")
+    buf.emit(f"mov rax, qword ptr [rsi]; mov qword ptr [rdx + {_RET}], rax")
+    if save_args:
+        for i, reg in enumerate(_ARG_REGS):
+            if reg in saved:                                 # clobbered here: its pushed value
+                buf.emit(f"mov rax, qword ptr [rsp + {8 * (len(saved) - 1 - saved.index(reg))}]")
+                reg = "rax"
+            buf.emit(f"mov qword ptr [rdx + {_ARGS + 8 * i}], {reg}")
+    buf.rip("lea rax, [rip]", return_trampoline)
+    buf.emit(f"mov qword ptr [rdx + {_HIJACK}], rax")
+    if save_time:
+        buf.emit(f"mov rcx, rdx; rdtsc; shl rdx, 32; or rax, rdx; mov qword ptr [rcx + {_TSC}], rax; "
+                 f"mov rax, qword ptr [rcx + {_HIJACK}]")
+    buf.emit("mov qword ptr [rsi], rax")                 # the return comes to the trampoline
+    buf.jmp(out)
+    buf.label(missed_l)
+    buf.rip("lock inc qword ptr [rip]", missed)
+    buf.label(out)
+    buf.emit("pop rsi; pop rdx; pop rcx")
+    if flags_live:
+        buf.emit("pop rax; add al, 0x7f; sahf")
+    buf.emit("pop rax")
+
+
+def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str) -> None:
+    """Reached by the function's `ret`: find its frame, put the return address back in the slot,
+    and leave the stack as it was at that `ret` ([rsp]: the return address, registers intact).
+
+    The frame stays counted until emit_return_tail: a handler that calls probed functions,
+    or a signal meanwhile, pushes above it. Frames above it are dropped (left by a
+    `longjmp` or an exception). No frame for the slot: `lost` (emit_lost).
+    """
+    search = buf.fresh("ret_search")
+    buf.emit("lea rsp, [rsp - 8]; push rax; push rcx; push rdx; push rsi")
+    buf.rip("mov rcx, qword ptr [rip]", rstack_off)
+    buf.emit("mov rcx, qword ptr fs:[rcx]; lea rdx, [rsp + 32]; mov rax, qword ptr [rcx]")
+    buf.label(search)
+    buf.emit("dec rax")
+    buf.jcc(_JS, lost)
+    buf.emit(f"mov rsi, rax; shl rsi, {_SHIFT}; lea rsi, [rcx + rsi + {_FRAMES}]; cmp qword ptr [rsi], rdx")
+    buf.jcc(_JNZ, search)
+    buf.emit(f"inc rax; mov qword ptr [rcx], rax; mov rax, qword ptr [rsi + {_RET}]; mov qword ptr [rdx], rax")
+    buf.emit("pop rsi; pop rdx; pop rcx; pop rax")
+
+
+def emit_return_tail(buf: CodeBuffer, rstack_off: Address) -> None:
+    """After the return's work: its frame is given back, and the function returns for real."""
+    buf.emit("push rcx")
+    buf.rip("mov rcx, qword ptr [rip]", rstack_off)
+    buf.emit("mov rcx, qword ptr fs:[rcx]; dec qword ptr [rcx]; pop rcx; ret")
+
+
+def emit_lost(buf: CodeBuffer, label: str) -> None:
+    """A return with no frame (nothing should ever get here): say so on stderr, then fault,
+    rather than jump anywhere."""
+    message = buf.fresh("ret_lost_text")
+    buf.label(label)
+    buf.emit(f"mov edi, 2; mov edx, {len(_LOST)}; mov eax, {_NR_WRITE}")
+    buf.rip("lea rsi, [rip]", message)
+    buf.emit("syscall; ud2")
+    buf.label(message)
+    buf.raw(_LOST)
