@@ -131,10 +131,17 @@ def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str) -> None:
 
 
 def emit_return_tail(buf: CodeBuffer, rstack_off: Address) -> None:
-    """After the return's work: its frame is given back, and the function returns for real."""
+    """After the return's work: its frame is given back, and the function returns for real.
+
+    By an indirect `jmp`, not a `ret`: the function's `ret` already took the caller's entry
+    off the processor's return stack buffer, so another `ret` would be predicted from the
+    entry below (mispredicted, and every return of the caller after it). The address read
+    just below rsp is safe there: signal frames are built below the red zone.
+    """
     buf.emit("push rcx")
     buf.rip("mov rcx, qword ptr [rip]", rstack_off)
-    buf.emit("mov rcx, qword ptr fs:[rcx]; dec qword ptr [rcx]; pop rcx; ret")
+    buf.emit("mov rcx, qword ptr fs:[rcx]; dec qword ptr [rcx]; pop rcx; lea rsp, [rsp + 8]; "
+             "jmp qword ptr [rsp - 8]")
 
 
 def emit_lost(buf: CodeBuffer, label: str) -> None:
