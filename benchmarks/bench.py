@@ -162,11 +162,13 @@ def median_runs(fn, runs):
 # ---------------------------------------------------------------------------
 
 def row_jprobe(loop, spec, n, runs, name):
+    """The loop rewritten by `jprobe patch` with `spec` (or a list of specs, each hit N times)."""
+    specs = [spec] if isinstance(spec, str) else spec
     out = BUILD / name
     if out.exists():
         out.unlink()
-    jprobe("patch", loop, "-o", out, "-p", spec)
-    return median_runs(lambda: run_loop(out, n, expect_hits=n), runs)
+    jprobe("patch", loop, "-o", out, *[a for s in specs for a in ("-p", s)])
+    return median_runs(lambda: run_loop(out, n, expect_hits=n * len(specs)), runs)
 
 
 def jprobe_run(argv, spec, expect_hits):
@@ -266,7 +268,8 @@ def append_line(path, line):
         os.close(fd)
 
 
-def row_kernel_uprobe(loop, target, n, runs):
+def row_kernel_uprobe(loop, target, n, runs, kind="p"):
+    """A kernel uprobe (`kind` "p") or uretprobe ("r") at `target`, enabled as a tracefs event."""
     reason = tracefs_reason()
     if reason:
         raise Skip(reason)
@@ -278,7 +281,7 @@ def row_kernel_uprobe(loop, target, n, runs):
     enable = TRACEFS / "events" / name / name / "enable"
     added = False
     try:
-        append_line(ev, f"p:{name}/{name} {copy}:{vaddr_to_offset(loop, target):#x}")
+        append_line(ev, f"{kind}:{name}/{name} {copy}:{vaddr_to_offset(loop, target):#x}")
         added = True
         enable.write_text("1\n")
         res = median_runs(lambda: run_loop(copy, n), runs)
@@ -316,8 +319,21 @@ Interceptor.attach(Process.mainModule.base.add(%d), cm);
 send("attached");
 """
 
+# onEnter and onLeave, both C: what a `%return` probe with an entry probe does.
+FRIDA_LEAVE_SCRIPT = """
+const counter = Memory.alloc(8);
+const cm = new CModule(`
+#include <gum/guminterceptor.h>
+extern volatile long hits;
+void onEnter(GumInvocationContext *ic) { hits++; }
+void onLeave(GumInvocationContext *ic) { hits++; }
+`, { hits: counter });
+Interceptor.attach(Process.mainModule.base.add(%d), cm);
+send("attached");
+"""
 
-def frida_run(loop, target, n):
+
+def frida_run(loop, target, n, script_text=FRIDA_SCRIPT):
     import frida
     dev = frida.get_local_device()
     d = Path(tempfile.mkdtemp(prefix="jpbench-frida-"))
@@ -327,7 +343,7 @@ def frida_run(loop, target, n):
     try:
         session = dev.attach(pid)
         session.on("detached", lambda *a: done.set())
-        script = session.create_script(FRIDA_SCRIPT % target)  # a PIE: link-time address = offset
+        script = session.create_script(script_text % target)  # a PIE: link-time address = offset
         script.load()
         dev.resume(pid)
         if not done.wait(600):
@@ -339,12 +355,12 @@ def frida_run(loop, target, n):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def row_frida(loop, target, n, runs):
+def row_frida(loop, target, n, runs, script_text=FRIDA_SCRIPT):
     try:
         import frida  # noqa: F401
     except ImportError:
         raise Skip("the frida Python package is not installed (pip install '.[bench]')")
-    return median_runs(lambda: frida_run(loop, target, n), runs)
+    return median_runs(lambda: frida_run(loop, target, n, script_text), runs)
 
 
 def row_e9patch(loop, target, n, runs):
@@ -411,6 +427,24 @@ def attach_table(loop, runs):
     return f"### Attach latency (benchmarks/attach_scale.py; ms, median of {runs} runs)\n\n{table}"
 
 
+def returns_bar(results):
+    """Issue 13's bar for `%return`: a followed return <= +10 ns, an entry and return pair <= +20 ns,
+    each >= 100x cheaper than the kernel's uretprobe and >= 5x cheaper than Frida's onLeave."""
+    def over(rid):
+        med = results[rid][2]
+        return None if med is None or results["1"][2] is None else med - results["1"][2]
+    ret, pair, kernel, frida = over("9"), over("9p"), over("10"), over("11")
+    if ret is None or pair is None:
+        return "Bar (%return): rows 9 and 9p did not run."
+    parts = [f"Bar (%return): row 9 +{ret:.2f} ns (<= +10: {'met' if ret <= 10 else 'NOT met'}), "
+             f"row 9p +{pair:.2f} ns (<= +20: {'met' if pair <= 20 else 'NOT met'})"]
+    if kernel is not None:
+        parts.append(f"kernel uretprobe / row 9 = {kernel / ret:.0f}x (>= 100x)")
+    if frida is not None:
+        parts.append(f"Frida onEnter+onLeave / row 9p = {frida / pair:.1f}x (>= 5x)")
+    return "; ".join(parts) + "."
+
+
 def live_bar(results):
     """The issue's bar for row 2a: a live count probe costs what a static one does."""
     static, live = results["2"][2], results["2a"][2]
@@ -438,7 +472,10 @@ loop with `jprobe run` (the preloaded runtime patches it in-process at start-up)
 running a file written by `jprobe patch`.  Row 2a starts the loop with LOOP_WAIT=1, so that it
 waits for a line on stdin before its timed loop, attaches to it with `jprobe.attach(pid)`, places
 the probe, lets it run and checks that `Probe.hits` read from the shared counters is exactly N.
-Rows whose tool is missing say why they were skipped.
+Row (9) follows `target`'s return (`target%return`: the entry hijacks the return address, the
+return trampoline counts and goes back); row (9p) adds a count at the entry too (both on one
+site); rows (10) and (11) are the kernel's uretprobe and Frida's onEnter + onLeave on the same
+function.  Rows whose tool is missing say why they were skipped.
 
 The thread table runs `benchmarks/threads.c`: T threads, pinned round-robin to the CPUs the
 process may use, each call a noinline `target` N times after a common start barrier; the time
@@ -525,6 +562,14 @@ def main():
          lambda: median_runs(lambda: run_loop(build_short(), N_FAST), a.runs)),
         ("8", "jprobe static `count` at that 4-byte `target` (punned jump; overhead vs 8a)", N_FAST,
          lambda: row_jprobe(build_short(), "target", N_FAST, a.runs, "loop_short.count")),
+        ("9", "jprobe static `target%return` count (the return followed)", N_FAST,
+         lambda: row_jprobe(loop, "target%return", N_FAST, a.runs, "loop.return")),
+        ("9p", "jprobe static `target` + `target%return` counts (an entry and return pair, 2 hits/call)", N_FAST,
+         lambda: row_jprobe(loop, ["target", "target%return"], N_FAST, a.runs, "loop.pair")),
+        ("10", "kernel uretprobe at `target` (tracefs event)", N_KERNEL,
+         lambda: row_kernel_uprobe(loop, target, N_KERNEL, a.runs, kind="r")),
+        ("11", "Frida Interceptor, CModule onEnter + onLeave at `target`", N_FRIDA,
+         lambda: row_frida(loop, target, N_FRIDA, a.runs, FRIDA_LEAVE_SCRIPT)),
     ]
     results = {}
     for rid, label, n, fn in rows:
@@ -558,6 +603,8 @@ def main():
                      f"{'' if over is None else f'{over:.2f}'} | {'' if ratio is None else f'{ratio:.1f}x'} |")
     lines.append("")
     lines.append(live_bar(results))
+    lines.append("")
+    lines.append(returns_bar(results))
     print("running thread scaling ...", file=sys.stderr, flush=True)
     lines.extend(thread_table(N_FAST, a.runs))
     lines.append("")

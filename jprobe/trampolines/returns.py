@@ -109,13 +109,14 @@ def emit_hijack(buf: CodeBuffer, return_trampoline: str | Address, rstack_off: A
     buf.emit("pop rax")
 
 
-def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str) -> None:
+def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str, keep_frame: bool = False) -> None:
     """Reached by the function's `ret`: find its frame, put the return address back in the slot,
     and leave the stack as it was at that `ret` ([rsp]: the return address, registers intact).
 
-    The frame stays counted until emit_return_tail: a handler that calls probed functions,
-    or a signal meanwhile, pushes above it. Frames above it are dropped (left by a
-    `longjmp` or an exception). No frame for the slot: `lost` (emit_lost).
+    Frames above it are dropped (left by a `longjmp` or an exception), and the frame itself
+    too, unless `keep_frame` (the work reads it): then it stays counted until
+    emit_return_tail, so that a handler that calls probed functions, or a signal meanwhile,
+    pushes above it. No frame for the slot: `lost` (emit_lost).
     """
     search = buf.fresh("ret_search")
     buf.emit("lea rsp, [rsp - 8]; push rax; push rcx; push rdx; push rsi")
@@ -126,22 +127,24 @@ def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str) -> None:
     buf.jcc(_JS, lost)
     buf.emit(f"mov rsi, rax; shl rsi, {_SHIFT}; lea rsi, [rcx + rsi + {_FRAMES}]; cmp qword ptr [rsi], rdx")
     buf.jcc(_JNZ, search)
-    buf.emit(f"inc rax; mov qword ptr [rcx], rax; mov rax, qword ptr [rsi + {_RET}]; mov qword ptr [rdx], rax")
+    buf.emit(f"{'inc rax; ' if keep_frame else ''}mov qword ptr [rcx], rax; mov rax, qword ptr [rsi + {_RET}]; "
+             f"mov qword ptr [rdx], rax")
     buf.emit("pop rsi; pop rdx; pop rcx; pop rax")
 
 
-def emit_return_tail(buf: CodeBuffer, rstack_off: Address) -> None:
-    """After the return's work: its frame is given back, and the function returns for real.
+def emit_return_tail(buf: CodeBuffer, rstack_off: Address, kept_frame: bool = False) -> None:
+    """After the return's work: its frame given back if it was kept, the function returns for real.
 
     By an indirect `jmp`, not a `ret`: the function's `ret` already took the caller's entry
     off the processor's return stack buffer, so another `ret` would be predicted from the
     entry below (mispredicted, and every return of the caller after it). The address read
     just below rsp is safe there: signal frames are built below the red zone.
     """
-    buf.emit("push rcx")
-    buf.rip("mov rcx, qword ptr [rip]", rstack_off)
-    buf.emit("mov rcx, qword ptr fs:[rcx]; dec qword ptr [rcx]; pop rcx; lea rsp, [rsp + 8]; "
-             "jmp qword ptr [rsp - 8]")
+    if kept_frame:
+        buf.emit("push rcx")
+        buf.rip("mov rcx, qword ptr [rip]", rstack_off)
+        buf.emit("mov rcx, qword ptr fs:[rcx]; dec qword ptr [rcx]; pop rcx")
+    buf.emit("lea rsp, [rsp + 8]; jmp qword ptr [rsp - 8]")
 
 
 def emit_lost(buf: CodeBuffer, label: str) -> None:
