@@ -223,6 +223,12 @@ class ElfModule:
         """A program without a dynamic loader (`gcc -static`, `-static-pie`)."""
         return not self.is_library and not self.binary.has_interpreter
 
+    @property
+    def is_go(self) -> bool:
+        """Built by the Go toolchain: goroutine stacks move when they grow (a return address
+        kept aside would point into a stack that is gone) and are too small for callbacks."""
+        return any(s.name in (".go.buildinfo", ".note.go.buildid", ".gopclntab") for s in self.binary.sections)
+
     def check_runtime_loads(self) -> None:
         """Refuse a program nothing can load the jprobe runtime into: patched or run, its probes
         would never fire and no report would say so."""

@@ -83,6 +83,10 @@ def resolve_probes(module: ElfModule, specs: list[ProbeSpec], strict: bool) -> l
         analyzer.instruction_at(address)          # boundary check with a clear error
         if spec.on_return:
             _check_function_entry(module, spec, address)
+            if module.is_go:
+                raise SpecError(f"'{spec.text}': {module.path} is a Go program, whose goroutine stacks move "
+                                f"as they grow, so a return cannot be followed; probe the function's entry, "
+                                f"or its `ret` instructions by address")
         key = (address, spec.on_return)
         if key not in first:
             first[key] = spec

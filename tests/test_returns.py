@@ -153,3 +153,16 @@ def test_return_needs_a_function_entry(build, tmp_path, spec, needs):
     r = subprocess.run([sys.executable, "-m", "jprobe", "run", "-p", spec, "--", str(prog)],
                        capture_output=True, text=True, env=child_env())
     assert r.returncode == 2 and needs in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_go_programs_are_refused(build, tmp_path):
+    """A Go program (here: a C one carrying the section the Go linker writes) moves goroutine
+    stacks: %return says so instead of following returns into stacks that are gone."""
+    src = tmp_path / "go_like.c"
+    src.write_text('__attribute__((section(".go.buildinfo"), used)) static const char info[32] = "\\xff Go buildinf:";\n'
+                   "__attribute__((noinline)) int f(int x) { return x + 1; }\n"
+                   "int main(int argc, char **argv) { return f(argc) - 2; }\n")
+    prog = build(src, ["-O2"])
+    r = subprocess.run([sys.executable, "-m", "jprobe", "run", "-p", "f%return", "--", str(prog)],
+                       capture_output=True, text=True, env=child_env())
+    assert r.returncode == 2 and "Go program" in r.stderr and "Traceback" not in r.stderr, r.stderr
