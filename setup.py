@@ -3,8 +3,8 @@ from setuptools import Extension, setup
 
 runtime = Extension(
     "jprobe.runtime_c.libjprobe_rt",
-    sources=[f"jprobe/runtime_c/{name}.c" for name in ("util", "freestanding", "modules", "tables", "unpack", "shm", "threads", "callbacks", "traps", "islands", "quiesce", "report", "exec", "apply", "startup", "audit")],
-    depends=[f"jprobe/runtime_c/{name}.h" for name in ("rt", "sys", "tables", "unpack", "modules", "shm", "threads", "callbacks", "traps", "islands", "quiesce", "report", "apply", "startup", "jprobe", "jprobe_table", "jprobe_plan", "jprobe_shm", "jprobe_ring")],
+    sources=[f"jprobe/runtime_c/{name}.c" for name in ("util", "freestanding", "modules", "tables", "unpack", "shm", "rings", "threads", "callbacks", "traps", "islands", "quiesce", "report", "exec", "apply", "startup", "audit")],
+    depends=[f"jprobe/runtime_c/{name}.h" for name in ("rt", "sys", "tables", "unpack", "modules", "shm", "rings", "threads", "callbacks", "traps", "islands", "quiesce", "report", "apply", "startup", "jprobe", "jprobe_table", "jprobe_plan", "jprobe_shm", "jprobe_ring")],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"],
     extra_link_args=["-Wl,-z,now", "-Wl,-z,nodelete", "-ldl", "-lpthread"],
 )

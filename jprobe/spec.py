@@ -248,13 +248,10 @@ def parse_probes(texts: Iterable[str]) -> list[ProbeSpec]:
 
 
 def check_supported(spec: ProbeSpec) -> None:
-    """Raise SpecError for grammar this version cannot run yet (``%return``, ``trace``)."""
+    """Raise SpecError for grammar this version cannot run yet (``%return``)."""
     name = spec.text or str(spec)
     if spec.on_return:
         raise SpecError(f"'{name}': %return probes are not supported yet; probe the function entry instead")
-    if spec.handler.kind == "trace":
-        raise SpecError(f"'{name}': trace handlers are not supported yet; "
-                        "use count or a LIBRARY.so:FUNCTION callback instead")
 
 
 # --------------------------------------------------------------------------------------------

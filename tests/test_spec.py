@@ -330,10 +330,7 @@ def test_check_supported():
         check_supported(parse_probe("libc.so.6:malloc%return"))
     assert str(info.value) == ("'libc.so.6:malloc%return': %return probes are not supported yet; "
                                "probe the function entry instead")
-    with pytest.raises(SpecError) as info:
-        check_supported(parse_probe("libc.so.6:write=trace(arg1,arg3)"))
-    assert str(info.value) == ("'libc.so.6:write=trace(arg1,arg3)': trace handlers are not supported yet; "
-                               "use count or a LIBRARY.so:FUNCTION callback instead")
+    check_supported(parse_probe("libc.so.6:write=trace(arg1,arg3)"))
 
 
 # -- round trip --------------------------------------------------------------------------------
