@@ -1,4 +1,5 @@
-"""Builds the C runtime that patched programs load (a plain shared object, no Python inside)."""
+"""Builds the C runtime that patched programs load, and the tool's trace reader (plain shared objects,
+no Python inside)."""
 from setuptools import Extension, setup
 
 runtime = Extension(
@@ -9,4 +10,12 @@ runtime = Extension(
     extra_link_args=["-Wl,-z,now", "-Wl,-z,nodelete", "-ldl", "-lpthread"],
 )
 
-setup(ext_modules=[runtime])
+# The reader of trace buffers, for the jprobe tool only (events.py): never loaded into a program.
+events_reader = Extension(
+    "jprobe.runtime_c.libjprobe_events",
+    sources=["jprobe/runtime_c/events_reader.c"],
+    depends=["jprobe/runtime_c/jprobe_ring.h", "jprobe/runtime_c/jprobe_shm.h"],
+    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"],
+)
+
+setup(ext_modules=[runtime, events_reader])
