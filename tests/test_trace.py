@@ -150,6 +150,20 @@ def test_patch_small_ring_counts_every_record_it_drops(build, tmp_path, some_var
     assert (p["hits"], len(p["events"]), p["lost"]) == (2000, kept, 2000 - kept)
 
 
+def test_patch_trap_probe_traces_too(build, tmp_path, some_variant):
+    """A site too short for a jump: the trap handler writes the record the trampoline would."""
+    _, out = _patched(build, tmp_path, some_variant, ["tiny=trace(arg1,rip,rsp)"])
+    _, rep = run_with_report([out, "50", "2"], tmp_path / "r.json")
+    (p,) = rep["probes"]
+    assert (p["mechanism"], p["hits"], p["lost"], len(p["events"])) == ("trap", 100, 0, 100)
+    by_tid = defaultdict(list)
+    for e in p["events"]:
+        by_tid[e["tid"]].append(e["args"])
+    for args in by_tid.values():
+        assert [a["arg1"] for a in args] == list(range(50))
+        assert len({a["rip"] for a in args}) == 1 and all(a["rsp"] % 16 == 8 for a in args)
+
+
 # -- jprobe run: events as they happen ------------------------------------------------------
 
 def _run(build, variant, args, *options, env=None) -> subprocess.CompletedProcess:

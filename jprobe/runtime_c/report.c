@@ -157,20 +157,6 @@ static const char *mechanism_name(unsigned int mech)
 /* A trace probe's events inline in the report; more go to a file of JSON lines. */
 #define JP_REPORT_EVENTS	1000
 
-/* CRC-32 (zlib's), whose low 24 bits are a module's key in trace records. */
-static uint32_t crc32(const char *s)
-{
-	uint32_t c = 0xffffffff;
-	int k;
-
-	for (; *s; s++) {
-		c ^= (unsigned char)*s;
-		for (k = 0; k < 8; k++)
-			c = (c >> 1) ^ (0xedb88320 & -(c & 1));
-	}
-	return ~c;
-}
-
 /* What one walk over the rings does with the records of one probe. */
 struct events {
 	uint64_t key;		/* word 0's probe id and module key */
@@ -220,8 +206,7 @@ static void put_trace(struct buf *b, const struct jp_module *m, const struct jp_
 		      const char *name, size_t len, bool first_name)
 {
 	const char *names = jp_table_string(m, p->trace);
-	uint64_t key = p->id | (uint64_t)(crc32(jp_table_string(m, m->table->module)) & 0xffffff)
-			       << JP_REC_KEY_SHIFT;
+	uint64_t key = p->id | (uint64_t)jp_module_key(m) << JP_REC_KEY_SHIFT;
 	struct events e = { key, names, name, len, NULL, false, 0 };
 	struct buf lines = { 0 };
 	char *path;

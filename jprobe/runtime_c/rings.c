@@ -102,6 +102,41 @@ uint64_t jp_tsc_to_ns(uint64_t tsc)
 				    (int64_t)(tsc_end - tsc_start));
 }
 
+/* The key trace records name module m by: the low 24 bits of zlib's CRC-32 of its plan's path. */
+uint32_t jp_module_key(const struct jp_module *m)
+{
+	const char *s = jp_table_string(m, m->table->module);
+	uint32_t c = 0xffffffff;
+	int k;
+
+	for (; *s; s++) {
+		c ^= (unsigned char)*s;
+		for (k = 0; k < 8; k++)
+			c = (c >> 1) ^ (0xedb88320 & -(c & 1));
+	}
+	return ~c & 0xffffff;
+}
+
+/*
+ * One record as a trace trampoline writes it (`header`, the time stamp,
+ * `values`), for probes served elsewhere (a trap).  Async-signal-safe.
+ */
+void jp_ring_append(struct jp_probe *p, uint64_t header, const uint64_t *values, uint32_t n)
+{
+	struct jp_ring *r = own_ring;
+	uint64_t tsc = __builtin_ia32_rdtsc(), head, i;
+
+	if (!r || (head = r->head) + n + 2 - __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE) > r->mask + 1) {
+		__atomic_fetch_add(&p->lost, 1, __ATOMIC_RELAXED);
+		return;
+	}
+	r->data[head & r->mask] = header;
+	r->data[(head + 1) & r->mask] = tsc;
+	for (i = 0; i < n; i++)
+		r->data[(head + 2 + i) & r->mask] = values[i];
+	__atomic_store_n(&r->head, head + n + 2, __ATOMIC_RELEASE);
+}
+
 /* %fs-relative offset of own_ring; the same in every thread (initial-exec). */
 static int64_t ring_offset(void)
 {
