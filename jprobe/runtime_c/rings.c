@@ -40,6 +40,7 @@
 static __thread struct jp_ring *own_ring __attribute__((tls_model("initial-exec")));
 
 static uint64_t ring_words = JP_RING_WORDS;
+static bool ring_prefault;	/* JPROBE_RING_PREFAULT: rings in memory mapped populated */
 static int tracing;		/* atomic: some module has a trace probe */
 static pthread_key_t exit_key;	/* its destructor closes a thread's ring */
 static bool exit_key_ok;
@@ -52,11 +53,16 @@ static size_t nrings, rings_cap;
 /* Time stamp counter and CLOCK_MONOTONIC read together, at the start and later. */
 static uint64_t tsc_start, ns_start, tsc_end, ns_end;
 
-/* JPROBE_RING_WORDS: rounded up to a power of two, within bounds. */
-void jp_rings_set_words(const char *words)
+/*
+ * JPROBE_RING_WORDS: rounded up to a power of two, within bounds.
+ * JPROBE_RING_PREFAULT (benchmarks): a ring in process memory is mapped
+ * populated, so that the first touch of its pages is not a hit's cost.
+ */
+void jp_rings_set_words(const char *words, const char *prefault)
 {
 	uint64_t n = 0, w = JP_RING_WORDS_MIN;
 
+	ring_prefault = prefault && *prefault && strcmp(prefault, "0");
 	if (!words || !*words)
 		return;
 	n = strtol(words, NULL, 0);
@@ -185,7 +191,8 @@ static struct jp_ring *new_ring(void)
 	if (jp_counters_mapped()) {
 		r = jp_counters_claim(UINT32_MAX, size, false, &rec);
 	} else {
-		r = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		r = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS |
+			 (ring_prefault ? MAP_POPULATE : 0), -1, 0);
 		if (r == MAP_FAILED)
 			r = NULL;
 	}

@@ -7,7 +7,7 @@
 
 #include "tables.h"
 
-void jp_rings_set_words(const char *words);
+void jp_rings_set_words(const char *words, const char *prefault);
 void jp_rings_publish(struct jp_module *m);
 bool jp_rings_wanted(void);
 void jp_ring_attach_thread(void);

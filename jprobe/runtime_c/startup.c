@@ -349,7 +349,8 @@ static void read_environment(char **env)
 	/* report.c sits below: it gets its rescan from here. */
 	jp_report_set_up(env_value(env, "JPROBE_REPORT"), refresh_for_report);
 	jp_set_debug(s && *s && strcmp(s, "0"));
-	jp_rings_set_words(env_value(env, "JPROBE_RING_WORDS"));
+	jp_rings_set_words(env_value(env, "JPROBE_RING_WORDS"),
+			   env_value(env, "JPROBE_RING_PREFAULT"));
 	s = env_value(env, "JPROBE_TRAP");
 	jp_set_ud_traps((s && !strcmp(s, "ud")) || traced());
 	jp_note_exe_path();
