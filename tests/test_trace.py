@@ -210,6 +210,19 @@ def test_run_json_events_of_every_process_however_it_ends(build, tmp_path, some_
     assert (p["hits"], p["lost"], p["events_count"], p["events_file"]) == (len(lines), 0, len(lines), str(events))
 
 
+def test_run_rings_of_ended_threads_are_used_again(build, tmp_path, some_variant):
+    """60 threads one after the other, each with a 32 MiB ring: the counters file (1 GiB at
+    most) holds 32, so without rings read and taken again records would be lost."""
+    events = tmp_path / "events.json"
+    r = _run(build, some_variant, ["10", "61", "serial"], "--json", "--events", events,
+             env={"JPROBE_RING_WORDS": str(1 << 22)})
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stderr[r.stderr.index("{"):])
+    (p,) = report["probes"]
+    assert (p["hits"], p["lost"], p["events_count"]) == (610, 0, 610)
+    _check_calls([json.loads(line) for line in events.read_text().splitlines()], 10, list(range(61)))
+
+
 def test_run_small_ring_counts_every_record_it_drops(build, tmp_path, some_variant):
     events = tmp_path / "events.json"
     r = _run(build, some_variant, ["200000", "2"], "--json", "--events", events, env={"JPROBE_RING_WORDS": "64"})
