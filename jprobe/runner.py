@@ -179,8 +179,16 @@ def _draining(reader: EventReader | None):
         yield None
         return
     sys.stderr.flush()
-    with Drainer(reader) as drainer:
+    # Started with the signals _Forwarding waits for blocked, so that none lands in its thread.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, (*_Forwarding.SIGNALS, signal.SIGCHLD))
+    try:
+        drainer = Drainer(reader).__enter__()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    try:
         yield drainer
+    finally:
+        drainer.__exit__()
 
 
 def _note_events(report: dict, reader: EventReader, path: str | None, error: Exception | None) -> None:
