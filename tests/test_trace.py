@@ -82,6 +82,31 @@ def test_trace_appends_one_record_and_leaves_the_program_alone(seed, flags_live,
     assert rec[2:] == [expected[n] for n in names]
 
 
+def test_reader_takes_rings_from_anywhere(tmp_path):
+    """events.py's reader without a counters file (as attach will use it): a ring in jprobe's
+    own memory, drained to a file; a closed ring read to its end is free again."""
+    import cffi
+    from jprobe.events import EventReader, TraceProbe
+    ffi = cffi.FFI()
+    ring = ffi.new("uint64_t[]", 24 + 16)
+    ring[16], ring[18] = MASK, 2                        # mask; state CLOSED (pid, tid 0)
+    probe = TraceProbe(0x42 | 7 << 24, 'odd "name"', ("arg1", "rax"))
+    records = [probe.key | 4 << 48, 1000, 5, 2**64 - 1, 0x99 | 7 << 24 | 2 << 48, 1001, probe.key | 4 << 48, 1002, 6, 7]
+    for i, w in enumerate(records):
+        ring[24 + i] = w
+    ring[0] = len(records)
+    out = tmp_path / "out.json"
+    with open(out, "w") as f:
+        reader = EventReader([probe], f.fileno(), True)
+        reader.add_ring(int(ffi.cast("uintptr_t", ring)))
+        assert reader.poll() == 2 and reader.dropped() == (1, 0) and reader.events_of(probe) == 2
+        reader.close()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(e["probe"], e["args"]) for e in lines] == [('odd "name"', {"arg1": 5, "rax": 2**64 - 1}),
+                                                       ('odd "name"', {"arg1": 6, "rax": 7})]
+    assert ring[8] == len(records) and ring[18] == 0      # tail at head; FREE
+
+
 # -- jprobe patch: events in the report ------------------------------------------------------
 
 def _patched(build, tmp_path, variant, probes=(SPEC,)):
