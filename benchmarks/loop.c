@@ -13,6 +13,12 @@ __asm__(".text\n.p2align 4\n"
 	".globl target\n.type target, @function\ntarget:\n\tlea 1(%rdi), %eax\n\tret\n.size target, .-target\n"
 	".globl after\n.type after, @function\nafter:\n\tlea -1(%rdi), %eax\n\tret\n.size after, .-after\n");
 long target(long i);
+#elif defined(RDTSC_TARGET)
+/* For the time stamp's own cost: `target` reads the time stamp counter, as a trace probe does. */
+__attribute__((noipa, noinline)) long target(long i)
+{
+	return i ^ (__builtin_ia32_rdtsc() >> 3);
+}
 #else
 __attribute__((noipa, noinline)) long target(long i)
 {

@@ -86,7 +86,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.report:
         from .output import check_writable
         check_writable(args.report, "--report")    # before the program's side effects, not after
-    status, report = run(command, parse_probes(args.probe), strict=args.strict)
+    status, report = run(command, parse_probes(args.probe), strict=args.strict, events=args.events,
+                         events_json=args.json)
     text = json.dumps(report, indent=1) + "\n" if args.json or args.report else format_report(report)
     if args.report:
         from .counters import never_loaded
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("run", parents=[common], help="run a command with the probes applied as it loads")
     u.add_argument("-p", "--probe", action="append", default=[], metavar="PROBE")
     u.add_argument("--report", metavar="FILE", help="write the JSON report to FILE instead of stderr")
-    u.add_argument("--json", action="store_true", help="print the report as JSON")
+    u.add_argument("--json", action="store_true", help="print the report, and trace events, as JSON")
+    u.add_argument("--events", metavar="FILE", help="write trace events to FILE instead of stderr")
     u.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     u.set_defaults(func=_cmd_run)
 

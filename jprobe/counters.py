@@ -52,6 +52,7 @@ class Tally:
     missed: defaultdict = field(default_factory=_per_pid)     # callback not run: already in one
     skipped: defaultdict = field(default_factory=_per_pid)    # callback not run: not resolved yet
     ret_missed: defaultdict = field(default_factory=_per_pid)  # %return: calls whose return went unseen
+    lost: defaultdict = field(default_factory=_per_pid)       # trace records dropped: buffer full or none
     errors: list[str] = field(default_factory=list)           # the messages the processes left
     settled: dict = field(default_factory=dict)               # {key: TRAP}: fell back at run time
     unpatched: set = field(default_factory=set)               # keys whose site a process left alone
@@ -66,7 +67,7 @@ def _table_probes(payload: bytes, n: int):
 
 def tally(path: str, modules: list[PlannedModule]) -> Tally:
     """Everything the counters file says: hits per pid (TABLE and BLOCK records), why
-    callbacks did not run (TABLE records: missed and skipped are counted only there), which
+    callbacks did not run (TABLE records: missed, skipped and lost are counted only there), which
     probes the runtime settled otherwise than planned, and the errors."""
     with open(path, "rb") as f:
         data = f.read()
@@ -87,6 +88,7 @@ def tally(path: str, modules: list[PlannedModule]) -> Tally:
                 out.missed[key][pid] += probe.missed
                 out.skipped[key][pid] += probe.skipped
                 out.ret_missed[key][pid] += probe.ret_missed
+                out.lost[key][pid] += probe.lost
                 if probe.mechanism == trap:
                     out.settled[key] = Mechanism.TRAP
                 if probe.flags & unpatched:
@@ -130,7 +132,7 @@ def build_report(path: str, modules: list[PlannedModule], pid: int, executable: 
         probe, key = modules[i].plan.probes[j], (i, j)
         e = {"probe": name, "module": modules[i].plan.module, "address": f"{probe.address:#x}",
              "mechanism": t.settled.get(key, probe.mechanism), "handler": probe.handler,
-             "hits": t.hits[key].get(one_pid, 0), "lost": 0}
+             "hits": t.hits[key].get(one_pid, 0), "lost": t.lost[key].get(one_pid, 0)}
         if key in returns:
             e["returns_missed"] = t.ret_missed[key].get(one_pid, 0)
         if key in callbacks:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import re
+import zlib
 from pathlib import Path
 
 import cffi
@@ -57,3 +58,9 @@ def offsetof(struct: str, field: str) -> int:
 
 def sizeof(struct: str) -> int:
     return ffi.sizeof(f"struct {struct}")
+
+
+def module_key(module_path: str) -> int:
+    """The key trace records name their module by (jprobe_ring.h): the low 24 bits of the
+    CRC-32 of its path as the plan names it."""
+    return zlib.crc32(module_path.encode()) & 0xFFFFFF

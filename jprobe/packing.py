@@ -210,6 +210,8 @@ def pack(plan: ModulePlan, read: Reader, check: bool = True) -> bytes:
     previous = 0
     for i in range(tab.nprobes):
         p = probes[i]
+        # Trace probes (handler 2) are not packed: their trampolines fit no template, and a
+        # program traced is probed at a few sites, where packing gains nothing.
         if p.flags & ~_FLAG_BITS or p.mechanism > 3 or p.handler > 1:
             raise ValueError("a probe the packed format cannot describe")
         strings = i not in by_spec or p.lib or p.func

@@ -307,6 +307,13 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         else:
             arch.emit_count(buf, hits, index, table + layout.offsetof("jp_table", "tls_off"), site.flags_live,
                             red_zone=red_zone)
+        if probe.spec.handler.kind == "trace":
+            args = probe.spec.handler.args
+            header = arch.trace_header(index, layout.module_key(os.path.abspath(module.path)), len(args))
+            arch.emit_trace(buf, table + layout.offsetof("jp_table", "ring_off"),
+                            desc + layout.offsetof("jp_probe", "lost"), header, arch.trace_values(args),
+                            probe.address, site.flags_live, red_zone=red_zone,
+                            rsp_above=8 if site.call_retarget else 0)
         if returns is not None:
             arch.emit_hijack(buf, return_label, table + layout.offsetof("jp_table", "rstack_off"),
                              returns.desc + layout.offsetof("jp_probe", "ret_missed"), site.flags_live)

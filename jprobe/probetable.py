@@ -67,6 +67,9 @@ def encode(module_path: str, data_vaddr: int, probes: list[TableProbe],
         if plan.target != address_spec(plan.address):
             d.spec = strings.add(plan.target)
         d.handler = layout.HANDLERS["count" if callback is None else "callback"]
+        if plan.handler.startswith("trace"):           # "trace" or "trace(arg1,rax)": the names
+            d.handler = layout.HANDLERS["trace"]
+            d.trace = strings.add(plan.handler[len("trace("):-1])
         d.mechanism = layout.MECHANISMS[plan.mechanism]
         d.id = i
         d.flags = (layout.CONST["JP_PROBE_X87"] if x87 else 0) | (layout.CONST["JP_PROBE_RETURN"] if on_return else 0)

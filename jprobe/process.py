@@ -120,6 +120,10 @@ class Process:
             if self.detached:
                 raise AttachError(f"process {self.pid}: detached already; attach again")
             parsed = parse_probes(list(specs))
+            for spec in parsed:
+                if spec.handler.kind == "trace":
+                    raise HandlerError(f"'{spec.text}': trace handlers are not supported by attach yet; "
+                                       f"use `jprobe run` or `jprobe patch`, or count")
             if handler is not None:
                 parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
             absent = {name for name in {spec.module for spec in parsed} - {None} if self._session.loaded(name) is None}

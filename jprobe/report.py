@@ -3,7 +3,8 @@
 A report is ``{"pid": ..., "executable": ..., "probes": [PROBE, ...], "errors": [...]}`` where
 each PROBE holds ``probe``, ``module``, ``address``, ``mechanism``, ``handler``, ``hits``,
 ``lost`` and optionally ``by_pid`` (``{"1234": N, ...}``), ``events`` (trace records),
-``events_file`` (where the trace records went), ``loaded: false`` (its module never
+``events_file`` or ``events_to`` (where the trace records went: a file, or "stderr"),
+``events_count`` (how many went there), ``loaded: false`` (its module never
 loaded), ``patched: false`` (its site was left as it was), and for a C callback ``missed``
 and ``callback_skipped`` (hits whose callback did not run: the thread was already in a
 callback, or the callback was not resolved yet), and for a ``%return`` probe ``returns_missed``
@@ -114,8 +115,9 @@ def format_report(report: dict) -> str:
         if isinstance(events, list):
             noun = "event" if len(events) == 1 else "events"
             lines.append(f"  {len(events)} trace {noun} recorded (see the JSON report)")
-        if p.get("events_file"):
-            lines.append(f"  trace events written to {p['events_file']}")
+        if p.get("events_file") or p.get("events_to"):
+            count = f"{_int(p['events_count'])} " if "events_count" in p else ""
+            lines.append(f"  {count}trace events written to {p.get('events_file') or p['events_to']}")
     for err in report.get("errors") or []:
         lines.append(f"error: {_error_text(err)}")
     return "\n".join(lines) + "\n"

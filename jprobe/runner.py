@@ -10,7 +10,8 @@ import sys
 import tempfile
 import threading
 
-from . import arch, counters
+from . import arch, counters, layout
+from .events import Drainer, EventReader, TraceProbe, record_key, trace_args, tsc_note
 from .chooser import Policy
 from .elf import ElfModule
 from .errors import JprobeError
@@ -19,7 +20,7 @@ from .planfile import PlannedModule, encode, identity
 from .planner import cycles_uncollected, resolve_probes
 from .room import Room, RoomFor, plan_in_room
 from .runtime import runtime_library
-from .spec import ProbeSpec, check_supported
+from .spec import ProbeSpec
 
 ALIGN = 0x10000
 
@@ -37,7 +38,6 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
     by_module: dict[str, tuple[str, list[ProbeSpec]]] = {}
     paths: dict[str | None, str] = {None: program}      # each MODULE searched for once
     for spec in specs:
-        check_supported(spec)
         if spec.module not in paths:
             paths[spec.module] = find_module(spec.module, main)
         by_module.setdefault(paths[spec.module], (spec.module or "", []))[1].append(spec)
@@ -107,35 +107,107 @@ def found_later(program: str, specs: list[ProbeSpec]) -> list[ProbeSpec]:
     return later
 
 
-def run(command: list[str], specs: list[ProbeSpec], strict: bool = False) -> tuple[int, dict]:
-    """Run `command` under the probes; its exit status (as a shell reports it) and the report."""
+def run(command: list[str], specs: list[ProbeSpec], strict: bool = False, events: str | None = None,
+        events_json: bool = False) -> tuple[int, dict]:
+    """Run `command` under the probes; its exit status (as a shell reports it) and the report.
+    Trace events go to stderr as they happen, or to the file `events`; JSON lines with
+    `events_json`."""
     program = find_program(command[0])
     later = found_later(program, specs)
     modules = plan_modules(program, [s for s in specs if s not in later], strict)
     notes = rewritten_elsewhere(program, modules)
+    traced = trace_probes(modules)
+    if traced and tsc_note():
+        notes.append(tsc_note())
     for note in notes:
         sys.stderr.write(f"jprobe: note: {note}\n")
-    with _Forwarding() as forwarding, tempfile.TemporaryDirectory(prefix="jprobe-run-") as work:
+    with _Forwarding() as forwarding, tempfile.TemporaryDirectory(prefix="jprobe-run-") as work, \
+            _events_out(events if traced else None) as out:
         plan_path, counters_path = os.path.join(work, "plan"), os.path.join(work, "counters")
         with open(plan_path, "wb") as f:
             f.write(encode(modules))
         counters.create(counters_path, len(modules))
+        reader = EventReader(traced, out, events_json, counters_path) if traced else None
         env = dict(os.environ, JPROBE_PLAN=plan_path, JPROBE_COUNTERS=counters_path)
         # Preloaded, the runtime patches what is mapped at start-up; as an audit library (the
         # same file) it patches what dlopen() maps later, before that code runs.
         for var in ("LD_PRELOAD", "LD_AUDIT"):
             env[var] = _prepend(runtime_library(), os.environ.get(var))
         env.pop("JPROBE_REPORT", None)
-        with _Later(later, strict, env) as waiting:
+        with _Later(later, strict, env) as waiting, _draining(reader) as drainer:
             # close_fds=False: the program inherits every descriptor jprobe was given (make's
             # jobserver, `5>file`), as under perf stat or strace; jprobe's own are close-on-exec.
             proc = subprocess.Popen(command, executable=program, env=env, close_fds=False)
             waiting.attach(proc.pid)
             status = forwarding.wait(proc, waiting.lock)
         report = counters.build_report(counters_path, modules, proc.pid, program)
+        if reader is not None:
+            _note_events(report, reader, events, drainer.error)
+            reader.close()
     report["probes"] += waiting.probes
     report["errors"] = notes + report["errors"] + waiting.errors
     return (128 - status if status < 0 else status), report
+
+
+def trace_probes(modules: list[PlannedModule]) -> list[TraceProbe]:
+    """The trace probes of the plans, as the event reader knows them (aliases by their first name)."""
+    return [TraceProbe(record_key(m.plan.module, j), probe.target.split("\n")[0], args)
+            for m in modules for j, probe in enumerate(m.plan.probes)
+            if (args := trace_args(probe.handler)) is not None]
+
+
+@contextlib.contextmanager
+def _events_out(path: str | None):
+    """The descriptor trace events go to: stderr, or the file `path`, made anew."""
+    if path is None:
+        yield sys.stderr.fileno()
+        return
+    from .output import check_writable
+    check_writable(path, "--events")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _draining(reader: EventReader | None):
+    """The reader drained while the program runs, and once more after it has ended."""
+    if reader is None:
+        yield None
+        return
+    sys.stderr.flush()
+    # Started with the signals _Forwarding waits for blocked, so that none lands in its thread.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, (*_Forwarding.SIGNALS, signal.SIGCHLD))
+    try:
+        drainer = Drainer(reader).__enter__()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    try:
+        yield drainer
+    finally:
+        drainer.__exit__()
+
+
+def _note_events(report: dict, reader: EventReader, path: str | None, error: Exception | None) -> None:
+    """Where each trace probe's events went, and how many (under its first name)."""
+    by_name = {(p.name, p.key >> layout.CONST["JP_REC_KEY_SHIFT"]): p for p in reader.probes}
+    for entry in report["probes"]:
+        probe = by_name.get((entry["probe"], layout.module_key(entry["module"])))
+        if probe is None:
+            continue
+        entry["events_count"] = reader.events_of(probe)
+        if path is not None:
+            entry["events_file"] = os.path.abspath(path)
+        else:
+            entry["events_to"] = "stderr"
+    unknown, corrupt = reader.dropped()
+    if corrupt:
+        report["errors"].append(f"trace: {corrupt} ring(s) held records that did not parse (a signal handler "
+                                f"traced in the middle of a record of its own thread); the rest of each was skipped")
+    if error is not None:
+        report["errors"].append(str(error))
 
 
 class _Later:

@@ -33,7 +33,6 @@ __all__ = [
     "ProbeSpec",
     "parse_probe",
     "parse_probes",
-    "check_supported",
     "TRACE_REGISTERS",
     "TRACE_ARGS",
 ]
@@ -245,14 +244,6 @@ def parse_probes(texts: Iterable[str]) -> list[ProbeSpec]:
         seen[key] = spec.text
         specs.append(spec)
     return specs
-
-
-def check_supported(spec: ProbeSpec) -> None:
-    """Raise SpecError for grammar this version cannot run yet (``trace``)."""
-    name = spec.text or str(spec)
-    if spec.handler.kind == "trace":
-        raise SpecError(f"'{name}': trace handlers are not supported yet; "
-                        "use count or a LIBRARY.so:FUNCTION callback instead")
 
 
 # --------------------------------------------------------------------------------------------

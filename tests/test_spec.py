@@ -12,7 +12,6 @@ from jprobe.spec import (
     TRACE_REGISTERS,
     Handler,
     ProbeSpec,
-    check_supported,
     parse_probe,
     parse_probes,
 )
@@ -296,7 +295,7 @@ def test_handler_validates_kind():
         Handler("callback", library="./h.so")
 
 
-# -- parse_probes / check_supported ------------------------------------------------------------
+# -- parse_probes -----------------------------------------------------------------------------
 
 def test_parse_probes_keeps_order():
     specs = parse_probes(["main", "libc.so.6:malloc", "compute+0x1a=./h.so:on_hit"])
@@ -320,17 +319,6 @@ def test_parse_probes_rejects_duplicates():
     assert str(info.value) == "probe 'main=count' is given twice (also as 'main'); drop one"
     # same site, different handlers or entry/return: distinct probes
     assert len(parse_probes(["main", "main=./h.so:f", "main%return", "main+0x0=trace"])) == 4
-
-
-def test_check_supported():
-    check_supported(parse_probe("main"))
-    check_supported(parse_probe("compute+0x1a=./h.so:on_hit"))
-    check_supported(parse_probe("0x401136"))
-    check_supported(parse_probe("libc.so.6:malloc%return"))
-    with pytest.raises(SpecError) as info:
-        check_supported(parse_probe("libc.so.6:write=trace(arg1,arg3)"))
-    assert str(info.value) == ("'libc.so.6:write=trace(arg1,arg3)': trace handlers are not supported yet; "
-                               "use count or a LIBRARY.so:FUNCTION callback instead")
 
 
 # -- round trip --------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ..planner import cycles_uncollected, resolve_probes
 from ..probetable import TABLE_SIZE
 from ..room import Room, plan_in_room
 from ..runtime import runtime_library
-from ..spec import ProbeSpec, check_supported
+from ..spec import ProbeSpec
 
 PAGE = 0x1000
 POINTER = 8
@@ -356,7 +356,6 @@ def patch_file(input_path: str, output: str, specs: list[ProbeSpec], strict: boo
     if not specs:
         raise JprobeError("patch: no probe given; add at least one probe (e.g. -p main)")
     for spec in specs:
-        check_supported(spec)
         if spec.module is not None:
             raise JprobeError(f"'{spec.text}': `jprobe patch` rewrites one file; drop the '{spec.module}:' "
                               f"prefix, or use `jprobe run` to probe a loaded library")

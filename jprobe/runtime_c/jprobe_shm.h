@@ -15,6 +15,11 @@
  * is complete once its `kind` is non-zero (written last); readers skip an
  * incomplete one by its `size` and `payload`, and stop at one whose process
  * died before writing even those.
+ *
+ * A RING record is a thread's trace buffer, read while the tree runs: when
+ * its thread ends it is JP_RING_CLOSED; the reader, once it has read it to
+ * the end, makes it JP_RING_FREE, and a new thread of the same process may
+ * take it (JP_RING_OWNED, its pid and tid rewritten before any record).
  */
 #ifndef JPROBE_SHM_H
 #define JPROBE_SHM_H
@@ -47,6 +52,7 @@ enum {
 	JP_SHM_TABLE = 1,	/* payload: the module's data region (struct jp_table, probes, strings) */
 	JP_SHM_BLOCK = 2,	/* payload: uint64_t hits[nprobes] of one thread */
 	JP_SHM_ERROR = 3,	/* payload: a NUL-terminated message */
+	JP_SHM_RING = 4,	/* payload: a thread's struct jp_ring (jprobe_ring.h) */
 };
 
 #endif /* JPROBE_SHM_H */

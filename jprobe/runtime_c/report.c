@@ -6,6 +6,7 @@
  */
 #include "report.h"
 #include "modules.h"
+#include "rings.h"
 #include "threads.h"
 
 #include <errno.h>
@@ -153,9 +154,100 @@ static const char *mechanism_name(unsigned int mech)
 	}
 }
 
+/* A trace probe's events inline in the report; more go to a file of JSON lines. */
+#define JP_REPORT_EVENTS	1000
+
+/* What one walk over the rings does with the records of one probe. */
+struct events {
+	uint64_t key;		/* word 0's probe id and module key */
+	const char *names;	/* trace(...)'s argument names, "arg1,rax" */
+	const char *probe;	/* the probe's name, for the events file */
+	size_t probe_len;
+	struct buf *b;		/* where they are written, NULL: only counted */
+	bool lines;		/* JSON lines of their own (the events file) */
+	uint64_t n;
+};
+
+static void put_event(void *arg, const struct jp_ring *r, const uint64_t *rec, uint32_t words)
+{
+	struct events *e = arg;
+	const char *name = e->names;
+	uint32_t i;
+
+	if ((rec[0] & ((UINT64_C(1) << JP_REC_WORDS_SHIFT) - 1)) != e->key)
+		return;
+	if (e->b) {
+		if (e->lines) {
+			putf(e->b, "{\"t_ns\": %" PRIu64 ", \"tid\": %u, \"pid\": %u, \"probe\": ",
+			     jp_tsc_to_ns(rec[1]), r->tid, r->pid);
+			put_json_chars(e->b, e->probe, e->probe_len);
+			puts_(e->b, ", \"args\": {");
+		} else {
+			putf(e->b, "%s{\"t_ns\": %" PRIu64 ", \"tid\": %u, \"args\": {",
+			     e->n ? ", " : "", jp_tsc_to_ns(rec[1]), r->tid);
+		}
+		for (i = 2; i < words && *name; i++) {
+			const char *end = strchrnul(name, ',');
+
+			putf(e->b, "%s\"%.*s\": %" PRIu64, i > 2 ? ", " : "", (int)(end - name), name,
+			     rec[i]);
+			name = *end ? end + 1 : end;
+		}
+		puts_(e->b, e->lines ? "}}\n" : "}}");
+	}
+	e->n++;
+}
+
+/*
+ * A trace probe's handler, lost records and events: inline when few, else
+ * (once, for its first name) as JSON lines in PATH.PID.events.
+ */
+static void put_trace(struct buf *b, const struct jp_module *m, const struct jp_probe *p,
+		      const char *name, size_t len, bool first_name)
+{
+	const char *names = jp_table_string(m, p->trace);
+	uint64_t key = p->id | (uint64_t)jp_module_key(m) << JP_REC_KEY_SHIFT;
+	struct events e = { key, names, name, len, NULL, false, 0 };
+	struct buf lines = { 0 };
+	char *path;
+	int fd;
+
+	jp_rings_each_record(put_event, &e);
+	putf(b, ", \"lost\": %" PRIu64, __atomic_load_n(&p->lost, __ATOMIC_RELAXED));
+	if (e.n <= JP_REPORT_EVENTS) {
+		puts_(b, ", \"events\": [");
+		e.b = b;
+		e.n = 0;
+		jp_rings_each_record(put_event, &e);
+		puts_(b, "]");
+		return;
+	}
+	path = malloc(strlen(report_path) + 32);
+	if (!path)
+		return;
+	snprintf(path, strlen(report_path) + 32, "%s.%d.events", report_path, (int)getpid());
+	if (first_name) {
+		e.b = &lines;
+		e.lines = true;
+		e.n = 0;
+		jp_rings_each_record(put_event, &e);
+		fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0666);
+		if (fd >= 0) {
+			if (!lines.oom)
+				write(fd, lines.p, lines.len);
+			close(fd);
+		}
+		free(lines.p);
+	}
+	puts_(b, ", \"events_file\": ");
+	put_json_string(b, path);
+	putf(b, ", \"events_count\": %" PRIu64, e.n);
+	free(path);
+}
+
 /* The entry of one name of probe `p` (the first `len` bytes of `name`). */
 static void put_probe(struct buf *b, const struct jp_module *m,
-		      const struct jp_probe *p, const char *name, size_t len)
+		      const struct jp_probe *p, const char *name, size_t len, bool first_name)
 {
 	puts_(b, "{\"probe\": ");
 	put_json_chars(b, name, len);
@@ -169,11 +261,16 @@ static void put_probe(struct buf *b, const struct jp_module *m,
 
 		put_json_string(b, h ? h : "callback");
 		free(h);
+	} else if (p->handler == JP_HANDLER_TRACE) {
+		putf(b, p->trace ? "\"trace(%s)\"" : "\"trace\"", jp_table_string(m, p->trace));
 	} else {
 		puts_(b, "\"count\"");
 	}
-	putf(b, ", \"hits\": %" PRIu64 ", \"lost\": 0",
-	     jp_probe_hits(m, p - jp_probes_of(m)));
+	putf(b, ", \"hits\": %" PRIu64, jp_probe_hits(m, p - jp_probes_of(m)));
+	if (p->handler == JP_HANDLER_TRACE)
+		put_trace(b, m, p, name, len, first_name);
+	else
+		puts_(b, ", \"lost\": 0");
 	if (p->handler == JP_HANDLER_CALLBACK)
 		putf(b, ", \"missed\": %" PRIu64 ", \"callback_skipped\": %" PRIu64,
 		     __atomic_load_n(&p->missed, __ATOMIC_RELAXED),
@@ -209,12 +306,12 @@ static bool build_report(struct buf *b)
 		for (j = 0; j < m->table->nprobes; j++) {
 			/* aliases at one address: one site, one line of its spec per name */
 			const struct jp_probe *p = &jp_probes_of(m)[j];
-			const char *name = jp_table_string(m, p->spec), *end;
+			const char *spec = jp_table_string(m, p->spec), *name = spec, *end;
 
 			do {
 				end = strchrnul(name, '\n');
 				puts_(b, first ? "\n  " : ",\n  ");
-				put_probe(b, m, p, name, end - name);
+				put_probe(b, m, p, name, end - name, name == spec);
 				first = false;
 				name = end + 1;
 			} while (*end);

@@ -25,6 +25,7 @@
  * floor 2  features: each serves one mechanism and knows only what it
  *	    builds on
  *	shm.c		the counters file of `jprobe run` (jprobe_shm.h)
+ *	rings.c		each thread's trace buffer, in that file or in memory
  *	threads.c	per-thread counter blocks, the callback guard
  *	returns.c	%return probes' per-thread return stacks, and the
  *			unwinder's entry points kept off them

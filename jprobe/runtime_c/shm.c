@@ -82,6 +82,12 @@ bool jp_counters_open(const char *path)
 	return true;
 }
 
+/* The counters file is open and mapped: `jprobe run` started us. */
+bool jp_counters_mapped(void)
+{
+	return shm_base != NULL;
+}
+
 /*
  * The counters file's descriptor, or -1 when the program closed it (daemons
  * close every descriptor they did not open): the number may be one of the

@@ -8,6 +8,7 @@
 #include "rt.h"
 
 bool jp_counters_open(const char *path);
+bool jp_counters_mapped(void);
 int jp_counters_fd(void);
 uint64_t jp_counters_offset(const void *payload);
 void *jp_counters_claim(uint32_t module, uint64_t size, bool page_aligned,

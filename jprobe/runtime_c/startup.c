@@ -40,6 +40,7 @@
 #include "islands.h"
 #include "modules.h"
 #include "report.h"
+#include "rings.h"
 #include "shm.h"
 #include "returns.h"
 #include "threads.h"
@@ -228,6 +229,7 @@ static void atfork_child(void)
 			jp_zero_counts(&p[j]);
 	}
 	jp_blocks_child_fork();
+	jp_rings_child_fork();
 	jp_placed_child_fork();
 	jp_modules_child_fork();
 }
@@ -349,6 +351,8 @@ static void read_environment(char **env)
 	/* report.c sits below: it gets its rescan from here. */
 	jp_report_set_up(env_value(env, "JPROBE_REPORT"), refresh_for_report);
 	jp_set_debug(s && *s && strcmp(s, "0"));
+	jp_rings_set_words(env_value(env, "JPROBE_RING_WORDS"),
+			   env_value(env, "JPROBE_RING_PREFAULT"));
 	s = env_value(env, "JPROBE_TRAP");
 	jp_set_ud_traps((s && !strcmp(s, "ud")) || traced());
 	jp_note_exe_path();

@@ -13,6 +13,7 @@
  * whose hits need no folding.
  */
 #include "threads.h"
+#include "rings.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -142,6 +143,7 @@ void jp_count_per_thread(struct jp_module *m)
 				 __ATOMIC_RELEASE);
 		__atomic_store_n(&counting, 1, __ATOMIC_RELEASE);
 	}
+	jp_rings_publish(m);
 }
 
 /* A module loaded again: the blocks of its old incarnation start from zero. */
@@ -366,13 +368,14 @@ static void *start_thread(void *arg)
 	attach_thread();
 	for (i = 0; i < n; i++)
 		start_hooks[i]();
+	jp_ring_attach_thread();
 	errno = saved_errno;	/* the thread starts as it would without us */
 	return fn(fn_arg);
 }
 
 /*
- * Interposed, so that threads count in blocks of their own from their
- * first instruction.  Threads created behind our back (a runtime loaded by
+ * Interposed, so that threads count in blocks of their own, and trace
+ * into rings of their own (rings.c), from their first instruction.  Threads created behind our back (a runtime loaded by
  * dlopen() is not ahead of libc), or while all start slots are busy, just
  * use the shared counters.
  */
@@ -388,6 +391,8 @@ JP_EXPORT int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
 		return EAGAIN;
 	if ((!__atomic_load_n(&counting, __ATOMIC_ACQUIRE) &&
 	     !__atomic_load_n(&nstart_hooks, __ATOMIC_ACQUIRE)) || !(s = get_start()))
+	if ((!__atomic_load_n(&counting, __ATOMIC_ACQUIRE) && !jp_rings_wanted()) ||
+	    !(s = get_start()))
 		return real(thread, attr, fn, arg);
 	s->fn = fn;
 	s->arg = arg;

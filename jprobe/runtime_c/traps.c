@@ -10,6 +10,7 @@
  * writing it back to run the site again.
  */
 #include "traps.h"
+#include "rings.h"
 #include "threads.h"
 #include "sys.h"
 
@@ -252,6 +253,51 @@ static void serve_callback(const struct jp_trap_site *site, greg_t *gr)
 	}
 	run_callback(site, cb, gr);
 	jp_leave_callback();
+}
+
+/* The value of one of trace(...)'s names (spec.py's TRACE_ARGS) in the trapped state. */
+static uint64_t trace_value(const char *name, size_t len, const greg_t *gr, uint64_t pc)
+{
+	static const char *const names[] = {
+		"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10",
+		"r11", "r12", "r13", "r14", "r15", "arg1", "arg2", "arg3", "arg4", "arg5", "arg6",
+	};
+	static const int regs[] = {
+		REG_RAX, REG_RBX, REG_RCX, REG_RDX, REG_RSI, REG_RDI, REG_RBP, REG_RSP, REG_R8,
+		REG_R9, REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15,
+		REG_RDI, REG_RSI, REG_RDX, REG_RCX, REG_R8, REG_R9,
+	};
+	size_t i;
+
+	for (i = 0; i < sizeof(regs) / sizeof(regs[0]); i++)
+		if (strlen(names[i]) == len && !memcmp(names[i], name, len))
+			return gr[regs[i]];
+	return pc;		/* "rip" */
+}
+
+/* A trace probe's hit: its record, as its trampoline would write it (rings.c). */
+static void serve_trace(const struct jp_trap_site *site, const greg_t *gr, uint64_t pc)
+{
+	struct jp_probe *p = site->probe;
+	int i, n = jp_module_count();
+	uint64_t values[32];
+	uint32_t nv = 0;
+	const char *name, *end;
+
+	for (i = 0; i < n; i++) {
+		const struct jp_module *m = jp_module_at(i);
+
+		if (p >= jp_probes_of(m) && p < jp_probes_of(m) + m->table->nprobes)
+			break;
+	}
+	if (i == n || p->handler != JP_HANDLER_TRACE)
+		return;
+	for (name = jp_table_string(jp_module_at(i), p->trace); *name && nv < 32; name = end + !!*end) {
+		end = strchrnul(name, ',');
+		values[nv++] = trace_value(name, end - name, gr, pc);
+	}
+	jp_ring_append(p, p->id | (uint64_t)jp_module_key(jp_module_at(i)) << JP_REC_KEY_SHIFT |
+		       (uint64_t)(nv + 2) << JP_REC_WORDS_SHIFT, values, nv);
 }
 
 /*
@@ -508,7 +554,10 @@ static void trap_handler(int sig, siginfo_t *si, void *ucv)
 	}
 	for (i = 0; i < n; i++) {
 		__atomic_fetch_add(&site[i].probe->hits, 1, __ATOMIC_RELAXED);
-		serve_callback(&site[i], gr);
+		if (site[i].probe->handler == JP_HANDLER_TRACE)
+			serve_trace(&site[i], gr, pc);
+		else
+			serve_callback(&site[i], gr);
 	}
 	gr[REG_RIP] = site->resume;
 	errno = saved_errno;

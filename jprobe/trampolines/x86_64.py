@@ -582,6 +582,107 @@ def emit_count(buf: CodeBuffer, hits: Address, probe_id: int, tls_off: Address, 
     buf.label(done)
 
 
+SYSV_ARGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")           # arg1..arg6
+_RING = {name: layout.offsetof("jp_ring", name) for name in ("head", "tail", "mask", "data")}
+_REC_SHIFT = {name: layout.CONST[f"JP_REC_{name}_SHIFT"] for name in ("KEY", "WORDS", "FLAGS")}
+# What a trace trampoline pushes, in push order: rdtsc writes rax and rdx, rcx holds the ring,
+# rsi the index of the word written, rdi the word.
+_TRACE_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi")
+
+
+@dataclass(frozen=True)
+class TraceValue:
+    """Where one word of a trace record comes from, in the program's state as the trampoline
+    starts: register `base` (`rsp` and `rip` as the program sees them), the qword at [base +
+    disp] when `disp` is given, and with `since` the time stamp less that (a duration). A
+    return trampoline names its saved entry arguments as qwords relative to a register."""
+
+    base: str
+    disp: int | None = None
+    since: bool = False
+
+
+def trace_values(names: Sequence[str]) -> list[TraceValue]:
+    """The values `trace(names)` records at a probe: argN are the SysV argument registers."""
+    return [TraceValue(SYSV_ARGS[int(n[3:]) - 1] if n.startswith("arg") else n) for n in names]
+
+
+def trace_header(probe_id: int, module_key: int, nvalues: int, flags: int = 0) -> int:
+    """Word 0 of a trace record (jprobe_ring.h)."""
+    return (probe_id | module_key << _REC_SHIFT["KEY"] | (2 + nvalues) << _REC_SHIFT["WORDS"]
+            | flags << _REC_SHIFT["FLAGS"])
+
+
+def _load_trace_value(buf: CodeBuffer, value: TraceValue, saved: int, program_rsp: int, site: int) -> None:
+    """rdi = `value`; the registers of _TRACE_SAVED are in their pushed slots from [rsp +
+    saved] up, the program's rsp is rsp + program_rsp, rax holds the time stamp."""
+    def slot(reg: str) -> str:
+        return f"rsp + {saved + 8 * (len(_TRACE_SAVED) - 1 - _TRACE_SAVED.index(reg))}"
+
+    base = value.base
+    if base == "rip":
+        buf.rip("lea rdi, [rip]", site)
+    elif base == "rsp":
+        buf.emit(f"lea rdi, [rsp + {program_rsp}]")
+    elif base in _TRACE_SAVED:
+        buf.emit(f"mov rdi, qword ptr [{slot(base)}]")
+    else:
+        buf.emit(f"mov rdi, {base}")
+    if value.disp is not None:
+        buf.emit(f"mov rdi, qword ptr [rdi + {value.disp}]")
+    if value.since:
+        buf.emit("neg rdi; add rdi, rax")
+
+
+def emit_trace(buf: CodeBuffer, ring_off: Address, lost: Address, header: int, values: Sequence[TraceValue],
+               site: int, flags_live: bool, red_zone: bool = True, rsp_above: int = 0) -> None:
+    """Append one record (jprobe_ring.h: `header`, the time stamp, `values`) to the thread's
+    ring, or count it in `lost` when the thread has no ring or the ring no room; registers
+    and live flags are left as they were. No lock, no system call: a reader frees room.
+
+    `ring_off`: the table's ring_off (the %fs offset of the thread's ring pointer); `site`:
+    what `rip` records; `rsp_above`: bytes the program's rsp is above the trampoline's on
+    entry (8 in a retargeted call). Flags go through lahf/seto as in emit_count.
+    """
+    skip = RED_ZONE if red_zone else 0
+    full, done = buf.fresh("ring_full"), buf.fresh("traced")
+    words = 2 + len(values)
+    data = _RING["data"]
+    buf.emit(f"lea rsp, [rsp - {skip}]")
+    for reg in _TRACE_SAVED:
+        buf.emit(f"push {reg}")
+    frame = 8 * len(_TRACE_SAVED)
+    if flags_live:
+        buf.emit("lahf; seto al; push rax")
+    buf.emit("rdtsc; shl rdx, 32; or rax, rdx")
+    buf.rip("mov rcx, qword ptr [rip]", ring_off)          # the flags are saved or dead from here
+    buf.emit("test rcx, rcx")
+    buf.jcc(0x4, full)                                    # jz
+    buf.emit("mov rcx, qword ptr fs:[rcx]; test rcx, rcx")
+    buf.jcc(0x4, full)
+    # Room: head - tail + words - 1 <= mask.
+    buf.emit(f"mov rdx, qword ptr [rcx + {_RING['head']}]; mov rsi, rdx; sub rsi, qword ptr [rcx + {_RING['tail']}]"
+             f"; add rsi, {words - 1}; cmp rsi, qword ptr [rcx + {_RING['mask']}]")
+    buf.jcc(0x7, full)                                    # ja
+    store = f"and rsi, qword ptr [rcx + {_RING['mask']}]; mov qword ptr [rcx + rsi*8 + {data}], "
+    buf.emit(f"lea rsi, [rdx + 1]; {store}rax")
+    buf.emit(f"mov rdi, {header:#x}; mov rsi, rdx; {store}rdi")
+    saved = 8 if flags_live else 0                       # the flags word is below the registers
+    for i, value in enumerate(values):
+        _load_trace_value(buf, value, saved, saved + frame + skip + rsp_above, site)
+        buf.emit(f"lea rsi, [rdx + {2 + i}]; {store}rdi")
+    buf.emit(f"lea rsi, [rdx + {words}]; mov qword ptr [rcx + {_RING['head']}], rsi")
+    buf.jmp(done)
+    buf.label(full)
+    buf.rip("lock inc qword ptr [rip]", lost)
+    buf.label(done)
+    if flags_live:
+        buf.emit("pop rax; add al, 0x7f; sahf")
+    for reg in reversed(_TRACE_SAVED):
+        buf.emit(f"pop {reg}")
+    buf.emit(f"lea rsp, [rsp + {skip}]")
+
+
 def emit_callback(buf: CodeBuffer, stub: int, probe_desc: Address, probe_id: int, site: int,
                   red_zone: bool = True, return_pushed: bool = False, at_return: bool = False) -> None:
     """Build a struct jprobe_ctx on the stack, call the module stub, take back edited registers.
