@@ -19,7 +19,7 @@ from .plan import ModulePlan, ProbePlan
 from .overlay import Overlay
 from .probetable import PROBE_SIZE, TABLE_SIZE, TableProbe
 from .sites import SiteAnalyzer, is_entry
-from .spec import ProbeSpec
+from .spec import DURATION, ProbeSpec
 
 
 @dataclass
@@ -307,16 +307,18 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         else:
             arch.emit_count(buf, hits, index, table + layout.offsetof("jp_table", "tls_off"), site.flags_live,
                             red_zone=red_zone)
-        if probe.spec.handler.kind == "trace":
-            args = probe.spec.handler.args
-            header = arch.trace_header(index, layout.module_key(os.path.abspath(module.path)), len(args))
-            arch.emit_trace(buf, table + layout.offsetof("jp_table", "ring_off"),
-                            desc + layout.offsetof("jp_probe", "lost"), header, arch.trace_values(args),
-                            probe.address, site.flags_live, red_zone=red_zone,
-                            rsp_above=8 if site.call_retarget else 0)
+            if probe.spec.handler.kind == "trace":
+                args = probe.spec.handler.args
+                header = arch.trace_header(index, layout.module_key(os.path.abspath(module.path)), len(args))
+                arch.emit_trace(buf, table + layout.offsetof("jp_table", "ring_off"),
+                                desc + layout.offsetof("jp_probe", "lost"), header, arch.trace_values(args),
+                                probe.address, site.flags_live, red_zone=red_zone,
+                                rsp_above=8 if site.call_retarget else 0)
         if returns is not None:
+            names = returns.probe.spec.handler.args
             arch.emit_hijack(buf, return_label, table + layout.offsetof("jp_table", "rstack_off"),
-                             returns.desc + layout.offsetof("jp_probe", "ret_missed"), site.flags_live)
+                             returns.desc + layout.offsetof("jp_probe", "ret_missed"), site.flags_live,
+                             save_args=any(n.startswith("arg") for n in names), save_time=DURATION in names)
 
     original = module.read(probe.address, site.length)
     if site.mechanism is Mechanism.TRAP:
@@ -337,7 +339,7 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
         if returns is not None:
             buf.label(return_label)
-            _emit_return_work(buf, returns, table, stubs)
+            _emit_return_work(buf, returns, table, stubs, layout.module_key(os.path.abspath(module.path)))
         return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=site.mechanism, reason=site.reason,
                          handler=str(probe.spec.handler), original=original, patched=patched, trampoline=start,
                          patch_fixup=fixup, target=probe.spec.target(), resume=resume,
@@ -348,19 +350,35 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
                      patch_fixup=fixup, target=probe.spec.target())
 
 
-def _emit_return_work(buf: CodeBuffer, returns: _Return, table: Later, stubs: arch.ModuleStubs | None) -> None:
+def _emit_return_work(buf: CodeBuffer, returns: _Return, table: Later, stubs: arch.ModuleStubs | None,
+                      module_key: int) -> None:
     """The return trampoline: the %return probe's work as if at the function's `ret`, whose
     red zone is dead and flags too (a call clobbers them). A callback there keeps x87 state
     as well: a `long double` comes back in st(0)."""
     rstack_off = table + layout.offsetof("jp_table", "rstack_off")
     lost = buf.fresh("return_lost")
-    arch.emit_return_head(buf, rstack_off, lost)
     probe, index, desc = returns
+    names = probe.spec.handler.args
+    # What a trace reads of the entry (its arguments, its time stamp) is copied under the
+    # stack, into the returning function's dead red zone, which the trace steps over.
+    stash = [arch.FRAME_ARGS + 8 * (int(n[3:]) - 1) if n.startswith("arg") else arch.FRAME_TSC
+             for n in names if n.startswith("arg") or n == DURATION]
+    arch.emit_return_head(buf, rstack_off, lost, stash=stash)
     if probe.spec.handler.kind == "callback":
         arch.emit_callback(buf, stubs.common_x87, desc, index, probe.address, red_zone=False, at_return=True)
     else:
         arch.emit_count(buf, desc + layout.offsetof("jp_probe", "hits"), index,
                         table + layout.offsetof("jp_table", "tls_off"), flags_live=False, red_zone=False)
+        if probe.spec.handler.kind == "trace":
+            stashed = iter(range(len(stash)))
+            # rip: where the caller resumes, the return address back in its slot
+            values = [arch.TraceValue("rsp", arch.stashed_at(next(stashed)), since=n == DURATION)
+                      if n.startswith("arg") or n == DURATION else
+                      arch.TraceValue("rsp", -8) if n == "rip" else arch.TraceValue(n) for n in names]
+            header = arch.trace_header(index, module_key, len(names), layout.CONST["JP_REC_RETURN"])
+            arch.emit_trace(buf, table + layout.offsetof("jp_table", "ring_off"),
+                            desc + layout.offsetof("jp_probe", "lost"), header, values, probe.address,
+                            flags_live=False, red_zone=True, rsp_above=8)
     arch.emit_return_tail(buf, rstack_off)
     arch.emit_lost(buf, lost)
 

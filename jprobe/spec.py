@@ -42,8 +42,10 @@ TRACE_REGISTERS: tuple[str, ...] = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip",
 )
-#: Every name a ``trace(...)`` handler accepts: the registers, then arg1..arg6 (SysV order).
-TRACE_ARGS: tuple[str, ...] = TRACE_REGISTERS + tuple(f"arg{n}" for n in range(1, 7))
+#: Every name a ``trace(...)`` handler accepts: the registers, then arg1..arg6 (SysV order),
+#: and at a ``%return`` the call's duration (from the entry's time stamp to the return's).
+DURATION = "duration"
+TRACE_ARGS: tuple[str, ...] = TRACE_REGISTERS + tuple(f"arg{n}" for n in range(1, 7)) + (DURATION,)
 
 HANDLER_KINDS = ("count", "trace", "callback")
 
@@ -226,6 +228,9 @@ def parse_probe(text: str) -> ProbeSpec:
         what = "an address" if address is not None else "'+OFFSET'"
         raise fail(f"%return needs a function symbol, not {what}; probe the function's entry symbol with %return")
 
+    if DURATION in handler.args and not on_return:
+        raise fail("'duration' is the time a call took, known at its return: write FUNCTION%return=trace(...,duration)")
+
     return ProbeSpec(text=text, module=module, symbol=symbol, offset=offset,
                      address=address, on_return=on_return, handler=handler)
 
@@ -399,7 +404,7 @@ def _parse_trace(h: str, fail) -> Handler:
             raise fail("empty argument in trace(...); separate argument names with single commas")
         if arg not in TRACE_ARGS:
             raise fail(f"unknown trace argument '{raw.strip()}'; use one of {', '.join(TRACE_REGISTERS)}, "
-                       "arg1..arg6")
+                       "arg1..arg6, or duration at a %return")
         if arg in args:
             raise fail(f"trace argument '{arg}' is listed twice")
         args.append(arg)

@@ -166,3 +166,56 @@ def test_go_programs_are_refused(build, tmp_path):
     r = subprocess.run([sys.executable, "-m", "jprobe", "run", "-p", "f%return", "--", str(prog)],
                        capture_output=True, text=True, env=child_env())
     assert r.returncode == 2 and "Go program" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- trace at a return: registers at the return, the entry's arguments, the call's duration ------
+
+@pytest.mark.parametrize("variant", SOME_VARIANTS, ids=str)
+def test_trace_at_return_under_run(build, tmp_path, variant):
+    """`twice%return=trace(rax,arg1,duration,rip)` with a `trace(arg1)` at the entry: one event
+    each per call, in order per thread; rax is twice arg1 (arg1 saved at the entry), rip the
+    caller's resume address (the same for every call from one place), durations in ns (a call
+    of twice() takes a few: 0 is possible); the longjmp'd calls of inner give no return events."""
+    prog = build("returns.c", variant.flags)
+    events = tmp_path / "ev.json"
+    cmd = [sys.executable, "-m", "jprobe", "run", "--json", "--events", str(events), "--report", str(tmp_path / "r.json"),
+           "-p", "twice=trace(arg1)", "-p", "twice%return=trace(rax,arg1,duration,rip)",
+           "-p", "inner%return=trace(rax)", "--", str(prog), "longjmp", "200"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=120)
+    assert r.returncode == 0 and r.stdout == run_prog([prog, "longjmp", 200]).stdout, r.stderr
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    entries = [e["args"]["arg1"] for e in lines if e["probe"] == "twice"]
+    returns = [e["args"] for e in lines if e["probe"] == "twice%return"]
+    assert entries == list(range(200)) and [a["arg1"] for a in returns] == entries
+    assert all(a["rax"] == 2 * a["arg1"] for a in returns)
+    assert len({a["rip"] for a in returns}) == 1 and returns[0]["rip"] != symbol(prog, "twice")[0]
+    assert all(0 <= a["duration"] < 10_000_000 for a in returns), [a["duration"] for a in returns][:10]
+    assert not [e for e in lines if e["probe"] == "inner%return"]
+    rep = by_probe(json.loads((tmp_path / "r.json").read_text()))
+    assert (rep["twice%return"]["hits"], rep["twice%return"]["lost"], rep["inner%return"]["hits"]) == (200, 0, 0)
+
+
+def test_trace_at_return_in_a_patched_file(build, tmp_path):
+    prog = build("returns.c", ["-O0", "-g", "-fno-pie", "-no-pie"])
+    out = tmp_path / "patched"
+    r = subprocess.run([sys.executable, "-m", "jprobe", "patch", str(prog), "-o", str(out),
+                        "-p", "fib%return=trace(arg1,rax,duration)"], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0, r.stderr
+    pr, rep = run_with_report([out, "fib", 10], tmp_path / "r.json")
+    assert pr.stdout == "fib 55\n"
+    p = by_probe(rep)["fib%return"]
+    fib = {0: 0, 1: 1}
+    for k in range(2, 11):
+        fib[k] = fib[k - 1] + fib[k - 2]
+    assert p["hits"] == 177 and len(p["events"]) == 177
+    assert all(e["args"]["rax"] == fib[e["args"]["arg1"]] for e in p["events"])
+    # a call's duration covers its callees': fib(10)'s, the last return, is the longest
+    assert p["events"][-1]["args"]["arg1"] == 10
+    assert p["events"][-1]["args"]["duration"] == max(e["args"]["duration"] for e in p["events"])
+
+
+def test_duration_needs_a_return(build):
+    prog = build("returns.c", ["-O0", "-g", "-fno-pie", "-no-pie"])
+    r = subprocess.run([sys.executable, "-m", "jprobe", "run", "-p", "twice=trace(duration)", "--", str(prog)],
+                       capture_output=True, text=True, env=child_env())
+    assert r.returncode == 2 and "%return" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -36,6 +36,7 @@ struct probe {
 	char *prefix;		/* text: " name"; JSON: ", \"probe\": \"name\", \"args\": {" */
 	char *args[JPE_MAX_ARGS];	/* text: " arg1="; JSON: "\"arg1\": " (", " between) */
 	int nargs;
+	uint32_t durations;	/* bit i: argument i is a duration in time stamp ticks */
 	uint64_t events;
 };
 
@@ -74,6 +75,14 @@ static uint64_t to_ns(const struct jpe *j, uint64_t tsc)
 		return j->ns0;
 	return j->ns0 + (int64_t)((__int128)(int64_t)(tsc - j->tsc0) *
 				  (int64_t)(j->ns1 - j->ns0) / (int64_t)(j->tsc1 - j->tsc0));
+}
+
+/* Time stamp ticks as nanoseconds, at the calibration's rate. */
+static uint64_t ticks_to_ns(const struct jpe *j, uint64_t ticks)
+{
+	if (j->tsc1 == j->tsc0)
+		return 0;
+	return (uint64_t)((unsigned __int128)ticks * (j->ns1 - j->ns0) / (j->tsc1 - j->tsc0));
 }
 
 static void flush(struct jpe *j)
@@ -197,8 +206,12 @@ JPE_EXPORT int jpe_probe(struct jpe *j, uint64_t key, const char *prefix,
 		j->nprobes++;
 	p->key = key;
 	p->prefix = strdup(prefix);
-	for (i = 0; i < nargs; i++)
+	p->durations = 0;
+	for (i = 0; i < nargs; i++) {
 		p->args[i] = strdup(args[i]);
+		if (strstr(args[i], "duration"))
+			p->durations |= 1u << i;
+	}
 	p->nargs = nargs;
 	return 0;
 }
@@ -274,6 +287,12 @@ static void put_event(struct jpe *j, const struct jp_ring *r, struct probe *p,
 	puts_(j, p->prefix);
 	for (i = 2; i < words && (int)(i - 2) < p->nargs; i++) {
 		puts_(j, p->args[i - 2]);
+		if (p->durations & 1u << (i - 2)) {	/* in ns */
+			put_u64(j, ticks_to_ns(j, rec[i]), 0);
+			if (!j->json)
+				puts_(j, "ns");
+			continue;
+		}
 		/* text: small numbers in decimal, addresses and negative ones in hex */
 		put_u64(j, rec[i], !j->json && rec[i] >> 32);
 	}

@@ -189,8 +189,10 @@ static void put_event(void *arg, const struct jp_ring *r, const uint64_t *rec, u
 		for (i = 2; i < words && *name; i++) {
 			const char *end = strchrnul(name, ',');
 
+			bool ns = end - name == 8 && !strncmp(name, "duration", 8);
+
 			putf(e->b, "%s\"%.*s\": %" PRIu64, i > 2 ? ", " : "", (int)(end - name), name,
-			     rec[i]);
+			     ns ? jp_ticks_to_ns(rec[i]) : rec[i]);
 			name = *end ? end + 1 : end;
 		}
 		puts_(e->b, e->lines ? "}}\n" : "}}");

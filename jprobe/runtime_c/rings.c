@@ -108,6 +108,12 @@ uint64_t jp_tsc_to_ns(uint64_t tsc)
 				    (int64_t)(tsc_end - tsc_start));
 }
 
+/* Time stamp ticks as nanoseconds (a duration), at jp_tsc_to_ns()'s rate. */
+uint64_t jp_ticks_to_ns(uint64_t ticks)
+{
+	return jp_tsc_to_ns(tsc_start + ticks) - jp_tsc_to_ns(tsc_start);
+}
+
 /* The key trace records name module m by: the low 24 bits of zlib's CRC-32 of its plan's path. */
 uint32_t jp_module_key(const struct jp_module *m)
 {

@@ -16,6 +16,7 @@ void jp_rings_each_record(void (*fn)(void *arg, const struct jp_ring *r,
 				     const uint64_t *rec, uint32_t words),
 			  void *arg);
 uint64_t jp_tsc_to_ns(uint64_t tsc);
+uint64_t jp_ticks_to_ns(uint64_t ticks);
 uint32_t jp_module_key(const struct jp_module *m);
 void jp_ring_append(struct jp_probe *p, uint64_t header, const uint64_t *values,
 		    uint32_t n);

@@ -21,6 +21,8 @@ values in caller-saved registers across calls they know), so the trampoline keep
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .. import layout
 from .asm import Address, CodeBuffer
 
@@ -109,14 +111,31 @@ def emit_hijack(buf: CodeBuffer, return_trampoline: str | Address, rstack_off: A
     buf.emit("pop rax")
 
 
-def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str, keep_frame: bool = False) -> None:
+FRAME_ARGS, FRAME_TSC = _ARGS, _TSC
+
+
+STASH_MAX = 7
+
+
+def stashed_at(k: int) -> int:
+    """Where emit_return_head puts the k-th stashed word, as a displacement from the caller's
+    rsp after the return: in the returning function's dead red zone, below the slot and the
+    four registers the head saves there, within the 128 bytes a trace steps over."""
+    assert k < STASH_MAX
+    return -8 - 40 - 8 * k
+
+
+def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str, keep_frame: bool = False,
+                     stash: Sequence[int] = ()) -> None:
     """Reached by the function's `ret`: find its frame, put the return address back in the slot,
     and leave the stack as it was at that `ret` ([rsp]: the return address, registers intact).
 
     Frames above it are dropped (left by a `longjmp` or an exception), and the frame itself
     too, unless `keep_frame` (the work reads it): then it stays counted until
     emit_return_tail, so that a handler that calls probed functions, or a signal meanwhile,
-    pushes above it. No frame for the slot: `lost` (emit_lost).
+    pushes above it. No frame for the slot: `lost` (emit_lost). `stash`: offsets of frame
+    fields copied below the slot before the frame goes (see stashed_at), for work that
+    reads them (a trace of the entry's arguments or of the call's duration).
     """
     search = buf.fresh("ret_search")
     buf.emit("lea rsp, [rsp - 8]; push rax; push rcx; push rdx; push rsi")
@@ -127,8 +146,16 @@ def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str, keep_frame
     buf.jcc(_JS, lost)
     buf.emit(f"mov rsi, rax; shl rsi, {_SHIFT}; lea rsi, [rcx + rsi + {_FRAMES}]; cmp qword ptr [rsi], rdx")
     buf.jcc(_JNZ, search)
-    buf.emit(f"{'inc rax; ' if keep_frame else ''}mov qword ptr [rcx], rax; mov rax, qword ptr [rsi + {_RET}]; "
-             f"mov qword ptr [rdx], rax")
+    if not stash:
+        buf.emit(f"{'inc rax; ' if keep_frame else ''}mov qword ptr [rcx], rax; mov rax, qword ptr [rsi + {_RET}]; "
+                 f"mov qword ptr [rdx], rax")
+    else:                                   # the frame stays counted while it is read
+        buf.emit("inc rax; mov qword ptr [rcx], rax")
+        for k, field in enumerate(stash):
+            buf.emit(f"mov rax, qword ptr [rsi + {field}]; mov qword ptr [rdx + {stashed_at(k) + 8}], rax")
+        buf.emit(f"mov rax, qword ptr [rsi + {_RET}]; mov qword ptr [rdx], rax")
+        if not keep_frame:
+            buf.emit("dec qword ptr [rcx]")
     buf.emit("pop rsi; pop rdx; pop rcx; pop rax")
 
 
