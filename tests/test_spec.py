@@ -165,8 +165,10 @@ def test_return_probe_on_cxx_name_with_handler():
 
 def test_every_trace_arg_accepted():
     assert len(TRACE_REGISTERS) == 17
-    spec = parse_probe("f=trace(" + ",".join(TRACE_ARGS) + ")")
+    spec = parse_probe("f%return=trace(" + ",".join(TRACE_ARGS) + ")")
     assert spec.handler.args == TRACE_ARGS
+    with pytest.raises(SpecError, match="'duration' is the time a call took"):
+        parse_probe("f=trace(arg1,duration)")
 
 
 # -- errors ------------------------------------------------------------------------------------
