@@ -250,11 +250,11 @@ ERRORS = [
     ("main=trace(arg1,)", "bad probe 'main=trace(arg1,)': empty argument in trace(...); separate argument names "
                           "with single commas"),
     ("main=trace(arg7)", "bad probe 'main=trace(arg7)': unknown trace argument 'arg7'; use one of rax, rbx, rcx, "
-                         "rdx, rsi, rdi, rbp, rsp, r8, r9, r10, r11, r12, r13, r14, r15, rip, arg1..arg6"),
+                         "rdx, rsi, rdi, rbp, rsp, r8, r9, r10, r11, r12, r13, r14, r15, rip, arg1..arg6, or duration at a %return"),
     ("main=trace(eax)", "bad probe 'main=trace(eax)': unknown trace argument 'eax'; use one of rax, rbx, rcx, "
-                        "rdx, rsi, rdi, rbp, rsp, r8, r9, r10, r11, r12, r13, r14, r15, rip, arg1..arg6"),
+                        "rdx, rsi, rdi, rbp, rsp, r8, r9, r10, r11, r12, r13, r14, r15, rip, arg1..arg6, or duration at a %return"),
     ("main=trace(arg0)", "bad probe 'main=trace(arg0)': unknown trace argument 'arg0'; use one of rax, rbx, rcx, "
-                         "rdx, rsi, rdi, rbp, rsp, r8, r9, r10, r11, r12, r13, r14, r15, rip, arg1..arg6"),
+                         "rdx, rsi, rdi, rbp, rsp, r8, r9, r10, r11, r12, r13, r14, r15, rip, arg1..arg6, or duration at a %return"),
     ("main=trace(rdi,RDI)", "bad probe 'main=trace(rdi,RDI)': trace argument 'rdi' is listed twice"),
     ("main=h.so", "bad probe 'main=h.so': callback library 'h.so' needs a function; write h.so:FUNCTION"),
     ("main=./h.so:", "bad probe 'main=./h.so:': expected a function name after './h.so:'; "
@@ -385,6 +385,8 @@ def probe_parts(draw):
         symbol, address, offset = draw(symbols), None, draw(st.one_of(st.just(0), numbers))
     on_return = symbol is not None and offset == 0 and draw(st.booleans())
     handler = draw(handlers)
+    if not on_return and "duration" in handler.args:          # a %return's only
+        handler = Handler("trace", args=tuple(a for a in handler.args if a != "duration"))
     return module, symbol, offset, address, on_return, handler
 
 
