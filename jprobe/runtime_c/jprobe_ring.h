@@ -22,10 +22,17 @@
  *	then one word per argument of trace(...), in the order written.
  * The module key is the low 24 bits of the CRC-32 of the module's path as the
  * plan names it.
+ *
+ * A signal handler that traces while its thread is writing a record would
+ * write over it: a writer first bumps `writing` (one instruction, so no
+ * signal comes between the read and the write of it) and, finding it was
+ * non-zero already, counts its record lost instead; it clears it after it
+ * stored head.
  */
 struct jp_ring {
 	uint64_t head;		/* written by the ring's thread only */
-	uint64_t pad0[7];
+	uint64_t writing;	/* its thread: non-zero while it writes a record */
+	uint64_t pad0[6];
 	uint64_t tail;		/* written by the reader only */
 	uint64_t pad1[7];
 	uint64_t mask;		/* words of data - 1: a power of two less one */

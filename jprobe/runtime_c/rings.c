@@ -138,15 +138,22 @@ void jp_ring_append(struct jp_probe *p, uint64_t header, const uint64_t *values,
 	struct jp_ring *r = own_ring;
 	uint64_t tsc = __builtin_ia32_rdtsc(), head, i;
 
-	if (!r || (head = r->head) + n + 2 - __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE) > r->mask + 1) {
-		__atomic_fetch_add(&p->lost, 1, __ATOMIC_RELAXED);
-		return;
+	if (!r)
+		goto lost;
+	if (__atomic_fetch_add(&r->writing, 1, __ATOMIC_ACQUIRE) ||
+	    (head = r->head) + n + 2 - __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE) > r->mask + 1) {
+		__atomic_fetch_sub(&r->writing, 1, __ATOMIC_RELEASE);
+		goto lost;
 	}
 	r->data[head & r->mask] = header;
 	r->data[(head + 1) & r->mask] = tsc;
 	for (i = 0; i < n; i++)
 		r->data[(head + 2 + i) & r->mask] = values[i];
 	__atomic_store_n(&r->head, head + n + 2, __ATOMIC_RELEASE);
+	__atomic_fetch_sub(&r->writing, 1, __ATOMIC_RELEASE);
+	return;
+lost:
+	__atomic_fetch_add(&p->lost, 1, __ATOMIC_RELAXED);
 }
 
 /* %fs-relative offset of own_ring; the same in every thread (initial-exec). */

@@ -583,7 +583,7 @@ def emit_count(buf: CodeBuffer, hits: Address, probe_id: int, tls_off: Address, 
 
 
 SYSV_ARGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")           # arg1..arg6
-_RING = {name: layout.offsetof("jp_ring", name) for name in ("head", "tail", "mask", "data")}
+_RING = {name: layout.offsetof("jp_ring", name) for name in ("head", "writing", "tail", "mask", "data")}
 _REC_SHIFT = {name: layout.CONST[f"JP_REC_{name}_SHIFT"] for name in ("KEY", "WORDS", "FLAGS")}
 # What a trace trampoline pushes, in push order: rdtsc writes rax and rdx, rcx holds the ring,
 # rsi the index of the word written, rdi the word.
@@ -660,10 +660,14 @@ def emit_trace(buf: CodeBuffer, ring_off: Address, lost: Address, header: int, v
     buf.jcc(0x4, full)                                    # jz
     buf.emit("mov rcx, qword ptr fs:[rcx]; test rcx, rcx")
     buf.jcc(0x4, full)
+    # Not inside a record of this thread's that a signal interrupted (jprobe_ring.h).
+    nested = buf.fresh("ring_nested")
+    buf.emit(f"inc qword ptr [rcx + {_RING['writing']}]; cmp qword ptr [rcx + {_RING['writing']}], 1")
+    buf.jcc(0x5, nested)                                  # jne
     # Room: head - tail + words - 1 <= mask.
     buf.emit(f"mov rdx, qword ptr [rcx + {_RING['head']}]; mov rsi, rdx; sub rsi, qword ptr [rcx + {_RING['tail']}]"
              f"; add rsi, {words - 1}; cmp rsi, qword ptr [rcx + {_RING['mask']}]")
-    buf.jcc(0x7, full)                                    # ja
+    buf.jcc(0x7, nested)                                  # ja: no room
     store = f"and rsi, qword ptr [rcx + {_RING['mask']}]; mov qword ptr [rcx + rsi*8 + {data}], "
     buf.emit(f"lea rsi, [rdx + 1]; {store}rax")
     buf.emit(f"mov rdi, {header:#x}; mov rsi, rdx; {store}rdi")
@@ -671,8 +675,11 @@ def emit_trace(buf: CodeBuffer, ring_off: Address, lost: Address, header: int, v
     for i, value in enumerate(values):
         _load_trace_value(buf, value, saved, saved + frame + skip + rsp_above, site)
         buf.emit(f"lea rsi, [rdx + {2 + i}]; {store}rdi")
-    buf.emit(f"lea rsi, [rdx + {words}]; mov qword ptr [rcx + {_RING['head']}], rsi")
+    buf.emit(f"lea rsi, [rdx + {words}]; mov qword ptr [rcx + {_RING['head']}], rsi; "
+             f"dec qword ptr [rcx + {_RING['writing']}]")
     buf.jmp(done)
+    buf.label(nested)
+    buf.emit(f"dec qword ptr [rcx + {_RING['writing']}]")
     buf.label(full)
     buf.rip("lock inc qword ptr [rip]", lost)
     buf.label(done)
