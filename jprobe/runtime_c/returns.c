@@ -26,7 +26,6 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -190,8 +189,8 @@ static void *next(void **slot, const char *name, const char *lib)
 	if (!fn && (h = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD)))
 		fn = dlsym(h, name);
 	if (!fn) {
-		jp_warn("%s not found; aborting", name);
-		abort();
+		jp_warn("%s not found; stopping here", name);
+		__builtin_trap();
 	}
 	__atomic_store_n(slot, fn, __ATOMIC_RELEASE);
 	return fn;
