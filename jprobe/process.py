@@ -16,7 +16,7 @@ from .spec import Handler, ProbeSpec, parse_probes
 # cffi callbacks given to trampolines: kept for the process's life, since a thread may be
 # inside one (or about to return into its caller) after its probe is removed.
 _CALLABLES: list[Any] = []
-COUNTERS = ("hits", "missed", "skipped")            # struct jp_probe's
+COUNTERS = ("hits", "missed", "skipped", "ret_missed")            # struct jp_probe's
 
 
 class Probe:
@@ -56,6 +56,16 @@ class Probe:
         return self._count("missed")
 
     @property
+    def returns_missed(self) -> int:
+        """%return: calls whose return was not followed (64 followed calls deep already, the
+        return stacks used up, or given up to a backtrace's walk)."""
+        return self._count("ret_missed")
+
+    @property
+    def on_return(self) -> bool:
+        return self.spec.split("=", 1)[0].endswith("%return")
+
+    @property
     def removed(self) -> bool:
         return self._final is not None
 
@@ -74,6 +84,8 @@ class Probe:
              "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": 0}
         if self.handler != "count":
             e["missed"], e["callback_skipped"] = self.missed, self._count("skipped")
+        if self.on_return:
+            e["returns_missed"] = self.returns_missed
         if self.mechanism == "pending":
             e["loaded"] = False
         return e
@@ -173,16 +185,18 @@ class Process:
                 probe._place(new._batch, new._index)
 
     def remove(self, probe: Probe) -> None:
-        """Take `probe` out (every name of its site); it keeps its final `hits`."""
+        """Take `probe` out (every name of its site; an entry and a return probe on one function
+        share their site, and go out together); it keeps its final `hits`."""
         with self.stopping:
             if probe.removed:
                 return
             if probe.pending:
                 self._pending = [(s, p) for s, p in self._pending if p is not probe]
+                taken = []
             else:
-                self._session.remove(probe._batch, [probe._index])
+                taken = self._session.remove(probe._batch, [probe._index])
             for p in self._probes:
-                if p is probe or p._batch is not None and p._batch is probe._batch and p._index == probe._index:
+                if p is probe or p._batch is not None and p._batch is probe._batch and p._index in taken:
                     p._settle()
 
     def detach(self) -> None:
