@@ -10,6 +10,7 @@ from typing import Any
 from . import layout
 from .errors import AttachError, HandlerError, JprobeError, ProcessGone
 from .patcher.live import PYTHON, Batch, LiveSession
+from .patcher import unwinder
 from .patcher.loads import LoadWatcher
 from .spec import Handler, ProbeSpec, parse_probes
 
@@ -104,6 +105,7 @@ class Process:
         self.executable = self._session.executable
         self._probes: list[Probe] = []
         self._pending: list[tuple[ProbeSpec, Probe]] = []
+        self._internal: list[Probe] | None = None     # jprobe's own on the unwinder, once %return needs them
         self._errors: list[str] = []
         self._watcher: LoadWatcher | None = None
         # Held while jprobe changes the process (and its threads may be stopped): the load
@@ -138,6 +140,8 @@ class Process:
                                        f"use `jprobe run` or `jprobe patch`, or count")
             if handler is not None:
                 parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
+            if self._internal is None and any(spec.on_return for spec in parsed):
+                self._keep_unwinder_off(next(spec for spec in parsed if spec.on_return))
             absent = {name for name in {spec.module for spec in parsed} - {None} if self._session.loaded(name) is None}
             waiting = [spec for spec in parsed if spec.module in absent]
             made = self._place([spec for spec in parsed if spec not in waiting], handler)
@@ -152,6 +156,25 @@ class Process:
             out = [made[spec.target()] for spec in parsed]
             self._probes.extend(p for p in made.values() if p not in self._probes)
             return out
+
+    def _keep_unwinder_off(self, first: ProbeSpec) -> None:
+        """Before the first %return probe: jprobe's probes on the unwinder's entry points
+        (patcher/unwinder.py), those of libraries not loaded yet waiting for them. Where they
+        cannot go, %return is refused: an exception through a followed frame would end the
+        program in std::terminate."""
+        present, waiting = unwinder.probes(self._session)
+        try:
+            placed = self._place(present, None)
+        except JprobeError as err:
+            raise type(err)(f"'{first.text}': jprobe cannot keep the unwinder off followed returns in process "
+                            f"{self.pid} ({err}); %return refused") from None
+        self._internal = list(placed.values())
+        for spec in waiting:
+            probe = Probe(spec.target(), spec.module, str(spec.handler))
+            self._pending.append((spec, probe))
+            self._internal.append(probe)
+        if waiting and self._watcher is None:
+            self._watcher = LoadWatcher(self._session, self._loaded_something)
 
     def _place(self, parsed: list[ProbeSpec], handler: Callable[[Any], None] | None) -> dict[str, Probe]:
         if not parsed:

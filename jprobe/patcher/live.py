@@ -223,6 +223,8 @@ class LiveSession:
             region = Region(mapping.start, fd, mmap.mmap(fd, 2 * HALF))
         else:
             region = Region(free_room(loaded, mapped, self.executable), -1, None, mapped=False)  # type: ignore[arg-type]
+            # Taken: another module planned in the same batch must not choose the same room.
+            mapped.append(Mapping(region.base, region.base + 2 * HALF, "---p", 0, 0, region_name(loaded)))
         self.regions[loaded.path] = region
         return region
 
@@ -295,7 +297,8 @@ class LiveSession:
                 loader = inject.Loader(self.pid, region.view, region.base, text, data)
 
                 def work(world: StoppedWorld) -> None:
-                    self._map(world, first, region)
+                    for batch in batches:           # before dlopen() maps anything into their room
+                        self._map(world, batch.module, batch.region)
                     loader.region = region.view             # mapped now, if it was not
                     loader.start(world, lib, functions)
                 for attempt in range(inject.TRIES):

@@ -31,7 +31,7 @@ from . import ptrace, remote
 from .target import maps
 from .world import StoppedWorld
 
-RSTACK_OFF = 0x88
+RSTACK_OFF = layout.CONST["JP_LIVE_RSTACK_OFF"]
 STACKS = 1024                             # threads followed at once; later ones count returns missed
 NAME = "jprobe:rstacks"
 LABEL = f"/memfd:{NAME} (deleted)"
