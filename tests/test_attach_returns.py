@@ -1,0 +1,181 @@
+"""`%return` probes placed by `jprobe attach` in a running process (issue 13).
+
+The targets (fixtures/attach_returns.c, attach_returns_cxx.cpp) run returns.c's and
+returns_cxx.cpp's workloads on command, so that each runs while the probes are live, and
+their output says whether every return went where it should. Counts are exact against the
+workload and, where tracefs is usable, against kernel uretprobes on the same workload (the
+plain returns.c, run alone). Then what only attach has: threads started after attach, a
+thread or a forked child inside a followed function when jprobe detaches (its return
+address back in place, or it would return into trampolines a later session overwrites),
+threads returning at full speed while jprobe detaches, and the unwinder kept off followed
+frames by jprobe's own probes (no runtime interposes it).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from support.build import SOME_VARIANTS
+from support.elf import symbol, vaddr_to_offset
+from support.kernel import kernel_return_counts, require_tracefs
+from support.run import run_prog
+from support.target import ANSWER_S, Seen, Target, bounded, running_target
+from test_attach import attached, cli_attach, grows
+
+DEPTH = 64                                  # JP_RSTACK_DEPTH
+FOLLOWED = ["twice", "fib", "down", "outer", "inner", "via", "outer_sig", "inner_sig"]
+PROBES = [f"{f}%return" for f in FOLLOWED] + FOLLOWED
+# mode, N, {probe: returns expected} (None: as many as the kernel sees), entries == returns + missed
+MODES = [
+    ("calls", 1000, {"twice%return": 1000}),
+    ("fib", 15, {"fib%return": None}),
+    ("threads", 20000, {"twice%return": 4 * 20000}),        # 4 threads started after attach
+    ("deep", 100, {"down%return": 3 * DEPTH, "twice%return": 10}),
+    ("longjmp", 1000, {"outer%return": 0, "inner%return": 0, "twice%return": 1000}),
+    ("sigalt", 300, {"outer_sig%return": 300, "twice%return": 600}),
+    ("siglongjmp", 1000, {"inner_sig%return": 0, "twice%return": 2000}),
+    ("tail", 1000, {"via%return": 1000, "twice%return": 1000}),
+    ("fork", 500, {"twice%return": 1000}),                   # the child's returns in the same table
+]
+
+
+@pytest.fixture(scope="module", params=SOME_VARIANTS, ids=str)
+def variant(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def target_c(build, variant) -> Path:
+    return build("attach_returns.c", [*variant.flags, "-Wall", "-Werror"])
+
+
+@pytest.fixture(scope="module")
+def plain_c(build, variant) -> Path:
+    return build("returns.c", variant.flags)
+
+
+def run(t: Target, mode: str, n: int) -> list[str]:
+    """One workload in the target (returns.c's MODE N; returns_cxx.cpp's rounds: `mode`): its
+    output lines."""
+    t.proc.stdin.write(f"run {mode} {n}\n" if n else f"run {mode}\n")
+    t.proc.stdin.flush()
+    out = []
+    while (line := t.expect("")) != "done":
+        out.append(line)
+    return out
+
+
+def counts(probes) -> dict[str, tuple[int, int]]:
+    return {p.spec: (p.hits, p.returns_missed if p.on_return else 0) for p in probes}
+
+
+def delta(after: dict, before: dict) -> dict[str, tuple[int, int]]:
+    return {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
+
+
+def test_returns_counted_exactly(target_c, plain_c):
+    """Each workload, run while the probes are live, prints what it prints unprobed, and
+    every call is followed to its return, counted missed (past 64 deep), or left by a jump."""
+    unprobed = {mode: run_prog([plain_c, mode, n]).stdout.splitlines() for mode, n, _ in MODES}
+    with running_target(target_c) as t:
+        assert {mode: run(t, mode, n) for mode, n, _ in MODES} == unprobed
+        with attached(t.pid) as proc:
+            probes = bounded(ANSWER_S, proc.probes, PROBES)
+            got = {}
+            for mode, n, expected in MODES:
+                before = counts(probes)
+                assert run(t, mode, n) == unprobed[mode], mode
+                got[mode] = delta(counts(probes), before)
+            report = proc.report()
+        assert report["errors"] == [] and all("returns_missed" in e for e in report["probes"]
+                                               if e["probe"].endswith("%return")), report
+        assert run(t, "calls", 10) == ["calls 90"]
+        assert t.quit() == "ok"
+    for mode, n, expected in MODES:
+        seen = got[mode]
+        for probe, want in expected.items():
+            if want is not None:
+                assert seen[probe][0] == want, (mode, probe, seen[probe])
+            if mode not in ("longjmp", "siglongjmp"):
+                assert sum(seen[probe]) == seen[probe.split("%")[0]][0], (mode, probe, seen)
+        missed = {p: m for p, (_, m) in seen.items() if m}
+        assert missed == ({"down%return": 3 * (n + 1 - DEPTH)} if mode == "deep" else {}), (mode, missed)
+    require_tracefs("the %return counts under attach")
+    for mode, n, expected in MODES:
+        if mode == "deep":
+            continue                        # the kernel follows deeper than 64
+        names = [p.split("%")[0] for p in expected]
+        kernel = kernel_return_counts(plain_c, {f: vaddr_to_offset(plain_c, symbol(plain_c, f)[0]) for f in names},
+                                      [plain_c, mode, n])
+        assert {f"{f}%return": c for f, c in kernel.items()} == {p: got[mode][p][0] for p in expected}, mode
+
+
+@pytest.mark.parametrize("flags", [["-O0", "-fno-pie", "-no-pie"], ["-O2", "-fPIE", "-pie"]], ids=["O0", "O2pie"])
+def test_cxx_exceptions_through_followed_frames(build, flags):
+    """Exceptions thrown through two followed frames reach their catch (kernel uretprobes on
+    these functions end the program in std::terminate): jprobe's probes on the unwinder put
+    the real return addresses back before it walks, and the frames above the catch are
+    followed again. A backtrace under three followed frames reaches main; the return it
+    took for good is counted in returns_missed."""
+    prog = build("attach_returns_cxx.cpp", ["-g", *flags])
+    probes = ["thrower%return", "middle%return", "catcher%return", "rethrower%return", "leaf_trace%return",
+              "thrower", "middle"]
+    with running_target(prog) as t:
+        [unprobed] = run(t, "100", 0)          # the destructors run add up from one run to the next
+        assert unprobed.startswith("sum 181926 dtors 110 backtrace "), unprobed
+        with attached(t.pid) as proc:
+            placed = bounded(ANSWER_S, proc.probes, probes)
+            assert run(t, "100", 0) == [unprobed.replace("dtors 110", "dtors 220")]
+            got = counts(placed)
+            assert [e["probe"] for e in proc.report()["probes"]] == probes      # jprobe's own not reported
+        assert run(t, "100", 0) == [unprobed.replace("dtors 110", "dtors 330")]
+        assert t.quit() == "ok"
+    # 110 calls of thrower (100 from catcher, 10 from rethrower), 38 of them throw
+    assert got == {"thrower%return": (72, 0), "middle%return": (72, 0), "catcher%return": (100, 0),
+                   "rethrower%return": (6, 0), "leaf_trace%return": (0, 1), "thrower": (110, 0),
+                   "middle": (110, 0)}
+
+
+def in_read(pid: int, tid: int) -> None:
+    """Until thread `tid` of `pid` is blocked in read()."""
+    deadline = time.monotonic() + ANSWER_S
+    while Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0] != "0":
+        assert time.monotonic() < deadline, f"thread {tid} never blocked in read()"
+        time.sleep(0.005)
+
+
+def held_value(key: int) -> int:
+    """What held(fd, key) returns after reading "A" (attach_returns.c)."""
+    return ord("A") + key + (key ^ 1) + (key ^ 2) + (key ^ 3)
+
+
+@pytest.mark.parametrize("how", ["detach", "remove"])
+def test_a_thread_inside_a_followed_function_when_jprobe_leaves(target_c, how):
+    """A thread blocked in read() under a followed frame, and a child forked meanwhile in the
+    same state, when the probe goes (removed, or jprobe detaches): their return addresses are
+    back in place. A later session's probes overwrite the trampolines; then they return, and
+    must return where they were called from, with their frames intact."""
+    with running_target(target_c) as t:
+        with attached(t.pid) as proc:
+            held = bounded(ANSWER_S, proc.probes, ["held%return", "held"])
+            tid = int(t.send("hold", "holding").split()[1])
+            in_read(t.pid, tid)
+            child = int(t.send("forkhold", "forked").split()[1])
+            in_read(child, child)
+            assert [p.hits for p in held] == [0, 2]
+            if how == "remove":
+                bounded(ANSWER_S, proc.remove, held[0])
+                assert held[1].removed                  # one site: both go
+        with attached(t.pid) as proc:                   # the room reused
+            again = bounded(ANSWER_S, proc.probes, ["twice%return", "twice", "fib%return", "held%return"])
+            assert run(t, "calls", 100) == ["calls 9900"]
+            assert [p.hits for p in again[:2]] == [100, 100]
+        Seen(child, target_c).assert_free()
+        assert t.send("release", "released") == f"released {held_value(0x1234)}"
+        assert t.send("forkrelease", "child-released") == f"child-released {held_value(0x4321)}"
+        assert t.expect("child") == "child 0"
+        assert run(t, "calls", 10) == ["calls 90"]
+        assert t.quit() == "ok"
