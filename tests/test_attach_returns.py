@@ -179,3 +179,42 @@ def test_a_thread_inside_a_followed_function_when_jprobe_leaves(target_c, how):
         assert t.expect("child") == "child 0"
         assert run(t, "calls", 10) == ["calls 90"]
         assert t.quit() == "ok"
+
+
+def test_attach_and_detach_while_threads_return(target_c):
+    """Four threads call followed functions (a leaf, and a recursion 0..7 deep) as fast as
+    they can while jprobe attaches and detaches, again and again: a thread may be anywhere
+    in the hijack or the return trampoline, or between the two, when the world stops. Every
+    result stays right, and each session's returns are its calls but for those in flight
+    when it detached (at most 8 frames deep on each of 4 threads)."""
+    with running_target(target_c) as t:
+        t.send("spin", "spinning")
+        for _ in range(CYCLES):
+            with attached(t.pid) as proc:
+                placed = bounded(ANSWER_S, proc.probes, ["twice%return", "twice", "down%return", "down"])
+                grows(lambda: placed[0].hits, "followed returns")
+                grows(lambda: placed[2].hits, "followed returns")
+            (returns, calls), (down_returns, down_calls) = (counts(placed[:2]).values(), counts(placed[2:]).values())
+            assert 0 <= calls[0] - sum(returns) <= 4, (calls, returns)
+            assert 0 <= down_calls[0] - sum(down_returns) <= 4 * 8, (down_calls, down_returns)
+        assert t.send("stop", "stopped") == "stopped bad=0"
+        t.assert_free()
+        assert run(t, "calls", 10) == ["calls 90"]
+        assert t.quit() == "ok"
+
+
+CYCLES = 10
+
+
+def test_cli_reports_returns(target_c):
+    """`jprobe attach PID -p 'f%return' --json`: the report has the returns and returns_missed."""
+    with running_target(target_c) as t:
+        with cli_attach(t.pid, "-p", "down%return", "-p", "down", "--json", "--duration", 2) as c:
+            t.wait_patched("down", lambda: c.poll() is None)
+            assert run(t, "deep", 100) == ["deep 390"]
+            out, err = c.communicate(timeout=ANSWER_S)
+        assert c.returncode == 0, err
+        got = {p["probe"]: p for p in json.loads(out)["probes"]}
+        assert (got["down%return"]["hits"], got["down%return"]["returns_missed"]) == (3 * DEPTH, 303 - 3 * DEPTH)
+        assert got["down"]["hits"] == 303 and "returns_missed" not in got["down"]
+        assert t.quit() == "ok"

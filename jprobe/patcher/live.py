@@ -368,7 +368,13 @@ class LiveSession:
             struct.pack_into("<Q", view, table + VEC_MODE, vec_mode())
             for i, function in batch.callbacks.items():
                 struct.pack_into("<Q", view, table + TABLE_SIZE + i * PROBE_SIZE + CALLBACK, function)
-        for probe in plan.probes:
+        sites: set[int] = set()
+        # An entry and a return probe share a site: written once, by the entry probe, which
+        # has the boundary map (the return probe rides on its jump).
+        for probe in sorted(plan.probes, key=lambda p: not p.boundaries):
+            if probe.address in sites:
+                continue
+            sites.add(probe.address)
             _move_out_of_site(world, probe, bias)
             written.append((probe, bias))
             world.write(bias + probe.address, probe.patched)
