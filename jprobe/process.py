@@ -198,6 +198,9 @@ class Process:
             if not ready:
                 return
             self._pending = [pair for pair in self._pending if pair not in ready]
+            internal = {id(p) for p in self._internal or []}
+            ready = [(unwinder.settled(self._session, spec) if id(probe) in internal else spec, probe)
+                     for spec, probe in ready]
             try:
                 placed = self._place([spec for spec, _ in ready], None)
             except JprobeError as err:

@@ -218,3 +218,33 @@ def test_cli_reports_returns(target_c):
         assert (got["down%return"]["hits"], got["down%return"]["returns_missed"]) == (3 * DEPTH, 303 - 3 * DEPTH)
         assert got["down"]["hits"] == 303 and "returns_missed" not in got["down"]
         assert t.quit() == "ok"
+
+
+def test_pthread_exit_under_a_followed_frame(target_c):
+    """A thread ends by pthread_exit() from a followed function: glibc loads libgcc_s then and
+    unwinds the thread through it; jprobe's probes on pthread_exit, and on libgcc_s placed as
+    it loads, keep the unwinder off the followed slot; the process goes on unharmed."""
+    with running_target(target_c) as t:
+        with attached(t.pid) as proc:
+            placed = bounded(ANSWER_S, proc.probes, ["leaver%return", "leaver"])
+            assert t.send("exit", "exited") == "exited 42"
+            assert t.send("exit", "exited") == "exited 42"
+            assert counts(placed) == {"leaver%return": (0, 0), "leaver": (2, 0)}
+            assert proc.report()["errors"] == []
+        assert run(t, "calls", 10) == ["calls 90"]
+        assert t.quit() == "ok"
+
+
+def test_pthread_exit_runs_the_destructors_above_a_followed_frame(build):
+    """In C++, pthread_exit() unwinds the thread running destructors: one above a followed
+    frame runs only if the unwinder walks past that frame's slot (with the trampoline's
+    address there the walk ends at it, as under a kernel uretprobe, and the destructor is
+    skipped)."""
+    prog = build("attach_returns_cxx.cpp", ["-g", "-O2"])
+    with running_target(prog) as t:
+        with attached(t.pid) as proc:
+            placed = bounded(ANSWER_S, proc.probes, ["leaver%return", "leaver"])
+            assert t.send("exit", "exited") == "exited 42 dtors 1"
+            assert counts(placed) == {"leaver%return": (0, 0), "leaver": (1, 0)}
+            assert proc.report()["errors"] == []
+        assert t.quit() == "ok"

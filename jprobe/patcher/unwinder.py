@@ -66,6 +66,13 @@ def probes(session: LiveSession) -> tuple[list[ProbeSpec], list[ProbeSpec]]:
     return present, waiting
 
 
+def settled(session: LiveSession, spec: ProbeSpec) -> ProbeSpec:
+    """A probe that waited for its module, now loaded: at its site there (site_offset)."""
+    loaded = session.loaded(spec.module)
+    analyzer = SiteAnalyzer(session.module(loaded))
+    return _spec(spec.module, spec.symbol, site_offset(analyzer, spec.symbol), spec.handler.library)
+
+
 def site_offset(analyzer: SiteAnalyzer, function: str) -> int:
     """Where in `function` its probe goes: its entry, or, for a raise or a walk, the first
     instruction of its straight-line prologue that takes a jump under jprobe attach (their
