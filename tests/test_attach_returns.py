@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from jprobe import attach as jprobe_attach
+
 from support.build import SOME_VARIANTS
 from support.elf import symbol, vaddr_to_offset
 from support.kernel import kernel_return_counts, require_tracefs
@@ -248,3 +250,24 @@ def test_pthread_exit_runs_the_destructors_above_a_followed_frame(build):
             assert counts(placed) == {"leaver%return": (0, 0), "leaver": (1, 0)}
             assert proc.report()["errors"] == []
         assert t.quit() == "ok"
+
+
+def test_in_jprobes_own_process(build):
+    """`jprobe.attach(os.getpid())`: the pool and the unwinder's library mapped by jprobe
+    itself; a count and a Python callable at the return (rax as the function returns it)."""
+    import ctypes
+    import os
+
+    path = str(build.lib("attach_self.c", ["-O2"]))
+    lib = ctypes.CDLL(path)
+    lib.mix_many.restype = lib.mix_twice.restype = ctypes.c_long
+    lib.mix_many.argtypes = lib.mix_twice.argtypes = [ctypes.c_long]
+    want = lib.mix_many(1000)
+    seen = []
+    with jprobe_attach(os.getpid()) as me:
+        returns, calls = me.probes([f"{path}:mix%return", f"{path}:mix"])
+        assert lib.mix_many(1000) == want
+        assert counts([returns, calls]) == {f"{path}:mix%return": (1000, 0), f"{path}:mix": (1000, 0)}
+        me.probe(f"{path}:mix_twice%return", handler=lambda ctx: seen.append(ctx.regs.rax))
+        assert lib.mix_twice(5) == seen[0] and len(seen) == 1
+    assert lib.mix_many(1000) == want

@@ -222,9 +222,13 @@ class LiveSession:
             fd = pidfd_getfd(self.pid, target_fd)
             region = Region(mapping.start, fd, mmap.mmap(fd, 2 * HALF))
         else:
+            if self.local:          # as now: jprobe's own allocations (planning) map memory meanwhile
+                mapped[:] = maps(self.pid)
             region = Region(free_room(loaded, mapped, self.executable), -1, None, mapped=False)  # type: ignore[arg-type]
             # Taken: another module planned in the same batch must not choose the same room.
             mapped.append(Mapping(region.base, region.base + 2 * HALF, "---p", 0, 0, region_name(loaded)))
+            if self.local:          # at once, before they take the room
+                self._map(None, loaded, region)
         self.regions[loaded.path] = region
         return region
 
