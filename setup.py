@@ -1,5 +1,5 @@
-"""Builds the C runtime that patched programs load, and the tool's trace reader (plain shared objects,
-no Python inside)."""
+"""Builds the C runtime that patched programs load, the tool's trace reader, and the unwinder library
+jprobe attach loads (plain shared objects, no Python inside)."""
 from setuptools import Extension, setup
 
 runtime = Extension(
@@ -18,4 +18,12 @@ events_reader = Extension(
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"],
 )
 
-setup(ext_modules=[runtime, events_reader])
+# Loaded by `jprobe attach` into a process that follows returns: the unwinder kept off them (unwind.c).
+unwinder = Extension(
+    "jprobe.runtime_c.libjprobe_unwind",
+    sources=["jprobe/runtime_c/unwind.c"],
+    depends=["jprobe/runtime_c/jprobe.h", "jprobe/runtime_c/jprobe_ring.h"],
+    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"],
+)
+
+setup(ext_modules=[runtime, events_reader, unwinder])

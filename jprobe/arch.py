@@ -12,7 +12,9 @@ from .trampolines import tactics
 from .trampolines.asm import Address, CodeBuffer, Later
 from .trampolines.islands import Islands, text_room
 from .trampolines.relocate import can_relocate, can_relocate_together
-from .trampolines.returns import FRAME_ARGS, FRAME_TSC, emit_hijack, emit_lost, emit_return_head, emit_return_tail, stashed_at
+from .trampolines.returns import (
+    FRAME_ARGS, FRAME_TSC, Pool, emit_hijack, emit_lost, emit_return_head, emit_return_tail, stashed_at,
+)
 from .trampolines.x86_64 import (
     FILL, FILL_BYTE, JUMP_FIXUP, JUMP_OPCODE, JUMP_SIZE, LOADER_SLOTS, REACH, RESUME_GPRS, RESUME_RESULT,
     RESUME_STACK, RESUME_XSAVE, ModuleStubs, Sweep, branch_target, call_bytes, call_fixup,
@@ -40,7 +42,7 @@ __all__ = [
     "Address", "CodeBuffer", "Later", "FILL_BYTE", "ModuleStubs", "emit_count", "emit_callback", "emit_displaced",
     "emit_call_continuation",
     # Following a function's return: the entry's hijack, the return trampoline around the work.
-    "emit_hijack", "emit_return_head", "emit_return_tail", "emit_lost", "FRAME_ARGS", "FRAME_TSC", "stashed_at",
+    "Pool", "emit_hijack", "emit_return_head", "emit_return_tail", "emit_lost", "FRAME_ARGS", "FRAME_TSC", "stashed_at",
     # Trace records: one into the thread's ring (the values as descriptors, so that a return
     # trampoline can name saved ones), its header word, the values trace(ARG,...) names.
     "emit_trace", "trace_header", "trace_values", "TraceValue",

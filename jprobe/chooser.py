@@ -110,6 +110,7 @@ class Policy:
     islands: bool = True     # it maps islands before the code runs (not `jprobe patch` on a library)
     movable: bool = False    # `jprobe run`: it may place the trampolines elsewhere than planned
     strict: bool = False     # a site that would trap is refused
+    return_pool: int | None = None   # `jprobe attach`: threads take return stacks from this pool (returns.Pool)
 
 
 @dataclass(frozen=True)

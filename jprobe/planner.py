@@ -256,7 +256,8 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
         if probe.site.mechanism is not Mechanism.TRAP or probe.site.length >= arch.JUMP_SIZE:
             follow = probe if probe.spec.on_return else probe.follower
             returns = None if follow is None else _Return(follow, index[id(follow)], desc_addr[index[id(follow)]])
-            emitted[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs, returns=returns)
+            emitted[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs, returns=returns,
+                                     pool=policy.return_pool)
     short, rejumped = _choose_short_sites(module, probes, emitted, policy, room) if probes else ({}, [])
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
@@ -288,7 +289,8 @@ class _Return(NamedTuple):
 
 def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: Later,
                 table: Later, stubs: arch.ModuleStubs | None,
-                islands: list[tuple[int, int, int]] | None = None, returns: _Return | None = None) -> ProbePlan:
+                islands: list[tuple[int, int, int]] | None = None, returns: _Return | None = None,
+                pool: int | None = None) -> ProbePlan:
     hits = desc + layout.offsetof("jp_probe", "hits")
     start = buf.here
     callback = probe.spec.handler.kind == "callback"
@@ -318,7 +320,8 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
             names = returns.probe.spec.handler.args
             arch.emit_hijack(buf, return_label, table + layout.offsetof("jp_table", "rstack_off"),
                              returns.desc + layout.offsetof("jp_probe", "ret_missed"), site.flags_live,
-                             save_args=any(n.startswith("arg") for n in names), save_time=DURATION in names)
+                             save_args=any(n.startswith("arg") for n in names), save_time=DURATION in names,
+                             pool=None if pool is None else arch.Pool(pool))
 
     original = module.read(probe.address, site.length)
     if site.mechanism is Mechanism.TRAP:

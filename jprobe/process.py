@@ -10,13 +10,14 @@ from typing import Any
 from . import layout
 from .errors import AttachError, HandlerError, JprobeError, ProcessGone
 from .patcher.live import PYTHON, Batch, LiveSession
+from .patcher import unwinder
 from .patcher.loads import LoadWatcher
 from .spec import Handler, ProbeSpec, parse_probes
 
 # cffi callbacks given to trampolines: kept for the process's life, since a thread may be
 # inside one (or about to return into its caller) after its probe is removed.
 _CALLABLES: list[Any] = []
-COUNTERS = ("hits", "missed", "skipped")            # struct jp_probe's
+COUNTERS = ("hits", "missed", "skipped", "ret_missed")            # struct jp_probe's
 
 
 class Probe:
@@ -56,6 +57,16 @@ class Probe:
         return self._count("missed")
 
     @property
+    def returns_missed(self) -> int:
+        """%return: calls whose return was not followed (64 followed calls deep already, the
+        return stacks used up, or given up to a backtrace's walk)."""
+        return self._count("ret_missed")
+
+    @property
+    def on_return(self) -> bool:
+        return self.spec.split("=", 1)[0].endswith("%return")
+
+    @property
     def removed(self) -> bool:
         return self._final is not None
 
@@ -74,6 +85,8 @@ class Probe:
              "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": 0}
         if self.handler != "count":
             e["missed"], e["callback_skipped"] = self.missed, self._count("skipped")
+        if self.on_return:
+            e["returns_missed"] = self.returns_missed
         if self.mechanism == "pending":
             e["loaded"] = False
         return e
@@ -92,6 +105,7 @@ class Process:
         self.executable = self._session.executable
         self._probes: list[Probe] = []
         self._pending: list[tuple[ProbeSpec, Probe]] = []
+        self._internal: list[Probe] | None = None     # jprobe's own on the unwinder, once %return needs them
         self._errors: list[str] = []
         self._watcher: LoadWatcher | None = None
         # Held while jprobe changes the process (and its threads may be stopped): the load
@@ -126,6 +140,8 @@ class Process:
                                        f"use `jprobe run` or `jprobe patch`, or count")
             if handler is not None:
                 parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
+            if self._internal is None and any(spec.on_return for spec in parsed):
+                self._keep_unwinder_off(next(spec for spec in parsed if spec.on_return))
             absent = {name for name in {spec.module for spec in parsed} - {None} if self._session.loaded(name) is None}
             waiting = [spec for spec in parsed if spec.module in absent]
             made = self._place([spec for spec in parsed if spec not in waiting], handler)
@@ -140,6 +156,25 @@ class Process:
             out = [made[spec.target()] for spec in parsed]
             self._probes.extend(p for p in made.values() if p not in self._probes)
             return out
+
+    def _keep_unwinder_off(self, first: ProbeSpec) -> None:
+        """Before the first %return probe: jprobe's probes on the unwinder's entry points
+        (patcher/unwinder.py), those of libraries not loaded yet waiting for them. Where they
+        cannot go, %return is refused: an exception through a followed frame would end the
+        program in std::terminate."""
+        present, waiting = unwinder.probes(self._session)
+        try:
+            placed = self._place(present, None)
+        except JprobeError as err:
+            raise type(err)(f"'{first.text}': jprobe cannot keep the unwinder off followed returns in process "
+                            f"{self.pid} ({err}); %return refused") from None
+        self._internal = list(placed.values())
+        for spec in waiting:
+            probe = Probe(spec.target(), spec.module, str(spec.handler))
+            self._pending.append((spec, probe))
+            self._internal.append(probe)
+        if waiting and self._watcher is None:
+            self._watcher = LoadWatcher(self._session, self._loaded_something)
 
     def _place(self, parsed: list[ProbeSpec], handler: Callable[[Any], None] | None) -> dict[str, Probe]:
         if not parsed:
@@ -163,6 +198,9 @@ class Process:
             if not ready:
                 return
             self._pending = [pair for pair in self._pending if pair not in ready]
+            internal = {id(p) for p in self._internal or []}
+            ready = [(unwinder.settled(self._session, spec) if id(probe) in internal else spec, probe)
+                     for spec, probe in ready]
             try:
                 placed = self._place([spec for spec, _ in ready], None)
             except JprobeError as err:
@@ -173,16 +211,18 @@ class Process:
                 probe._place(new._batch, new._index)
 
     def remove(self, probe: Probe) -> None:
-        """Take `probe` out (every name of its site); it keeps its final `hits`."""
+        """Take `probe` out (every name of its site; an entry and a return probe on one function
+        share their site, and go out together); it keeps its final `hits`."""
         with self.stopping:
             if probe.removed:
                 return
             if probe.pending:
                 self._pending = [(s, p) for s, p in self._pending if p is not probe]
+                taken = []
             else:
-                self._session.remove(probe._batch, [probe._index])
+                taken = self._session.remove(probe._batch, [probe._index])
             for p in self._probes:
-                if p is probe or p._batch is not None and p._batch is probe._batch and p._index == probe._index:
+                if p is probe or p._batch is not None and p._batch is probe._batch and p._index in taken:
                     p._settle()
 
     def detach(self) -> None:

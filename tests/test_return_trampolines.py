@@ -32,12 +32,17 @@ HIJACK = layout.offsetof("jp_rframe", "hijack")
 RETURNED = 0x1234_5678_9abc_def0
 
 
-def program(flags_live: bool) -> bytes:
+POOL = DATA + 0x9000                # jprobe attach's pool: a header page, then POOL_STACKS stacks
+POOL_STACKS = 2
+RSTACK_SIZE = layout.sizeof("jp_rstack")
+
+
+def program(flags_live: bool, pool: returns.Pool | None = None) -> bytes:
     buf = CodeBuffer(CODE)
     buf.call("function")
     buf.jmp(END)
     buf.label("function")
-    returns.emit_hijack(buf, "return", RSTACK_OFF_AT, MISSED, flags_live)
+    returns.emit_hijack(buf, "return", RSTACK_OFF_AT, MISSED, flags_live, pool=pool)
     buf.emit("pushfq")
     buf.rip("pop qword ptr [rip]", FLAGS_SEEN)
     buf.emit(f"movabs rax, {RETURNED}; ret")
@@ -94,3 +99,41 @@ def test_a_followed_return_comes_back_intact(seed, flags_live, misalign, stale, 
         kept.pop()
     assert depth == len(kept)
     assert [struct.unpack("<Q", uc.mem_read(RSTACK + FRAMES + k * FRAME, 8))[0] for k in range(depth)] == kept
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(seed=st.integers(0, 2**32), flags_live=st.booleans(), taken=st.integers(0, POOL_STACKS + 1),
+       own=st.booleans())
+def test_a_thread_without_a_stack_takes_one_from_the_pool(seed, flags_live, taken, own):
+    """jprobe attach: a thread whose stack word is 0 takes the pool's next stack (its index
+    by `lock xadd`) and keeps it; with the pool used up, the call is counted missed and the
+    word stays 0; a thread that has one uses it and takes none. Registers as in the test above."""
+    rsp = STACK_TOP - 0x2000
+    uc = machine(program(flags_live, returns.Pool(POOL)), rsp, seed)
+    uc.reg_write(U.UC_X86_REG_FS_BASE, FS_BASE)
+    uc.mem_write(RSTACK_OFF_AT, struct.pack("<q", RSTACK_OFF))
+    uc.mem_write(FS_BASE + RSTACK_OFF, struct.pack("<Q", RSTACK if own else 0))
+    uc.mem_write(POOL, struct.pack("<QQ", taken, POOL_STACKS))
+    uc.mem_write(RSTACK, struct.pack("<Q", 0))
+    before = state(uc)
+    uc.emu_start(CODE, END, count=20_000)
+    after = state(uc)
+    assert uc.reg_read(U.UC_X86_REG_RIP) == END
+    before.pop("FLAGS"), after.pop("FLAGS"), before.pop("RAX")
+    assert after.pop("RAX") == RETURNED
+    assert after == before
+    word = struct.unpack("<Q", uc.mem_read(FS_BASE + RSTACK_OFF, 8))[0]
+    nxt = struct.unpack("<Q", uc.mem_read(POOL, 8))[0]
+    hits, missed = struct.unpack("<QQ", uc.mem_read(HITS, 16))
+    if own:
+        stack, followed = RSTACK, True
+        assert (word, nxt) == (RSTACK, taken)
+    else:
+        followed = taken < POOL_STACKS
+        stack = POOL + returns.POOL_HEADER + taken * RSTACK_SIZE
+        assert (word, nxt) == (stack if followed else 0, taken + 1)
+    assert (hits, missed) == ((1, 0) if followed else (0, 1))
+    if followed:
+        frame = stack + FRAMES
+        assert struct.unpack("<Q", uc.mem_read(stack, 8))[0] == 0          # pushed and popped
+        assert struct.unpack("<Q", uc.mem_read(frame + returns.FRAME_MISSED, 8))[0] == MISSED

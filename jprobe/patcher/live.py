@@ -38,7 +38,7 @@ from ..planner import cycles_uncollected, resolve_probes
 from ..probetable import PROBE_SIZE, TABLE_SIZE
 from ..room import Room, plan_in_room
 from ..spec import ProbeSpec
-from . import inject, remote
+from . import inject, remote, rstacks
 from .ptrace import pidfd_getfd
 from .target import Mapping, auxv, check_process, descendants, executable, file_of, maps
 from .regions import HALF, PAGE, LoadedModule, Region, free_room, page_up, region_name
@@ -47,6 +47,7 @@ from .world import StoppedWorld, stopped
 CALLBACK = layout.offsetof("jp_probe", "callback")
 GUARD_OFF = layout.offsetof("jp_table", "guard_off")
 VEC_MODE = layout.offsetof("jp_table", "vec_mode")
+RSTACK_OFF = layout.offsetof("jp_table", "rstack_off")
 PYTHON = "<python>"                # the callback "library" of a Python callable handler
 # The callback guard (jprobe_table.h, "Callbacks are not re-entered") of a process without
 # the runtime: a byte of glibc's thread control block at %fs:0x80, in __glibc_unused2, which
@@ -96,6 +97,7 @@ class LiveSession:
         self._modules: dict[str, ElfModule] = {}
         self.batches: list[Batch] = []
         self.rewound = 0
+        self.pool: int | None = None             # the return stacks' pool (rstacks.py), once %return needs it
         # Seconds the last plan() and apply() took, by step (benchmarks/bench.py shows them).
         self.timings: dict[str, float] = {}
 
@@ -103,16 +105,19 @@ class LiveSession:
     def plan(self, specs: list[ProbeSpec]) -> list[Batch]:
         """Batches for `specs`, one per module, planned into free room of its region."""
         for spec in specs:
-            if spec.on_return or spec.handler.kind == "trace":
+            if spec.handler.kind == "trace":
                 raise HandlerError(f"'{spec.text}': jprobe attach places `count` and callback probes only in "
-                                   f"this release; drop `trace` (or `%return`), or use `jprobe run`")
+                                   f"this release; drop `trace`, or use `jprobe run`")
         started = time.perf_counter()
         self.check_image()
         mapped = maps(self.pid)
-        if any(spec.handler.kind == "callback" for spec in specs) and not any(
-                os.path.basename(m.path) == "libc.so.6" for m in mapped):
+        glibc = any(os.path.basename(m.path) == "libc.so.6" for m in mapped)
+        if any(spec.handler.kind == "callback" for spec in specs) and not glibc:
             raise HandlerError(f"process {self.pid} does not run on glibc: jprobe attach gives it `count` "
                                f"probes only (a callback's guard lives in glibc's thread control block)")
+        returns = [spec for spec in specs if spec.on_return]
+        if returns:
+            self._check_returns(returns[0], glibc)
         found = {name: self._find(name, mapped) for name in {spec.module for spec in specs}}
         by_module: dict[str, tuple[LoadedModule, list[ProbeSpec]]] = {}
         for spec in specs:
@@ -134,7 +139,7 @@ class LiveSession:
         room = Room(text, data, planned + HALF, planned + 2 * HALF)
         try:
             plan = plan_in_room(module, probes, lambda outgrown: room if outgrown is None else None,
-                                Policy(islands=False, strict=self.strict))
+                                Policy(islands=False, strict=self.strict, return_pool=self.pool))
         except JprobeError as err:
             if "outgrew" not in str(err):
                 raise
@@ -155,6 +160,25 @@ class LiveSession:
         region.text_used = page_up(plan.text_vaddr + len(plan.text) - base)
         region.data_used = page_up(plan.data_vaddr + len(plan.data) - base - HALF)
         return batch
+
+    def _check_returns(self, spec: ProbeSpec, glibc: bool) -> None:
+        """%return can be followed here (glibc, no shadow stack), and the return stacks' pool
+        is mapped: its address goes into the trampolines."""
+        if not glibc:
+            raise HandlerError(f"'{spec.text}': process {self.pid} does not run on glibc, whose thread control "
+                               f"block holds each thread's return stack under jprobe attach")
+        if _shadow_stack(self.pid):
+            raise HandlerError(f"'{spec.text}': process {self.pid} runs with a CET shadow stack, which faults "
+                               f"on a followed return; probe the function's entry instead")
+        if self.pool is None:
+            self.pool = rstacks.find_pool(self.pid)
+        if self.pool is None:
+            if self.local:
+                self.pool = rstacks.create_pool_here()
+            else:
+                made: list[int] = []
+                self.rewound += stopped(self.pid, lambda world: made.append(rstacks.create_pool(world)))
+                self.pool = made[0]
 
     def _module(self, path: str, file: str) -> ElfModule:
         if path not in self._modules:
@@ -198,7 +222,13 @@ class LiveSession:
             fd = pidfd_getfd(self.pid, target_fd)
             region = Region(mapping.start, fd, mmap.mmap(fd, 2 * HALF))
         else:
+            if self.local:          # as now: jprobe's own allocations (planning) map memory meanwhile
+                mapped[:] = maps(self.pid)
             region = Region(free_room(loaded, mapped, self.executable), -1, None, mapped=False)  # type: ignore[arg-type]
+            # Taken: another module planned in the same batch must not choose the same room.
+            mapped.append(Mapping(region.base, region.base + 2 * HALF, "---p", 0, 0, region_name(loaded)))
+            if self.local:          # at once, before they take the room
+                self._map(None, loaded, region)
         self.regions[loaded.path] = region
         return region
 
@@ -271,7 +301,8 @@ class LiveSession:
                 loader = inject.Loader(self.pid, region.view, region.base, text, data)
 
                 def work(world: StoppedWorld) -> None:
-                    self._map(world, first, region)
+                    for batch in batches:           # before dlopen() maps anything into their room
+                        self._map(world, batch.module, batch.region)
                     loader.region = region.view             # mapped now, if it was not
                     loader.start(world, lib, functions)
                 for attempt in range(inject.TRIES):
@@ -333,13 +364,21 @@ class LiveSession:
         view[batch.table_offset:batch.table_offset + len(plan.data)] = plan.data
         for offset, code in batch.extra:
             view[offset:offset + len(code)] = code
+        if self.pool is not None:
+            struct.pack_into("<q", view, batch.table_offset + RSTACK_OFF, rstacks.RSTACK_OFF)
         if batch.callbacks:
             table = batch.table_offset
             struct.pack_into("<qQ", view, table + GUARD_OFF, TCB_GUARD, 0)
             struct.pack_into("<Q", view, table + VEC_MODE, vec_mode())
             for i, function in batch.callbacks.items():
                 struct.pack_into("<Q", view, table + TABLE_SIZE + i * PROBE_SIZE + CALLBACK, function)
-        for probe in plan.probes:
+        sites: set[int] = set()
+        # An entry and a return probe share a site: written once, by the entry probe, which
+        # has the boundary map (the return probe rides on its jump).
+        for probe in sorted(plan.probes, key=lambda p: not p.boundaries):
+            if probe.address in sites:
+                continue
+            sites.add(probe.address)
             _move_out_of_site(world, probe, bias)
             written.append((probe, bias))
             world.write(bias + probe.address, probe.patched)
@@ -354,11 +393,16 @@ class LiveSession:
         region.text_used = min(region.text_used, batch.plan.text_vaddr - base)
         region.data_used = min(region.data_used, batch.table_offset - HALF)
 
-    def remove(self, batch: Batch, indices: list[int]) -> None:
-        """Take probes `indices` of `batch` out, in one stop of the world."""
+    def remove(self, batch: Batch, indices: list[int]) -> list[int]:
+        """Take probes `indices` of `batch` out, in one stop of the world; the probes taken
+        out: with them, those that share their sites (an entry and a return probe on one
+        function have one site and one trampoline)."""
+        sites = {batch.plan.probes[i].address for i in indices}
+        indices = [i for i, p in enumerate(batch.plan.probes) if p.address in sites and batch.live[i]]
         self.rewound += stopped(self.pid, lambda world: self._unpatch(world, [(batch, indices)]))
         for i in indices:
             batch.live[i] = False
+        return indices
 
     def remove_all(self) -> None:
         """Every probe out, in one stop of the world; then out of the processes forked
@@ -406,12 +450,17 @@ class LiveSession:
                  inherited: bool = False) -> None:
         """Sites back as they were; threads stepped out of the taken probes' trampolines (with
         `whole`, out of the regions' code altogether: no probe is left in them). In a forked
-        child (`inherited`), the sites that hold what jprobe wrote: it forked with those."""
+        child (`inherited`), the sites that hold what jprobe wrote: it forked with those.
+        Then the return addresses the taken probes' trampolines hold back in place."""
         for batch, indices in work:
             bias = batch.module.bias
+            done: set[int] = set()
             for i in indices:
                 probe = batch.plan.probes[i]
                 at = bias + probe.address
+                if at in done:                  # an entry and a return probe: one site
+                    continue
+                done.add(at)
                 if world.read(at, len(probe.patched)) != probe.patched:
                     if inherited:
                         continue
@@ -421,10 +470,14 @@ class LiveSession:
         if whole:
             for region in {id(b.region): b.region for b, _ in work}.values():
                 self._vacate(world, region)
+            if self.pool is not None:
+                rstacks.restore(world, None)
             return
         spans = [span for batch, indices in work for span in _trampolines(batch, indices)]
         for thread in list(world.threads.values()):
             world.step_while(thread, lambda rip: any(lo <= rip < hi for lo, hi in spans))
+        if self.pool is not None:
+            rstacks.restore(world, spans)
 
 
 def _trampolines(batch: Batch, indices: list[int]) -> list[tuple[int, int]]:
@@ -484,6 +537,16 @@ def _check_sites(world: StoppedWorld, batch: Batch) -> None:
                    "the file on disk differs from the one mapped")
             raise AttachError(f"'{probe.spec}': the code at {at:#x} in process {world.pid} is not the "
                               f"file's ({why}); nothing was changed")
+
+
+def _shadow_stack(pid: int) -> bool:
+    """The process runs with a CET shadow stack enabled (the kernel says so in its status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            features = next((line for line in f if line.startswith("x86_Thread_features:")), "")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(f"process {pid} exited") from None
+    return "shstk" in features.split()
 
 
 def _check_seccomp(pid: int) -> None:

@@ -10,6 +10,13 @@
 #include <stdint.h>
 
 #define JP_RSTACK_DEPTH	64	/* followed returns a thread keeps, as the kernel's uretprobes */
+/*
+ * Under jprobe attach (no runtime): a thread's stack is the word at
+ * %fs:JP_LIVE_RSTACK_OFF (patcher/rstacks.py); a frame's pad[0] holds the
+ * address of its probe's ret_missed, 0 once an unwinder's walk took its
+ * return for good (unwind.c).
+ */
+#define JP_LIVE_RSTACK_OFF 0x88
 
 /* JPROBE_LAYOUT_BEGIN: read by jprobe's trampoline emitter and readers (via cffi). */
 /*

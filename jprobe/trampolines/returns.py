@@ -22,6 +22,7 @@ values in caller-saved registers across calls they know), so the trampoline keep
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from .. import layout
 from .asm import Address, CodeBuffer
@@ -39,17 +40,34 @@ _SHIFT = _FRAME.bit_length() - 1
 assert _FRAME == 1 << _SHIFT and _FRAMES == _FRAME and _SLOT == 0, "frames[d] is at stack + (d + 1) << _SHIFT"
 _JZ, _JNZ, _JA, _JB, _JAE, _JS = 0x4, 0x5, 0x7, 0x2, 0x3, 0x8
 _ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+_PAD = layout.offsetof("jp_rframe", "pad")
+_RSTACK = layout.sizeof("jp_rstack")
 _LOST = b"jprobe: a followed return lost its frame; aborting\n"
 _NR_WRITE = 1
 
 
+class Pool(NamedTuple):
+    """Return stacks taken by the hijack itself, for a process without the runtime
+    (`jprobe attach`): a thread whose %fs:rstack_off word is 0 takes the next stack of the
+    pool at run-time address `base` (a header of POOL_HEADER bytes: the next stack's index,
+    taken with `lock xadd`, and how many there are; then the stacks)."""
+    base: int
+
+
+POOL_HEADER = 0x1000
+POOL_NEXT, POOL_SIZE = 0, 8                     # the header's words
+FRAME_MISSED = _PAD                             # pool frames: where their probe counts a return not followed
+
+
 def emit_hijack(buf: CodeBuffer, return_trampoline: str | Address, rstack_off: Address, missed: Address,
-                flags_live: bool, save_args: bool = False, save_time: bool = False) -> None:
+                flags_live: bool, save_args: bool = False, save_time: bool = False, pool: Pool | None = None) -> None:
     """At a function's entry ([rsp]: the return address, the red zone dead): follow the return.
 
-    Without a return stack (a thread the runtime did not start) or room in it, the call is
-    counted in `missed` and its return is not followed. `save_args` keeps arg1..arg6 and
-    `save_time` a time stamp in the frame, for a return handler that reports them.
+    Without a return stack (a thread the runtime did not start; with a `pool`, the pool
+    used up) or room in it, the call is counted in `missed` and its return is not followed.
+    `save_args` keeps arg1..arg6 and `save_time` a time stamp in the frame, for a return
+    handler that reports them. A `pool` frame keeps the address of `missed` too: whoever
+    puts its return address back for good (an unwinder's walk) counts the return there.
     """
     missed_l, gc, below, dead, push, out = (buf.fresh(n) for n in ("ret_missed", "ret_gc", "ret_below", "ret_dead",
                                                                    "ret_push", "ret_out"))
@@ -63,8 +81,11 @@ def emit_hijack(buf: CodeBuffer, return_trampoline: str | Address, rstack_off: A
     buf.rip("mov rcx, qword ptr [rip]", rstack_off)
     buf.emit("test rcx, rcx")
     buf.jcc(_JZ, missed_l)
-    buf.emit("mov rcx, qword ptr fs:[rcx]; test rcx, rcx")
-    buf.jcc(_JZ, missed_l)
+    if pool is None:
+        buf.emit("mov rcx, qword ptr fs:[rcx]; test rcx, rcx")
+        buf.jcc(_JZ, missed_l)
+    else:
+        _emit_take_stack(buf, pool, missed_l)
     buf.emit(f"lea rsi, [rsp + {above}]; mov rax, qword ptr [rcx]")
     buf.label(gc)                                        # rax: depth, frames below it kept
     buf.emit("test rax, rax")
@@ -95,6 +116,9 @@ def emit_hijack(buf: CodeBuffer, return_trampoline: str | Address, rstack_off: A
                 buf.emit(f"mov rax, qword ptr [rsp + {8 * (len(saved) - 1 - saved.index(reg))}]")
                 reg = "rax"
             buf.emit(f"mov qword ptr [rdx + {_ARGS + 8 * i}], {reg}")
+    if pool is not None:
+        buf.rip("lea rax, [rip]", missed)
+        buf.emit(f"mov qword ptr [rdx + {FRAME_MISSED}], rax")
     buf.rip("lea rax, [rip]", return_trampoline)
     buf.emit(f"mov qword ptr [rdx + {_HIJACK}], rax")
     if save_time:
@@ -109,6 +133,21 @@ def emit_hijack(buf: CodeBuffer, return_trampoline: str | Address, rstack_off: A
     if flags_live:
         buf.emit("pop rax; add al, 0x7f; sahf")
     buf.emit("pop rax")
+
+
+def _emit_take_stack(buf: CodeBuffer, pool: Pool, missed: str) -> None:
+    """rcx: the offset of the thread's stack word from %fs; leaves the stack in rcx, taking
+    one from the pool when the word is 0. A signal handler that takes one between the load
+    and the store only costs the pool a stack (its frames are balanced by the time it returns)."""
+    have = buf.fresh("ret_have")
+    buf.emit("mov rdx, qword ptr fs:[rcx]; test rdx, rdx")
+    buf.jcc(_JNZ, have)
+    buf.emit(f"movabs rsi, {pool.base}; mov eax, 1; lock xadd qword ptr [rsi + {POOL_NEXT}], rax; "
+             f"cmp rax, qword ptr [rsi + {POOL_SIZE}]")
+    buf.jcc(_JAE, missed)
+    buf.emit(f"imul rax, rax, {_RSTACK}; lea rdx, [rsi + rax + {POOL_HEADER}]; mov qword ptr fs:[rcx], rdx")
+    buf.label(have)
+    buf.emit("mov rcx, rdx")
 
 
 FRAME_ARGS, FRAME_TSC = _ARGS, _TSC
