@@ -85,6 +85,55 @@ def test_trace_appends_one_record_and_leaves_the_program_alone(seed, flags_live,
     assert rec[2:] == [expected[n] for n in names]
 
 
+POOL, TID_OFF, STRIDE, POOL_RINGS = DATA + 0x2000, 0x2D0, 0xC0 + 8 * (MASK + 1), 2
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(seed=st.integers(0, 2**32), flags_live=st.booleans(), taken=st.integers(0, POOL_RINGS + 1),
+       path=st.sampled_from(["no ring", "own ring", "another's ring"]))
+def test_trace_takes_a_ring_of_its_own_from_a_pool(seed, flags_live, taken, path):
+    """`jprobe attach`'s pool: a thread with no ring, or whose ring another thread owns (a forked
+    child, a recycled stack), takes the pool's next (its tid in it) and writes its record there,
+    never in the other's; the pool used up, the record is lost. Registers as they were."""
+    from jprobe.trampolines.returns import POOL_HEADER
+    header = arch.trace_header(5, 0xABCDE, 1)
+    buf = CodeBuffer(CODE)
+    pool = arch.RingPool(POOL, STRIDE, TID_OFF)
+    arch.emit_trace(buf, RING_OFF_AT, LOST, header, arch.trace_values(["arg1"]), 0x4242, flags_live, pool=pool)
+    buf.jmp(END)
+    uc = machine(buf.finish(), STACK_TOP - 0x1000, seed)
+    uc.reg_write(U.UC_X86_REG_FS_BASE, FS_BASE)
+    empty = struct.pack("<QQ48xQ56xQ", 0, 0, 0, MASK).ljust(STRIDE, b"\0")
+    uc.mem_write(POOL, struct.pack("<QQ", taken, POOL_RINGS).ljust(POOL_HEADER, b"\0") + empty * POOL_RINGS)
+    other = struct.pack("<QQ48xQ56xQII", 0, 0, 0, MASK, 1, 77).ljust(STRIDE, b"\0")
+    uc.mem_write(RING, other)
+    uc.mem_write(RING_OFF_AT, struct.pack("<q", 0x90))
+    uc.mem_write(FS_BASE + TID_OFF, struct.pack("<I", 4242))
+    if path == "own ring":
+        uc.mem_write(RING + 0x8C, struct.pack("<I", 4242))
+    uc.mem_write(FS_BASE + 0x90, struct.pack("<Q", 0 if path == "no ring" else RING))
+    before = state(uc)
+    uc.emu_start(CODE, END, count=10_000)
+    after = state(uc)
+    if not flags_live:
+        before.pop("FLAGS"), after.pop("FLAGS")
+    assert after == before
+    lost = struct.unpack("<Q", uc.mem_read(LOST, 8))[0]
+    next_ = struct.unpack("<Q", uc.mem_read(POOL, 8))[0]
+    word = struct.unpack("<Q", uc.mem_read(FS_BASE + 0x90, 8))[0]
+    if path != "own ring":
+        assert next_ == taken + 1
+        assert bytes(uc.mem_read(RING, STRIDE))[:0x90] == other[:0x90]          # never written
+    if path == "own ring" or taken < POOL_RINGS:
+        ring = RING if path == "own ring" else POOL + POOL_HEADER + taken * STRIDE
+        head, tid = struct.unpack("<Q", uc.mem_read(ring, 8))[0], struct.unpack("<I", uc.mem_read(ring + 0x8C, 4))[0]
+        data = struct.unpack("<3Q", uc.mem_read(ring + 0xC0, 24))
+        assert (lost, word, head, tid) == (0, ring, 3, 4242)
+        assert data[0] == header and data[2] == before["RDI"]
+    else:
+        assert lost == 1 and word == (0 if path == "no ring" else RING)
+
+
 def test_reader_takes_rings_from_anywhere(tmp_path):
     """events.py's reader without a counters file (as attach will use it): a ring in jprobe's
     own memory, drained to a file; a closed ring read to its end is free again."""
