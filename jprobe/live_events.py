@@ -89,7 +89,6 @@ class LiveEvents:
         self.reader = EventReader([], self._out, as_json or self.to_python)
         self.streams: dict[str, Stream] = {}          # by a probe's record name
         self._added = 0
-        self._pids: list[int] = []                   # rings whose pid is not settled yet
         self._lock = threading.Lock()                # the reader is not thread-safe
         self._stop = threading.Event()
         self.error: JprobeError | None = None
@@ -101,7 +100,6 @@ class LiveEvents:
         except ProcessLookupError:
             self._pidfd = -1
         self._thread = threading.Thread(target=self._run, name="jprobe-events", daemon=True)
-        self._thread.start()
 
     def add(self, probe: TraceProbe) -> Stream:
         """`probe`'s records formatted from now on; its stream (for Python)."""
@@ -109,6 +107,8 @@ class LiveEvents:
             if probe.name not in self.streams:
                 self.reader.add_probe(probe)
                 self.streams[probe.name] = Stream()
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread.start()
             return self.streams[probe.name]
 
     def events_of(self, probe: TraceProbe) -> int:
@@ -130,26 +130,10 @@ class LiveEvents:
             taken = self.rings.taken()
             for i in range(self._added, taken):
                 self.reader.add_ring(self.rings.ring(i))
-                self._pids.append(i)
             self._added = taken
-            self._settle_pids()
             self.reader.poll()
             if self.to_python:
                 self._parse()
-
-    def _settle_pids(self) -> None:
-        """A ring taken by a forked child's thread shows the child's pid (the pool's rings are
-        made with the session's: a child's first events may show it before this runs)."""
-        left = []
-        for i in self._pids:
-            tid = self.rings.tid(i)
-            if not tid:
-                left.append(i)
-            elif not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
-                pid = _tgid(tid)
-                if pid:
-                    self.rings.set_pid(i, pid)
-        self._pids = left
 
     def _parse(self) -> None:
         size = os.lseek(self._out, 0, os.SEEK_CUR)
@@ -202,7 +186,7 @@ class LiveEvents:
     def close(self) -> None:
         """The last drain (detach): every stream ended, the reader closed."""
         self._stop.set()
-        if self._thread is not threading.current_thread():
+        if self._thread.ident is not None:
             self._thread.join()
         try:
             self.drain()
@@ -221,10 +205,3 @@ class LiveEvents:
                 os.close(self._pidfd)
                 self._pidfd = -1
 
-
-def _tgid(tid: int) -> int:
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            return int(next((line.split()[1] for line in f if line.startswith("Tgid:")), "0"))
-    except OSError:
-        return 0

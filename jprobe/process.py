@@ -205,11 +205,13 @@ class Process:
             address = _callable_address(handler)
             for batch in batches:
                 batch.callbacks.update({i: address for i in range(len(batch.plan.probes))})
+        traced = self._traced(batches)          # known to the reader before their first record
         self._session.apply(batches)
         placed = {name: Probe.placed(batch, i, name) for batch in batches
                   for i, plan in enumerate(batch.plan.probes) for name in plan.target.split("\n")}
         for probe in placed.values():
-            self._traced(probe)
+            probe._trace = traced.get((id(probe._batch), probe._index))
+            probe._events = self._events
         return placed
 
     def send_events(self, fd: int, as_json: bool, path: str | None = None) -> None:
@@ -220,20 +222,22 @@ class Process:
             raise AttachError("send_events: trace probes are placed already")
         self._events_to = (fd, as_json, {"events_file": os.path.abspath(path)} if path else {"events_to": "stderr"})
 
-    def _traced(self, probe: Probe) -> None:
-        """A trace probe's records read from now on (the session's drainer starts with the first)."""
-        batch, i = probe._batch, probe._index
-        plan = batch.plan.probes[i]
-        args = trace_args(plan.handler)
-        if args is None:
-            return
-        if self._events is None:
-            fd, as_json, where = self._events_to or (None, False, {"events_to": "events()"})
-            self._events = LiveEvents(self._session.rings, self.pid, fd, as_json, where)
-        probe._trace = TraceProbe(record_key(batch.plan.module, batch.trace_ids_from + i),
-                                  plan.target.split("\n")[0], args)
-        probe._events = self._events
-        self._events.add(probe._trace)
+    def _traced(self, batches: list[Batch]) -> dict[tuple[int, int], TraceProbe]:
+        """The trace probes of `batches`, by (batch, index), their records read from now on (the
+        session's drainer starts with the first)."""
+        found = {}
+        for batch in batches:
+            for i, plan in enumerate(batch.plan.probes):
+                args = trace_args(plan.handler)
+                if args is None:
+                    continue
+                if self._events is None:
+                    fd, as_json, where = self._events_to or (None, False, {"events_to": "events()"})
+                    self._events = LiveEvents(self._session.rings, self.pid, fd, as_json, where)
+                found[id(batch), i] = TraceProbe(record_key(batch.plan.module, batch.trace_ids_from + i),
+                                                 plan.target.split("\n")[0], args)
+                self._events.add(found[id(batch), i])
+        return found
 
     def _loaded_something(self) -> None:
         """The process has loaded a library (the load watcher's thread): the probes waiting for

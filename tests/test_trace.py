@@ -93,8 +93,9 @@ POOL, TID_OFF, STRIDE, POOL_RINGS = DATA + 0x2000, 0x2D0, 0xC0 + 8 * (MASK + 1),
        path=st.sampled_from(["no ring", "own ring", "another's ring"]))
 def test_trace_takes_a_ring_of_its_own_from_a_pool(seed, flags_live, taken, path):
     """`jprobe attach`'s pool: a thread with no ring, or whose ring another thread owns (a forked
-    child, a recycled stack), takes the pool's next (its tid in it) and writes its record there,
-    never in the other's; the pool used up, the record is lost. Registers as they were."""
+    child, a recycled stack), takes the pool's next (its tid and pid, by getpid(), in it) and
+    writes its record there, never in the other's; the pool used up, the record is lost.
+    Registers as they were, those the system call clobbers too."""
     from jprobe.trampolines.returns import POOL_HEADER
     header = arch.trace_header(5, 0xABCDE, 1)
     buf = CodeBuffer(CODE)
@@ -103,6 +104,13 @@ def test_trace_takes_a_ring_of_its_own_from_a_pool(seed, flags_live, taken, path
     buf.jmp(END)
     uc = machine(buf.finish(), STACK_TOP - 0x1000, seed)
     uc.reg_write(U.UC_X86_REG_FS_BASE, FS_BASE)
+    calls = []
+
+    def getpid(uc, _):
+        calls.append(uc.reg_read(U.UC_X86_REG_RAX))
+        for reg, value in ((U.UC_X86_REG_RAX, 4243), (U.UC_X86_REG_RCX, 0xDEAD), (U.UC_X86_REG_R11, 0xBEEF)):
+            uc.reg_write(reg, value)
+    uc.hook_add(unicorn.UC_HOOK_INSN, getpid, None, 1, 0, U.UC_X86_INS_SYSCALL)
     empty = struct.pack("<QQ48xQ56xQ", 0, 0, 0, MASK).ljust(STRIDE, b"\0")
     uc.mem_write(POOL, struct.pack("<QQ", taken, POOL_RINGS).ljust(POOL_HEADER, b"\0") + empty * POOL_RINGS)
     other = struct.pack("<QQ48xQ56xQII", 0, 0, 0, MASK, 1, 77).ljust(STRIDE, b"\0")
@@ -126,9 +134,11 @@ def test_trace_takes_a_ring_of_its_own_from_a_pool(seed, flags_live, taken, path
         assert bytes(uc.mem_read(RING, STRIDE))[:0x90] == other[:0x90]          # never written
     if path == "own ring" or taken < POOL_RINGS:
         ring = RING if path == "own ring" else POOL + POOL_HEADER + taken * STRIDE
-        head, tid = struct.unpack("<Q", uc.mem_read(ring, 8))[0], struct.unpack("<I", uc.mem_read(ring + 0x8C, 4))[0]
+        head = struct.unpack("<Q", uc.mem_read(ring, 8))[0]
+        pid, tid = struct.unpack("<II", uc.mem_read(ring + 0x88, 8))
         data = struct.unpack("<3Q", uc.mem_read(ring + 0xC0, 24))
         assert (lost, word, head, tid) == (0, ring, 3, 4242)
+        assert (calls, pid) == (([], 1) if path == "own ring" else ([39], 4243))
         assert data[0] == header and data[2] == before["RDI"]
     else:
         assert lost == 1 and word == (0 if path == "no ring" else RING)

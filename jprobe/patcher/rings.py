@@ -46,8 +46,7 @@ _HEAD = layout.offsetof("jp_ring", "head")
 _DATA = layout.offsetof("jp_ring", "data")
 STRIDE = -(-(_DATA + 8 * WORDS) // 0x1000) * 0x1000
 SIZE = POOL_HEADER + RINGS * STRIDE
-_MASK, _PID, _TID = (layout.offsetof("jp_ring", f) for f in ("mask", "pid", "tid"))
-_STATE = layout.offsetof("jp_ring", "state")
+_MASK, _STATE = layout.offsetof("jp_ring", "mask"), layout.offsetof("jp_ring", "state")
 _OWNED = layout.CONST["JP_RING_OWNED"]
 
 
@@ -72,12 +71,6 @@ class Rings:
         """Ring `i`'s address in jprobe."""
         return self.here + POOL_HEADER + i * STRIDE
 
-    def tid(self, i: int) -> int:
-        return ctypes.c_uint32.from_address(self.ring(i) + _TID).value
-
-    def set_pid(self, i: int, pid: int) -> None:
-        ctypes.c_uint32.from_address(self.ring(i) + _PID).value = pid
-
     def close(self) -> None:
         """jprobe's mapping gone (after the last drain); the target keeps its own."""
         with self._lock:
@@ -87,16 +80,15 @@ class Rings:
                 self.fd = -1
 
 
-def _headers(fd: int, pid: int) -> None:
-    """The pool's header and each ring's: its mask, the pid its events are shown with (a forked
-    child's ring is given its own when jprobe sees it), owned by whoever takes it."""
+def _headers(fd: int) -> None:
+    """The pool's header and each ring's: its mask, owned by whoever takes it (the trampoline
+    writes its tid and pid)."""
     os.ftruncate(fd, SIZE)
     os.pwrite(fd, struct.pack("<QQ", 0, RINGS), 0)
     assert (POOL_NEXT, POOL_SIZE) == (0, 8)
     ring = bytearray(_DATA)
     struct.pack_into("<Q", ring, _MASK, WORDS - 1)
-    struct.pack_into("<III", ring, _PID, pid, 0, _OWNED)
-    assert _STATE == _TID + 4 == _PID + 8
+    struct.pack_into("<I", ring, _STATE, _OWNED)
     for i in range(RINGS):
         os.pwrite(fd, ring, POOL_HEADER + i * STRIDE)
 
@@ -110,7 +102,7 @@ def open_rings(pid: int, local: bool) -> tuple[Rings, int]:
         return Rings(mapping.start, ptrace.pidfd_getfd(pid, target_fd)), 0
     if local:
         fd = os.memfd_create(NAME, os.MFD_CLOEXEC)       # kept open, for a later session to find
-        _headers(fd, pid)
+        _headers(fd)
         at = ptrace.mmap(0, SIZE, remote.PROT_READ | remote.PROT_WRITE, remote.MAP_SHARED, fd, 0)
         if at == -1:
             raise AttachError("cannot map jprobe's trace rings in this process")
@@ -125,7 +117,7 @@ def open_rings(pid: int, local: bool) -> tuple[Rings, int]:
                                              remote.MFD_CLOEXEC))
         ours = ptrace.pidfd_getfd(world.pid, fd)
         try:
-            _headers(ours, pid)
+            _headers(ours)
             at = call.check("mmap", call(remote.NR_MMAP, 0, SIZE, remote.PROT_READ | remote.PROT_WRITE,
                                          remote.MAP_SHARED, fd, 0))
         except BaseException:

@@ -591,7 +591,8 @@ _REC_SHIFT = {name: layout.CONST[f"JP_REC_{name}_SHIFT"] for name in ("KEY", "WO
 _TRACE_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi")
 
 
-_RING_TID = layout.offsetof("jp_ring", "tid")
+_RING_TID, _RING_PID = layout.offsetof("jp_ring", "tid"), layout.offsetof("jp_ring", "pid")
+_NR_GETPID = 39
 
 
 @dataclass(frozen=True)
@@ -717,8 +718,8 @@ def _emit_take_ring(buf: CodeBuffer, pool: RingPool, full: str) -> None:
     """rcx: the %fs offset of the thread's ring word; leaves the thread's own ring in rcx. A
     ring is the thread's when its tid is the thread's: a forked child's thread (whose word
     was copied from its parent's thread) or a thread on a stack glibc recycled (whose word
-    its last thread left) takes a new one and never writes the other's. rax (the time
-    stamp) is kept; rdx, rsi, rdi are free."""
+    its last thread left) takes a new one and never writes the other's; the one system call
+    of a trace, getpid(), once a thread. rax (the time stamp) is kept; rdx, rsi, rdi are free."""
     take, have = buf.fresh("ring_take"), buf.fresh("ring_have")
     # mov edi, dword ptr fs:[tid_off], absolute (keystone would make it rip-relative)
     tid = b"\x64\x8b\x3c\x25" + struct.pack("<i", pool.tid_off)
@@ -733,7 +734,10 @@ def _emit_take_ring(buf: CodeBuffer, pool: RingPool, full: str) -> None:
     buf.jcc(0x3, full)                                    # jae: the pool is used up
     buf.emit(f"imul rdi, rdi, {pool.stride}; lea rdx, [rsi + rdi + {POOL_HEADER}]")
     buf.raw(tid)
-    buf.emit(f"mov dword ptr [rdx + {_RING_TID}], edi; mov qword ptr fs:[rcx], rdx")
+    # Its pid too, once a thread: a forked child's may be gone before jprobe could look it up.
+    buf.emit(f"mov dword ptr [rdx + {_RING_TID}], edi; push rax; push rcx; push r11; mov eax, {_NR_GETPID}; "
+             f"syscall; mov dword ptr [rdx + {_RING_PID}], eax; pop r11; pop rcx; pop rax; "
+             f"mov qword ptr fs:[rcx], rdx")
     buf.label(have)
     buf.emit("mov rcx, rdx")
 
