@@ -19,18 +19,13 @@ from pathlib import Path
 import pytest
 
 from jprobe.patcher import rings
-from support.build import SOME_VARIANTS
 from support.target import ANSWER_S, Target, bounded, running_target
 from test_attach import attached, cli_attach
+from test_attach_returns import variant  # noqa: F401  (the same build variants)
 
 MARK = "mark=trace(arg1,arg2,arg3)"
 RET = "twice%return=trace(rax,arg1,duration)"
 LINE = re.compile(r"^ *\d+\.\d{6} (\d+) mark arg1=(\d+) arg2=(\d+) arg3=(\d+)$")
-
-
-@pytest.fixture(scope="module", params=SOME_VARIANTS, ids=str)
-def variant(request):
-    return request.param
 
 
 @pytest.fixture(scope="module")

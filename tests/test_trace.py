@@ -38,6 +38,17 @@ FS_BASE, RING_OFF_AT, LOST, RING = DATA + 0x8000, DATA + 0x10, DATA + 0x18, DATA
 MASK = 15                                             # a ring of 16 words
 
 
+def _run_unchanged(uc, flags_live: bool) -> dict:
+    """The code run to END; the registers (and flags, when live) as they were: what they were."""
+    before = state(uc)
+    uc.emu_start(CODE, END, count=10_000)
+    after = state(uc)
+    if not flags_live:
+        before.pop("FLAGS"), after.pop("FLAGS")
+    assert after == before
+    return before
+
+
 @settings(max_examples=examples(200), deadline=None)
 @given(seed=st.integers(0, 2**32), flags_live=st.booleans(), red_zone=st.booleans(),
        path=st.sampled_from(["no runtime", "no ring", "room", "full", "nested"]), head=st.integers(0, 40),
@@ -60,12 +71,8 @@ def test_trace_appends_one_record_and_leaves_the_program_alone(seed, flags_live,
     if path != "no runtime":
         uc.mem_write(RING_OFF_AT, struct.pack("<q", -0x80))
         uc.mem_write(FS_BASE - 0x80, struct.pack("<Q", 0 if path == "no ring" else RING))
-    before, stack_before = state(uc), bytes(uc.mem_read(STACK, 0x10000))
-    uc.emu_start(CODE, END, count=10_000)
-    after = state(uc)
-    if not flags_live:
-        before.pop("FLAGS"), after.pop("FLAGS")
-    assert after == before
+    stack_before = bytes(uc.mem_read(STACK, 0x10000))
+    before = _run_unchanged(uc, flags_live)
     red = slice(rsp - STACK - 128, rsp - STACK)
     if red_zone:                                        # else dead: a function's entry
         assert bytes(uc.mem_read(STACK, 0x10000))[red] == stack_before[red]
@@ -120,12 +127,7 @@ def test_trace_takes_a_ring_of_its_own_from_a_pool(seed, flags_live, taken, path
     if path == "own ring":
         uc.mem_write(RING + 0x8C, struct.pack("<I", 4242))
     uc.mem_write(FS_BASE + 0x90, struct.pack("<Q", 0 if path == "no ring" else RING))
-    before = state(uc)
-    uc.emu_start(CODE, END, count=10_000)
-    after = state(uc)
-    if not flags_live:
-        before.pop("FLAGS"), after.pop("FLAGS")
-    assert after == before
+    before = _run_unchanged(uc, flags_live)
     lost = struct.unpack("<Q", uc.mem_read(LOST, 8))[0]
     next_ = struct.unpack("<Q", uc.mem_read(POOL, 8))[0]
     word = struct.unpack("<Q", uc.mem_read(FS_BASE + 0x90, 8))[0]
