@@ -141,6 +141,30 @@ def test_stream_full_counts_lost(target_c, monkeypatch):
     assert (entry["events_count"], entry["lost"]) == (1000, 2000)
 
 
+def test_sessions_while_threads_trace_at_full_speed(target_c):
+    """Sessions attach and detach (the second and later finding the rings' pool of the first)
+    while threads trace as fast as they can: each session's events of a thread are calls in
+    order, none torn; hits = events + lost exactly; the program's results unchanged."""
+    with running_target(target_c) as t:
+        t.send("spin 2", "spinning")
+        for _ in range(3):
+            with attached(t.pid) as proc:
+                mark = bounded(ANSWER_S, proc.probe, MARK)
+                marks = Collect(mark)
+                time.sleep(0.2)
+            got = marks.ended()
+            assert mark.hits == len(got) + mark.lost and len(got) > 0
+            by_tid = defaultdict(list)
+            for e in got:
+                by_tid[e.tid].append((e.args["arg1"], e.args["arg2"], e.args["arg3"]))
+            for calls in by_tid.values():
+                t_ = calls[0][0]
+                assert all(w == t_ and a3 == 3 * i for w, i, a3 in calls)
+                assert [i for _, i, _ in calls] == sorted(i for _, i, _ in calls)
+        assert int(t.send("stop", "stopped").split()[1]) > 0
+        t.send("run 1 10", "done")                   # detached: the program runs on
+
+
 def test_cli_text_events_on_stderr(target_c):
     with running_target(target_c) as t, cli_attach(t.pid, "-p", MARK, "--duration", "4") as cli:
         _live(cli, t)
