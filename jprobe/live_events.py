@@ -78,11 +78,9 @@ class LiveEvents:
     """The rings of process `pid` drained into `fd` (text, or JSON lines with `as_json`), or,
     with `fd` None, into each probe's Stream."""
 
-    def __init__(self, rings: Rings, pid: int, fd: int | None = None, as_json: bool = False,
-                 destination: dict[str, str] | None = None):
+    def __init__(self, rings: Rings, pid: int, fd: int | None, as_json: bool, destination: dict[str, str]):
         self.rings, self.pid = rings, pid
-        # Where the report says they went: {"events_to": "stderr"}, {"events_file": PATH}...
-        self.destination = destination or {"events_to": "events()" if fd is None else f"fd {fd}"}
+        self.destination = destination      # as the report says it: {"events_to": "stderr"}, {"events_file": PATH}
         self.to_python = fd is None
         self._out = os.memfd_create("jprobe:events", os.MFD_CLOEXEC) if fd is None else fd
         self.reader = EventReader([], self._out, as_json or self.to_python)
@@ -91,7 +89,6 @@ class LiveEvents:
         self._lock = threading.Lock()                # the reader is not thread-safe
         self._stop = threading.Event()
         self.error: JprobeError | None = None
-        self.exited = False
         self._final: dict[str, int] | None = None     # events of each probe, once the reader is closed
         self._corrupt = 0
         try:
@@ -162,12 +159,14 @@ class LiveEvents:
             while not self._stop.is_set():
                 gone = bool(poller.poll(DRAIN_EVERY * 1000)) or self._pidfd < 0
                 self.drain()
-                if gone:
-                    self.exited = True
+                if gone:                     # exited: drained for the last time
                     self._end_all()
                     return
         except JprobeError as err:
             self.error = err
+            self._end_all()
+        except Exception as err:            # events() must end, whatever went wrong
+            self.error = JprobeError(f"trace events stopped: {err}")
             self._end_all()
 
     def problems(self) -> list[str]:

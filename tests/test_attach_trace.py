@@ -165,6 +165,13 @@ def test_sessions_while_threads_trace_at_full_speed(target_c):
         t.send("run 1 10", "done")                   # detached: the program runs on
 
 
+def test_trace_refused_where_glibc_keeps_no_tid_at_its_offset():
+    """A thread control block whose tid is not at glibc's offset (another C library)."""
+    from jprobe.errors import HandlerError
+    with pytest.raises(HandlerError, match="does not keep a thread's id"):
+        rings._check_seen([(100, 100), (101, 0)], 100, "f=trace(arg1)")
+
+
 def test_cli_text_events_on_stderr(target_c):
     with running_target(target_c) as t, cli_attach(t.pid, "-p", MARK, "--duration", "4") as cli:
         _live(cli, t)

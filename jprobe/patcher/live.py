@@ -194,8 +194,7 @@ class LiveSession:
         if not glibc:
             raise HandlerError(f"'{spec.text}': process {self.pid} does not run on glibc, whose thread control "
                                f"block holds each thread's trace ring under jprobe attach")
-        self.rewound += rings.check_tid(self.pid, self.local, spec.text)
-        self.rings, rewound = rings.open_rings(self.pid, self.local)
+        self.rings, rewound = rings.open_rings(self.pid, self.local, spec.text)
         self.rewound += rewound
 
     def _module(self, path: str, file: str) -> ElfModule:

@@ -93,25 +93,22 @@ def _headers(fd: int) -> None:
         os.pwrite(fd, ring, POOL_HEADER + i * STRIDE)
 
 
-def open_rings(pid: int, local: bool) -> tuple[Rings, int]:
-    """The pool of process `pid`: an earlier session's, found by name, or a new one; and how
-    many times threads were rewound (world.stopped) to make it."""
+def open_rings(pid: int, local: bool, spec: str) -> tuple[Rings, int]:
+    """The pool of process `pid`: an earlier session's, found by name, or a new one, once
+    glibc's tid is where the trampolines read it (check_tid; `spec` names the first trace probe
+    when it is not); and how many times threads were rewound (world.stopped) meanwhile: one
+    stop of the world for both."""
     found = remote.find_shared(pid, NAME)
-    if found is not None:
-        mapping, target_fd = found
-        return Rings(mapping.start, ptrace.pidfd_getfd(pid, target_fd)), 0
     if local:
-        fd = os.memfd_create(NAME, os.MFD_CLOEXEC)       # kept open, for a later session to find
-        _headers(fd)
-        at = ptrace.mmap(0, SIZE, remote.PROT_READ | remote.PROT_WRITE, remote.MAP_SHARED, fd, 0)
-        if at == -1:
-            raise AttachError("cannot map jprobe's trace rings in this process")
-        ours = os.dup(fd)
-        os.set_inheritable(ours, False)
-        return Rings(at, ours), 0
+        _check_tid_here(spec)
+        return (_create_here() if found is None else Rings(found[0].start, ptrace.pidfd_getfd(pid, found[1]))), 0
     made: list[Rings] = []
 
     def work(world: StoppedWorld) -> None:
+        check_tid(world, spec)
+        if found is not None:
+            made.append(Rings(found[0].start, ptrace.pidfd_getfd(pid, found[1])))
+            return
         call = remote.Caller(world)
         fd = call.check("memfd_create", call(remote.NR_MEMFD_CREATE, call.scratch(NAME.encode() + b"\0"),
                                              remote.MFD_CLOEXEC))
@@ -128,28 +125,38 @@ def open_rings(pid: int, local: bool) -> tuple[Rings, int]:
     return made[0], rewound
 
 
-def check_tid(pid: int, local: bool, spec: str) -> int:
-    """glibc keeps each thread's tid at %fs:TID_OFF in this process (read in a stopped thread,
-    or in jprobe's own); the times threads were rewound to look."""
-    seen: list[tuple[int, int]] = []
-    if local:
-        fs = ctypes.c_uint64()
-        if _arch_prctl(_ARCH_GET_FS, ctypes.addressof(fs)) != 0:
-            raise HandlerError(f"'{spec}': cannot read this thread's %fs base")
-        seen.append((threading.get_native_id(), ctypes.c_uint32.from_address(fs.value + TID_OFF).value))
-        rewound = 0
-    else:
-        def work(world: StoppedWorld) -> None:
-            for thread in world.threads.values():
-                if thread.regs.fs_base:
-                    seen.append((thread.tid, struct.unpack("<I", world.read(thread.regs.fs_base + TID_OFF, 4))[0]))
-        rewound = stopped(pid, work)
-    wrong = [(tid, found) for tid, found in seen if tid != found]
-    if not seen or wrong:
+def _create_here() -> Rings:
+    """A new pool in jprobe's own process (`jprobe.attach(os.getpid())`)."""
+    fd = os.memfd_create(NAME, os.MFD_CLOEXEC)       # kept open, for a later session to find
+    _headers(fd)
+    at = ptrace.mmap(0, SIZE, remote.PROT_READ | remote.PROT_WRITE, remote.MAP_SHARED, fd, 0)
+    if at == -1:
+        raise AttachError("cannot map jprobe's trace rings in this process")
+    ours = os.dup(fd)
+    os.set_inheritable(ours, False)
+    return Rings(at, ours)
+
+
+def check_tid(world: StoppedWorld, spec: str) -> None:
+    """glibc keeps each stopped thread's tid at %fs:TID_OFF, where the trampolines read it."""
+    seen = [(thread.tid, struct.unpack("<I", world.read(thread.regs.fs_base + TID_OFF, 4))[0])
+            for thread in world.threads.values() if thread.regs.fs_base]
+    _check_seen(seen, world.pid, spec)
+
+
+def _check_tid_here(spec: str) -> None:
+    fs = ctypes.c_uint64()
+    if _arch_prctl(_ARCH_GET_FS, ctypes.addressof(fs)) != 0:
+        raise HandlerError(f"'{spec}': cannot read this thread's %fs base")
+    _check_seen([(threading.get_native_id(), ctypes.c_uint32.from_address(fs.value + TID_OFF).value)],
+                os.getpid(), spec)
+
+
+def _check_seen(seen: list[tuple[int, int]], pid: int, spec: str) -> None:
+    if not seen or any(tid != found for tid, found in seen):
         raise HandlerError(f"'{spec}': process {pid}'s C library does not keep a thread's id where glibc 2.26 .. "
                            f"2.40 do (%fs:{TID_OFF:#x}), which a trace ring's owner check reads; trace refused "
                            f"(count the probe instead)")
-    return rewound
 
 
 _ARCH_GET_FS = 0x1003
