@@ -220,7 +220,9 @@ class Process:
         trace probe is placed."""
         if self._events is not None:
             raise AttachError("send_events: trace probes are placed already")
-        self._events_to = (fd, as_json, {"events_file": os.path.abspath(path)} if path else {"events_to": "stderr"})
+        where = ({"events_file": os.path.abspath(path)} if path else
+                 {"events_to": "stderr" if fd == 2 else f"file descriptor {fd}"})
+        self._events_to = (fd, as_json, where)
 
     def _traced(self, batches: list[Batch]) -> dict[tuple[int, int], TraceProbe]:
         """The trace probes of `batches`, by (batch, index), their records read from now on (the
