@@ -19,7 +19,7 @@ from .trampolines.x86_64 import (
     FILL, FILL_BYTE, JUMP_FIXUP, JUMP_OPCODE, JUMP_SIZE, LOADER_SLOTS, REACH, RESUME_GPRS, RESUME_RESULT,
     RESUME_STACK, RESUME_XSAVE, ModuleStubs, Sweep, branch_target, call_bytes, call_fixup,
     decode, decode_lazily, decode_one, emit_call_continuation, emit_callback, emit_count, emit_displaced, emit_load_hook, emit_loader, emit_resume,
-    emit_trace, trace_header, trace_values, TraceValue,
+    emit_trace, trace_header, trace_values, RingPool, TraceValue,
     ends_flow,
     flags_dead_after, is_call, is_rel32_call, is_rip_indirect_call, is_transfer, jump_bytes, jump_target, sweep,
     trap_bytes, vector_state_use,
@@ -45,7 +45,7 @@ __all__ = [
     "Pool", "emit_hijack", "emit_return_head", "emit_return_tail", "emit_lost", "FRAME_ARGS", "FRAME_TSC", "stashed_at",
     # Trace records: one into the thread's ring (the values as descriptors, so that a return
     # trampoline can name saved ones), its header word, the values trace(ARG,...) names.
-    "emit_trace", "trace_header", "trace_values", "TraceValue",
+    "emit_trace", "trace_header", "trace_values", "RingPool", "TraceValue",
     # Loading a library into a running process: a thread's start routine that dlopen()s it,
     # and the way a borrowed thread takes back its state after the call that starts it.
     "LOADER_SLOTS", "emit_loader", "RESUME_RESULT", "RESUME_GPRS", "RESUME_STACK", "RESUME_XSAVE", "emit_resume",

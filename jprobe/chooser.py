@@ -111,6 +111,8 @@ class Policy:
     movable: bool = False    # `jprobe run`: it may place the trampolines elsewhere than planned
     strict: bool = False     # a site that would trap is refused
     return_pool: int | None = None   # `jprobe attach`: threads take return stacks from this pool (returns.Pool)
+    ring_pool: arch.RingPool | None = None   # `jprobe attach`: and trace rings from this one
+    trace_ids_from: int = 0          # `jprobe attach`: a batch's first probe id in its records (ids of one module differ)
 
 
 @dataclass(frozen=True)

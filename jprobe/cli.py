@@ -120,7 +120,10 @@ def _attach_session(args: argparse.Namespace) -> int:
     from .report import format_report
     from .session import wait_for_end
 
-    with attach(args.pid, strict=args.strict) as proc:
+    from .runner import events_out
+
+    with events_out(args.events) as out, attach(args.pid, strict=args.strict) as proc:
+        proc.send_events(out, args.json, args.events)
         probes = proc.probes(args.probe)
         if not args.json:
             waiting = [p.spec for p in probes if p.pending]
@@ -209,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("pid", type=_pid, metavar="PID")
     a.add_argument("-p", "--probe", action="append", default=[], metavar="PROBE")
     a.add_argument("--duration", type=float, metavar="SECONDS", help="end after SECONDS (default: Ctrl-C)")
-    a.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    a.add_argument("--json", action="store_true", help="print the report as JSON on stdout, and trace events as JSON")
+    a.add_argument("--events", metavar="FILE", help="write trace events to FILE instead of stderr")
     a.set_defaults(func=_cmd_attach)
 
     r = sub.add_parser("report", parents=[common], help="pretty-print a JSON report")

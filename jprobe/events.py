@@ -92,16 +92,22 @@ class EventReader:
         self._j = lib.jpe_open(counters.encode() if counters else _ffi.NULL, int(as_json), fd)
         if self._j == _ffi.NULL:
             raise JprobeError(f"cannot read the trace buffers in {counters}")
-        self.probes = probes
+        self.probes: list[TraceProbe] = []
+        self.as_json = as_json
         for p in probes:
-            if as_json:
-                prefix = f', "probe": {json.dumps(p.name)}, "args": {{'
-                names = [f'{", " if i else ""}{json.dumps(a)}: ' for i, a in enumerate(p.args)]
-            else:
-                prefix, names = f" {p.name}", [f" {a}=" for a in p.args]
-            keep = [_ffi.new("char[]", n.encode()) for n in names]
-            if lib.jpe_probe(self._j, p.key, prefix.encode(), _ffi.new("char *[]", keep), len(keep)):
-                raise JprobeError(f"trace({','.join(p.args)}) of {p.name}: too many arguments")
+            self.add_probe(p)
+
+    def add_probe(self, p: TraceProbe) -> None:
+        """Records of `p` formatted from now on (an attach session adds probes as it places them)."""
+        if self.as_json:
+            prefix = f', "probe": {json.dumps(p.name)}, "args": {{'
+            names = [f'{", " if i else ""}{json.dumps(a)}: ' for i, a in enumerate(p.args)]
+        else:
+            prefix, names = f" {p.name}", [f" {a}=" for a in p.args]
+        keep = [_ffi.new("char[]", n.encode()) for n in names]
+        if _library().jpe_probe(self._j, p.key, prefix.encode(), _ffi.new("char *[]", keep), len(keep)):
+            raise JprobeError(f"trace({','.join(p.args)}) of {p.name}: too many arguments")
+        self.probes.append(p)
 
     def add_ring(self, address: int) -> None:
         """A ring at `address` in this process (a mapping jprobe shares with the program)."""

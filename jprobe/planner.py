@@ -257,11 +257,12 @@ def build_plan(module: ElfModule, probes: list[ResolvedProbe], text_vaddr: int,
             follow = probe if probe.spec.on_return else probe.follower
             returns = None if follow is None else _Return(follow, index[id(follow)], desc_addr[index[id(follow)]])
             emitted[i] = _emit_probe(module, buf, probe, probe.site, i, desc_addr[i], table, stubs, returns=returns,
-                                     pool=policy.return_pool)
+                                     policy=policy)
     short, rejumped = _choose_short_sites(module, probes, emitted, policy, room) if probes else ({}, [])
     islands: list[tuple[int, int, int]] = rejumped      # (island, target, probe id)
     for i in sorted(short, key=lambda i: -probes[i].address):
-        emitted[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], table, stubs, islands)
+        emitted[i] = _emit_probe(module, buf, probes[i], short[i], i, desc_addr[i], table, stubs, islands,
+                                 policy=policy)
     for i, probe in enumerate(probes):
         if probe.rider:                   # the same bytes as its entry probe's, nothing of its own to undo
             host = next(j for j, p in enumerate(probes) if p.follower is probe)
@@ -290,7 +291,7 @@ class _Return(NamedTuple):
 def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: Site, index: int, desc: Later,
                 table: Later, stubs: arch.ModuleStubs | None,
                 islands: list[tuple[int, int, int]] | None = None, returns: _Return | None = None,
-                pool: int | None = None) -> ProbePlan:
+                policy: Policy = Policy()) -> ProbePlan:
     hits = desc + layout.offsetof("jp_probe", "hits")
     start = buf.here
     callback = probe.spec.handler.kind == "callback"
@@ -311,17 +312,18 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
                             red_zone=red_zone)
             if probe.spec.handler.kind == "trace":
                 args = probe.spec.handler.args
-                header = arch.trace_header(index, layout.module_key(os.path.abspath(module.path)), len(args))
+                header = arch.trace_header(policy.trace_ids_from + index, layout.module_key(os.path.abspath(module.path)),
+                                           len(args))
                 arch.emit_trace(buf, table + layout.offsetof("jp_table", "ring_off"),
                                 desc + layout.offsetof("jp_probe", "lost"), header, arch.trace_values(args),
                                 probe.address, site.flags_live, red_zone=red_zone,
-                                rsp_above=8 if site.call_retarget else 0)
+                                rsp_above=8 if site.call_retarget else 0, pool=policy.ring_pool)
         if returns is not None:
             names = returns.probe.spec.handler.args
             arch.emit_hijack(buf, return_label, table + layout.offsetof("jp_table", "rstack_off"),
                              returns.desc + layout.offsetof("jp_probe", "ret_missed"), site.flags_live,
                              save_args=any(n.startswith("arg") for n in names), save_time=DURATION in names,
-                             pool=None if pool is None else arch.Pool(pool))
+                             pool=None if policy.return_pool is None else arch.Pool(policy.return_pool))
 
     original = module.read(probe.address, site.length)
     if site.mechanism is Mechanism.TRAP:
@@ -342,7 +344,7 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
         patched, fixup = arch.jump_bytes(probe.address, start, site.length), arch.JUMP_FIXUP
         if returns is not None:
             buf.label(return_label)
-            _emit_return_work(buf, returns, table, stubs, layout.module_key(os.path.abspath(module.path)))
+            _emit_return_work(buf, returns, table, stubs, layout.module_key(os.path.abspath(module.path)), policy)
         return ProbePlan(spec=probe.spec.text, address=probe.address, mechanism=site.mechanism, reason=site.reason,
                          handler=str(probe.spec.handler), original=original, patched=patched, trampoline=start,
                          patch_fixup=fixup, target=probe.spec.target(), resume=resume,
@@ -354,7 +356,7 @@ def _emit_probe(module: ElfModule, buf: CodeBuffer, probe: ResolvedProbe, site: 
 
 
 def _emit_return_work(buf: CodeBuffer, returns: _Return, table: Later, stubs: arch.ModuleStubs | None,
-                      module_key: int) -> None:
+                      module_key: int, policy: Policy) -> None:
     """The return trampoline: the %return probe's work as if at the function's `ret`, whose
     red zone is dead and flags too (a call clobbers them). A callback there keeps x87 state
     as well: a `long double` comes back in st(0)."""
@@ -378,10 +380,11 @@ def _emit_return_work(buf: CodeBuffer, returns: _Return, table: Later, stubs: ar
             values = [arch.TraceValue("rsp", arch.stashed_at(next(stashed)), since=n == DURATION)
                       if n.startswith("arg") or n == DURATION else
                       arch.TraceValue("rsp", -8) if n == "rip" else arch.TraceValue(n) for n in names]
-            header = arch.trace_header(index, module_key, len(names), layout.CONST["JP_REC_RETURN"])
+            header = arch.trace_header(policy.trace_ids_from + index, module_key, len(names),
+                                       layout.CONST["JP_REC_RETURN"])
             arch.emit_trace(buf, table + layout.offsetof("jp_table", "ring_off"),
                             desc + layout.offsetof("jp_probe", "lost"), header, values, probe.address,
-                            flags_live=False, red_zone=True, rsp_above=8)
+                            flags_live=False, red_zone=True, rsp_above=8, pool=policy.ring_pool)
     arch.emit_return_tail(buf, rstack_off)
     arch.emit_lost(buf, lost)
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
 from . import layout
 from .errors import AttachError, HandlerError, JprobeError, ProcessGone
+from .events import TraceProbe, record_key, trace_args
+from .live_events import Event, LiveEvents
 from .patcher.live import PYTHON, Batch, LiveSession
 from .patcher import unwinder
 from .patcher.loads import LoadWatcher
@@ -17,7 +19,7 @@ from .spec import Handler, ProbeSpec, parse_probes
 # cffi callbacks given to trampolines: kept for the process's life, since a thread may be
 # inside one (or about to return into its caller) after its probe is removed.
 _CALLABLES: list[Any] = []
-COUNTERS = ("hits", "missed", "skipped", "ret_missed")            # struct jp_probe's
+COUNTERS = ("hits", "missed", "skipped", "ret_missed", "lost")            # struct jp_probe's
 
 
 class Probe:
@@ -31,6 +33,8 @@ class Probe:
         self._batch: Batch | None = None
         self._index = 0
         self._final: dict[str, int] | None = None
+        self._events: LiveEvents | None = None       # a trace probe's session events, once placed
+        self._trace: TraceProbe | None = None
 
     @classmethod
     def placed(cls, batch: Batch, index: int, name: str) -> "Probe":
@@ -63,6 +67,22 @@ class Probe:
         return self._count("ret_missed")
 
     @property
+    def lost(self) -> int:
+        """trace: records dropped (a ring full or none for the thread, or a stream full: see events())."""
+        return self._count("lost") + (self._events.dropped(self._trace.name) if self._trace is not None else 0)
+
+    def events(self) -> Iterator[Event]:
+        """A trace probe's events as they happen (Event: t_ns, tid, pid, probe, args); blocks for
+        the next; ends when the probe is taken out, the session ends or the process exits.
+        Events wait for the iterator in a buffer of STREAM_MAX (a full one counts in `lost`)."""
+        if self._trace is None or self._events is None:
+            raise HandlerError(f"'{self.spec}': events() is a trace probe's (its handler is {self.handler})")
+        if not self._events.to_python:
+            raise HandlerError(f"'{self.spec}': this session writes its events to a file descriptor, "
+                               f"not to events()")
+        return iter(self._events.streams[self._trace.name])
+
+    @property
     def on_return(self) -> bool:
         return self.spec.split("=", 1)[0].endswith("%return")
 
@@ -82,7 +102,10 @@ class Probe:
     def entry(self) -> dict:
         """Its line in the report (SPEC §3)."""
         e = {"probe": self.spec, "module": self.module, "address": f"{self.address:#x}",
-             "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": 0}
+             "mechanism": self.mechanism, "handler": self.handler, "hits": self.hits, "lost": self.lost}
+        if self._trace is not None and self._events is not None:
+            e["events_count"] = self._events.events_of(self._trace)
+            e.update(self._events.destination)
         if self.handler != "count":
             e["missed"], e["callback_skipped"] = self.missed, self._count("skipped")
         if self.on_return:
@@ -112,6 +135,8 @@ class Process:
         # watcher's thread changes probes too.
         self.stopping = threading.RLock()
         self.exited = ""                 # why the session ended early, if it did
+        self._events: LiveEvents | None = None       # trace events, drained from the first trace probe on
+        self._events_to: tuple[int, bool, dict[str, str]] | None = None    # send_events()
         self.detached = False
 
     def __enter__(self) -> "Process":
@@ -134,10 +159,6 @@ class Process:
             if self.detached:
                 raise AttachError(f"process {self.pid}: detached already; attach again")
             parsed = parse_probes(list(specs))
-            for spec in parsed:
-                if spec.handler.kind == "trace":
-                    raise HandlerError(f"'{spec.text}': trace handlers are not supported by attach yet; "
-                                       f"use `jprobe run` or `jprobe patch`, or count")
             if handler is not None:
                 parsed = [_with_callable(spec, handler, self.pid) for spec in parsed]
             if self._internal is None and any(spec.on_return for spec in parsed):
@@ -146,7 +167,7 @@ class Process:
             waiting = [spec for spec in parsed if spec.module in absent]
             made = self._place([spec for spec in parsed if spec not in waiting], handler)
             for spec in waiting:
-                if spec.handler.kind == "callback":
+                if spec.handler.kind != "count":
                     raise HandlerError(f"'{spec.text}': {spec.module} is not loaded yet, and a probe waiting "
                                        f"for a library takes `count` only in this release")
                 made[spec.target()] = Probe(spec.target(), spec.module, str(spec.handler))
@@ -184,9 +205,41 @@ class Process:
             address = _callable_address(handler)
             for batch in batches:
                 batch.callbacks.update({i: address for i in range(len(batch.plan.probes))})
+        traced = self._traced(batches)          # known to the reader before their first record
         self._session.apply(batches)
-        return {name: Probe.placed(batch, i, name) for batch in batches
-                for i, plan in enumerate(batch.plan.probes) for name in plan.target.split("\n")}
+        placed = {name: Probe.placed(batch, i, name) for batch in batches
+                  for i, plan in enumerate(batch.plan.probes) for name in plan.target.split("\n")}
+        for probe in placed.values():
+            probe._trace = traced.get((id(probe._batch), probe._index))
+            probe._events = self._events
+        return placed
+
+    def send_events(self, fd: int, as_json: bool, path: str | None = None) -> None:
+        """Trace events written to `fd` as `jprobe run` writes them (text, or JSON lines), rather
+        than to each probe's events(); `path`: the file `fd` is, for the report. Before any
+        trace probe is placed."""
+        if self._events is not None:
+            raise AttachError("send_events: trace probes are placed already")
+        where = ({"events_file": os.path.abspath(path)} if path else
+                 {"events_to": "stderr" if fd == 2 else f"file descriptor {fd}"})
+        self._events_to = (fd, as_json, where)
+
+    def _traced(self, batches: list[Batch]) -> dict[tuple[int, int], TraceProbe]:
+        """The trace probes of `batches`, by (batch, index), their records read from now on (the
+        session's drainer starts with the first)."""
+        found = {}
+        for batch in batches:
+            for i, plan in enumerate(batch.plan.probes):
+                args = trace_args(plan.handler)
+                if args is None:
+                    continue
+                if self._events is None:
+                    fd, as_json, where = self._events_to or (None, False, {"events_to": "events()"})
+                    self._events = LiveEvents(self._session.rings, self.pid, fd, as_json, where)
+                found[id(batch), i] = TraceProbe(record_key(batch.plan.module, batch.trace_ids_from + i),
+                                                 plan.target.split("\n")[0], args)
+                self._events.add(found[id(batch), i])
+        return found
 
     def _loaded_something(self) -> None:
         """The process has loaded a library (the load watcher's thread): the probes waiting for
@@ -224,6 +277,8 @@ class Process:
             for p in self._probes:
                 if p is probe or p._batch is not None and p._batch is probe._batch and p._index in taken:
                     p._settle()
+                    if p._trace is not None and p._events is not None:
+                        p._events.end_probe(p._trace.name)
 
     def detach(self) -> None:
         """Every probe out, the process left running and untraced. A process that has exited
@@ -243,7 +298,11 @@ class Process:
             if self._watcher is not None:
                 self._watcher.stop()
         finally:
-            self._session.release()
+            try:
+                if self._events is not None:
+                    self._events.close()
+            finally:
+                self._session.release()
 
     def ended(self) -> str | None:
         """Why the session cannot go on (the process exited or exec'd), or None."""
@@ -256,6 +315,8 @@ class Process:
     def report(self) -> dict:
         """The SPEC §3 report of this session so far."""
         errors = self._errors + ([self.exited] if self.exited else [])
+        if self._events is not None:
+            errors += self._events.problems()
         return {"pid": self.pid, "executable": self.executable, "probes": [p.entry() for p in self._probes],
                 "errors": errors}
 

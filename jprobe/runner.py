@@ -122,7 +122,7 @@ def run(command: list[str], specs: list[ProbeSpec], strict: bool = False, events
     for note in notes:
         sys.stderr.write(f"jprobe: note: {note}\n")
     with _Forwarding() as forwarding, tempfile.TemporaryDirectory(prefix="jprobe-run-") as work, \
-            _events_out(events if traced else None) as out:
+            events_out(events if traced else None) as out:
         plan_path, counters_path = os.path.join(work, "plan"), os.path.join(work, "counters")
         with open(plan_path, "wb") as f:
             f.write(encode(modules))
@@ -157,7 +157,7 @@ def trace_probes(modules: list[PlannedModule]) -> list[TraceProbe]:
 
 
 @contextlib.contextmanager
-def _events_out(path: str | None):
+def events_out(path: str | None):
     """The descriptor trace events go to: stderr, or the file `path`, made anew."""
     if path is None:
         yield sys.stderr.fileno()

@@ -49,6 +49,19 @@ def test_count_probe_in_own_process(lib):
     assert me.report()["probes"][0]["hits"] == 1000
 
 
+def test_trace_probe_in_own_process(lib):
+    """trace in jprobe's own process: its rings' pool mapped here, events() as it runs."""
+    with jprobe.attach(os.getpid()) as me:
+        name = os.path.basename(lib.path)
+        p, r = me.probes([f"{name}:mix=trace(arg1,arg2)", f"{name}:mix%return=trace(rax)"])
+        assert [lib.mix(i, 2) for i in range(100)] == [mix(i, 2) for i in range(100)]
+        me.remove(p)                                  # and r: one site
+        assert [(e.tid, e.pid, e.args) for e in p.events()] == \
+            [(threading.get_native_id(), os.getpid(), {"arg1": i, "arg2": 2}) for i in range(100)]
+        assert [e.args["rax"] for e in r.events()] == [mix(i, 2) for i in range(100)]
+    assert (p.hits, p.lost, r.hits, r.lost) == (100, 0, 100, 0)
+
+
 def test_python_callable_sees_and_writes_registers(lib):
     seen = []
 

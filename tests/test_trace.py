@@ -38,6 +38,17 @@ FS_BASE, RING_OFF_AT, LOST, RING = DATA + 0x8000, DATA + 0x10, DATA + 0x18, DATA
 MASK = 15                                             # a ring of 16 words
 
 
+def _run_unchanged(uc, flags_live: bool) -> dict:
+    """The code run to END; the registers (and flags, when live) as they were: what they were."""
+    before = state(uc)
+    uc.emu_start(CODE, END, count=10_000)
+    after = state(uc)
+    if not flags_live:
+        before.pop("FLAGS"), after.pop("FLAGS")
+    assert after == before
+    return before
+
+
 @settings(max_examples=examples(200), deadline=None)
 @given(seed=st.integers(0, 2**32), flags_live=st.booleans(), red_zone=st.booleans(),
        path=st.sampled_from(["no runtime", "no ring", "room", "full", "nested"]), head=st.integers(0, 40),
@@ -60,12 +71,8 @@ def test_trace_appends_one_record_and_leaves_the_program_alone(seed, flags_live,
     if path != "no runtime":
         uc.mem_write(RING_OFF_AT, struct.pack("<q", -0x80))
         uc.mem_write(FS_BASE - 0x80, struct.pack("<Q", 0 if path == "no ring" else RING))
-    before, stack_before = state(uc), bytes(uc.mem_read(STACK, 0x10000))
-    uc.emu_start(CODE, END, count=10_000)
-    after = state(uc)
-    if not flags_live:
-        before.pop("FLAGS"), after.pop("FLAGS")
-    assert after == before
+    stack_before = bytes(uc.mem_read(STACK, 0x10000))
+    before = _run_unchanged(uc, flags_live)
     red = slice(rsp - STACK - 128, rsp - STACK)
     if red_zone:                                        # else dead: a function's entry
         assert bytes(uc.mem_read(STACK, 0x10000))[red] == stack_before[red]
@@ -83,6 +90,60 @@ def test_trace_appends_one_record_and_leaves_the_program_alone(seed, flags_live,
                 "rsp": rsp, "rip": 0x4242, "r11": before["R11"]}
     assert rec[0] == header and rec[0] >> 48 & 0xFF == words
     assert rec[2:] == [expected[n] for n in names]
+
+
+POOL, TID_OFF, STRIDE, POOL_RINGS = DATA + 0x2000, 0x2D0, 0xC0 + 8 * (MASK + 1), 2
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(seed=st.integers(0, 2**32), flags_live=st.booleans(), taken=st.integers(0, POOL_RINGS + 1),
+       path=st.sampled_from(["no ring", "own ring", "another's ring"]))
+def test_trace_takes_a_ring_of_its_own_from_a_pool(seed, flags_live, taken, path):
+    """`jprobe attach`'s pool: a thread with no ring, or whose ring another thread owns (a forked
+    child, a recycled stack), takes the pool's next (its tid and pid, by getpid(), in it) and
+    writes its record there, never in the other's; the pool used up, the record is lost.
+    Registers as they were, those the system call clobbers too."""
+    from jprobe.trampolines.returns import POOL_HEADER
+    header = arch.trace_header(5, 0xABCDE, 1)
+    buf = CodeBuffer(CODE)
+    pool = arch.RingPool(POOL, STRIDE, TID_OFF)
+    arch.emit_trace(buf, RING_OFF_AT, LOST, header, arch.trace_values(["arg1"]), 0x4242, flags_live, pool=pool)
+    buf.jmp(END)
+    uc = machine(buf.finish(), STACK_TOP - 0x1000, seed)
+    uc.reg_write(U.UC_X86_REG_FS_BASE, FS_BASE)
+    calls = []
+
+    def getpid(uc, _):
+        calls.append(uc.reg_read(U.UC_X86_REG_RAX))
+        for reg, value in ((U.UC_X86_REG_RAX, 4243), (U.UC_X86_REG_RCX, 0xDEAD), (U.UC_X86_REG_R11, 0xBEEF)):
+            uc.reg_write(reg, value)
+    uc.hook_add(unicorn.UC_HOOK_INSN, getpid, None, 1, 0, U.UC_X86_INS_SYSCALL)
+    empty = struct.pack("<QQ48xQ56xQ", 0, 0, 0, MASK).ljust(STRIDE, b"\0")
+    uc.mem_write(POOL, struct.pack("<QQ", taken, POOL_RINGS).ljust(POOL_HEADER, b"\0") + empty * POOL_RINGS)
+    other = struct.pack("<QQ48xQ56xQII", 0, 0, 0, MASK, 1, 77).ljust(STRIDE, b"\0")
+    uc.mem_write(RING, other)
+    uc.mem_write(RING_OFF_AT, struct.pack("<q", 0x90))
+    uc.mem_write(FS_BASE + TID_OFF, struct.pack("<I", 4242))
+    if path == "own ring":
+        uc.mem_write(RING + 0x8C, struct.pack("<I", 4242))
+    uc.mem_write(FS_BASE + 0x90, struct.pack("<Q", 0 if path == "no ring" else RING))
+    before = _run_unchanged(uc, flags_live)
+    lost = struct.unpack("<Q", uc.mem_read(LOST, 8))[0]
+    next_ = struct.unpack("<Q", uc.mem_read(POOL, 8))[0]
+    word = struct.unpack("<Q", uc.mem_read(FS_BASE + 0x90, 8))[0]
+    if path != "own ring":
+        assert next_ == taken + 1
+        assert bytes(uc.mem_read(RING, STRIDE))[:0x90] == other[:0x90]          # never written
+    if path == "own ring" or taken < POOL_RINGS:
+        ring = RING if path == "own ring" else POOL + POOL_HEADER + taken * STRIDE
+        head = struct.unpack("<Q", uc.mem_read(ring, 8))[0]
+        pid, tid = struct.unpack("<II", uc.mem_read(ring + 0x88, 8))
+        data = struct.unpack("<3Q", uc.mem_read(ring + 0xC0, 24))
+        assert (lost, word, head, tid) == (0, ring, 3, 4242)
+        assert (calls, pid) == (([], 1) if path == "own ring" else ([39], 4243))
+        assert data[0] == header and data[2] == before["RDI"]
+    else:
+        assert lost == 1 and word == (0 if path == "no ring" else RING)
 
 
 def test_reader_takes_rings_from_anywhere(tmp_path):

@@ -38,9 +38,10 @@ from ..planner import cycles_uncollected, resolve_probes
 from ..probetable import PROBE_SIZE, TABLE_SIZE
 from ..room import Room, plan_in_room
 from ..spec import ProbeSpec
-from . import inject, remote, rstacks
+from . import inject, remote, rings, rstacks
 from .ptrace import pidfd_getfd
 from .target import Mapping, auxv, check_process, descendants, executable, file_of, maps
+from .rings import Rings
 from .regions import HALF, PAGE, LoadedModule, Region, free_room, page_up, region_name
 from .world import StoppedWorld, stopped
 
@@ -48,6 +49,7 @@ CALLBACK = layout.offsetof("jp_probe", "callback")
 GUARD_OFF = layout.offsetof("jp_table", "guard_off")
 VEC_MODE = layout.offsetof("jp_table", "vec_mode")
 RSTACK_OFF = layout.offsetof("jp_table", "rstack_off")
+RING_OFF = layout.offsetof("jp_table", "ring_off")
 PYTHON = "<python>"                # the callback "library" of a Python callable handler
 # The callback guard (jprobe_table.h, "Callbacks are not re-entered") of a process without
 # the runtime: a byte of glibc's thread control block at %fs:0x80, in __glibc_unused2, which
@@ -66,6 +68,7 @@ class Batch:
     callbacks: dict[int, int] = field(default_factory=dict)   # probe index -> function address
     wanted: dict[int, Callback] = field(default_factory=dict)  # C callbacks to load and resolve
     extra: list[tuple[int, bytes]] = field(default_factory=list)   # (region offset, code) of its own
+    trace_ids_from: int = 0        # its probe i's records carry id trace_ids_from + i
 
     def hits(self, i: int) -> int:
         return self.counter(i, "hits")
@@ -98,16 +101,14 @@ class LiveSession:
         self.batches: list[Batch] = []
         self.rewound = 0
         self.pool: int | None = None             # the return stacks' pool (rstacks.py), once %return needs it
+        self.rings: Rings | None = None          # the trace rings' pool (rings.py), once trace needs it
+        self._trace_ids: dict[str, int] = {}     # module -> its next batch's first probe id in records
         # Seconds the last plan() and apply() took, by step (benchmarks/bench.py shows them).
         self.timings: dict[str, float] = {}
 
     # -- planning -------------------------------------------------------------------------
     def plan(self, specs: list[ProbeSpec]) -> list[Batch]:
         """Batches for `specs`, one per module, planned into free room of its region."""
-        for spec in specs:
-            if spec.handler.kind == "trace":
-                raise HandlerError(f"'{spec.text}': jprobe attach places `count` and callback probes only in "
-                                   f"this release; drop `trace`, or use `jprobe run`")
         started = time.perf_counter()
         self.check_image()
         mapped = maps(self.pid)
@@ -118,6 +119,9 @@ class LiveSession:
         returns = [spec for spec in specs if spec.on_return]
         if returns:
             self._check_returns(returns[0], glibc)
+        traced = [spec for spec in specs if spec.handler.kind == "trace"]
+        if traced and self.rings is None:
+            self._open_rings(traced[0], glibc)
         found = {name: self._find(name, mapped) for name in {spec.module for spec in specs}}
         by_module: dict[str, tuple[LoadedModule, list[ProbeSpec]]] = {}
         for spec in specs:
@@ -139,7 +143,9 @@ class LiveSession:
         room = Room(text, data, planned + HALF, planned + 2 * HALF)
         try:
             plan = plan_in_room(module, probes, lambda outgrown: room if outgrown is None else None,
-                                Policy(islands=False, strict=self.strict, return_pool=self.pool))
+                                Policy(islands=False, strict=self.strict, return_pool=self.pool,
+                                       ring_pool=None if self.rings is None else self.rings.pool(),
+                                       trace_ids_from=self._trace_ids.get(loaded.path, 0)))
         except JprobeError as err:
             if "outgrew" not in str(err):
                 raise
@@ -155,8 +161,10 @@ class LiveSession:
                 raise SiteError(f"'{p.spec}': needs a trap at {p.address:#x} ({p.reason}), which jprobe attach "
                                 f"cannot serve (no runtime in the target yet); probe another instruction")
         batch = Batch(loaded, plan, region, plan.data_vaddr - base, [True] * len(plan.probes),
+                      trace_ids_from=self._trace_ids.get(loaded.path, 0),
                       wanted={i: p.callback for i, p in enumerate(probes)
                               if p.callback is not None and not p.callback.library.startswith("<")})
+        self._trace_ids[loaded.path] = batch.trace_ids_from + len(plan.probes)
         region.text_used = page_up(plan.text_vaddr + len(plan.text) - base)
         region.data_used = page_up(plan.data_vaddr + len(plan.data) - base - HALF)
         return batch
@@ -179,6 +187,15 @@ class LiveSession:
                 made: list[int] = []
                 self.rewound += stopped(self.pid, lambda world: made.append(rstacks.create_pool(world)))
                 self.pool = made[0]
+
+    def _open_rings(self, spec: ProbeSpec, glibc: bool) -> None:
+        """Trace can be recorded here (glibc, whose thread control block holds each thread's
+        ring and tid), and the rings' pool is mapped, in the process and in jprobe."""
+        if not glibc:
+            raise HandlerError(f"'{spec.text}': process {self.pid} does not run on glibc, whose thread control "
+                               f"block holds each thread's trace ring under jprobe attach")
+        self.rings, rewound = rings.open_rings(self.pid, self.local, spec.text)
+        self.rewound += rewound
 
     def _module(self, path: str, file: str) -> ElfModule:
         if path not in self._modules:
@@ -366,6 +383,8 @@ class LiveSession:
             view[offset:offset + len(code)] = code
         if self.pool is not None:
             struct.pack_into("<q", view, batch.table_offset + RSTACK_OFF, rstacks.RSTACK_OFF)
+        if self.rings is not None:
+            struct.pack_into("<q", view, batch.table_offset + RING_OFF, rings.RING_OFF)
         if batch.callbacks:
             table = batch.table_offset
             struct.pack_into("<qQ", view, table + GUARD_OFF, TCB_GUARD, 0)
@@ -439,12 +458,15 @@ class LiveSession:
         return {f"/memfd:{region_name(b.module)} (deleted)" for b in self.batches}
 
     def release(self) -> None:
-        """jprobe's views of the regions closed; the target keeps them mapped for reuse."""
+        """jprobe's views of the regions and the rings closed (drained for the last time before);
+        the target keeps them mapped for reuse."""
         for region in self.regions.values():
             if region.mapped:
                 region.close()
                 region.mapped = False
         self.regions.clear()
+        if self.rings is not None:
+            self.rings.close()
 
     def _unpatch(self, world: StoppedWorld, work: list[tuple[Batch, list[int]]], whole: bool = False,
                  inherited: bool = False) -> None:

@@ -17,6 +17,13 @@
  * return for good (unwind.c).
  */
 #define JP_LIVE_RSTACK_OFF 0x88
+/*
+ * And its trace ring is the word at %fs:JP_LIVE_RING_OFF, taken from a pool
+ * shared with jprobe (patcher/rings.py); the ring's tid says whose it is, and
+ * a thread that is not its owner (a forked child, a thread on a recycled
+ * stack) never writes to it: it takes a ring of its own.
+ */
+#define JP_LIVE_RING_OFF 0x90
 
 /* JPROBE_LAYOUT_BEGIN: read by jprobe's trampoline emitter and readers (via cffi). */
 /*

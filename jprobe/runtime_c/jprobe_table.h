@@ -226,7 +226,8 @@ enum { JP_VEC_NONE = 0, JP_VEC_SSE = 1, JP_VEC_AVX = 2, JP_VEC_AVX512 = 3 };
  * Trace buffers.  When ring_off is non-zero, the word at %fs:ring_off is this
  * thread's struct jp_ring (jprobe_ring.h) or 0; a trace trampoline appends
  * one record to it, or counts the record in jp_probe.lost when there is no
- * ring or no room.  Never blocks, never a system call.
+ * ring or no room.  Never blocks, never a system call (under jprobe attach, a
+ * thread taking its ring from the pool makes one getpid(), once: jprobe_ring.h).
  *
  * Return probes.  When rstack_off is non-zero, the word at %fs:rstack_off is
  * this thread's struct jp_rstack (jprobe_ring.h) or 0.  The entry trampoline

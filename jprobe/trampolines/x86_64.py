@@ -38,6 +38,7 @@ from .. import layout
 from ..errors import RelocationError
 from .asm import Address, CodeBuffer
 from .relocate import decoder, relocate_with_copies
+from .returns import POOL_HEADER, POOL_NEXT, POOL_SIZE
 
 JUMP_SIZE = 5
 JUMP_OPCODE = 0xE9                  # jmp rel32
@@ -590,6 +591,23 @@ _REC_SHIFT = {name: layout.CONST[f"JP_REC_{name}_SHIFT"] for name in ("KEY", "WO
 _TRACE_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi")
 
 
+_RING_TID, _RING_PID = layout.offsetof("jp_ring", "tid"), layout.offsetof("jp_ring", "pid")
+_NR_GETPID = 39
+
+
+@dataclass(frozen=True)
+class RingPool:
+    """Rings taken by the trace trampoline itself, for a process without the runtime (`jprobe
+    attach`): at run-time address `base`, a header of POOL_HEADER bytes (the next ring's index,
+    taken with `lock xadd`, and how many there are: returns.py's pool header), then rings of
+    `stride` bytes. A ring's tid says whose it is: a thread reads its own at %fs:`tid_off`
+    (glibc's struct pthread)."""
+
+    base: int
+    stride: int
+    tid_off: int
+
+
 @dataclass(frozen=True)
 class TraceValue:
     """Where one word of a trace record comes from, in the program's state as the trampoline
@@ -635,7 +653,8 @@ def _load_trace_value(buf: CodeBuffer, value: TraceValue, saved: int, program_rs
 
 
 def emit_trace(buf: CodeBuffer, ring_off: Address, lost: Address, header: int, values: Sequence[TraceValue],
-               site: int, flags_live: bool, red_zone: bool = True, rsp_above: int = 0) -> None:
+               site: int, flags_live: bool, red_zone: bool = True, rsp_above: int = 0,
+               pool: RingPool | None = None) -> None:
     """Append one record (jprobe_ring.h: `header`, the time stamp, `values`) to the thread's
     ring, or count it in `lost` when the thread has no ring or the ring no room; registers
     and live flags are left as they were. No lock, no system call: a reader frees room.
@@ -643,6 +662,8 @@ def emit_trace(buf: CodeBuffer, ring_off: Address, lost: Address, header: int, v
     `ring_off`: the table's ring_off (the %fs offset of the thread's ring pointer); `site`:
     what `rip` records; `rsp_above`: bytes the program's rsp is above the trampoline's on
     entry (8 in a retargeted call). Flags go through lahf/seto as in emit_count.
+    With a `pool`, a thread whose ring word is 0, or names a ring another thread owns, takes
+    the pool's next ring (the pool used up: lost).
     """
     skip = RED_ZONE if red_zone else 0
     full, done = buf.fresh("ring_full"), buf.fresh("traced")
@@ -658,8 +679,11 @@ def emit_trace(buf: CodeBuffer, ring_off: Address, lost: Address, header: int, v
     buf.rip("mov rcx, qword ptr [rip]", ring_off)          # the flags are saved or dead from here
     buf.emit("test rcx, rcx")
     buf.jcc(0x4, full)                                    # jz
-    buf.emit("mov rcx, qword ptr fs:[rcx]; test rcx, rcx")
-    buf.jcc(0x4, full)
+    if pool is None:
+        buf.emit("mov rcx, qword ptr fs:[rcx]; test rcx, rcx")
+        buf.jcc(0x4, full)
+    else:
+        _emit_take_ring(buf, pool, full)
     # Not inside a record of this thread's that a signal interrupted (jprobe_ring.h).
     nested = buf.fresh("ring_nested")
     buf.emit(f"inc qword ptr [rcx + {_RING['writing']}]; cmp qword ptr [rcx + {_RING['writing']}], 1")
@@ -688,6 +712,34 @@ def emit_trace(buf: CodeBuffer, ring_off: Address, lost: Address, header: int, v
     for reg in reversed(_TRACE_SAVED):
         buf.emit(f"pop {reg}")
     buf.emit(f"lea rsp, [rsp + {skip}]")
+
+
+def _emit_take_ring(buf: CodeBuffer, pool: RingPool, full: str) -> None:
+    """rcx: the %fs offset of the thread's ring word; leaves the thread's own ring in rcx. A
+    ring is the thread's when its tid is the thread's: a forked child's thread (whose word
+    was copied from its parent's thread) or a thread on a stack glibc recycled (whose word
+    its last thread left) takes a new one and never writes the other's; the one system call
+    of a trace, getpid(), once a thread. rax (the time stamp) is kept; rdx, rsi, rdi are free."""
+    take, have = buf.fresh("ring_take"), buf.fresh("ring_have")
+    # mov edi, dword ptr fs:[tid_off], absolute (keystone would make it rip-relative)
+    tid = b"\x64\x8b\x3c\x25" + struct.pack("<i", pool.tid_off)
+    buf.emit("mov rdx, qword ptr fs:[rcx]; test rdx, rdx")
+    buf.jcc(0x4, take)                                    # jz
+    buf.raw(tid)
+    buf.emit(f"cmp edi, dword ptr [rdx + {_RING_TID}]")
+    buf.jcc(0x4, have)                                    # je
+    buf.label(take)
+    buf.emit(f"movabs rsi, {pool.base}; mov edi, 1; lock xadd qword ptr [rsi + {POOL_NEXT}], rdi; "
+             f"cmp rdi, qword ptr [rsi + {POOL_SIZE}]")
+    buf.jcc(0x3, full)                                    # jae: the pool is used up
+    buf.emit(f"imul rdi, rdi, {pool.stride}; lea rdx, [rsi + rdi + {POOL_HEADER}]")
+    buf.raw(tid)
+    # Its pid too, once a thread: a forked child's may be gone before jprobe could look it up.
+    buf.emit(f"mov dword ptr [rdx + {_RING_TID}], edi; push rax; push rcx; push r11; mov eax, {_NR_GETPID}; "
+             f"syscall; mov dword ptr [rdx + {_RING_PID}], eax; pop r11; pop rcx; pop rax; "
+             f"mov qword ptr fs:[rcx], rdx")
+    buf.label(have)
+    buf.emit("mov rcx, rdx")
 
 
 def emit_callback(buf: CodeBuffer, stub: int, probe_desc: Address, probe_id: int, site: int,
