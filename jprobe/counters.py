@@ -10,6 +10,7 @@ from . import layout
 from .mechanisms import Mechanism
 from .planfile import PlannedModule
 from .report import merge_reports
+from .runtime import UNWINDING
 
 PAGE = mmap.PAGESIZE
 
@@ -147,7 +148,7 @@ def build_report(path: str, modules: list[PlannedModule], pid: int, executable: 
     def report_of(one_pid: int) -> dict:
         # one entry per name: aliases at one address are one site (planner.ResolvedProbe.names)
         probes = [entry(i, j, name, one_pid) for i, m in enumerate(modules) for j, probe in enumerate(m.plan.probes)
-                  for name in probe.target.split("\n")]
+                  for name in probe.target.split("\n") if not probe.handler.endswith(f":{UNWINDING}")]
         return {"pid": one_pid, "executable": executable, "probes": probes, "errors": []}
 
     merged = merge_reports([report_of(p) for p in [pid, *pids]])

@@ -19,8 +19,8 @@ from .loader import ModuleNotFound, find_module, find_program, needed_closure
 from .planfile import PlannedModule, encode, identity
 from .planner import cycles_uncollected, resolve_probes
 from .room import Room, RoomFor, plan_in_room
-from .runtime import runtime_library
-from .spec import ProbeSpec
+from .runtime import FORCED_UNWIND, UNWINDER, UNWINDING, runtime_library
+from .spec import ProbeSpec, parse_probe
 
 ALIGN = 0x10000
 
@@ -41,9 +41,25 @@ def plan_modules(program: str, specs: list[ProbeSpec], strict: bool) -> list[Pla
         if spec.module not in paths:
             paths[spec.module] = find_module(spec.module, main)
         by_module.setdefault(paths[spec.module], (spec.module or "", []))[1].append(spec)
+    unwinding = _unwinder_probe(specs, main)
+    if unwinding is not None:
+        by_module.setdefault(unwinding[0], (UNWINDER, []))[1].append(unwinding[1])
     with cycles_uncollected():
         return [_plan_module(path, name, module_specs, main if path == program else None, strict)
                 for path, (name, module_specs) in by_module.items()]
+
+
+def _unwinder_probe(specs: list[ProbeSpec], main: ElfModule | None) -> tuple[str, ProbeSpec] | None:
+    """Where some probe follows returns: jprobe's own probe on libgcc_s's forced unwind
+    (runtime.UNWINDING says why), unless the user probes that function or there is none."""
+    if not any(spec.on_return for spec in specs) or any(
+            spec.module == UNWINDER and spec.symbol == FORCED_UNWIND for spec in specs):
+        return None
+    try:
+        path = find_module(UNWINDER, main)
+    except ModuleNotFound:
+        return None
+    return path, parse_probe(f"{UNWINDER}:{FORCED_UNWIND}={runtime_library()}:{UNWINDING}")
 
 
 def _plan_module(path: str, name: str, specs: list[ProbeSpec], module: ElfModule | None,

@@ -17,9 +17,11 @@
  * return stack until a return below them, or a call over them, drops them
  * (returns.py).
  *
- * Not covered: an unwinder linked into the program itself (-static-libgcc
- * with exceptions), and unwinding glibc starts on its own (thread
- * cancellation; pthread_exit() is interposed): those stop at the first
+ * glibc's own unwinding (thread cancellation) calls libgcc_s through a
+ * handle of its own: under `jprobe run` a probe of jprobe's on
+ * _Unwind_ForcedUnwind calls jprobe_rt_unwinding() first.  Not covered: that
+ * in a file rewritten by `jprobe patch`, and an unwinder linked into the
+ * program itself (-static-libgcc with exceptions): those stop at the first
  * followed frame, as a backtrace through a kernel uretprobe does.
  */
 #include "returns.h"
@@ -270,6 +272,17 @@ JP_EXPORT _Unwind_Reason_Code _Unwind_Backtrace(_Unwind_Trace_Fn trace, void *ar
 	r = fn(walk_step, &w);
 	hijack_again(HERE());
 	return r;
+}
+
+/*
+ * Exported: the callback of jprobe's own probe on libgcc_s's
+ * _Unwind_ForcedUnwind under `jprobe run` (runner.py), which glibc calls
+ * through its own handle on libgcc_s when it cancels a thread: no
+ * interposition reaches that call, a probe on the unwinder's code does.
+ */
+JP_EXPORT void jprobe_rt_unwinding(struct jprobe_ctx *ctx)
+{
+	restore_slots(ctx->regs.rsp);
 }
 
 /* A catch: the frames above the catching one survived, and are followed again. */
