@@ -385,7 +385,7 @@ def _emit_return_work(buf: CodeBuffer, returns: _Return, table: Later, stubs: ar
             arch.emit_trace(buf, table + layout.offsetof("jp_table", "ring_off"),
                             desc + layout.offsetof("jp_probe", "lost"), header, values, probe.address,
                             flags_live=False, red_zone=True, rsp_above=8, pool=policy.ring_pool)
-    arch.emit_return_tail(buf, rstack_off)
+    arch.emit_return_tail(buf)
     arch.emit_lost(buf, lost)
 
 

@@ -49,7 +49,7 @@ def program(flags_live: bool, pool: returns.Pool | None = None) -> bytes:
     buf.label("return")
     returns.emit_return_head(buf, RSTACK_OFF_AT, "lost")
     arch.emit_count(buf, HITS, 0, TLS_OFF_AT, flags_live=False, red_zone=False)
-    returns.emit_return_tail(buf, RSTACK_OFF_AT)
+    returns.emit_return_tail(buf)
     returns.emit_lost(buf, "lost")
     return buf.finish()
 

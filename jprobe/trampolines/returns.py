@@ -164,15 +164,13 @@ def stashed_at(k: int) -> int:
     return -8 - 40 - 8 * k
 
 
-def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str, keep_frame: bool = False,
-                     stash: Sequence[int] = ()) -> None:
+def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str, stash: Sequence[int] = ()) -> None:
     """Reached by the function's `ret`: find its frame, put the return address back in the slot,
     and leave the stack as it was at that `ret` ([rsp]: the return address, registers intact).
 
     Frames above it are dropped (left by a `longjmp` or an exception), and the frame itself
-    too, unless `keep_frame` (the work reads it): then it stays counted until
-    emit_return_tail, so that a handler that calls probed functions, or a signal meanwhile,
-    pushes above it. No frame for the slot: `lost` (emit_lost). `stash`: offsets of frame
+    too: the work that follows (which may call probed functions, or meet a signal) pushes
+    where it was. No frame for the slot: `lost` (emit_lost). `stash`: offsets of frame
     fields copied below the slot before the frame goes (see stashed_at), for work that
     reads them (a trace of the entry's arguments or of the call's duration).
     """
@@ -186,30 +184,23 @@ def emit_return_head(buf: CodeBuffer, rstack_off: Address, lost: str, keep_frame
     buf.emit(f"mov rsi, rax; shl rsi, {_SHIFT}; lea rsi, [rcx + rsi + {_FRAMES}]; cmp qword ptr [rsi], rdx")
     buf.jcc(_JNZ, search)
     if not stash:
-        buf.emit(f"{'inc rax; ' if keep_frame else ''}mov qword ptr [rcx], rax; mov rax, qword ptr [rsi + {_RET}]; "
-                 f"mov qword ptr [rdx], rax")
+        buf.emit(f"mov qword ptr [rcx], rax; mov rax, qword ptr [rsi + {_RET}]; mov qword ptr [rdx], rax")
     else:                                   # the frame stays counted while it is read
         buf.emit("inc rax; mov qword ptr [rcx], rax")
         for k, field in enumerate(stash):
             buf.emit(f"mov rax, qword ptr [rsi + {field}]; mov qword ptr [rdx + {stashed_at(k) + 8}], rax")
-        buf.emit(f"mov rax, qword ptr [rsi + {_RET}]; mov qword ptr [rdx], rax")
-        if not keep_frame:
-            buf.emit("dec qword ptr [rcx]")
+        buf.emit(f"mov rax, qword ptr [rsi + {_RET}]; mov qword ptr [rdx], rax; dec qword ptr [rcx]")
     buf.emit("pop rsi; pop rdx; pop rcx; pop rax")
 
 
-def emit_return_tail(buf: CodeBuffer, rstack_off: Address, kept_frame: bool = False) -> None:
-    """After the return's work: its frame given back if it was kept, the function returns for real.
+def emit_return_tail(buf: CodeBuffer) -> None:
+    """After the return's work: the function returns for real.
 
     By an indirect `jmp`, not a `ret`: the function's `ret` already took the caller's entry
     off the processor's return stack buffer, so another `ret` would be predicted from the
     entry below (mispredicted, and every return of the caller after it). The address read
     just below rsp is safe there: signal frames are built below the red zone.
     """
-    if kept_frame:
-        buf.emit("push rcx")
-        buf.rip("mov rcx, qword ptr [rip]", rstack_off)
-        buf.emit("mov rcx, qword ptr fs:[rcx]; dec qword ptr [rcx]; pop rcx")
     buf.emit("lea rsp, [rsp + 8]; jmp qword ptr [rsp - 8]")
 
 
